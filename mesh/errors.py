@@ -1,0 +1,39 @@
+"""The few exceptions mesh raises.
+
+- `MeshError`: base of everything below.
+  - `ConfigError`: a mesh.toml (or plugin options) with problems; ``problems``
+    lists every one, each naming its key path.
+  - `PluginError`: a plugin could not be loaded or started.
+  - `UpstreamError`: forwarding failed; carries the HTTP status the client
+    gets (502 unreachable or broken, 503 no instance, 504 timed out).
+  - `BodyTooLarge`: a buffered read passed its limit (413 for requests).
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    pass
+
+
+class ConfigError(MeshError):
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class PluginError(MeshError):
+    pass
+
+
+class UpstreamError(MeshError):
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(f"{status}: {reason}")
+
+
+class BodyTooLarge(MeshError):
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"body larger than {limit} bytes")
