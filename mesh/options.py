@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-__all__ = ["Duration", "Rate", "OptionError", "bind", "convert", "parse_duration"]
+__all__ = ["Duration", "Rate", "OptionError", "bind", "check", "construct", "convert", "parse_duration"]
 
 
 class OptionError(ValueError):
@@ -230,9 +230,9 @@ def accepts_any_keyword(target: Any) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())
 
 
-def bind(target: Any, table: dict[str, Any], *, where: str, root: Path | None = None,
-         problems: list[str], label: str | None = None) -> Any:
-    """Build ``target(**table)`` after checking every key; append problems, return None on any.
+def check(target: Any, table: dict[str, Any], *, where: str, root: Path | None = None,
+          problems: list[str], label: str | None = None) -> dict[str, Any] | None:
+    """Convert ``table`` into keyword arguments for ``target``; append problems, None on any.
 
     ``label`` names the thing in messages, as in ``services.web.plugins[1] (ratelimit)``.
     """
@@ -258,13 +258,27 @@ def bind(target: Any, table: dict[str, Any], *, where: str, root: Path | None = 
             problems.append(f"{prefix}: {exc}" if label else f"{where}.{exc}")
     for name, (hint, default) in params.items():
         if default is inspect.Parameter.empty and name not in table:
-            what = f"option '{name}'" if label else f"{where}.{name}"
-            problems.append(f"{prefix}: missing required {what} ({describe(hint)})"
-                            if label else f"{what}: missing, expected {describe(hint)}")
-    if len(problems) > before:
-        return None
+            if label:
+                problems.append(f"{prefix}: missing required option '{name}' ({describe(hint)})")
+            else:
+                problems.append(f"{where}.{name}: missing, expected {describe(hint)}")
+    return None if len(problems) > before else kwargs
+
+
+def construct(target: Any, kwargs: dict[str, Any], *, where: str, problems: list[str],
+              label: str | None = None) -> Any:
+    """``target(**kwargs)``, with a ValueError or TypeError it raises recorded as a problem."""
     try:
         return target(**kwargs)
     except (ValueError, TypeError) as exc:
-        problems.append(f"{prefix}: {exc}")
+        problems.append(f"{where} ({label}): {exc}" if label else f"{where}: {exc}")
         return None
+
+
+def bind(target: Any, table: dict[str, Any], *, where: str, root: Path | None = None,
+         problems: list[str], label: str | None = None) -> Any:
+    """Check ``table`` against ``target``'s signature and build it; None (and problems) on failure."""
+    kwargs = check(target, table, where=where, root=root, problems=problems, label=label)
+    if kwargs is None:
+        return None
+    return construct(target, kwargs, where=where, problems=problems, label=label)

@@ -1,0 +1,311 @@
+"""mesh.toml (v1): load, check everything, report every problem at once.
+
+`load` returns a `MeshConfig` or raises `ConfigError` whose ``problems``
+list names, for each problem, its key path, what was found and what was
+expected, with a did-you-mean for typos. Plugins are loaded and their
+options bound while checking, so a file that loads is a file that starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError, PluginError
+from .loader import load_class
+from .options import Duration, bind, check, construct, describe
+from .plugin import Plugin
+
+__all__ = ["MeshConfig", "PluginSpec", "RouteConfig", "ServiceConfig", "load", "build_plugins"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One entry of a ``plugins`` or ``outbound`` list: which class, which options, where."""
+
+    use: str
+    options: dict[str, Any]
+    where: str
+    cls: type
+
+    @property
+    def label(self) -> str:
+        return f"{self.where} ({self.use})"
+
+    def create(self) -> Plugin:
+        return self.cls(**self.options)
+
+
+@dataclass
+class Scale:
+    min: int = 1
+    max: int = 1
+    cpu: float = 0.75
+    cooldown: Duration = Duration(30)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min <= self.max:
+            raise ValueError(f"scale needs 0 <= min <= max, found min={self.min}, max={self.max}")
+        if not 0 < self.cpu <= 1:
+            raise ValueError(f"scale.cpu is a share of one CPU between 0 and 1, found {self.cpu}")
+
+
+@dataclass
+class Instances:
+    key: str
+    sleep_after: Duration = Duration(60)
+    max: int = 100
+    start_timeout: Duration = Duration(30)
+
+    def __post_init__(self) -> None:
+        kind = self.key.partition(":")[0]
+        if kind not in ("header", "path", "claim") or ":" not in self.key:
+            raise ValueError(f"instances.key: expected 'header:NAME', 'path:N' or 'claim:NAME', "
+                             f"found {self.key!r}")
+        if self.max < 1:
+            raise ValueError(f"instances.max must be at least 1, found {self.max}")
+
+
+@dataclass
+class ServiceConfig:
+    """One ``[services.NAME]`` table."""
+
+    command: str | None = None
+    build: str | None = None
+    image: str | None = None
+    port: int | None = None
+    expose: int | None = None
+    health: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    plugins: list[dict[str, Any]] = field(default_factory=list)
+    outbound: list[dict[str, Any]] = field(default_factory=list)
+    scale: Scale | None = None
+    instances: Instances | None = None
+    replicas: int = 1
+    cpus: float | None = None
+    memory: str | None = None
+    lifecycle: str | None = None
+    timeout: Duration | None = None
+    name: str = ""
+    plugin_specs: list[PluginSpec] = field(default_factory=list)
+    outbound_specs: list[PluginSpec] = field(default_factory=list)
+
+
+@dataclass
+class RouteConfig:
+    """One ``[[routes]]`` entry: ``source`` may call ``to`` (TOML key ``from``)."""
+
+    source: str
+    to: str
+    paths: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    timeout: Duration | None = None
+    mode: Literal["enforce", "audit"] = "enforce"
+
+
+@dataclass
+class MeshSection:
+    name: str = "mesh"
+    plugin_path: list[str] = field(default_factory=list)
+    mode: Literal["enforce", "audit"] = "enforce"
+
+
+@dataclass
+class MeshConfig:
+    """A loaded, checked mesh.toml."""
+
+    path: Path
+    name: str
+    plugin_path: list[Path]
+    services: dict[str, ServiceConfig]
+    routes: list[RouteConfig]
+    mode: str = "enforce"
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def state_dir(self) -> Path:
+        """Where `mesh up` keeps what it runs (pids, ports, certificates)."""
+        return self.root / ".mesh" / self.name
+
+
+_TOP = ("mesh", "services", "routes")
+
+
+def _did_you_mean(key: str, known: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f", did you mean '{close[0]}'?" if close else f" (expected one of: {', '.join(known)})"
+
+
+def resolve(path: str | Path | None = None) -> Path:
+    """The mesh.toml that PATH names: a file, or a folder holding mesh.toml."""
+    target = Path(path or "mesh.toml")
+    if target.is_dir():
+        target = target / "mesh.toml"
+    return target.resolve()
+
+
+def load(path: str | Path | None = None) -> MeshConfig:
+    """Read and check a mesh.toml; raise `ConfigError` listing every problem."""
+    file = resolve(path)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: no such file (give a mesh.toml or a folder holding one)"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{file}: cannot read: {exc}"]) from None
+    return parse(data, file)
+
+
+def parse(data: dict[str, Any], file: Path) -> MeshConfig:
+    problems: list[str] = []
+    root = file.parent
+    for key in data:
+        if key not in _TOP:
+            problems.append(f"{key}: unknown top-level key{_did_you_mean(key, _TOP)}")
+
+    mesh_table = data.get("mesh", {})
+    section = MeshSection()
+    if not isinstance(mesh_table, dict):
+        problems.append(f"mesh: expected a table, found {type(mesh_table).__name__}")
+    else:
+        section = bind(MeshSection, mesh_table, where="mesh", root=root, problems=problems) or section
+    if not _NAME.match(section.name):
+        problems.append(f"mesh.name: expected lowercase letters, digits and '-', "
+                        f"starting with a letter, found {section.name!r}")
+    plugin_path = [(root / p).resolve() for p in section.plugin_path]
+    for i, folder in enumerate(plugin_path):
+        if not folder.is_dir():
+            problems.append(f"mesh.plugin_path[{i}]: no such folder: {folder}")
+
+    services: dict[str, ServiceConfig] = {}
+    table = data.get("services", {})
+    if not isinstance(table, dict) or not table:
+        problems.append("services: expected at least one [services.NAME] table")
+        table = {}
+    for name, raw in table.items():
+        where = f"services.{name}"
+        if not _NAME.match(name):
+            problems.append(f"{where}: a service name is lowercase letters, digits and '-', "
+                            f"starting with a letter")
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: expected a table, found {type(raw).__name__}")
+            continue
+        service = bind(ServiceConfig, {k: v for k, v in raw.items() if k not in ("name",)},
+                       where=where, root=root, problems=problems)
+        if "name" in raw or "plugin_specs" in raw or "outbound_specs" in raw:
+            problems.append(f"{where}: unknown option 'name'")
+        if service is None:
+            continue
+        service.name = name
+        _check_service(service, where, problems)
+        service.plugin_specs = _plugin_specs(service.plugins, f"{where}.plugins", plugin_path, root, problems)
+        service.outbound_specs = _plugin_specs(service.outbound, f"{where}.outbound", plugin_path, root, problems)
+        services[name] = service
+
+    exposed: dict[int, str] = {}
+    for name, service in services.items():
+        if service.expose is not None:
+            if service.expose in exposed:
+                problems.append(f"services.{name}.expose: port {service.expose} is already "
+                                f"exposed by services.{exposed[service.expose]}")
+            exposed[service.expose] = name
+
+    routes: list[RouteConfig] = []
+    raw_routes = data.get("routes", [])
+    if not isinstance(raw_routes, list):
+        problems.append("routes: expected [[routes]] entries (an array of tables)")
+        raw_routes = []
+    for i, raw in enumerate(raw_routes):
+        where = f"routes[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: expected a table, found {type(raw).__name__}")
+            continue
+        if "source" in raw:
+            problems.append(f"{where}: unknown option 'source', did you mean 'from'?")
+            continue
+        renamed = {("source" if k == "from" else k): v for k, v in raw.items()}
+        before = len(problems)
+        route = bind(RouteConfig, renamed, where=where, root=root, problems=problems)
+        for j in range(before, len(problems)):
+            problems[j] = problems[j].replace(f"{where}.source", f"{where}.from")
+        if route is None:
+            continue
+        for key, service in (("from", route.source), ("to", route.to)):
+            if service not in services:
+                problems.append(f"{where}.{key}: unknown service {service!r}"
+                                f"{_did_you_mean(service, tuple(services))}")
+        for j, pattern in enumerate(route.paths):
+            if not pattern.startswith("/"):
+                problems.append(f"{where}.paths[{j}]: expected a path starting with '/', found {pattern!r}")
+        route.methods = [m.upper() for m in route.methods]
+        for j, method in enumerate(route.methods):
+            if method not in _METHODS:
+                problems.append(f"{where}.methods[{j}]: unknown HTTP method {method!r}")
+        routes.append(route)
+
+    if problems:
+        raise ConfigError(problems)
+    return MeshConfig(path=file, name=section.name, plugin_path=plugin_path,
+                      services=services, routes=routes, mode=section.mode)
+
+
+def _check_service(service: ServiceConfig, where: str, problems: list[str]) -> None:
+    if not (service.command or service.build or service.image):
+        problems.append(f"{where}: expected 'command' (process runtime) or 'build'/'image' "
+                        f"(docker runtime), found none")
+    if service.build and service.image:
+        problems.append(f"{where}: give 'build' or 'image', not both")
+    for key in ("port", "expose"):
+        value = getattr(service, key)
+        if value is not None and not 1 <= value <= 65535:
+            problems.append(f"{where}.{key}: expected a port between 1 and 65535, found {value}")
+    if service.health is not None and not service.health.startswith("/"):
+        problems.append(f"{where}.health: expected a path starting with '/', found {service.health!r}")
+    if service.scale is not None and service.instances is not None:
+        problems.append(f"{where}: 'scale' (a pool) and 'instances' (one per key) exclude each other")
+    if service.replicas < 1:
+        problems.append(f"{where}.replicas: expected at least 1, found {service.replicas}")
+
+
+def _plugin_specs(entries: list[dict[str, Any]], where: str, plugin_path: list[Path],
+                  root: Path, problems: list[str]) -> list[PluginSpec]:
+    specs = []
+    for i, entry in enumerate(entries):
+        at = f"{where}[{i}]"
+        use = entry.get("use")
+        if not isinstance(use, str) or not use:
+            problems.append(f"{at}: expected a 'use' key naming the plugin "
+                            f"(a short name, 'module:Class' or 'file.py:Class'), found "
+                            f"{describe(type(use)) if use is not None else 'none'}")
+            continue
+        try:
+            cls = load_class(use, plugin_path)
+        except PluginError as exc:
+            problems.append(f"{at}: {exc}")
+            continue
+        options = {k: v for k, v in entry.items() if k != "use"}
+        kwargs = check(cls, options, where=at, root=root, problems=problems, label=use)
+        if kwargs is None:
+            continue
+        # Constructors are pure by contract: building one here proves the options work.
+        if construct(cls, kwargs, where=at, problems=problems, label=use) is None:
+            continue
+        specs.append(PluginSpec(use=use, options=kwargs, where=at, cls=cls))
+    return specs
+
+
+def build_plugins(specs: list[PluginSpec]) -> list[tuple[str, Plugin]]:
+    """Fresh plugin instances for a chain, named by where they were declared."""
+    return [(spec.label, spec.create()) for spec in specs]

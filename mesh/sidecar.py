@@ -1,0 +1,277 @@
+"""The sidecar beside one service instance: its listeners and the way a request flows.
+
+::
+
+    other sidecars ──▶ mesh listener ─┐ (identity, route policy)
+    outside (expose) ▶ public listener ┴▶ inbound chain ──▶ app (loopback)
+    app ─────────────▶ outbound listener ▶ outbound chain ─▶ route check ─▶ peer's mesh listener
+    operator ────────▶ admin listener (loopback): /healthz /readyz /config /registry
+
+The calling sidecar names itself to the peer; the receiving sidecar takes
+that identity as ``request.peer``, checks route policy on it, and passes it
+to the app as ``x-mesh-peer`` (an ``x-mesh-peer`` from anywhere else is
+removed first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from . import config as config_mod
+from .chain import Chain, short_error
+from .config import MeshConfig, build_plugins
+from .errors import UpstreamError
+from .headers import PEER_HEADER, request_id, set_forwarded, strip_hop_by_hop
+from .messages import Request, Response
+from .plugin import Context
+from .registry import Registry
+from .routes import Policy
+from .server import Listener, ServerLimits
+from .upstream import Endpoint, Limits, Pool, connect_websocket
+
+__all__ = ["Ports", "Sidecar", "main"]
+
+log = logging.getLogger("mesh.sidecar")
+
+
+@dataclass
+class Ports:
+    """Where a sidecar listens (0: any free port) and where its app listens."""
+
+    app: int
+    mesh: int = 0
+    outbound: int = 0
+    admin: int = 0
+    public: int | None = None
+
+
+def _is_websocket(request: Request) -> bool:
+    connection = request.headers.get("Connection", "").lower()
+    return "upgrade" in connection and request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+class Sidecar:
+    def __init__(self, config: MeshConfig, service: str, ports: Ports, *,
+                 registry: Registry | None = None, host: str = "127.0.0.1",
+                 app_host: str = "127.0.0.1", public_host: str = "127.0.0.1",
+                 limits: ServerLimits | None = None, upstream_limits: Limits | None = None) -> None:
+        self.config = config
+        self.service = service
+        self.spec = config.services[service]
+        self.ports = ports
+        self.registry = registry or Registry()
+        self.policy = Policy(config.routes, config.mode)
+        self.pool = Pool(upstream_limits)
+        self.app = Endpoint(app_host, ports.app)
+        self.timeout = self.spec.timeout
+        self.inbound = Chain(build_plugins(self.spec.plugin_specs), self._to_app)
+        self.outbound = Chain(build_plugins(self.spec.outbound_specs), self._to_peer)
+        limits = limits or ServerLimits()
+        self.listeners = {
+            "mesh": Listener(self._from_mesh, name="mesh", host=host, port=ports.mesh, limits=limits),
+            "outbound": Listener(self._from_app, name="outbound", host="127.0.0.1",
+                                 port=ports.outbound, limits=limits, absolute_form=True),
+            "admin": Listener(self._admin, name="admin", host="127.0.0.1", port=ports.admin, limits=limits),
+        }
+        if ports.public is not None:
+            self.listeners["public"] = Listener(self._from_outside, name="public", host=public_host,
+                                                port=ports.public, limits=limits)
+        self.ready = False
+
+    # lifecycle
+
+    async def start(self) -> None:
+        ctx = Context(service=self.service, mesh=self.config.name, root=self.config.root)
+        await self.inbound.start(ctx)
+        try:
+            await self.outbound.start(ctx)
+            for listener in self.listeners.values():
+                await listener.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        for listener in self.listeners.values():
+            await listener.stop()
+        await self.outbound.stop()
+        await self.inbound.stop()
+        await self.pool.close()
+
+    def addresses(self) -> dict[str, str]:
+        return {name: listener.address for name, listener in self.listeners.items()}
+
+    # inbound
+
+    def _prepare(self, request: Request) -> None:
+        headers = request.headers
+        if _is_websocket(request):
+            upgrade = headers.get("Upgrade")
+            strip_hop_by_hop(headers)
+            headers["Connection"] = "Upgrade"
+            headers["Upgrade"] = upgrade
+        else:
+            strip_hop_by_hop(headers)
+        request.id = request_id(headers, request.id)
+        request.service = self.service
+
+    async def _from_outside(self, request: Request, raw: web.BaseRequest) -> Response:
+        request.headers.popall(PEER_HEADER, None)  # SECURITY: only the mesh says who a peer is
+        self._prepare(request)
+        set_forwarded(request.headers, request.client, request.scheme)
+        return await self.inbound(request)
+
+    async def _from_mesh(self, request: Request, raw: web.BaseRequest) -> Response:
+        peer = request.headers.get(PEER_HEADER)
+        self._prepare(request)
+        set_forwarded(request.headers, request.client, request.scheme)
+        decision = self.policy.check(peer, self.service, request.method, request.path)
+        if not decision.allowed:
+            return short_error(403, decision.reason, request.id)
+        request.peer = peer
+        return await self.inbound(request)
+
+    async def _to_app(self, request: Request) -> Response:
+        upstream = request.state.get("upstream")
+        if upstream and upstream != self.service:
+            return await self._to_peer(request)
+        return await self._forward(self.app, request, self.timeout)
+
+    async def _forward(self, endpoint: Endpoint, request: Request, timeout: float | None) -> Response:
+        if _is_websocket(request):
+            return await connect_websocket(endpoint, request.target, request.headers,
+                                           timeout or self.pool.limits.response_timeout)
+        return await self.pool.request(endpoint, request.method, request.target, request.headers,
+                                       request.body, timeout=timeout)
+
+    # outbound
+
+    async def _from_app(self, request: Request, raw: web.BaseRequest) -> Response:
+        host = request.headers.get("Host", "")
+        target = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        target = target.lower()
+        if not target:
+            return short_error(400, "no service named: send Host: <service> or http://<service>/...")
+        if target not in self.config.services:
+            return short_error(502, f"unknown service '{target}'")
+        request.headers.popall(PEER_HEADER, None)
+        self._prepare(request)
+        request.peer = self.service
+        request.state["upstream"] = target
+        return await self.outbound(request)
+
+    async def _to_peer(self, request: Request) -> Response:
+        target = request.state.get("upstream") or ""
+        if target not in self.config.services:
+            raise UpstreamError(502, f"unknown service '{target}'")
+        decision = self.policy.check(self.service, target, request.method, request.path)
+        if not decision.allowed:
+            return short_error(403, decision.reason, request.id)
+        instance = self.registry.pick(target)
+        if instance is None:
+            raise UpstreamError(503, f"service '{target}' has no instance running")
+        request.headers[PEER_HEADER] = self.service
+        timeout = decision.timeout or self.config.services[target].timeout
+        return await self._forward(Endpoint(*instance), request, timeout)
+
+    # admin
+
+    async def _admin(self, request: Request, raw: web.BaseRequest) -> Response:
+        path = request.path
+        if path == "/healthz":
+            return Response(200, "ok\n")
+        if path == "/readyz":
+            if not self.ready:
+                return Response(503, "starting\n")
+            return Response(200, "ready\n")
+        if path == "/config" and request.method == "GET":
+            return Response.json({"service": self.service, "mesh": self.config.name,
+                                  "listeners": self.addresses(), "app": f"{self.app.host}:{self.app.port}",
+                                  "registry": self.registry.as_dict(),
+                                  "plugins": [name for name, _ in self.inbound.plugins],
+                                  "outbound": [name for name, _ in self.outbound.plugins]})
+        if path == "/registry":
+            if request.method == "PUT":
+                try:
+                    data = json.loads(await request.read(limit=1 << 20))
+                    self.registry.update(data["services"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    return short_error(400, f"expected {{\"services\": {{name: [host:port]}}}}: {exc}")
+                return Response(204)
+            return Response.json({"services": self.registry.as_dict()})
+        return short_error(404, "admin endpoints: /healthz /readyz /config /registry")
+
+
+# `mesh sidecar`: run one sidecar alone, as a container or a pod does.
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--config", required=True, help="mesh.toml (or its folder)")
+    parser.add_argument("--service", required=True, help="the service this sidecar belongs to")
+    parser.add_argument("--app-port", type=int, help="where the app listens (default: the service's port)")
+    parser.add_argument("--app-host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address of the mesh listener")
+    parser.add_argument("--mesh-port", type=int, default=15001)
+    parser.add_argument("--outbound-port", type=int, default=15002)
+    parser.add_argument("--admin-port", type=int, default=15000)
+    parser.add_argument("--public-port", type=int, help="serve outside traffic here (default: the service's expose)")
+    parser.add_argument("--public-host", default="127.0.0.1")
+    parser.add_argument("--registry", help="JSON file: {\"services\": {name: [\"host:port\", ...]}}")
+
+
+async def serve(sidecar: Sidecar) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await sidecar.start()
+    log.info("sidecar %s ready: %s", sidecar.service,
+             " ".join(f"{k}={v}" for k, v in sidecar.addresses().items()))
+    try:
+        await stopping.wait()
+    finally:
+        log.info("sidecar %s draining", sidecar.service)
+        await sidecar.stop()
+
+
+def main(args: Any) -> int:
+    from .errors import ConfigError, PluginError
+
+    try:
+        config = config_mod.load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return 2
+    if args.service not in config.services:
+        print(f"--service: unknown service {args.service!r} (known: {', '.join(config.services)})")
+        return 2
+    spec = config.services[args.service]
+    app_port = args.app_port or spec.port
+    if app_port is None:
+        print(f"--app-port: services.{args.service} has no 'port'; give --app-port")
+        return 2
+    public = args.public_port if args.public_port is not None else spec.expose
+    ports = Ports(app=app_port, mesh=args.mesh_port, outbound=args.outbound_port,
+                  admin=args.admin_port, public=public)
+    registry = Registry.read(args.registry) if args.registry else Registry()
+    sidecar = Sidecar(config, args.service, ports, registry=registry, host=args.host,
+                      app_host=args.app_host, public_host=args.public_host)
+    from .runner import run
+
+    try:
+        run(serve(sidecar))
+    except (PluginError, OSError, RuntimeError) as exc:
+        print(f"sidecar {args.service}: {exc}")
+        return 1
+    return 0
