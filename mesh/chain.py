@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .errors import BodyTooLarge, PluginError, UpstreamError
+from .errors import BodyTooLarge, ClientTimeout, PluginError, UpstreamError
 from .messages import Request, Response
 from .plugin import CallNext, Context, Handler, Plugin
 
@@ -69,6 +69,8 @@ def error_response(exc: BaseException, request: Request) -> Response:
         if exc.status == 503:
             response.headers["Retry-After"] = "1"
         return response
+    if isinstance(exc, ClientTimeout):
+        return short_error(408, exc.reason, request.id)
     if isinstance(exc, BodyTooLarge):
         return short_error(413, f"request body over {exc.limit} bytes", request.id)
     plugin = getattr(exc, "mesh_plugin", None)

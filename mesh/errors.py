@@ -7,6 +7,7 @@
   - `UpstreamError`: forwarding failed; carries the HTTP status the client
     gets (502 unreachable or broken, 503 no instance, 504 timed out).
   - `BodyTooLarge`: a buffered read passed its limit (413 for requests).
+  - `ClientTimeout`: the client stopped sending its request body (408).
 """
 
 from __future__ import annotations
@@ -37,3 +38,9 @@ class BodyTooLarge(MeshError):
     def __init__(self, limit: int) -> None:
         self.limit = limit
         super().__init__(f"body larger than {limit} bytes")
+
+
+class ClientTimeout(MeshError):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

@@ -25,6 +25,7 @@ from aiohttp import WSMsgType, http_exceptions, http_parser, web, web_response
 from multidict import CIMultiDict
 
 from .chain import short_error
+from .errors import ClientTimeout
 from .messages import Request, Response, new_request_id
 from .paths import BadPath, split_target
 
@@ -139,8 +140,11 @@ class _Server(web.Server):
 async def _request_body(raw: web.BaseRequest, timeout: float) -> AsyncIterator[bytes]:
     content = raw.content
     while True:
-        async with asyncio.timeout(timeout):
-            chunk = await content.readany()
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise ClientTimeout(f"no request body data for {timeout:g}s") from None
         if not chunk:
             return
         yield chunk
@@ -177,6 +181,7 @@ class Listener:
             max_field_size=limits.max_header_bytes,
             max_headers=limits.max_headers,
             access_log=None,
+            lingering_time=2.0,
             auto_decompress=False,
             handler_cancellation=True,
         )
@@ -190,6 +195,7 @@ class Listener:
         if self._sockets is not None:
             self._sockets.close()
         if self._server is not None:
+            self._server.pre_shutdown()  # idle keep-alive connections close now, busy ones after
             await self._server.shutdown(self.limits.drain_timeout)
         if self._sockets is not None:
             await self._sockets.wait_closed()
@@ -264,6 +270,12 @@ class Listener:
                 await resp.prepare(raw)
                 return resp
             resp = web.Response(status=response.status, reason=response.reason, headers=headers, body=body)
+            if response.status == 408:
+                # The rest of this request body is not worth waiting for: answer, then hang up.
+                resp.force_close()
+                await resp.prepare(raw)
+                await resp.write_eof()
+                raw.protocol.force_close()  # type: ignore[union-attr]
             return resp
         resp = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
         length = headers.get("Content-Length")
@@ -291,29 +303,22 @@ async def _pump_websocket(raw: web.BaseRequest, response: Response) -> web.Strea
                                autoping=True, max_msg_size=0)
     await ws.prepare(raw)
 
-    async def client_to_upstream() -> None:
-        async for msg in ws:
+    async def pump(source: Any, sink: Any) -> None:
+        async for msg in source:
             if msg.type == WSMsgType.TEXT:
-                await upstream.send_str(msg.data)
+                await sink.send_str(msg.data)
             elif msg.type == WSMsgType.BINARY:
-                await upstream.send_bytes(msg.data)
-        await upstream.close(code=ws.close_code or 1000)
+                await sink.send_bytes(msg.data)
 
-    async def upstream_to_client() -> None:
-        async for msg in upstream:
-            if msg.type == WSMsgType.TEXT:
-                await ws.send_str(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await ws.send_bytes(msg.data)
-        await ws.close(code=upstream.close_code or 1000)
-
-    tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
+    tasks = [asyncio.ensure_future(pump(ws, upstream)), asyncio.ensure_future(pump(upstream, ws))]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # Stop both readers before closing: a close handshake reads from the socket too.
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await upstream.close()
+        await upstream.close(code=ws.close_code or 1000)
+        await ws.close(code=upstream.close_code or 1000)
         await response._upgrade.session.close()
     return ws

@@ -24,7 +24,7 @@ from .chain import Chain
 from .messages import Body, Request, Response
 from .plugin import Context, Handler, Plugin
 
-__all__ = ["make_request", "run_plugin", "run_chain", "started", "echo", "ok", "stream"]
+__all__ = ["TestMesh", "echo", "make_request", "ok", "run_chain", "run_mesh", "run_plugin", "started", "stream"]
 
 
 def make_request(
@@ -89,3 +89,56 @@ async def started(*plugins: Plugin, ctx: Context | None = None) -> AsyncIterator
 
 
 
+
+
+class TestMesh:
+    """Sidecars started by `run_mesh`, and where to reach them."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, config: Any, sidecars: dict[str, Any]) -> None:
+        self.config = config
+        self.sidecars = sidecars
+
+    def url(self, service: str, listener: str = "public") -> str:
+        """``http://host:port`` of a service's ``public``, ``mesh``, ``outbound`` or ``admin`` listener."""
+        return f"http://{self.sidecars[service].listeners[listener].address}"
+
+
+@asynccontextmanager
+async def run_mesh(toml: str, apps: dict[str, int], root: Any = None,
+                   **sidecar_options: Any) -> AsyncIterator[TestMesh]:
+    """Start one real sidecar per service of ``toml`` in this event loop.
+
+    ``apps`` maps each service to the loopback port its app listens on (start
+    the apps yourself, e.g. with aiohttp's test server). Every service gets
+    a public listener on a free port, whether or not it is exposed, and
+    the sidecars know each other; ``sidecar_options`` go to each `Sidecar`
+    (``limits``, ``upstream_limits``). For end-to-end plugin tests::
+
+        async with run_mesh(TOML, {"web": app_port}) as mesh:
+            async with session.get(mesh.url("web") + "/") as response: ...
+    """
+    import tempfile
+    from pathlib import Path
+
+    from . import config as config_mod
+    from .registry import Registry
+    from .sidecar import Ports, Sidecar
+
+    folder = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="mesh-test-"))
+    (folder / "mesh.toml").write_text(toml)
+    cfg = config_mod.load(folder)
+    registry = Registry()
+    sidecars: dict[str, Sidecar] = {}
+    try:
+        for name in cfg.services:
+            sidecar = Sidecar(cfg, name, Ports(app=apps.get(name, 9), public=0), registry=registry,
+                              **sidecar_options)
+            await sidecar.start()
+            sidecars[name] = sidecar
+        registry.update({name: [s.listeners["mesh"].address] for name, s in sidecars.items()})
+        yield TestMesh(cfg, sidecars)
+    finally:
+        for sidecar in reversed(list(sidecars.values())):
+            await sidecar.stop()

@@ -80,6 +80,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.complete = False
+        self.keep_alive = False
         self.error: BaseException | None = None
         self.until_eof = False
         self.head_only = False  # a HEAD request: no body follows the head
@@ -165,6 +166,8 @@ class _Connection(asyncio.Protocol):
         if self.status == 0:
             return  # end of an interim response
         self.complete = True
+        # Ask now: llhttp forgets once the next message begins.
+        self.keep_alive = self.parser.should_keep_alive()
         self._wake()
 
     # helpers
@@ -303,7 +306,7 @@ class Pool:
 
     def _release(self, endpoint: Endpoint, conn: _Connection) -> None:
         if (conn.closed or self._closing or conn.error is not None
-                or not conn.parser.should_keep_alive() or conn.until_eof):
+                or not conn.keep_alive or conn.until_eof):
             conn.close()
             return
         idle = self._idle.setdefault(endpoint, deque())
@@ -357,27 +360,27 @@ class Pool:
         transport = conn.transport
         assert transport is not None
         try:
-            if isinstance(body, bytes):
-                transport.write(head + body if len(body) <= _INLINE_BODY else head)
-                if len(body) > _INLINE_BODY:
-                    transport.write(body)
-            else:
-                transport.write(head)
-                await self._send_stream(conn, body, chunked=b"chunked" in head.lower())
-        except (ConnectionError, UpstreamError) as exc:
-            # The upstream may have answered early (413, 401) and closed: use its answer.
-            if not conn.head.done() or conn.head.exception() is not None:
-                conn.close()
-                reason = exc.reason if isinstance(exc, UpstreamError) else "upstream closed the connection"
-                raise UpstreamError(502, reason) from None
-            conn.closed = True
-        try:
-            async with asyncio.timeout(timeout):
-                await conn.head
-        except TimeoutError:
-            conn.close()
-            raise UpstreamError(504, f"upstream did not answer within {timeout:g}s") from None
-        except asyncio.CancelledError:
+            try:
+                if isinstance(body, bytes):
+                    transport.write(head + body if len(body) <= _INLINE_BODY else head)
+                    if len(body) > _INLINE_BODY:
+                        transport.write(body)
+                else:
+                    transport.write(head)
+                    await self._send_stream(conn, body, chunked=b"chunked" in head.lower())
+            except (ConnectionError, UpstreamError) as exc:
+                # The upstream may have answered early (413, 401) and closed: use its answer.
+                if not conn.head.done() or conn.head.exception() is not None:
+                    reason = exc.reason if isinstance(exc, UpstreamError) else "upstream closed the connection"
+                    raise UpstreamError(502, reason) from None
+                conn.closed = True
+            try:
+                async with asyncio.timeout(timeout):
+                    await conn.head
+            except TimeoutError:
+                raise UpstreamError(504, f"upstream did not answer within {timeout:g}s") from None
+        except BaseException:
+            # Half a request went out (or none came back): this connection is done for.
             conn.close()
             raise
         return self._response(conn, endpoint)
@@ -415,6 +418,7 @@ class Pool:
         if connection_tokens:
             headers = [(n, v) for n, v in headers if n.lower() not in connection_tokens]
         reason = conn.reason.decode("latin-1")
+        status = conn.status
         body: Body
         if conn.complete:
             body = b"".join(conn.chunks)
@@ -423,7 +427,7 @@ class Pool:
             self._release(endpoint, conn)
         else:
             body = _BodyStream(conn, self, endpoint, self.limits.body_timeout)
-        return Response(conn.status, body, headers, reason=reason)
+        return Response(status, body, headers, reason=reason)
 
     async def close(self) -> None:
         """Close every idle connection; connections in use close when released."""

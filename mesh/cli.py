@@ -1,0 +1,218 @@
+"""The `mesh` command.
+
+Exit codes: 0 done; 1 it failed (a service did not start, `mesh check`
+found problems); 2 bad usage or a mesh.toml with problems (each printed
+on its own line; nothing starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from . import __version__
+from . import config as config_mod
+from .config import MeshConfig
+from .errors import ConfigError
+from .runner import run, setup_logging
+
+__all__ = ["build_parser", "main"]
+
+
+def _path_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", nargs="?", default=None, metavar="PATH",
+                        help="a mesh.toml or a folder holding one (default: ./mesh.toml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mesh", description="A programmable service-mesh sidecar and the controller that runs a mesh.")
+    parser.add_argument("--version", action="version", version=f"mesh {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    up = commands.add_parser("up", help="start every service with its sidecar; stop them on Ctrl-C")
+    _path_argument(up)
+    up.add_argument("--runtime", choices=("process", "docker"), default="process",
+                    help="where services run (default: process, local processes on loopback)")
+    up.add_argument("-d", "--detach", action="store_true",
+                    help="run in the background; return once every service is ready")
+    up.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="how long each instance may take to become ready (default: 30)")
+    up.set_defaults(handler=_up)
+
+    down = commands.add_parser("down", help="stop what `mesh up -d` started")
+    _path_argument(down)
+    down.set_defaults(handler=_down)
+
+    ps = commands.add_parser("ps", help="list services, instances, their state and addresses")
+    _path_argument(ps)
+    ps.add_argument("--json", action="store_true", help="print the state as JSON, for scripts")
+    ps.set_defaults(handler=_ps)
+
+    check = commands.add_parser("check", help="validate mesh.toml and load every plugin")
+    _path_argument(check)
+    check.set_defaults(handler=_check)
+
+    build = commands.add_parser("build", help="docker runtime: build the base image and services")
+    _path_argument(build)
+    build.set_defaults(handler=_build)
+
+    from .sidecar import add_arguments
+
+    sidecar = commands.add_parser("sidecar", help="run one sidecar (what a container or a pod runs)")
+    add_arguments(sidecar)
+    sidecar.set_defaults(handler=_sidecar)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(path: str | None) -> MeshConfig | None:
+    """The checked config, or None after printing its problems to stderr."""
+    try:
+        return config_mod.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .controller import Controller, detach
+    from .runtime import RuntimeUnavailable, get_runtime
+
+    config = _load(args.path)
+    if config is None:
+        return 2
+    try:
+        runtime = get_runtime(args.runtime, config, output=lambda *_: None, on_exit=lambda *_: None)
+    except RuntimeUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    problems = runtime.problems()
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 2
+    if args.detach:
+        return detach(config, args.runtime, args.timeout)
+    return run(Controller(config, args.runtime, timeout=args.timeout).run())
+
+
+def _down(args: argparse.Namespace) -> int:
+    from .controller import down
+
+    config = _load(args.path)
+    return 2 if config is None else down(config)
+
+
+def _ps(args: argparse.Namespace) -> int:
+    from .controller import format_table, status
+
+    config = _load(args.path)
+    if config is None:
+        return 2
+    state = status(config)
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    controller = state["controller"]
+    if not state["instances"]:
+        print(f"mesh '{config.name}' is not running")
+        return 0
+    who = f"controller pid {controller['pid']}" if controller["running"] else "no controller"
+    print(f"mesh '{config.name}': {state['phase']} ({state.get('runtime', '?')} runtime, {who})")
+    print(format_table(state["instances"], with_state=True))
+    if state.get("error"):
+        print(state["error"])
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        config = config_mod.load(args.path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        count = len(exc.problems)
+        print(f"{count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+        return 1
+    print(describe(config))
+    return 0
+
+
+def describe(config: MeshConfig) -> str:
+    """What `mesh check` loaded, for a person to read."""
+    lines = [f"{config.path}: ok", f"mesh '{config.name}' ({config.mode})"]
+    if config.plugin_path:
+        lines.append("plugin_path: " + ", ".join(str(p) for p in config.plugin_path))
+    lines.append("services:")
+    for name, service in config.services.items():
+        facts = []
+        if service.command:
+            facts.append(f"command: {service.command}")
+        if service.build or service.image:
+            facts.append(f"build: {service.build}" if service.build else f"image: {service.image}")
+        if service.expose is not None:
+            facts.append(f"exposed on 127.0.0.1:{service.expose}")
+        if service.health:
+            facts.append(f"health: {service.health}")
+        if service.replicas != 1:
+            facts.append(f"replicas: {service.replicas}")
+        lines.append(f"  {name}: " + "; ".join(facts))
+        for title, specs in (("plugins", service.plugin_specs), ("outbound", service.outbound_specs)):
+            for spec in specs:
+                lines.append(f"    {title}: {spec.use}{_options(spec.options)}")
+    lines.append("routes:" if config.routes else "routes: none (no service may call another)")
+    for route in config.routes:
+        narrowed = " ".join(route.methods) or "any method"
+        paths = ", ".join(route.paths) or "any path"
+        extra = f", timeout {float(route.timeout):g}s" if route.timeout is not None else ""
+        mode = ", audit only" if route.mode == "audit" else ""
+        lines.append(f"  {route.source} -> {route.to}: {narrowed} {paths}{extra}{mode}")
+    return "\n".join(lines)
+
+
+def _options(options: dict[str, Any]) -> str:
+    if not options:
+        return ""
+    return " (" + ", ".join(f"{k}={_show(v)}" for k, v in options.items()) + ")"
+
+
+def _show(value: Any) -> str:
+    text = getattr(value, "text", None)  # a Rate keeps the text it was written as
+    if isinstance(text, str):
+        return repr(text)
+    if isinstance(value, float) and type(value) is not float:  # a Duration
+        return f"{float(value):g}s"
+    return repr(value)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .runtime import RuntimeUnavailable, get_runtime
+
+    config = _load(args.path)
+    if config is None:
+        return 2
+    try:
+        runtime = get_runtime("docker", config, output=lambda *_: None, on_exit=lambda *_: None)
+    except RuntimeUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    run(runtime.build())
+    return 0
+
+
+def _sidecar(args: argparse.Namespace) -> int:
+    from .sidecar import main as sidecar_main
+
+    return int(sidecar_main(args))

@@ -1,0 +1,453 @@
+"""The controller: what `mesh up` runs, and what `mesh ps` and `mesh down` read.
+
+`Controller.run` starts every instance of a mesh on a runtime, keeps a
+state file up to date, and on SIGINT/SIGTERM stops everything (sidecars
+first, so they drain, then apps). Its files live in the mesh's state dir::
+
+    .mesh/<name>/controller.lock   held (flock) while a controller runs
+    .mesh/<name>/controller.pid    its pid, for `mesh down`
+    .mesh/<name>/state.json        phase, instances, addresses, pids
+    .mesh/<name>/registry.json     service -> mesh addresses, read by sidecars
+    .mesh/<name>/up.log            output of a detached controller (`mesh up -d`)
+
+state.json is the contract for scripts (`mesh ps --json` prints it, with
+states checked against live pids)::
+
+    {"mesh": "hello", "config": "/abs/mesh.toml", "runtime": "process",
+     "phase": "starting" | "running" | "stopping" | "stopped" | "failed",
+     "error": null | "what failed, with the last output lines",
+     "controller": {"pid": 123, "running": true}, "run": "<MESH_RUN id>",
+     "instances": [{"service": "web", "instance": 1, "label": "web",
+                    "state": "starting" | "running" | "stopped", "problem": null,
+                    "addresses": {"app": "127.0.0.1:40001", "mesh": ..., "outbound": ..., "admin": ...},
+                    "public": "http://127.0.0.1:8080" | null,
+                    "pids": {"sidecar": 124, "app": 125}, "pgids": {...}}]}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from .config import MeshConfig
+from .runtime import (RUN_VARIABLE, Instance, Runtime, StartFailed, get_runtime, group_alive,
+                      pid_alive, run_processes)
+
+__all__ = ["Controller", "Console", "StateDir", "detach", "down", "format_table", "status"]
+
+log = logging.getLogger("mesh.controller")
+
+
+class StateDir:
+    """The files of one mesh's controller."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = path / "controller.lock"
+        self.pid = path / "controller.pid"
+        self.state = path / "state.json"
+        self.registry = path / "registry.json"
+        self.log = path / "up.log"
+
+    def acquire(self) -> int | None:
+        """Take the controller lock; return its fd (keep it open) or None if another controller holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def running(self) -> bool:
+        """Whether a controller holds the lock. A lock dies with its holder, so a stale pid file can't fool this."""
+        if not self.lock.exists():
+            return False
+        fd = os.open(self.lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing releases a lock we took
+        return False
+
+    def controller_pid(self) -> int | None:
+        try:
+            return int(self.pid.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def read_state(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.state.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def write_json(self, path: Path, data: dict[str, Any]) -> None:
+        # Write then rename, so a reader never sees half a file.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+class Console:
+    """Where the output of apps and sidecars goes: one line each, prefixed with its label."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.width = 0
+
+    def line(self, label: str, text: str) -> None:
+        try:
+            self.stream.write(f"{label:<{self.width}} | {text}\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed terminal must not stop the controller
+            pass
+
+
+def format_table(instances: list[dict[str, Any]], *, with_state: bool = False) -> str:
+    """Services and where they listen, one instance a row (from state.json's ``instances``)."""
+    head = ["service", "instance"] + (["state"] if with_state else []) + [
+        "app", "mesh", "outbound", "admin", "public"] + (["pids"] if with_state else [])
+    rows = [head]
+    for inst in instances:
+        addresses = inst.get("addresses", {})
+        row = [inst["service"], str(inst["instance"])]
+        if with_state:
+            state = inst["state"] + (f" ({inst['problem']})" if inst.get("problem") else "")
+            row.append(state)
+        row += [addresses.get(k, "-") for k in ("app", "mesh", "outbound", "admin")]
+        row.append(inst.get("public") or "-")
+        if with_state:
+            pids = inst.get("pids", {})
+            row.append(" ".join(f"{role}={pid}" for role, pid in pids.items()) or "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+class Controller:
+    """Runs one mesh until told to stop. See the module docstring for its files."""
+
+    def __init__(self, config: MeshConfig, runtime: str = "process", *, timeout: float = 30.0,
+                 console: Console | None = None) -> None:
+        self.config = config
+        self.files = StateDir(config.state_dir)
+        self.timeout = timeout
+        self.console = console or Console()
+        self.runtime: Runtime = get_runtime(runtime, config, output=self.console.line,
+                                            on_exit=self._exited)
+        self.instances: list[Instance] = []
+        self.problems: dict[str, str] = {}
+        self.phase = "starting"
+        self.error: str | None = None
+        self.run_id = secrets.token_hex(8)
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "mesh": self.config.name,
+            "config": str(self.config.path),
+            "runtime": self.runtime.name,
+            "phase": self.phase,
+            "error": self.error,
+            "controller": {"pid": os.getpid()},
+            "run": self.run_id,
+            "instances": [{
+                "service": inst.service,
+                "instance": inst.index,
+                "label": inst.label,
+                "state": self.runtime.instance_state(inst),
+                "problem": self.problems.get(inst.label),
+                "addresses": inst.addresses(),
+                "public": inst.public_url,
+                "pids": dict(inst.details.get("pids", {})),
+                "pgids": dict(inst.details.get("pgids", {})),
+            } for inst in self.instances],
+        }
+
+    def _save(self) -> None:
+        try:
+            self.files.write_json(self.files.state, self.state())
+        except OSError as exc:  # the mesh runs on even if its state dir went away
+            log.warning("cannot write %s: %s", self.files.state, exc)
+
+    def _exited(self, instance: Instance, role: str, code: int) -> None:
+        who = "app" if role == "app" else "sidecar"
+        self.problems[instance.label] = f"{who} exited with code {code}"
+        tail = "\n".join(f"  {line}" for line in self.runtime.tail(instance, role))
+        log.error("%s: the %s exited with code %s; it is not restarted%s", instance.label, who, code,
+                  f"; its last output:\n{tail}" if tail else "")
+        self._save()
+
+    def _on_signal(self) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self._stop.set()
+        else:
+            # A second Ctrl-C: the user does not want to wait for draining.
+            log.warning("stopping now, without waiting")
+            task = asyncio.ensure_future(self.runtime.kill_all())
+            self._tasks.add(task)
+
+    async def run(self) -> int:
+        """Start the mesh, serve until SIGINT/SIGTERM, stop it. 0 after a clean stop, 1 if it failed to start."""
+        fd = self.files.acquire()
+        if fd is None:
+            pid = self.files.controller_pid()
+            print(f"mesh '{self.config.name}' is already up (controller pid {pid}); "
+                  f"`mesh down` stops it", file=sys.stderr)
+            return 1
+        try:
+            self.files.pid.write_text(f"{os.getpid()}\n")
+            os.environ[RUN_VARIABLE] = self.run_id  # every app and sidecar inherits it
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.add_signal_handler(sig, self._on_signal)
+            return await self._run()
+        finally:
+            with contextlib.suppress(OSError):
+                self.files.pid.unlink()
+            os.close(fd)
+
+    async def _run(self) -> int:
+        try:
+            self.instances = self.runtime.plan()
+        except StartFailed as exc:
+            self.phase, self.error = "failed", f"mesh up: {exc}"
+            print(self.error, file=sys.stderr)
+            self._save()
+            return 1
+        labels = [i.label for i in self.instances]
+        self.console.width = max(len(f"{label}.sidecar") for label in labels)
+        registry: dict[str, list[str]] = {}
+        for inst in self.instances:
+            registry.setdefault(inst.service, []).append(inst.mesh_address)
+        self.files.write_json(self.files.registry, {"services": registry})
+        self._save()
+
+        starting = asyncio.ensure_future(self._start_all())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if starting.done():
+            failures = starting.result()
+            if failures:
+                code = 1
+                self.error = _report(failures, len(self.instances) > len(failures))
+                self.phase = "failed"
+                print(self.error, file=sys.stderr, flush=True)
+            else:
+                self.phase = "running"
+                self._save()
+                print(f"mesh '{self.config.name}' is up ({self.runtime.name} runtime):\n"
+                      f"{format_table(self.state()['instances'])}", flush=True)
+                await stopping
+        else:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        stopping.cancel()
+        if code == 0:
+            self.phase = "stopping"
+        self._save()
+        await self._stop_all()
+        if code == 0:
+            self.phase = "stopped"
+            print(f"mesh '{self.config.name}' stopped", flush=True)
+        self._save()
+        return code
+
+    async def _start_one(self, instance: Instance) -> None:
+        await self.runtime.start_instance(instance, self.files.registry, self.timeout)
+        self._save()
+
+    async def _start_all(self) -> list[StartFailed]:
+        """Start every instance at once; on the first failure cancel the rest and return the failures."""
+        tasks = [asyncio.ensure_future(self._start_one(i)) for i in self.instances]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        failures = []
+        for inst, task in zip(self.instances, tasks):
+            if task.cancelled():
+                continue
+            exc = task.exception()
+            if isinstance(exc, StartFailed):
+                failures.append(exc)
+            elif exc is not None:
+                failures.append(StartFailed(inst.label, f"{type(exc).__name__}: {exc}"))
+        return failures
+
+    async def _stop_all(self) -> None:
+        # Sidecars first: they stop taking requests and drain those in flight to
+        # apps that are still up. Then the apps.
+        for role in ("sidecar", "app"):
+            await asyncio.gather(*(self.runtime.stop_role(i, role) for i in self.instances))
+
+
+def _report(failures: list[StartFailed], others: bool) -> str:
+    lines = []
+    for failure in failures:
+        lines.append(f"mesh up: {failure.label} failed to start: {failure.reason}")
+        if failure.tail:
+            lines.append(f"last output of {failure.label}:")
+            lines += [f"  {line}" for line in failure.tail]
+        else:
+            lines.append(f"({failure.label} printed nothing)")
+    if others:
+        lines.append("stopping the rest of the mesh")
+    return "\n".join(lines)
+
+
+# `mesh up -d`, `mesh ps`, `mesh down`: other processes talking to a controller through its files.
+
+
+def detach(config: MeshConfig, runtime: str, timeout: float) -> int:
+    """Start a controller in the background; return once it is up (0) or has failed (1)."""
+    files = StateDir(config.state_dir)
+    if files.running():
+        print(f"mesh '{config.name}' is already up (controller pid {files.controller_pid()}); "
+              f"`mesh down` stops it", file=sys.stderr)
+        return 1
+    files.path.mkdir(parents=True, exist_ok=True)
+    with open(files.log, "w") as logfile:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "mesh", "up", str(config.path), "--runtime", runtime,
+             "--timeout", str(timeout)],
+            stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+            cwd=config.root, start_new_session=True)  # outlives this command and its terminal
+    # The controller's own start timeout bounds the wait; the margin covers its start and stop.
+    deadline = time.monotonic() + timeout + 30
+    while time.monotonic() < deadline:
+        state = files.read_state()
+        mine = state is not None and state.get("controller", {}).get("pid") == child.pid
+        if mine and state["phase"] == "running":
+            print(f"mesh '{config.name}' is up in the background ({runtime} runtime, "
+                  f"controller pid {child.pid}):\n{format_table(state['instances'])}\n"
+                  f"log: {files.log}\nstop it with: mesh down {config.path}")
+            return 0
+        if child.poll() is not None:
+            # Read again: the state may have changed between the check above and the exit.
+            state = files.read_state()
+            if state and state.get("controller", {}).get("pid") == child.pid and state.get("error"):
+                print(state["error"], file=sys.stderr)
+            else:
+                print(f"mesh up -d: the controller exited with code {child.returncode} before the "
+                      f"mesh was up; its output:\n{_tail(files.log, 40)}", file=sys.stderr)
+            print(f"log: {files.log}", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    print(f"mesh up -d: not up after {timeout + 30:g}s; stopping it (log: {files.log})", file=sys.stderr)
+    child.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(30)
+    return 1
+
+
+def _tail(path: Path, count: int) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(f"  {line}" for line in lines[-count:]) or "  (nothing)"
+
+
+def status(config: MeshConfig) -> dict[str, Any]:
+    """state.json with the controller and each instance checked against live processes.
+
+    An instance whose recorded processes are gone is ``stopped`` whatever the
+    file says (its controller may have died without updating it).
+    """
+    files = StateDir(config.state_dir)
+    state = files.read_state()
+    running = files.running()
+    if state is None:
+        return {"mesh": config.name, "config": str(config.path), "phase": "stopped",
+                "controller": {"pid": None, "running": False}, "instances": []}
+    state.setdefault("controller", {})["running"] = running
+    if not running and state.get("phase") in ("starting", "running", "stopping"):
+        state["phase"] = "stopped"
+    for inst in state.get("instances", []):
+        pids = inst.get("pids", {})
+        if not pids or not all(pid_alive(p) for p in pids.values()):
+            inst["state"] = "stopped"
+    return state
+
+
+def down(config: MeshConfig, timeout: float = 60.0) -> int:
+    """Stop the controller of this mesh (SIGTERM) and wait until it and everything it started are gone."""
+    files = StateDir(config.state_dir)
+    state = files.read_state() or {}
+    run_id = state.get("run", "")
+    if not files.running():
+        leftovers = run_processes(run_id)
+        if not leftovers:
+            print(f"mesh '{config.name}' is not running")
+            return 0
+        # Its controller died without stopping them (killed with SIGKILL, say).
+        print(f"mesh '{config.name}': its controller is gone; stopping {len(leftovers)} "
+              f"processes it left behind")
+        _kill(leftovers, signal.SIGTERM)
+        if not _wait(lambda: not run_processes(run_id), 10):
+            _kill(run_processes(run_id), signal.SIGKILL)
+        return 0
+    pid = None
+    for _ in range(50):  # the lock is taken just before the pid file is written
+        pid = files.controller_pid()
+        if pid:
+            break
+        time.sleep(0.1)
+    if not pid:
+        print(f"mesh '{config.name}': a controller holds {files.lock} but wrote no pid", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGTERM)
+    groups = [g for inst in state.get("instances", []) for g in inst.get("pgids", {}).values()]
+
+    def gone() -> bool:
+        return (not files.running() and not pid_alive(pid)
+                and not any(group_alive(g) for g in groups) and not run_processes(run_id))
+
+    if _wait(gone, timeout):
+        print(f"mesh '{config.name}' stopped")
+        return 0
+    print(f"mesh '{config.name}': not stopped after {timeout:g}s; killing what is left", file=sys.stderr)
+    _kill([pid, *run_processes(run_id)], signal.SIGKILL)
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+    return 1
+
+
+def _kill(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _wait(done: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -1,0 +1,573 @@
+"""Runtimes: where the instances of a mesh run.
+
+A runtime turns one planned `Instance` (a service, its number, its
+addresses) into a running app plus its sidecar, reports how it is doing,
+and stops it. The controller (`mesh.controller`) decides *what* runs; a
+runtime only knows *how*::
+
+    runtime = get_runtime("process", config, output=print_line, on_exit=report)
+    instances = runtime.plan()                 # addresses chosen, nothing started
+    await runtime.start_instance(instance, registry_file, timeout=30)   # ready, or StartFailed
+    runtime.instance_state(instance)           # "starting" | "running" | "stopped"
+    await runtime.stop_role(instance, "sidecar")   # drains; then stop_role(instance, "app")
+
+`ProcessRuntime` (the embedded default) runs both as local processes on
+loopback ports. A Docker runtime implements the same `Runtime` interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import socket
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .config import MeshConfig, ServiceConfig
+
+__all__ = [
+    "Instance", "ProcessRuntime", "Runtime", "RuntimeUnavailable", "StartFailed",
+    "get_runtime", "group_alive", "instance_count", "pid_alive",
+]
+
+TAIL_LINES = 20
+
+# What a runtime calls: output(label, line) for each line a process prints,
+# on_exit(instance, role, returncode) when an app or sidecar ends unasked.
+Output = Callable[[str, str], None]
+OnExit = Callable[["Instance", str, int], None]
+
+
+class RuntimeUnavailable(Exception):
+    """The runtime asked for cannot run here (not built yet, or its engine is missing)."""
+
+
+class StartFailed(Exception):
+    """An instance did not become ready: ``reason`` says why, ``tail`` holds its last output lines."""
+
+    def __init__(self, label: str, reason: str, tail: list[str] | None = None) -> None:
+        self.label = label
+        self.reason = reason
+        self.tail = tail or []
+        super().__init__(f"{label}: {reason}")
+
+
+@dataclass
+class Instance:
+    """One instance of a service and where it listens.
+
+    ``index`` counts from 1. ``label`` names it in output: the service name
+    alone when the service has one instance, ``web.2`` otherwise. ``host`` is
+    where other sidecars reach its mesh listener; ``ports`` maps ``app``,
+    ``mesh``, ``outbound``, ``admin`` and, when exposed, ``public``.
+    """
+
+    service: str
+    index: int
+    label: str
+    host: str
+    ports: dict[str, int]
+    health: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # runtime-specific: pids, container ids
+
+    @property
+    def mesh_address(self) -> str:
+        return f"{self.host}:{self.ports['mesh']}"
+
+    def addresses(self) -> dict[str, str]:
+        return {role: f"127.0.0.1:{port}" for role, port in self.ports.items() if role != "public"}
+
+    @property
+    def public_url(self) -> str | None:
+        port = self.ports.get("public")
+        return f"http://127.0.0.1:{port}" if port else None
+
+
+def instance_count(service: ServiceConfig) -> int:
+    """How many instances `mesh up` starts: ``replicas``, or a pool's ``scale.min`` (at least 1).
+
+    Keyed instances and autoscaling are the controller's later work; until
+    then such a service runs a fixed number of instances.
+    """
+    if service.scale is not None:
+        return max(service.scale.min, 1)
+    return service.replicas
+
+
+class Runtime(ABC):
+    """How instances run. One runtime object serves one `mesh up`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit) -> None:
+        self.config = config
+        self.output = output
+        self.on_exit = on_exit
+
+    def problems(self) -> list[str]:
+        """What stops this mesh from running on this runtime, one line each (empty: none)."""
+        return []
+
+    @abstractmethod
+    def plan(self) -> list[Instance]:
+        """Every instance of every service, with its addresses chosen; nothing started.
+
+        Raise `StartFailed` when the mesh cannot start here (a port to expose is taken).
+        """
+
+    @abstractmethod
+    async def start_instance(self, instance: Instance, registry: Path, timeout: float) -> None:
+        """Start the instance's sidecar and app and return once both are ready.
+
+        Raise `StartFailed` if either exits or is not ready within
+        ``timeout`` seconds. What was started stays tracked, so
+        `stop_instance` cleans up after a failure or a cancellation.
+        """
+
+    @abstractmethod
+    async def stop_role(self, instance: Instance, role: str) -> None:
+        """Stop the instance's ``sidecar`` or its ``app``; return when nothing of it is left.
+
+        A sidecar drains requests in flight first, so a controller stops every
+        sidecar before any app.
+        """
+
+    async def stop_instance(self, instance: Instance) -> None:
+        """Stop the sidecar (it drains), then the app."""
+        await self.stop_role(instance, "sidecar")
+        await self.stop_role(instance, "app")
+
+    def tail(self, instance: Instance, role: str) -> list[str]:
+        """The last output lines of the instance's ``sidecar`` or ``app``, each prefixed with its label."""
+        return []
+
+    @abstractmethod
+    def instance_state(self, instance: Instance) -> str:
+        """``starting``, ``running`` or ``stopped``."""
+
+    async def kill_all(self) -> None:
+        """Stop everything at once, without grace (a second Ctrl-C)."""
+
+    async def build(self) -> None:
+        """Build what instances need before they can start (images). Nothing, by default."""
+
+
+def get_runtime(name: str, config: MeshConfig, *, output: Output, on_exit: OnExit) -> Runtime:
+    """The runtime called ``name``, or raise `RuntimeUnavailable` saying why not."""
+    if name == "process":
+        return ProcessRuntime(config, output=output, on_exit=on_exit)
+    if name == "docker":
+        raise RuntimeUnavailable("the docker runtime is not available yet")
+    raise RuntimeUnavailable(f"unknown runtime {name!r} (expected 'process' or 'docker')")
+
+
+# Process helpers, also used by `mesh ps`, `mesh down` and the tests.
+
+_PROC = Path("/proc")
+
+
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` from /proc (``Z`` for a zombie), or None without /proc."""
+    if not _PROC.is_dir():
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "gone"
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether ``pid`` is a live process. A zombie is not alive: it only waits to be reaped."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _proc_state(pid) not in ("Z", "X", "gone")
+
+
+def group_alive(pgid: int | None) -> bool:
+    """Whether any live (non-zombie) process is left in process group ``pgid``."""
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if not _PROC.is_dir():
+        return True
+    # The group exists, but its members may all be zombies nobody reaps (PID 1 in
+    # a container often does not), so look at each member's state.
+    for _, fields in _proc_stats():
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def _proc_stats() -> list[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command name) of every process."""
+    found = []
+    for entry in _PROC.iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            found.append((int(entry.name), stat.rpartition(")")[2].split()))
+    return found
+
+
+RUN_VARIABLE = "MESH_RUN"
+
+
+def run_processes(run_id: str) -> list[int]:
+    """Live processes started by the `mesh up` run ``run_id``, found by the
+    ``MESH_RUN`` variable every app and sidecar inherits (so grandchildren that
+    left their process group count too). Empty where /proc is missing."""
+    if not run_id or not _PROC.is_dir():
+        return []
+    marker = f"{RUN_VARIABLE}={run_id}".encode()
+    found = []
+    for pid, fields in _proc_stats():
+        if pid == os.getpid() or not fields or fields[0] in ("Z", "X"):
+            continue
+        try:
+            environ = (_PROC / str(pid) / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            found.append(pid)
+    return found
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports. All stay bound until all are chosen, so none repeats."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+async def _http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
+    """Status of ``GET path`` on 127.0.0.1:port, or None if it does not answer."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                             f"Connection: close\r\n\r\n".encode())
+                await writer.drain()
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError):
+        return None
+    parts = line.split()
+    if len(parts) >= 2 and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+async def _port_open(port: int, timeout: float = 1.0) -> bool:
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+class _Process:
+    """One child process in its own session: its output prefixed and kept, its exit watched."""
+
+    def __init__(self, label: str, proc: asyncio.subprocess.Process, output: Output) -> None:
+        self.label = label
+        self.proc = proc
+        self.pid = proc.pid
+        self.pgid = proc.pid  # start_new_session: the child leads its own group
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.stopping = False
+        self._output = output
+        self._pump = asyncio.ensure_future(self._read(proc.stdout))
+
+    @classmethod
+    async def spawn(cls, label: str, command: str | list[str], *, cwd: Path,
+                    env: dict[str, str], output: Output) -> _Process:
+        common: dict[str, Any] = dict(cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                      stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                      # A session of its own: a terminal's Ctrl-C reaches only the
+                                      # controller, which stops children in order, and a stop can
+                                      # signal the whole group (a shell and what it started).
+                                      start_new_session=True)
+        if isinstance(command, str):
+            proc = await asyncio.create_subprocess_shell(command, **common)
+        else:
+            proc = await asyncio.create_subprocess_exec(*command, **common)
+        return cls(label, proc, output)
+
+    async def _read(self, stream: asyncio.StreamReader | None) -> None:
+        if stream is None:
+            return
+        pending = b""
+        while chunk := await stream.read(65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._line(line)
+        if pending:
+            self._line(pending)
+
+    def _line(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        self.tail.append(text)
+        self._output(self.label, text)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def drained(self, timeout: float = 1.0) -> None:
+        """Wait for the last output; a grandchild holding the pipe open must not hold us up."""
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._pump), timeout)
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, sig)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM the group, wait up to ``grace`` seconds, then SIGKILL whatever is left of it."""
+        self.stopping = True
+        if self.returncode is None or group_alive(self.pgid):
+            self.signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), grace)
+            # The leader may be gone while processes it started linger in the group.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + (grace if self.returncode is None else min(grace, 2.0))
+            while group_alive(self.pgid) and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            if self.returncode is None or group_alive(self.pgid):
+                self.signal(signal.SIGKILL)
+        await self.proc.wait()
+        await self.drained()
+
+
+class ProcessRuntime(Runtime):
+    """Apps and sidecars as local processes on free loopback ports.
+
+    Each sidecar runs as ``python -m mesh sidecar ...``; each app runs its
+    ``command`` through the shell in mesh.toml's folder, with ``PORT``,
+    ``HTTP_PROXY``/``NO_PROXY`` (to reach other services by name through its
+    sidecar), ``MESH_SERVICE`` and the service's ``env``. The folder of the
+    Python running mesh comes first on ``PATH``, so ``python`` in a command
+    is that Python. Only the first instance of an exposed service takes its
+    ``expose`` port: one port has one listener.
+    """
+
+    name = "process"
+    app_grace = 5.0
+    sidecar_grace = 15.0  # a sidecar drains requests in flight for up to 10s
+
+    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit) -> None:
+        super().__init__(config, output=output, on_exit=on_exit)
+        self._procs: dict[str, dict[str, _Process]] = {}
+        self._ready: set[str] = set()
+        self._stopped: set[str] = set()
+        self._spawning: set[asyncio.Future[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    def problems(self) -> list[str]:
+        found = []
+        for name, service in self.config.services.items():
+            if not service.command:
+                found.append(f"services.{name}: no 'command' to run on the process runtime "
+                             f"(it has only 'build'/'image': use --runtime docker)")
+        return found
+
+    def plan(self) -> list[Instance]:
+        for name, service in self.config.services.items():
+            if service.expose is not None and _port_in_use(service.expose):
+                raise StartFailed(name, f"cannot expose it on 127.0.0.1:{service.expose}: "
+                                  f"the port is in use (services.{name}.expose)")
+        counts = {name: instance_count(s) for name, s in self.config.services.items()}
+        ports = iter(_free_ports(4 * sum(counts.values())))
+        instances = []
+        for name, count in counts.items():
+            service = self.config.services[name]
+            for index in range(1, count + 1):
+                assigned = {role: next(ports) for role in ("app", "mesh", "outbound", "admin")}
+                if service.expose is not None and index == 1:
+                    assigned["public"] = service.expose
+                label = name if count == 1 else f"{name}.{index}"
+                instances.append(Instance(name, index, label, "127.0.0.1", assigned, service.health))
+        return instances
+
+    def _app_env(self, instance: Instance) -> dict[str, str]:
+        service = self.config.services[instance.service]
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
+        env.setdefault("PYTHONUNBUFFERED", "1")  # app output is piped; show it as it happens
+        env.update({k: str(v) for k, v in service.env.items()})
+        proxy = f"http://127.0.0.1:{instance.ports['outbound']}"
+        env.update({
+            "PORT": str(instance.ports["app"]),
+            "HTTP_PROXY": proxy, "http_proxy": proxy,
+            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+            "MESH_SERVICE": instance.service,
+            "MESH_INSTANCE": str(instance.index),
+        })
+        # An app of this mesh never proxies HTTPS through the sidecar.
+        for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+            env.pop(key, None)
+        return env
+
+    def _sidecar_command(self, instance: Instance, registry: Path) -> list[str]:
+        ports = instance.ports
+        command = [sys.executable, "-m", "mesh", "sidecar", "--config", str(self.config.path),
+                   "--service", instance.service, "--app-port", str(ports["app"]),
+                   "--mesh-port", str(ports["mesh"]), "--outbound-port", str(ports["outbound"]),
+                   "--admin-port", str(ports["admin"]), "--registry", str(registry)]
+        if "public" in ports:
+            command += ["--public-port", str(ports["public"])]
+        return command
+
+    async def start_instance(self, instance: Instance, registry: Path, timeout: float) -> None:
+        service = self.config.services[instance.service]
+        assert service.command is not None  # problems() refuses services without one
+        sidecar_env = dict(os.environ)
+        sidecar_env.setdefault("PYTHONUNBUFFERED", "1")
+        await self._spawn(instance, "sidecar", self._sidecar_command(instance, registry), sidecar_env)
+        await self._spawn(instance, "app", service.command, self._app_env(instance))
+        procs = self._procs[instance.label]
+        await self._wait_ready(instance, procs, timeout)
+        self._ready.add(instance.label)
+        for role, proc in procs.items():
+            task = asyncio.ensure_future(self._watch(instance, role, proc))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _spawn(self, instance: Instance, role: str, command: str | list[str],
+                     env: dict[str, str]) -> None:
+        label = instance.label if role == "app" else f"{instance.label}.{role}"
+
+        async def spawn() -> None:
+            try:
+                proc = await _Process.spawn(label, command, cwd=self.config.root, env=env,
+                                            output=self.output)
+            except OSError as exc:
+                raise StartFailed(instance.label, f"cannot start {label}: {exc}") from exc
+            self._procs.setdefault(instance.label, {})[role] = proc
+            instance.details.setdefault("pids", {})[role] = proc.pid
+            instance.details.setdefault("pgids", {})[role] = proc.pgid
+
+        # Shielded and tracked: a start cancelled mid-spawn still records the
+        # process it created, so stopping finds it.
+        task = asyncio.ensure_future(spawn())
+        self._spawning.add(task)
+        task.add_done_callback(self._spawning.discard)
+        await asyncio.shield(task)
+
+    async def _wait_ready(self, instance: Instance, procs: dict[str, _Process], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ready = {"sidecar": False, "app": False}
+        while True:
+            for role, proc in procs.items():
+                if proc.returncode is not None:
+                    await proc.drained()
+                    who = "the app" if role == "app" else "its sidecar"
+                    raise StartFailed(instance.label, f"{who} exited with code {proc.returncode} "
+                                      f"before it was ready", [f"{proc.label} | {t}" for t in proc.tail])
+            if not ready["sidecar"]:
+                ready["sidecar"] = await _http_status(instance.ports["admin"], "/readyz") == 200
+            if not ready["app"]:
+                if instance.health:
+                    ready["app"] = await _http_status(instance.ports["app"], instance.health) == 200
+                else:
+                    ready["app"] = await _port_open(instance.ports["app"])
+            if all(ready.values()):
+                return
+            if loop.time() >= deadline:
+                waiting = [r for r, ok in ready.items() if not ok]
+                if "app" in waiting:
+                    what = (f"GET {instance.health} answering 200" if instance.health
+                            else "the app listening")
+                    why = f"{what} on port {instance.ports['app']} ($PORT)"
+                else:
+                    why = "its sidecar's /readyz"
+                tail = [f"{p.label} | {t}" for r, p in procs.items() if r in waiting for t in p.tail]
+                raise StartFailed(instance.label, f"not ready after {timeout:g}s: waited for {why}", tail)
+            await asyncio.sleep(0.05)
+
+    async def _watch(self, instance: Instance, role: str, proc: _Process) -> None:
+        code = await proc.proc.wait()
+        await proc.drained()
+        if not proc.stopping:
+            self.on_exit(instance, role, code)
+
+    def tail(self, instance: Instance, role: str) -> list[str]:
+        proc = self._procs.get(instance.label, {}).get(role)
+        return [f"{proc.label} | {t}" for t in proc.tail] if proc else []
+
+    async def stop_role(self, instance: Instance, role: str) -> None:
+        await self._settle()
+        self._ready.discard(instance.label)
+        self._stopped.add(instance.label)
+        proc = self._procs.get(instance.label, {}).get(role)
+        if proc is not None:
+            await proc.stop(self.sidecar_grace if role == "sidecar" else self.app_grace)
+
+    async def _settle(self) -> None:
+        """Let spawns in progress finish, so every process that exists is known."""
+        if self._spawning:
+            await asyncio.gather(*self._spawning, return_exceptions=True)
+
+    def instance_state(self, instance: Instance) -> str:
+        procs = self._procs.get(instance.label, {})
+        if instance.label in self._stopped or any(p.returncode is not None for p in procs.values()):
+            return "stopped"
+        return "running" if instance.label in self._ready else "starting"
+
+    async def kill_all(self) -> None:
+        await self._settle()
+        for procs in self._procs.values():
+            for proc in procs.values():
+                proc.stopping = True
+                proc.signal(signal.SIGKILL)
