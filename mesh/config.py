@@ -52,9 +52,9 @@ class Scale:
 
     def __post_init__(self) -> None:
         if not 0 <= self.min <= self.max:
-            raise ValueError(f"scale needs 0 <= min <= max, found min={self.min}, max={self.max}")
+            raise ValueError(f"expected 0 <= min <= max, found min={self.min}, max={self.max}")
         if not 0 < self.cpu <= 1:
-            raise ValueError(f"scale.cpu is a share of one CPU between 0 and 1, found {self.cpu}")
+            raise ValueError(f"cpu: expected a share of one CPU between 0 and 1, found {self.cpu}")
 
 
 @dataclass
@@ -67,10 +67,10 @@ class Instances:
     def __post_init__(self) -> None:
         kind = self.key.partition(":")[0]
         if kind not in ("header", "path", "claim") or ":" not in self.key:
-            raise ValueError(f"instances.key: expected 'header:NAME', 'path:N' or 'claim:NAME', "
+            raise ValueError(f"key: expected 'header:NAME', 'path:N' or 'claim:NAME', "
                              f"found {self.key!r}")
         if self.max < 1:
-            raise ValueError(f"instances.max must be at least 1, found {self.max}")
+            raise ValueError(f"max: expected at least 1, found {self.max}")
 
 
 @dataclass
@@ -206,12 +206,18 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
                        where=where, root=root, problems=problems)
         if "name" in raw or "plugin_specs" in raw or "outbound_specs" in raw:
             problems.append(f"{where}: unknown option 'name'")
+        # Plugins are checked even when another key of the service is wrong.
+        chains = {}
+        for key in ("plugins", "outbound"):
+            entries = raw.get(key, [])
+            if isinstance(entries, list) and all(isinstance(e, dict) for e in entries):
+                chains[key] = _plugin_specs(entries, f"{where}.{key}", plugin_path, root, problems)
         if service is None:
             continue
         service.name = name
         _check_service(service, where, problems)
-        service.plugin_specs = _plugin_specs(service.plugins, f"{where}.plugins", plugin_path, root, problems)
-        service.outbound_specs = _plugin_specs(service.outbound, f"{where}.outbound", plugin_path, root, problems)
+        service.plugin_specs = chains.get("plugins", [])
+        service.outbound_specs = chains.get("outbound", [])
         services[name] = service
 
     exposed: dict[int, str] = {}
@@ -240,20 +246,23 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
         route = bind(RouteConfig, renamed, where=where, root=root, problems=problems)
         for j in range(before, len(problems)):
             problems[j] = problems[j].replace(f"{where}.source", f"{where}.from")
-        if route is None:
-            continue
-        for key, service in (("from", route.source), ("to", route.to)):
-            if service not in services:
+        # Names, paths and methods are checked even when another key of the route is wrong.
+        for key in ("from", "to"):
+            service = raw.get(key)
+            if isinstance(service, str) and service not in services and service not in table:
                 problems.append(f"{where}.{key}: unknown service {service!r}"
-                                f"{_did_you_mean(service, tuple(services))}")
-        for j, pattern in enumerate(route.paths):
-            if not pattern.startswith("/"):
+                                f"{_did_you_mean(service, tuple(table))}")
+        paths = raw.get("paths", [])
+        for j, pattern in enumerate(paths if isinstance(paths, list) else []):
+            if isinstance(pattern, str) and not pattern.startswith("/"):
                 problems.append(f"{where}.paths[{j}]: expected a path starting with '/', found {pattern!r}")
-        route.methods = [m.upper() for m in route.methods]
-        for j, method in enumerate(route.methods):
-            if method not in _METHODS:
+        methods = raw.get("methods", [])
+        for j, method in enumerate(methods if isinstance(methods, list) else []):
+            if isinstance(method, str) and method.upper() not in _METHODS:
                 problems.append(f"{where}.methods[{j}]: unknown HTTP method {method!r}")
-        routes.append(route)
+        if route is not None:
+            route.methods = [m.upper() for m in route.methods]
+            routes.append(route)
 
     if problems:
         raise ConfigError(problems)

@@ -147,10 +147,11 @@ def convert(value: Any, hint: Any, *, root: Path | None = None, where: str = "")
         return value
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:  # `X | None`: X's own message says more
+            return convert(value, args[0], root=root, where=where)
         # In the order written, so that "30s" for `Duration | str` stays a duration.
-        for arg in typing.get_args(hint):
-            if arg is type(None):
-                continue
+        for arg in args:
             try:
                 return convert(value, arg, root=root, where=where)
             except OptionError:
