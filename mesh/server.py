@@ -187,7 +187,8 @@ class Listener:
         )
         loop = asyncio.get_running_loop()
         self._sockets = await loop.create_server(
-            self._server, self.host, self.port, ssl=self.tls, reuse_address=True, backlog=1024)
+            self._server, self.host, self.port, ssl=self.tls, reuse_address=True, backlog=1024,
+            ssl_handshake_timeout=limits.header_timeout if self.tls else None)
         self.port = self._sockets.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

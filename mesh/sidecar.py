@@ -7,10 +7,15 @@
     app ─────────────▶ outbound listener ▶ outbound chain ─▶ route check ─▶ peer's mesh listener
     operator ────────▶ admin listener (loopback): /healthz /readyz /config /registry
 
-The calling sidecar names itself to the peer; the receiving sidecar takes
-that identity as ``request.peer``, checks route policy on it, and passes it
-to the app as ``x-mesh-peer`` (an ``x-mesh-peer`` from anywhere else is
-removed first).
+Between sidecars it is mutual TLS: the receiving sidecar takes the caller's
+service from its verified certificate as ``request.peer``, checks route
+policy on it, and passes it to the app as ``x-mesh-peer`` (an
+``x-mesh-peer`` from anywhere else is removed first). The calling side
+checks that the certificate it reached names the service it called.
+
+Without an `Identity` (``mesh sidecar`` with no ``--tls``) the mesh
+listener is plain HTTP and trusts the caller's ``x-mesh-peer``: for a
+single machine in development only, and said so in the log.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from . import config as config_mod
 from .chain import Chain, short_error
 from .config import MeshConfig, build_plugins
 from .errors import UpstreamError
+from .identity import Identity
 from .headers import PEER_HEADER, request_id, set_forwarded, strip_hop_by_hop
 from .messages import Request, Response
 from .plugin import Context
@@ -61,21 +67,24 @@ class Sidecar:
     def __init__(self, config: MeshConfig, service: str, ports: Ports, *,
                  registry: Registry | None = None, host: str = "127.0.0.1",
                  app_host: str = "127.0.0.1", public_host: str = "127.0.0.1",
-                 limits: ServerLimits | None = None, upstream_limits: Limits | None = None) -> None:
+                 limits: ServerLimits | None = None, upstream_limits: Limits | None = None,
+                 identity: Identity | None = None) -> None:
         self.config = config
         self.service = service
         self.spec = config.services[service]
         self.ports = ports
         self.registry = registry or Registry()
         self.policy = Policy(config.routes, config.mode)
-        self.pool = Pool(upstream_limits)
+        self.identity = identity
+        self.pool = Pool(upstream_limits, verify_peer=self._verify_peer)
         self.app = Endpoint(app_host, ports.app)
         self.timeout = self.spec.timeout
         self.inbound = Chain(build_plugins(self.spec.plugin_specs), self._to_app)
         self.outbound = Chain(build_plugins(self.spec.outbound_specs), self._to_peer)
         limits = limits or ServerLimits()
         self.listeners = {
-            "mesh": Listener(self._from_mesh, name="mesh", host=host, port=ports.mesh, limits=limits),
+            "mesh": Listener(self._from_mesh, name="mesh", host=host, port=ports.mesh, limits=limits,
+                             tls=identity.server if identity else None),
             "outbound": Listener(self._from_app, name="outbound", host="127.0.0.1",
                                  port=ports.outbound, limits=limits, absolute_form=True),
             "admin": Listener(self._admin, name="admin", host="127.0.0.1", port=ports.admin, limits=limits),
@@ -131,13 +140,19 @@ class Sidecar:
         return await self.inbound(request)
 
     async def _from_mesh(self, request: Request, raw: web.BaseRequest) -> Response:
-        peer = request.headers.get(PEER_HEADER)
+        if self.identity is not None:
+            peer = self.identity.peer(raw.transport)
+            request.headers.popall(PEER_HEADER, None)  # SECURITY: the certificate says who calls
+        else:
+            peer = request.headers.get(PEER_HEADER)
         self._prepare(request)
         set_forwarded(request.headers, request.client, request.scheme)
         decision = self.policy.check(peer, self.service, request.method, request.path)
         if not decision.allowed:
             return short_error(403, decision.reason, request.id)
         request.peer = peer
+        if peer:
+            request.headers[PEER_HEADER] = peer
         return await self.inbound(request)
 
     async def _to_app(self, request: Request) -> Response:
@@ -179,9 +194,22 @@ class Sidecar:
         instance = self.registry.pick(target)
         if instance is None:
             raise UpstreamError(503, f"service '{target}' has no instance running")
-        request.headers[PEER_HEADER] = self.service
         timeout = decision.timeout or self.config.services[target].timeout
-        return await self._forward(Endpoint(*instance), request, timeout)
+        if self.identity is not None:
+            request.headers.popall(PEER_HEADER, None)
+            endpoint = Endpoint(instance[0], instance[1], self.identity.client, target)
+        else:
+            request.headers[PEER_HEADER] = self.service
+            endpoint = Endpoint(*instance)
+        return await self._forward(endpoint, request, timeout)
+
+    def _verify_peer(self, endpoint: Endpoint, transport: Any) -> str | None:
+        assert self.identity is not None
+        found = self.identity.peer(transport)
+        if found != endpoint.peer:
+            return (f"{endpoint.host}:{endpoint.port} presented the identity of "
+                    f"{found or 'no mesh service'!r}, not {endpoint.peer!r}")
+        return None
 
     # admin
 
@@ -208,7 +236,17 @@ class Sidecar:
                     return short_error(400, f"expected {{\"services\": {{name: [host:port]}}}}: {exc}")
                 return Response(204)
             return Response.json({"services": self.registry.as_dict()})
-        return short_error(404, "admin endpoints: /healthz /readyz /config /registry")
+        if path == "/certs/reload" and request.method == "POST":
+            if self.identity is None:
+                return short_error(404, "this sidecar runs without mutual TLS")
+            try:
+                self.identity.reload()
+            except (OSError, ValueError) as exc:
+                log.error("reloading certificates failed: %s", exc)
+                return short_error(500, f"reloading certificates failed: {type(exc).__name__}")
+            log.info("certificates reloaded from %s", self.identity.folder)
+            return Response(204)
+        return short_error(404, "admin endpoints: /healthz /readyz /config /registry /certs/reload")
 
 
 # `mesh sidecar`: run one sidecar alone, as a container or a pod does.
@@ -226,6 +264,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--public-port", type=int, help="serve outside traffic here (default: the service's expose)")
     parser.add_argument("--public-host", default="127.0.0.1")
     parser.add_argument("--registry", help="JSON file: {\"services\": {name: [\"host:port\", ...]}}")
+    parser.add_argument("--tls", metavar="DIR",
+                        help="folder with cert.pem, key.pem and ca.pem: mutual TLS between sidecars "
+                             "(without it the mesh listener is plain HTTP: development only)")
 
 
 async def serve(sidecar: Sidecar) -> None:
@@ -265,8 +306,15 @@ def main(args: Any) -> int:
     ports = Ports(app=app_port, mesh=args.mesh_port, outbound=args.outbound_port,
                   admin=args.admin_port, public=public)
     registry = Registry.read(args.registry) if args.registry else Registry()
+    try:
+        identity = Identity(args.tls, config.name) if args.tls else None
+    except (OSError, ValueError) as exc:
+        print(f"--tls {args.tls}: cannot load cert.pem, key.pem and ca.pem: {exc}")
+        return 2
+    if identity is None:
+        log.warning("no --tls: the mesh listener is plain HTTP and trusts x-mesh-peer (development only)")
     sidecar = Sidecar(config, args.service, ports, registry=registry, host=args.host,
-                      app_host=args.app_host, public_host=args.public_host)
+                      app_host=args.app_host, public_host=args.public_host, identity=identity)
     from .runner import run
 
     try:

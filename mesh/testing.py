@@ -99,21 +99,25 @@ class TestMesh:
     def __init__(self, config: Any, sidecars: dict[str, Any]) -> None:
         self.config = config
         self.sidecars = sidecars
+        self.ca: Any = None
 
     def url(self, service: str, listener: str = "public") -> str:
         """``http://host:port`` of a service's ``public``, ``mesh``, ``outbound`` or ``admin`` listener."""
-        return f"http://{self.sidecars[service].listeners[listener].address}"
+        scheme = "https" if self.sidecars[service].listeners[listener].tls else "http"
+        return f"{scheme}://{self.sidecars[service].listeners[listener].address}"
 
 
 @asynccontextmanager
-async def run_mesh(toml: str, apps: dict[str, int], root: Any = None,
+async def run_mesh(toml: str, apps: dict[str, int], root: Any = None, *, tls: bool = True,
                    **sidecar_options: Any) -> AsyncIterator[TestMesh]:
     """Start one real sidecar per service of ``toml`` in this event loop.
 
     ``apps`` maps each service to the loopback port its app listens on (start
     the apps yourself, e.g. with aiohttp's test server). Every service gets
     a public listener on a free port, whether or not it is exposed, and
-    the sidecars know each other; ``sidecar_options`` go to each `Sidecar`
+    the sidecars know each other and, unless ``tls=False``, talk mutual TLS
+    with certificates from a CA made for the test (``TestMesh.ca``, its
+    files under ``.mesh/`` in the mesh folder); ``sidecar_options`` go to each `Sidecar`
     (``limits``, ``upstream_limits``). For end-to-end plugin tests::
 
         async with run_mesh(TOML, {"web": app_port}) as mesh:
@@ -123,6 +127,7 @@ async def run_mesh(toml: str, apps: dict[str, int], root: Any = None,
     from pathlib import Path
 
     from . import config as config_mod
+    from .identity import CA, Identity
     from .registry import Registry
     from .sidecar import Ports, Sidecar
 
@@ -131,14 +136,21 @@ async def run_mesh(toml: str, apps: dict[str, int], root: Any = None,
     cfg = config_mod.load(folder)
     registry = Registry()
     sidecars: dict[str, Sidecar] = {}
+    ca = CA.load_or_create(cfg.state_dir / "ca", cfg.name) if tls else None
     try:
         for name in cfg.services:
+            identity = None
+            if ca is not None:
+                ca.write_instance(cfg.state_dir / "certs" / name, name, lifetime=3600)
+                identity = Identity(cfg.state_dir / "certs" / name, cfg.name)
             sidecar = Sidecar(cfg, name, Ports(app=apps.get(name, 9), public=0), registry=registry,
-                              **sidecar_options)
+                              identity=identity, **sidecar_options)
             await sidecar.start()
             sidecars[name] = sidecar
         registry.update({name: [s.listeners["mesh"].address] for name, s in sidecars.items()})
-        yield TestMesh(cfg, sidecars)
+        mesh = TestMesh(cfg, sidecars)
+        mesh.ca = ca
+        yield mesh
     finally:
         for sidecar in reversed(list(sidecars.values())):
             await sidecar.stop()

@@ -19,7 +19,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -39,12 +39,16 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class Endpoint(NamedTuple):
-    """Where to connect, and how: the key of a connection pool."""
+    """Where to connect, and how: the key of a connection pool.
+
+    With ``tls``, ``peer`` is who must answer: the pool's ``verify_peer``
+    checks it against the certificate after the handshake.
+    """
 
     host: str
     port: int
     tls: ssl.SSLContext | None = None
-    server_name: str | None = None
+    peer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -264,8 +268,10 @@ def _encode_head(method: str, target: str, headers: Any) -> bytes:
 class Pool:
     """Keep-alive connections to many endpoints, and the request/response exchange over them."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None,
+                 verify_peer: Callable[[Endpoint, asyncio.BaseTransport], str | None] | None = None) -> None:
         self.limits = limits or Limits()
+        self.verify_peer = verify_peer
         self._idle: dict[Endpoint, deque[_Connection]] = {}
         self._closing = False
 
@@ -276,7 +282,8 @@ class Pool:
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop), endpoint.host, endpoint.port,
                     ssl=endpoint.tls,
-                    server_hostname=endpoint.server_name if endpoint.tls else None,
+                    server_hostname=endpoint.peer if endpoint.tls else None,
+                    ssl_handshake_timeout=self.limits.connect_timeout if endpoint.tls else None,
                 )
         except TimeoutError:
             raise UpstreamError(504, f"timed out connecting to {endpoint.host}:{endpoint.port}") from None
@@ -286,6 +293,11 @@ class Pool:
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise UpstreamError(502, f"cannot connect to {endpoint.host}:{endpoint.port}: {reason.lower()}") from None
+        if endpoint.tls is not None and self.verify_peer is not None:
+            problem = self.verify_peer(endpoint, conn.transport)
+            if problem:
+                conn.close()
+                raise UpstreamError(502, problem)
         return conn
 
     def _acquire_idle(self, endpoint: Endpoint) -> _Connection | None:
@@ -463,7 +475,7 @@ async def connect_websocket(endpoint: Endpoint, target: str, headers: Any,
     try:
         ws = await session.ws_connect(
             url, headers=forward, protocols=protocols, ssl=endpoint.tls or False,
-            server_hostname=endpoint.server_name if endpoint.tls else None,
+            server_hostname=endpoint.peer if endpoint.tls else None,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=timeout),
             autoping=True, max_msg_size=0)
     except aiohttp.WSServerHandshakeError as exc:

@@ -213,9 +213,9 @@ async def test_ambiguous_paths_are_refused(app, target):
 
 
 async def test_receiving_side_enforces_policy_on_its_own(app):
-    async with run_mesh(mesh_toml(), {"a": app.port, "b": app.port}) as mesh:
+    # Plain mode (no TLS): the mesh listener trusts x-mesh-peer, but still applies policy.
+    async with run_mesh(mesh_toml(), {"a": app.port, "b": app.port}, tls=False) as mesh:
         async with aiohttp.ClientSession() as session:
-            # Straight to a's mesh listener, skipping b's sidecar: b may not call a.
             async with session.get(mesh.url("a", "mesh") + "/public", headers={"x-mesh-peer": "b"}) as resp:
                 assert resp.status == 403
             async with session.get(mesh.url("b", "mesh") + "/private", headers={"x-mesh-peer": "a"}) as resp:

@@ -1,0 +1,180 @@
+"""Mutual TLS between sidecars: who may connect, who the app is told called, rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import stat
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from mesh.identity import CA, Identity, describe
+from mesh.testing import run_mesh
+from mesh.upstream import Limits
+
+TOML = """
+[mesh]
+name = "shop"
+[services.web]
+command = "x"
+[services.orders]
+command = "x"
+[services.audit]
+command = "x"
+[[routes]]
+from = "web"
+to = "orders"
+"""
+
+
+@pytest.fixture
+async def app(aiohttp_server):
+    hits = []
+
+    async def handler(request):
+        hits.append(request.path)
+        return web.json_response({"peer": request.headers.get("x-mesh-peer"), "path": request.path})
+
+    application = web.Application()
+    application.router.add_route("*", "/{tail:.*}", handler)
+    server = await aiohttp_server(application)
+    server.hits = hits
+    return server
+
+
+def client_context(folder, with_cert: bool = True) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(folder / "ca.pem")
+    if with_cert:
+        ctx.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    return ctx
+
+
+async def get(url: str, ctx: ssl.SSLContext, **kwargs):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, ssl=ctx, **kwargs) as resp:
+            return resp.status, await resp.text()
+
+
+def apps(app):
+    return {"web": app.port, "orders": app.port, "audit": app.port}
+
+
+async def test_calls_between_sidecars_carry_the_verified_identity(app):
+    async with run_mesh(TOML, apps(app)) as mesh:
+        assert mesh.url("orders", "mesh").startswith("https://")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(mesh.url("web", "outbound") + "/x",
+                                   headers={"Host": "orders", "x-mesh-peer": "admin"}) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["peer"] == "web"
+
+
+async def test_handshake_refuses_no_cert_other_ca_and_expired(app, tmp_path):
+    async with run_mesh(TOML, apps(app)) as mesh:
+        url = mesh.url("orders", "mesh") + "/x"
+        certs = mesh.config.state_dir / "certs"
+        # No client certificate.
+        with pytest.raises(aiohttp.ClientError):
+            await get(url, client_context(certs / "web", with_cert=False))
+        # A certificate for "web" from another CA.
+        rogue = CA.create("shop")
+        rogue.write_instance(tmp_path / "rogue", "web", lifetime=3600, trust=mesh.ca.cert_pem)
+        with pytest.raises(aiohttp.ClientError):
+            await get(url, client_context(tmp_path / "rogue"))
+        # An expired certificate from the right CA.
+        import datetime as dt
+
+        cert, key = mesh.ca.issue("web", lifetime=60,
+                                  not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2))
+        (tmp_path / "old").mkdir()
+        (tmp_path / "old" / "cert.pem").write_bytes(cert)
+        (tmp_path / "old" / "key.pem").write_bytes(key)
+        (tmp_path / "old" / "ca.pem").write_bytes(mesh.ca.cert_pem)
+        with pytest.raises(aiohttp.ClientError):
+            await get(url, client_context(tmp_path / "old"))
+        # Plain HTTP to the mesh listener gets nowhere either.
+        with pytest.raises(aiohttp.ClientError):
+            await get(url.replace("https://", "http://"), None)
+        assert app.hits == []
+        # The right certificate works.
+        status, body = await get(url, client_context(certs / "web"))
+        assert status == 200 and '"peer": "web"' in body
+
+
+async def test_receiving_side_denies_undeclared_callers_even_when_the_caller_is_bypassed(app):
+    async with run_mesh(TOML, apps(app)) as mesh:
+        certs = mesh.config.state_dir / "certs"
+        # "audit" holds a valid certificate but no route to orders; it claims to be web.
+        status, body = await get(mesh.url("orders", "mesh") + "/x", client_context(certs / "audit"),
+                                 headers={"x-mesh-peer": "web"})
+        assert status == 403 and "'audit'" in body and "'orders'" in body
+        assert app.hits == []
+
+
+async def test_caller_checks_it_reached_the_service_it_called(app):
+    async with run_mesh(TOML, apps(app)) as mesh:
+        # Point "orders" at the audit sidecar: its certificate names audit, not orders.
+        mesh.sidecars["web"].registry.update({"orders": [mesh.sidecars["audit"].listeners["mesh"].address]})
+        async with aiohttp.ClientSession() as session:
+            async with session.get(mesh.url("web", "outbound") + "/x", headers={"Host": "orders"}) as resp:
+                assert resp.status == 502
+                assert "identity of 'audit', not 'orders'" in await resp.text()
+
+
+async def test_ca_is_kept_private_and_reused(tmp_path):
+    first = CA.load_or_create(tmp_path / "ca", "shop")
+    assert stat.S_IMODE(os.stat(tmp_path / "ca" / "ca.key").st_mode) == 0o600
+    second = CA.load_or_create(tmp_path / "ca", "shop")
+    assert first.cert_pem == second.cert_pem
+    first.write_instance(tmp_path / "web", "web", lifetime=30)
+    assert stat.S_IMODE(os.stat(tmp_path / "web" / "key.pem").st_mode) == 0o600
+    info = describe(tmp_path / "web" / "cert.pem")
+    assert info.identity == "spiffe://shop/web"
+
+
+async def test_certificates_rotate_under_load_without_a_failed_request(app):
+    # No pooling between sidecars: every call is a new handshake with the certificates of the moment.
+    async with run_mesh(TOML, apps(app), upstream_limits=Limits(max_idle_per_endpoint=0)) as mesh:
+        certs = mesh.config.state_dir / "certs"
+        web_sidecar, orders_sidecar = mesh.sidecars["web"], mesh.sidecars["orders"]
+        for name in ("web", "orders"):
+            mesh.ca.write_instance(certs / name, name, lifetime=3)
+            mesh.sidecars[name].identity.reload()
+        serials = {describe(certs / "orders" / "cert.pem").not_after}
+        failures = []
+        done = asyncio.Event()
+
+        async def load():
+            # New connections each time, so every request needs a fresh handshake.
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                count = 0
+                while not done.is_set() and count < 5000:
+                    count += 1
+                    async with session.get(mesh.url("web", "outbound") + "/r",
+                                           headers={"Host": "orders"}) as resp:
+                        if resp.status != 200:
+                            failures.append(resp.status)
+                        await resp.read()
+
+        async def rotate():
+            # Re-issue at half the lifetime, three times: every old certificate has expired by the end.
+            for _ in range(3):
+                await asyncio.sleep(1.5)
+                for name in ("web", "orders"):
+                    mesh.ca.write_instance(certs / name, name, lifetime=3)
+                web_sidecar.identity.reload()
+                orders_sidecar.identity.reload()
+                serials.add(describe(certs / "orders" / "cert.pem").not_after)
+            await asyncio.sleep(1)
+            done.set()
+
+        await asyncio.wait_for(asyncio.gather(load(), load(), rotate()), 30)
+        assert failures == []
+        assert len(serials) == 4
+        assert len(app.hits) > 50
