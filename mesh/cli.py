@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -26,7 +27,10 @@ def _path_argument(parser: argparse.ArgumentParser) -> None:
                         help="a mesh.toml or a folder holding one (default: ./mesh.toml)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
+    """The parser of every command. ``sidecar_options=False`` leaves out the
+    options of `mesh sidecar`, whose module (aiohttp and all) takes longer to
+    import than `mesh ps` takes to run."""
     parser = argparse.ArgumentParser(
         prog="mesh", description="A programmable service-mesh sidecar and the controller that runs a mesh.")
     parser.add_argument("--version", action="version", version=f"mesh {__version__}")
@@ -59,21 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
     _path_argument(build)
     build.set_defaults(handler=_build)
 
-    from .sidecar import add_arguments
-
     sidecar = commands.add_parser("sidecar", help="run one sidecar (what a container or a pod runs)")
-    add_arguments(sidecar)
+    if sidecar_options:
+        from .sidecar import add_arguments
+
+        add_arguments(sidecar)
     sidecar.set_defaults(handler=_sidecar)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(sidecar_options=argv[:1] == ["sidecar"]).parse_args(argv)
     setup_logging()
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `mesh ps | head`: the reader left; say nothing more, even at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _load(path: str | None) -> MeshConfig | None:
@@ -88,24 +98,24 @@ def _load(path: str | None) -> MeshConfig | None:
 
 def _up(args: argparse.Namespace) -> int:
     from .controller import Controller, detach
-    from .runtime import RuntimeUnavailable, get_runtime
+    from .runtime import RuntimeUnavailable
 
     config = _load(args.path)
     if config is None:
         return 2
     try:
-        runtime = get_runtime(args.runtime, config, output=lambda *_: None, on_exit=lambda *_: None)
+        controller = Controller(config, args.runtime, timeout=args.timeout)
     except RuntimeUnavailable as exc:
         print(exc, file=sys.stderr)
         return 2
-    problems = runtime.problems()
+    problems = controller.runtime.problems()
     if problems:
         for problem in problems:
             print(problem, file=sys.stderr)
         return 2
     if args.detach:
         return detach(config, args.runtime, args.timeout)
-    return run(Controller(config, args.runtime, timeout=args.timeout).run())
+    return run(controller.run())
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -152,7 +162,8 @@ def _check(args: argparse.Namespace) -> int:
 
 def describe(config: MeshConfig) -> str:
     """What `mesh check` loaded, for a person to read."""
-    lines = [f"{config.path}: ok", f"mesh '{config.name}' ({config.mode})"]
+    mode = "routes enforced" if config.mode == "enforce" else "audit mode: denials are logged, not enforced"
+    lines = [f"{config.path}: ok", f"mesh '{config.name}' ({mode})"]
     if config.plugin_path:
         lines.append("plugin_path: " + ", ".join(str(p) for p in config.plugin_path))
     lines.append("services:")

@@ -8,15 +8,17 @@ first, so they drain, then apps). Its files live in the mesh's state dir::
     .mesh/<name>/controller.pid    its pid, for `mesh down`
     .mesh/<name>/state.json        phase, instances, addresses, pids
     .mesh/<name>/registry.json     service -> mesh addresses, read by sidecars
+    .mesh/<name>/ca/               the mesh CA (ca.pem, ca.key mode 0600), kept across runs
+    .mesh/<name>/certs/<instance>/ each sidecar's cert.pem, key.pem and ca.pem (mutual TLS)
     .mesh/<name>/up.log            output of a detached controller (`mesh up -d`)
 
-state.json is the contract for scripts (`mesh ps --json` prints it, with
-states checked against live pids)::
+state.json is the contract for scripts; `mesh ps --json` prints it with
+each state checked against live pids and ``controller.running`` added::
 
     {"mesh": "hello", "config": "/abs/mesh.toml", "runtime": "process",
      "phase": "starting" | "running" | "stopping" | "stopped" | "failed",
      "error": null | "what failed, with the last output lines",
-     "controller": {"pid": 123, "running": true}, "run": "<MESH_RUN id>",
+     "controller": {"pid": 123}, "run": "<MESH_RUN id of its processes>",
      "instances": [{"service": "web", "instance": 1, "label": "web",
                     "state": "starting" | "running" | "stopped", "problem": null,
                     "addresses": {"app": "127.0.0.1:40001", "mesh": ..., "outbound": ..., "admin": ...},
@@ -41,12 +43,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .config import MeshConfig
-from .runtime import (RUN_VARIABLE, Instance, Runtime, StartFailed, get_runtime, group_alive,
+from .runtime import (Instance, Runtime, StartFailed, get_runtime, group_alive,
                       pid_alive, run_processes)
 
 __all__ = ["Controller", "Console", "StateDir", "detach", "down", "format_table", "status"]
 
 log = logging.getLogger("mesh.controller")
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# Instance certificates are short-lived and renewed halfway through their life.
+CERT_LIFETIME = 24 * 3600.0
 
 
 class StateDir:
@@ -60,9 +67,13 @@ class StateDir:
         self.registry = path / "registry.json"
         self.log = path / "up.log"
 
+    def make(self) -> None:
+        # Private: it holds the mesh CA's key and every sidecar's.
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
     def acquire(self) -> int | None:
         """Take the controller lock; return its fd (keep it open) or None if another controller holds it."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.make()
         fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -144,18 +155,19 @@ class Controller:
     """Runs one mesh until told to stop. See the module docstring for its files."""
 
     def __init__(self, config: MeshConfig, runtime: str = "process", *, timeout: float = 30.0,
-                 console: Console | None = None) -> None:
+                 console: Console | None = None, cert_lifetime: float = CERT_LIFETIME) -> None:
         self.config = config
         self.files = StateDir(config.state_dir)
         self.timeout = timeout
+        self.cert_lifetime = cert_lifetime
         self.console = console or Console()
+        self.run_id = secrets.token_hex(8)
         self.runtime: Runtime = get_runtime(runtime, config, output=self.console.line,
-                                            on_exit=self._exited)
+                                            on_exit=self._exited, run_id=self.run_id)
         self.instances: list[Instance] = []
         self.problems: dict[str, str] = {}
         self.phase = "starting"
         self.error: str | None = None
-        self.run_id = secrets.token_hex(8)
         self._stop = asyncio.Event()
         self._signals = 0
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -196,10 +208,14 @@ class Controller:
                   f"; its last output:\n{tail}" if tail else "")
         self._save()
 
+    def stop(self) -> None:
+        """Ask a running `run` to stop everything and return (what SIGINT and SIGTERM do)."""
+        self._stop.set()
+
     def _on_signal(self) -> None:
         self._signals += 1
         if self._signals == 1:
-            self._stop.set()
+            self.stop()
         else:
             # A second Ctrl-C: the user does not want to wait for draining.
             log.warning("stopping now, without waiting")
@@ -214,14 +230,15 @@ class Controller:
             print(f"mesh '{self.config.name}' is already up (controller pid {pid}); "
                   f"`mesh down` stops it", file=sys.stderr)
             return 1
+        loop = asyncio.get_running_loop()
         try:
             self.files.pid.write_text(f"{os.getpid()}\n")
-            os.environ[RUN_VARIABLE] = self.run_id  # every app and sidecar inherits it
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for sig in _SIGNALS:
                 loop.add_signal_handler(sig, self._on_signal)
             return await self._run()
         finally:
+            for sig in _SIGNALS:
+                loop.remove_signal_handler(sig)
             with contextlib.suppress(OSError):
                 self.files.pid.unlink()
             os.close(fd)
@@ -229,27 +246,29 @@ class Controller:
     async def _run(self) -> int:
         try:
             self.instances = self.runtime.plan()
-        except StartFailed as exc:
+            self._issue_certificates()
+            registry: dict[str, list[str]] = {}
+            for inst in self.instances:
+                registry.setdefault(inst.service, []).append(inst.mesh_address)
+            self.files.write_json(self.files.registry, {"services": registry})
+        except (StartFailed, OSError) as exc:
             self.phase, self.error = "failed", f"mesh up: {exc}"
             print(self.error, file=sys.stderr)
             self._save()
             return 1
-        labels = [i.label for i in self.instances]
-        self.console.width = max(len(f"{label}.sidecar") for label in labels)
-        registry: dict[str, list[str]] = {}
-        for inst in self.instances:
-            registry.setdefault(inst.service, []).append(inst.mesh_address)
-        self.files.write_json(self.files.registry, {"services": registry})
+        self.console.width = max(len(f"{i.label}.sidecar") for i in self.instances)
         self._save()
 
+        code = 1  # unless it starts and is then told to stop
         starting = asyncio.ensure_future(self._start_all())
         stopping = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        code = 0
-        if starting.done():
-            failures = starting.result()
-            if failures:
-                code = 1
+        progress = asyncio.ensure_future(self._save_every(0.25))
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            progress.cancel()
+            if not starting.done():
+                code = 0  # told to stop while starting
+            elif failures := starting.result():
                 self.error = _report(failures, len(self.instances) > len(failures))
                 self.phase = "failed"
                 print(self.error, file=sys.stderr, flush=True)
@@ -258,21 +277,59 @@ class Controller:
                 self._save()
                 print(f"mesh '{self.config.name}' is up ({self.runtime.name} runtime):\n"
                       f"{format_table(self.state()['instances'])}", flush=True)
-                await stopping
-        else:
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
-        stopping.cancel()
-        if code == 0:
-            self.phase = "stopping"
-        self._save()
-        await self._stop_all()
-        if code == 0:
-            self.phase = "stopped"
-            print(f"mesh '{self.config.name}' stopped", flush=True)
-        self._save()
+                renewing = asyncio.ensure_future(self._renew_every(self.cert_lifetime / 2))
+                try:
+                    await stopping
+                finally:
+                    renewing.cancel()
+                code = 0
+        finally:
+            # Whatever happened, including a bug here, nothing this run started outlives it.
+            for task in (starting, stopping, progress):
+                task.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            if code == 0:
+                self.phase = "stopping"
+            elif self.phase != "failed":
+                self.phase, self.error = "failed", "the controller failed; see its output"
+            self._save()
+            await self._stop_all()
+            if code == 0:
+                self.phase = "stopped"
+                print(f"mesh '{self.config.name}' stopped", flush=True)
+            self._save()
         return code
+
+    def _issue_certificates(self) -> None:
+        """A fresh certificate for every instance, from the mesh CA (made on first use)."""
+        from .identity import CA  # here: `mesh ps` and `mesh down` need no cryptography
+
+        ca = CA.load_or_create(self.files.path / "ca", self.config.name)
+        for inst in self.instances:
+            folder = self.files.path / "certs" / inst.label
+            ca.write_instance(folder, inst.service, self.cert_lifetime)
+            inst.tls = folder
+
+    async def _renew_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                self._issue_certificates()
+            except OSError as exc:  # keep serving on the old ones and try again next time
+                log.error("renewing certificates failed: %s", exc)
+                continue
+            for inst in self.instances:
+                if self.runtime.instance_state(inst) != "running":
+                    continue
+                if not await self.runtime.reload_certificates(inst):
+                    log.warning("%s: its sidecar did not reload its renewed certificate", inst.label)
+            log.info("certificates renewed")
+
+    async def _save_every(self, seconds: float) -> None:
+        """Keep state.json current while instances start, so `mesh ps` shows their pids."""
+        while True:
+            await asyncio.sleep(seconds)
+            self._save()
 
     async def _start_one(self, instance: Instance) -> None:
         await self.runtime.start_instance(instance, self.files.registry, self.timeout)
@@ -329,7 +386,7 @@ def detach(config: MeshConfig, runtime: str, timeout: float) -> int:
         print(f"mesh '{config.name}' is already up (controller pid {files.controller_pid()}); "
               f"`mesh down` stops it", file=sys.stderr)
         return 1
-    files.path.mkdir(parents=True, exist_ok=True)
+    files.make()
     with open(files.log, "w") as logfile:
         child = subprocess.Popen(
             [sys.executable, "-m", "mesh", "up", str(config.path), "--runtime", runtime,

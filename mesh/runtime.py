@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -33,11 +34,13 @@ from typing import Any, ClassVar
 from .config import MeshConfig, ServiceConfig
 
 __all__ = [
-    "Instance", "ProcessRuntime", "Runtime", "RuntimeUnavailable", "StartFailed",
-    "get_runtime", "group_alive", "instance_count", "pid_alive",
+    "RUN_VARIABLE", "Instance", "ProcessRuntime", "Runtime", "RuntimeUnavailable", "StartFailed",
+    "get_runtime", "group_alive", "instance_count", "pid_alive", "run_processes",
 ]
 
 TAIL_LINES = 20
+RUN_VARIABLE = "MESH_RUN"
+MAX_LINE = 64 * 1024  # longer output without a newline is cut into lines of this size
 
 # What a runtime calls: output(label, line) for each line a process prints,
 # on_exit(instance, role, returncode) when an app or sidecar ends unasked.
@@ -66,7 +69,9 @@ class Instance:
     ``index`` counts from 1. ``label`` names it in output: the service name
     alone when the service has one instance, ``web.2`` otherwise. ``host`` is
     where other sidecars reach its mesh listener; ``ports`` maps ``app``,
-    ``mesh``, ``outbound``, ``admin`` and, when exposed, ``public``.
+    ``mesh``, ``outbound``, ``admin`` and, when exposed, ``public``. ``tls``
+    is the folder of its certificate (``cert.pem``, ``key.pem``, ``ca.pem``)
+    for mutual TLS between sidecars; None runs its mesh listener on plain HTTP.
     """
 
     service: str
@@ -75,6 +80,7 @@ class Instance:
     host: str
     ports: dict[str, int]
     health: str | None = None
+    tls: Path | None = None
     details: dict[str, Any] = field(default_factory=dict)  # runtime-specific: pids, container ids
 
     @property
@@ -106,10 +112,13 @@ class Runtime(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit) -> None:
+    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "") -> None:
+        """``run_id`` marks everything this run starts (``MESH_RUN`` in its environment),
+        so what a dead controller left behind can still be found and stopped."""
         self.config = config
         self.output = output
         self.on_exit = on_exit
+        self.run_id = run_id
 
     def problems(self) -> list[str]:
         """What stops this mesh from running on this runtime, one line each (empty: none)."""
@@ -127,8 +136,8 @@ class Runtime(ABC):
         """Start the instance's sidecar and app and return once both are ready.
 
         Raise `StartFailed` if either exits or is not ready within
-        ``timeout`` seconds. What was started stays tracked, so
-        `stop_instance` cleans up after a failure or a cancellation.
+        ``timeout`` seconds. What was started stays tracked, so `stop_role`
+        cleans up after a failure or a cancellation.
         """
 
     @abstractmethod
@@ -155,14 +164,22 @@ class Runtime(ABC):
     async def kill_all(self) -> None:
         """Stop everything at once, without grace (a second Ctrl-C)."""
 
+    async def reload_certificates(self, instance: Instance) -> bool:
+        """Make the instance's sidecar load the files in ``instance.tls`` again; False if it did not.
+
+        By default through its admin listener on loopback.
+        """
+        return await _http_status(instance.ports["admin"], "/certs/reload", method="POST") == 204
+
     async def build(self) -> None:
         """Build what instances need before they can start (images). Nothing, by default."""
 
 
-def get_runtime(name: str, config: MeshConfig, *, output: Output, on_exit: OnExit) -> Runtime:
+def get_runtime(name: str, config: MeshConfig, *, output: Output, on_exit: OnExit,
+                run_id: str = "") -> Runtime:
     """The runtime called ``name``, or raise `RuntimeUnavailable` saying why not."""
     if name == "process":
-        return ProcessRuntime(config, output=output, on_exit=on_exit)
+        return ProcessRuntime(config, output=output, on_exit=on_exit, run_id=run_id)
     if name == "docker":
         raise RuntimeUnavailable("the docker runtime is not available yet")
     raise RuntimeUnavailable(f"unknown runtime {name!r} (expected 'process' or 'docker')")
@@ -232,9 +249,6 @@ def _proc_stats() -> list[tuple[int, list[str]]]:
     return found
 
 
-RUN_VARIABLE = "MESH_RUN"
-
-
 def run_processes(run_id: str) -> list[int]:
     """Live processes started by the `mesh up` run ``run_id``, found by the
     ``MESH_RUN`` variable every app and sidecar inherits (so grandchildren that
@@ -279,13 +293,14 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-async def _http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
-    """Status of ``GET path`` on 127.0.0.1:port, or None if it does not answer."""
+async def _http_status(port: int, path: str, timeout: float = 1.0, method: str = "GET") -> int | None:
+    """Status of ``METHOD path`` (no body) on 127.0.0.1:port, or None if it does not answer."""
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                length = "Content-Length: 0\r\n" if method != "GET" else ""
+                writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{length}"
                              f"Connection: close\r\n\r\n".encode())
                 await writer.drain()
                 line = await reader.readline()
@@ -348,6 +363,9 @@ class _Process:
         while chunk := await stream.read(65536):
             pending += chunk
             *lines, pending = pending.split(b"\n")
+            while len(pending) > MAX_LINE:
+                lines.append(pending[:MAX_LINE])
+                pending = pending[MAX_LINE:]
             for line in lines:
                 self._line(line)
         if pending:
@@ -375,12 +393,12 @@ class _Process:
         """SIGTERM the group, wait up to ``grace`` seconds, then SIGKILL whatever is left of it."""
         self.stopping = True
         if self.returncode is None or group_alive(self.pgid):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
             self.signal(signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), grace)
             # The leader may be gone while processes it started linger in the group.
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + (grace if self.returncode is None else min(grace, 2.0))
             while group_alive(self.pgid) and loop.time() < deadline:
                 await asyncio.sleep(0.05)
             if self.returncode is None or group_alive(self.pgid):
@@ -395,18 +413,21 @@ class ProcessRuntime(Runtime):
     Each sidecar runs as ``python -m mesh sidecar ...``; each app runs its
     ``command`` through the shell in mesh.toml's folder, with ``PORT``,
     ``HTTP_PROXY``/``NO_PROXY`` (to reach other services by name through its
-    sidecar), ``MESH_SERVICE`` and the service's ``env``. The folder of the
-    Python running mesh comes first on ``PATH``, so ``python`` in a command
-    is that Python. Only the first instance of an exposed service takes its
-    ``expose`` port: one port has one listener.
+    sidecar), ``MESH_SERVICE``, ``MESH_INSTANCE`` and the service's ``env``;
+    ``python`` (and ``python3``) in a command is the Python running mesh.
+    Both run in sessions of their own, so a stop reaches whole process groups.
+
+    The first instance of an exposed service publishes on its ``expose``
+    port (one port has one listener); the others each publish on a free
+    loopback port of their own.
     """
 
     name = "process"
     app_grace = 5.0
     sidecar_grace = 15.0  # a sidecar drains requests in flight for up to 10s
 
-    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit) -> None:
-        super().__init__(config, output=output, on_exit=on_exit)
+    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "") -> None:
+        super().__init__(config, output=output, on_exit=on_exit, run_id=run_id)
         self._procs: dict[str, dict[str, _Process]] = {}
         self._ready: set[str] = set()
         self._stopped: set[str] = set()
@@ -427,14 +448,15 @@ class ProcessRuntime(Runtime):
                 raise StartFailed(name, f"cannot expose it on 127.0.0.1:{service.expose}: "
                                   f"the port is in use (services.{name}.expose)")
         counts = {name: instance_count(s) for name, s in self.config.services.items()}
-        ports = iter(_free_ports(4 * sum(counts.values())))
+        extra = sum(c - 1 for n, c in counts.items() if self.config.services[n].expose is not None)
+        ports = iter(_free_ports(4 * sum(counts.values()) + extra))
         instances = []
         for name, count in counts.items():
             service = self.config.services[name]
             for index in range(1, count + 1):
                 assigned = {role: next(ports) for role in ("app", "mesh", "outbound", "admin")}
-                if service.expose is not None and index == 1:
-                    assigned["public"] = service.expose
+                if service.expose is not None:
+                    assigned["public"] = service.expose if index == 1 else next(ports)
                 label = name if count == 1 else f"{name}.{index}"
                 instances.append(Instance(name, index, label, "127.0.0.1", assigned, service.health))
         return instances
@@ -442,7 +464,8 @@ class ProcessRuntime(Runtime):
     def _app_env(self, instance: Instance) -> dict[str, str]:
         service = self.config.services[instance.service]
         env = dict(os.environ)
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
+        env["PATH"] = os.pathsep.join([str(self._shims()), str(Path(sys.executable).parent),
+                                       env.get("PATH", os.defpath)])
         env.setdefault("PYTHONUNBUFFERED", "1")  # app output is piped; show it as it happens
         env.update({k: str(v) for k, v in service.env.items()})
         proxy = f"http://127.0.0.1:{instance.ports['outbound']}"
@@ -452,11 +475,30 @@ class ProcessRuntime(Runtime):
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
             "MESH_SERVICE": instance.service,
             "MESH_INSTANCE": str(instance.index),
+            RUN_VARIABLE: self.run_id,
         })
         # An app of this mesh never proxies HTTPS through the sidecar.
         for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
             env.pop(key, None)
         return env
+
+    def _shims(self) -> Path:
+        """A folder whose ``python`` and ``python3`` run the Python running mesh.
+
+        So ``command = "python app.py"`` means this Python (and its packages)
+        in a venv, and also where the system has only ``python3``.
+        """
+        folder = self.config.state_dir / "bin"
+        folder.mkdir(parents=True, exist_ok=True)
+        script = f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n'
+        for name in ("python", "python3"):
+            shim = folder / name
+            if not shim.is_file() or shim.read_text() != script:
+                tmp = folder / f".{name}.{os.getpid()}"
+                tmp.write_text(script)
+                tmp.chmod(0o755)
+                os.replace(tmp, shim)
+        return folder
 
     def _sidecar_command(self, instance: Instance, registry: Path) -> list[str]:
         ports = instance.ports
@@ -466,12 +508,14 @@ class ProcessRuntime(Runtime):
                    "--admin-port", str(ports["admin"]), "--registry", str(registry)]
         if "public" in ports:
             command += ["--public-port", str(ports["public"])]
+        if instance.tls is not None:
+            command += ["--tls", str(instance.tls)]
         return command
 
     async def start_instance(self, instance: Instance, registry: Path, timeout: float) -> None:
         service = self.config.services[instance.service]
         assert service.command is not None  # problems() refuses services without one
-        sidecar_env = dict(os.environ)
+        sidecar_env = dict(os.environ, **{RUN_VARIABLE: self.run_id})
         sidecar_env.setdefault("PYTHONUNBUFFERED", "1")
         await self._spawn(instance, "sidecar", self._sidecar_command(instance, registry), sidecar_env)
         await self._spawn(instance, "app", service.command, self._app_env(instance))
