@@ -59,6 +59,11 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
     _path_argument(check)
     check.set_defaults(handler=_check)
 
+    certs = commands.add_parser("certs", help="show each identity of the mesh and when it expires")
+    _path_argument(certs)
+    certs.add_argument("--json", action="store_true", help="print them as JSON, for scripts")
+    certs.set_defaults(handler=_certs)
+
     build = commands.add_parser("build", help="docker runtime: build the base image and services")
     _path_argument(build)
     build.set_defaults(handler=_build)
@@ -206,6 +211,39 @@ def _show(value: Any) -> str:
     if isinstance(value, float) and type(value) is not float:  # a Duration
         return f"{float(value):g}s"
     return repr(value)
+
+
+def _certs(args: argparse.Namespace) -> int:
+    config = _load(args.path)
+    if config is None:
+        return 2
+    from .identity import describe as describe_cert
+
+    rows = []
+    ca_file = config.state_dir / "ca" / "ca.pem"
+    if ca_file.exists():
+        from cryptography import x509
+
+        ca = x509.load_pem_x509_certificate(ca_file.read_bytes())
+        rows.append({"instance": "(mesh CA)", "identity": ca.subject.rfc4514_string(),
+                     "expires": ca.not_valid_after_utc.isoformat(timespec="seconds")})
+    for cert_file in sorted((config.state_dir / "certs").glob("*/cert.pem")):
+        info = describe_cert(cert_file)
+        rows.append({"instance": cert_file.parent.name, "identity": info.identity,
+                     "expires": info.not_after.isoformat(timespec="seconds")})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"mesh {config.name!r} has no certificates yet: `mesh up` makes them")
+        return 0
+    widths = [max(len(r[k]) for r in rows + [{"instance": "instance", "identity": "identity",
+                                               "expires": "expires (UTC)"}])
+              for k in ("instance", "identity", "expires")]
+    print(f"{'instance':<{widths[0]}}  {'identity':<{widths[1]}}  expires (UTC)")
+    for r in rows:
+        print(f"{r['instance']:<{widths[0]}}  {r['identity']:<{widths[1]}}  {r['expires']}")
+    return 0
 
 
 def _build(args: argparse.Namespace) -> int:

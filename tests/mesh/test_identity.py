@@ -178,3 +178,19 @@ async def test_certificates_rotate_under_load_without_a_failed_request(app):
         assert failures == []
         assert len(serials) == 4
         assert len(app.hits) > 50
+
+
+def test_mesh_certs_lists_identities_and_expiry(tmp_path, capsys):
+    import json
+
+    from mesh import config
+    from mesh.cli import main
+
+    (tmp_path / "mesh.toml").write_text(TOML)
+    cfg = config.load(tmp_path)
+    ca = CA.load_or_create(cfg.state_dir / "ca", cfg.name)
+    ca.write_instance(cfg.state_dir / "certs" / "web", "web", lifetime=600)
+    assert main(["certs", str(tmp_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["instance"] for r in rows] == ["(mesh CA)", "web"]
+    assert rows[1]["identity"] == "spiffe://shop/web"
