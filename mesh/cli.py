@@ -66,6 +66,9 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
 
     build = commands.add_parser("build", help="docker runtime: build the base image and services")
     _path_argument(build)
+    build.add_argument("--force", action="store_true", help="rebuild every service image")
+    build.add_argument("--rebuild-base", action="store_true",
+                       help="make mesh/base again from debootstrap")
     build.set_defaults(handler=_build)
 
     sidecar = commands.add_parser("sidecar", help="run one sidecar (what a container or a pod runs)")
@@ -247,17 +250,20 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .runtime import RuntimeUnavailable, get_runtime
+    from . import images
 
     config = _load(args.path)
     if config is None:
         return 2
     try:
-        runtime = get_runtime("docker", config, output=lambda *_: None, on_exit=lambda *_: None)
-    except RuntimeUnavailable as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    run(runtime.build())
+        client = images.docker_client()
+        if args.rebuild_base:
+            images.build_base(client, log=print, force=True)
+        images.ensure_images(config, client, log=print, force=args.force)
+    except (images.DockerUnavailable, images.ImageError) as exc:
+        for line in str(exc).splitlines():
+            print(line, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,7 +19,8 @@ fi
 
 if [ "$want_tests" = test ]; then
   missing=()
-  for pair in redis-server:redis-server wrk:wrk nginx:nginx-light; do
+  for pair in redis-server:redis-server wrk:wrk nginx:nginx-light dockerd:docker.io \
+              iptables:iptables debootstrap:debootstrap; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
   done
   if [ ${#missing[@]} -gt 0 ]; then

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
+scripts/dockerd.sh   # a Docker engine for the docker runtime tests, started if none runs
 exec .venv/bin/python -m pytest "$@"
