@@ -136,8 +136,8 @@ def _plural(hint: Any) -> str:
     words = describe(hint)
     for article in ("a ", "an "):
         if words.startswith(article):
-            noun = words[len(article):]
-            return noun if " " in noun else noun + "s"
+            noun, _, rest = words[len(article):].partition(" ")
+            return f"{noun}s {rest}".rstrip()
     return words
 
 

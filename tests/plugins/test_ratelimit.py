@@ -1,0 +1,329 @@
+"""The ``ratelimit`` plugin: budgets, headers, keys, strategies, Redis and its failures."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import pytest
+
+from mesh import Context, Request, Response
+from mesh.testing import make_request, run_plugin, started
+from mesh_plugins.ratelimit import RateLimit
+
+
+class Upstream:
+    """An app that counts what reaches it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, request: Request) -> Response:
+        self.calls += 1
+        return Response(200, b"ok")
+
+
+def ctx() -> Context:
+    # A fresh service name per test keeps budgets apart in the shared Redis.
+    return Context(service=f"svc-{uuid.uuid4().hex[:8]}")
+
+
+async def send(plugin: RateLimit, upstream: Upstream | None = None, **request) -> Response:
+    return await run_plugin(plugin, make_request(**request), upstream or Upstream())
+
+
+async def burst(plugin: RateLimit, n: int, upstream: Upstream | None = None) -> list[int]:
+    responses = await asyncio.gather(*(send(plugin, upstream) for _ in range(n)))
+    return [r.status for r in responses]
+
+
+async def away_from_window_edge(seconds: int, margin: float = 2.0) -> None:
+    """Sleep past the next window edge if it is closer than ``margin`` seconds.
+
+    Windows start at multiples of their length since the epoch; a burst that
+    straddles an edge is a different test (see test_default_strategy...).
+    """
+    left = seconds - time.time() % seconds
+    if left < margin:
+        await asyncio.sleep(left + 0.05)
+
+
+async def sleep_until_fraction(seconds: int, fraction: float) -> None:
+    """Sleep until ``fraction`` of the way through the next window of ``seconds``."""
+    now = time.time()
+    target = (now // seconds) * seconds + fraction * seconds
+    if target <= now:
+        target += seconds
+    await asyncio.sleep(target - now)
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture, level: int = logging.ERROR) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith("mesh.plugin") and r.levelno == level]
+
+
+# --- options -----------------------------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    ({"limit": "10/second", "key": "ip+path"}, "give a list"),
+    ({"limit": "10/second", "key": "cookie:session"}, "unknown part 'cookie:session'"),
+    ({"limit": "10/second", "key": "header:"}, "unknown part 'header:'"),
+    ({"limit": "10/second", "storage": "memcached://127.0.0.1"}, "redis:// URL"),
+    ({"limit": "10/second", "strategy": "token-bucket"}, "strategy"),
+    ({"limit": "10/second", "on_storage_error": "maybe"}, "on_storage_error"),
+    ({"limit": []}, "at least one rate"),
+    ({"limit": "10/second", "key": []}, "at least one part"),
+])
+def test_bad_options_are_refused_with_a_reason(options, message):
+    with pytest.raises(ValueError, match=message):
+        RateLimit(**options)
+
+
+# --- budgets and headers -----------------------------------------------------
+
+async def test_under_the_limit_the_response_carries_the_budget():
+    plugin = RateLimit(limit="3/minute")
+    async with started(plugin, ctx=ctx()):
+        await away_from_window_edge(60)
+        remaining = []
+        for _ in range(3):
+            response = await send(plugin)
+            assert response.status == 200
+            assert response.headers["RateLimit-Limit"] == "3"
+            assert 0 <= int(response.headers["RateLimit-Reset"]) <= 60
+            remaining.append(response.headers["RateLimit-Remaining"])
+        assert remaining == ["2", "1", "0"]
+
+
+async def test_over_the_limit_is_429_with_retry_after_and_never_reaches_the_app():
+    plugin = RateLimit(limit="2/minute")
+    upstream = Upstream()
+    async with started(plugin, ctx=ctx()):
+        await away_from_window_edge(60)
+        assert [(await send(plugin, upstream)).status for _ in range(2)] == [200, 200]
+        response = await send(plugin, upstream)
+    assert response.status == 429
+    assert upstream.calls == 2
+    assert response.headers["RateLimit-Limit"] == "2"
+    assert response.headers["RateLimit-Remaining"] == "0"
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert int(response.headers["RateLimit-Reset"]) <= 60
+    assert b"2/minute" in response.body
+
+
+async def test_budgets_are_per_client_ip_by_default():
+    plugin = RateLimit(limit="1/minute")
+    async with started(plugin, ctx=ctx()):
+        await away_from_window_edge(60)
+        assert (await send(plugin, client="10.0.0.1")).status == 200
+        assert (await send(plugin, client="10.0.0.1")).status == 429
+        assert (await send(plugin, client="10.0.0.2")).status == 200
+
+
+async def test_header_key_and_a_missing_header_does_not_escape_the_limit():
+    plugin = RateLimit(limit="1/minute", key="header:X-Api-Key")
+    async with started(plugin, ctx=ctx()):
+        await away_from_window_edge(60)
+        assert (await send(plugin, headers={"x-api-key": "a"})).status == 200
+        assert (await send(plugin, headers={"X-API-KEY": "a"})).status == 429
+        assert (await send(plugin, headers={"X-Api-Key": "b"})).status == 200
+        # Requests without the header share one budget.
+        assert (await send(plugin)).status == 200
+        assert (await send(plugin, client="10.9.9.9")).status == 429
+        # An empty value is not a way around it either, nor a clash with "a".
+        assert (await send(plugin, headers={"X-Api-Key": ""})).status == 429
+
+
+async def test_claim_key_uses_the_claims_the_jwt_plugin_left():
+    plugin = RateLimit(limit="1/minute", key="claim:sub")
+    async with started(plugin, ctx=ctx()):
+        await away_from_window_edge(60)
+        alice = {"claims": {"sub": "alice"}}
+        assert (await send(plugin, state=dict(alice))).status == 200
+        assert (await send(plugin, state=dict(alice), client="10.1.1.1")).status == 429
+        assert (await send(plugin, state={"claims": {"sub": "bob"}})).status == 200
+
+
+async def test_a_list_of_parts_names_one_budget_per_combination():
+    plugin = RateLimit(limit="1/minute", key=["peer", "path"])
+    async with started(plugin, ctx=ctx()):
+        await away_from_window_edge(60)
+        assert (await send(plugin, peer="web", path="/a")).status == 200
+        assert (await send(plugin, peer="web", path="/a")).status == 429
+        assert (await send(plugin, peer="web", path="/b")).status == 200
+        assert (await send(plugin, peer="api", path="/a")).status == 200
+
+
+async def test_values_cannot_be_spliced_into_another_budget():
+    # Parts are joined with "/" in the storage key: a value holding "/" and
+    # the next part's name must not land in someone else's budget.
+    plugin = RateLimit(limit="1/minute", key=["header:x-a", "header:x-b"])
+    async with started(plugin, ctx=ctx()):
+        await away_from_window_edge(60)
+        assert (await send(plugin, headers={"x-a": "a/header:x-b=b", "x-b": "c"})).status == 200
+        assert (await send(plugin, headers={"x-a": "a", "x-b": "b/header:x-b=c"})).status == 200
+
+
+async def test_a_refusal_by_the_short_limit_does_not_use_up_the_long_one():
+    plugin = RateLimit(limit=["6/minute", "5/second"], strategy="moving-window")
+    upstream = Upstream()
+    async with started(plugin, ctx=ctx()):
+        await away_from_window_edge(60, margin=4)
+        statuses = [(await send(plugin, upstream)).status for _ in range(8)]
+        assert statuses == [200] * 5 + [429] * 3
+        refused = await send(plugin, upstream)
+        assert refused.headers["RateLimit-Limit"] == "5"  # the per-second limit said no
+        await asyncio.sleep(1.1)  # the per-second budget is back
+        # 5 of 6 per minute are used: one more goes through, then the minute says no.
+        assert (await send(plugin, upstream)).status == 200
+        refused = await send(plugin, upstream)
+    assert refused.status == 429
+    assert refused.headers["RateLimit-Limit"] == "6"
+    assert upstream.calls == 6
+
+
+async def test_the_headers_describe_the_limit_closest_to_running_out():
+    plugin = RateLimit(limit=["100/second", "3/minute"])
+    async with started(plugin, ctx=ctx()):
+        await away_from_window_edge(60)
+        response = await send(plugin)
+    assert response.headers["RateLimit-Limit"] == "3"
+    assert response.headers["RateLimit-Remaining"] == "2"
+
+
+# --- strategies and concurrency ----------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["sliding-window", "moving-window", "fixed-window"])
+async def test_200_concurrent_requests_let_exactly_50_through_in_memory(strategy):
+    plugin = RateLimit(limit="50/minute", strategy=strategy)
+    upstream = Upstream()
+    async with started(plugin, ctx=ctx()):
+        await away_from_window_edge(60)
+        statuses = await burst(plugin, 200, upstream)
+    assert statuses.count(200) == 50
+    assert statuses.count(429) == 150
+    assert upstream.calls == 50
+
+
+@pytest.mark.parametrize("strategy, second_burst", [
+    (None, range(0, 3)),              # the default: the first burst still weighs in
+    ("fixed-window", range(10, 11)),  # what the default avoids: the budget resets at once
+])
+async def test_default_strategy_does_not_double_the_limit_at_a_window_edge(strategy, second_burst):
+    options = {"strategy": strategy} if strategy else {}
+    plugin = RateLimit(limit="10/second", **options)
+    async with started(plugin, ctx=ctx()):
+        await sleep_until_fraction(1, 0.05)
+        first = await burst(plugin, 1)     # a fixed window starts here...
+        await sleep_until_fraction(1, 0.95)
+        first += await burst(plugin, 9)
+        await sleep_until_fraction(1, 0.10)  # ...and has just ended: 0.15 s after the 9
+        second = await burst(plugin, 10)
+    assert first.count(200) == 10
+    assert second.count(200) in second_burst
+
+
+# --- Redis ---------------------------------------------------------------------
+
+@pytest.mark.redis
+@pytest.mark.parametrize("strategy", ["sliding-window", "moving-window"])
+async def test_200_concurrent_requests_let_exactly_50_through_with_redis(redis_server, strategy):
+    # 200 at once is more than the Redis connection pool: they must queue, not fail.
+    plugin = RateLimit(limit="50/minute", storage=redis_server.url, strategy=strategy,
+                       on_storage_error="deny")
+    upstream = Upstream()
+    async with started(plugin, ctx=ctx()):
+        await away_from_window_edge(60)
+        statuses = await burst(plugin, 200, upstream)
+    assert statuses.count(200) == 50
+    assert statuses.count(429) == 150
+    assert upstream.calls == 50
+
+
+@pytest.mark.redis
+async def test_replicas_of_a_service_share_one_budget_in_redis(redis_server):
+    service = ctx()
+    replicas = [RateLimit(limit="4/minute", storage=redis_server.url) for _ in range(2)]
+    other = RateLimit(limit="4/minute", storage=redis_server.url)
+    async with started(replicas[0], ctx=service), started(replicas[1], ctx=service), \
+            started(other, ctx=ctx()):
+        await away_from_window_edge(60)
+        statuses = [(await send(replicas[i % 2])).status for i in range(6)]
+        assert statuses == [200] * 4 + [429] * 2
+        # Another service with the same key has a budget of its own.
+        assert (await send(other)).status == 200
+
+
+@pytest.mark.redis
+async def test_frozen_redis_with_allow_lets_requests_through_and_logs_once(private_redis, caplog):
+    caplog.set_level(logging.INFO, logger="mesh.plugin")
+    plugin = RateLimit(limit="5/minute", storage=private_redis.url, storage_timeout=0.5)
+    upstream = Upstream()
+    async with started(plugin, ctx=ctx()):
+        await away_from_window_edge(60, margin=5)
+        assert (await send(plugin, upstream)).status == 200
+        private_redis.freeze()
+        began = time.monotonic()
+        first = await send(plugin, upstream)  # waits for storage_timeout, once
+        waited = time.monotonic() - began
+        rest = await burst(plugin, 50, upstream)  # the storage is known down: no waiting
+        assert first.status == 200 and rest == [200] * 50
+        assert "RateLimit-Limit" not in first.headers  # no budget to report
+        assert 0.45 < waited < 1.0
+        assert time.monotonic() - began - waited < 0.25
+        assert upstream.calls == 52
+        assert len(errors_logged(caplog)) == 1
+
+        private_redis.thaw()
+        await asyncio.sleep(1.1)  # the next try at the storage
+        statuses = [(await send(plugin, upstream)).status for _ in range(6)]
+    # Counting resumes where it stopped: 1 counted before the freeze, and the
+    # command in flight when it froze may land when it thaws.
+    assert statuses in ([200] * 4 + [429] * 2, [200] * 3 + [429] * 3)
+    assert len(errors_logged(caplog)) == 1
+    assert len([m for m in errors_logged(caplog, logging.WARNING) if "recovered" in m]) == 1
+
+
+@pytest.mark.redis
+async def test_frozen_redis_with_deny_refuses_with_503(private_redis, caplog):
+    plugin = RateLimit(limit="5/minute", storage=private_redis.url, storage_timeout=0.2,
+                       on_storage_error="deny")
+    upstream = Upstream()
+    async with started(plugin, ctx=ctx()):
+        private_redis.freeze()
+        statuses = await burst(plugin, 20, upstream)
+        response = await send(plugin, upstream)
+    assert statuses == [503] * 20
+    assert response.status == 503 and response.headers["Retry-After"] == "1"
+    assert upstream.calls == 0
+    assert len(errors_logged(caplog)) == 1
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("policy, status", [("allow", 200), ("deny", 503)])
+async def test_stopped_redis_follows_on_storage_error(private_redis, caplog, policy, status):
+    plugin = RateLimit(limit="5/minute", storage=private_redis.url, on_storage_error=policy)
+    upstream = Upstream()
+    async with started(plugin, ctx=ctx()):
+        assert (await send(plugin, upstream)).status == 200
+        private_redis.stop()
+        statuses = [(await send(plugin, upstream)).status for _ in range(10)]
+    assert statuses == [status] * 10
+    assert upstream.calls == (11 if policy == "allow" else 1)
+    assert len(errors_logged(caplog)) == 1
+
+
+@pytest.mark.redis
+async def test_unreachable_redis_at_start_is_logged_not_fatal_and_hides_the_password(
+        private_redis, caplog):
+    port = private_redis.port
+    private_redis.stop()
+    plugin = RateLimit(limit="5/minute", storage=f"redis://:hunter2@127.0.0.1:{port}/0",
+                       on_storage_error="deny")
+    async with started(plugin, ctx=ctx()):
+        assert (await send(plugin)).status == 503
+    logged = errors_logged(caplog)
+    assert len(logged) == 1
+    assert "hunter2" not in logged[0] and ":***@" in logged[0]
