@@ -410,11 +410,16 @@ class Cache(Plugin):
             if stale.last_modified:
                 request.headers["If-Modified-Since"] = stale.last_modified
                 added.append("If-Modified-Since")
+        # Plugins further in (a router) may rewrite the request: key the entry on it as it came.
+        asked = Request(request.method, request.path, query=request.query,
+                        headers=request.headers.copy())
         try:
             response = await call_next(request)
         finally:
             for name in added:
                 request.headers.popall(name, None)
+                asked.headers.popall(name, None)
+        request = asked
         now = self.clock()
         if response.status == 304 and added and stale is not None:
             await response.aclose()

@@ -576,3 +576,24 @@ async def test_a_small_stream_is_stored():
 def test_inconsistent_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         Cache(**options)
+
+
+async def test_entries_are_keyed_on_the_request_as_it_came_not_as_rewritten():
+    from mesh import Plugin
+    from mesh.testing import run_chain
+
+    class Strip(Plugin):
+        async def handle(self, request, call_next):
+            request.path = request.path.removeprefix("/api")
+            return await call_next(request)
+
+    calls = []
+
+    async def app(request):
+        calls.append(request.path)
+        return Response(200, b"x", {"Cache-Control": "max-age=60"})
+
+    cache = Cache()
+    for _ in range(2):
+        response = await run_chain([cache, Strip()], make_request("GET", "/api/a", headers={"Host": "h"}), app)
+    assert response.headers["X-Cache"] == "HIT" and calls == ["/a"]
