@@ -4,6 +4,45 @@
 list names, for each problem, its key path, what was found and what was
 expected, with a did-you-mean for typos. Plugins are loaded and their
 options bound while checking, so a file that loads is a file that starts.
+
+Outbound resilience (`mesh.resilience`, `mesh.balancer`) is configured per
+route, with mesh-wide defaults; a route's own key wins over ``[mesh.defaults]``,
+which wins over the built-in default::
+
+    [mesh.defaults]                      # or: [mesh] defaults = { ... }
+    timeout = "15s"         # a whole outbound call, every try included, until the
+                            # response head; "0s": no deadline. Between a route's
+                            # `timeout` and this one comes the target service's `timeout`.
+    max_pending = 1024      # requests in flight from one sidecar to one target service;
+                            # over it: 503 with Retry-After at once (circuit breaking)
+    lb = "p2c"              # "p2c" (two random instances, the one with fewer requests
+                            # in flight) or "round-robin"
+    retries = { attempts = 3,            # tries in all, the first included; 1: never retry
+                per_try_timeout = "0s",  # bound of each try ("0s": only the overall timeout)
+                on = ["connect-failure", "reset", "502", "503", "504"],
+                                         # also "timeout" (a try's timeout; "504" covers it
+                                         # too), "5xx", or any status
+                idempotent_only = true,  # retry only GET HEAD OPTIONS TRACE PUT DELETE
+                                         # (connect failures: every method, nothing was sent)
+                backoff = "25ms", max_backoff = "250ms",  # full jitter, doubling per retry
+                budget = 0.2,            # retries add at most this share of requests...
+                min_per_second = 10 }    # ...beyond this many per second (per target)
+    outlier = { consecutive_failures = 5,  # connect failures, resets, timeouts, 502/503/504
+                base_ejection = "5s",      # ejected for base * times ejected...
+                max_ejection = "60s",      # ...at most this long
+                max_ejection_percent = 50 }# never more of a service's instances than this
+
+    [[routes]]
+    from = "web"
+    to = "orders"
+    timeout = "2s"
+    retries = { attempts = 5, per_try_timeout = "300ms" }   # the rest from [mesh.defaults]
+    max_pending = 100
+
+A service with a ``health`` path is checked by the controller while it runs
+(``health_check = { interval = "1s", timeout = "1s", unhealthy_threshold = 2,
+healthy_threshold = 2 }``): an unhealthy instance leaves every sidecar's
+registry and comes back once healthy.
 """
 
 from __future__ import annotations
@@ -20,9 +59,19 @@ from .loader import load_class
 from .options import Duration, bind, check, construct, describe
 from .plugin import Plugin
 
-__all__ = ["MeshConfig", "PluginSpec", "RouteConfig", "ServiceConfig", "load", "build_plugins"]
+__all__ = ["BUILTIN_PLUGINS", "Defaults", "HealthCheck", "MeshConfig", "Outlier", "PluginSpec", "Retries",
+           "RouteConfig", "ServiceConfig", "load", "build_plugins"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_RETRY_WORDS = ("connect-failure", "reset", "timeout", "5xx")
+
+# The built-in outbound layers (`mesh.resilience`) by the short names mesh.toml uses:
+# ``outbound = [{ use = "retry", attempts = 5 }]`` replaces the default retry layer.
+BUILTIN_PLUGINS = {
+    "deadline": "mesh.resilience:Deadline",
+    "breaker": "mesh.resilience:CircuitBreaker",
+    "retry": "mesh.resilience:Retry",
+}
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 
 
@@ -74,6 +123,99 @@ class Instances:
 
 
 @dataclass
+class HealthCheck:
+    """How the controller checks a service's ``health`` path while it runs."""
+
+    interval: Duration = Duration(1)
+    timeout: Duration = Duration(1)
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 2
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0:
+            raise ValueError(f"interval: expected more than 0s, found {self.interval:g}s")
+        for key in ("unhealthy_threshold", "healthy_threshold"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected at least 1, found {getattr(self, key)}")
+
+
+@dataclass
+class Retries:
+    """A ``retries`` table (route or ``[mesh.defaults]``); a key left out (None) comes from the next level."""
+
+    attempts: int | None = None
+    per_try_timeout: Duration | None = None
+    on: list[str | int] | None = None
+    idempotent_only: bool | None = None
+    backoff: Duration | None = None
+    max_backoff: Duration | None = None
+    budget: float | None = None
+    min_per_second: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.attempts is not None and self.attempts < 1:
+            raise ValueError(f"attempts: expected at least 1 (1: no retries), found {self.attempts}")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget: expected a share of requests (0.2: 20%), found {self.budget}")
+        if self.min_per_second is not None and self.min_per_second < 0:
+            raise ValueError(f"min_per_second: expected 0 or more, found {self.min_per_second}")
+        if self.on is not None:
+            conditions: list[str | int] = []
+            for i, item in enumerate(self.on):
+                word = str(item).strip().lower()
+                if word not in _RETRY_WORDS and not (word.isdigit() and 100 <= int(word) <= 599):
+                    raise ValueError(f"on[{i}]: expected one of {', '.join(_RETRY_WORDS)} or an HTTP "
+                                     f"status like '503', found {item!r}")
+                conditions.append(word)
+            self.on = conditions
+
+    def over(self, base: Retries) -> Retries:
+        """These keys where set, ``base``'s elsewhere."""
+        return Retries(**{k: (v if v is not None else getattr(base, k)) for k, v in vars(self).items()})
+
+
+# What a retries table means where nothing sets a key.
+RETRIES_DEFAULT = Retries(attempts=3, per_try_timeout=Duration(0),
+                          on=["connect-failure", "reset", "502", "503", "504"], idempotent_only=True,
+                          backoff=Duration(0.025), max_backoff=Duration(0.25), budget=0.2,
+                          min_per_second=10.0)
+
+
+@dataclass
+class Outlier:
+    """Passive outlier detection: eject an instance after consecutive failures (0: never)."""
+
+    consecutive_failures: int = 5
+    base_ejection: Duration = Duration(5)
+    max_ejection: Duration = Duration(60)
+    max_ejection_percent: int = 50
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 0:
+            raise ValueError(f"consecutive_failures: expected 0 (off) or more, found {self.consecutive_failures}")
+        if not 0 <= self.max_ejection_percent <= 100:
+            raise ValueError(f"max_ejection_percent: expected 0 to 100, found {self.max_ejection_percent}")
+        if self.max_ejection < self.base_ejection:
+            raise ValueError(f"max_ejection ({self.max_ejection:g}s) is shorter than "
+                             f"base_ejection ({self.base_ejection:g}s)")
+
+
+@dataclass
+class Defaults:
+    """``[mesh.defaults]``: outbound settings for every route that does not set its own."""
+
+    timeout: Duration = Duration(15)
+    max_pending: int = 1024
+    lb: Literal["p2c", "round-robin"] = "p2c"
+    retries: Retries = field(default_factory=Retries)
+    outlier: Outlier = field(default_factory=Outlier)
+
+    def __post_init__(self) -> None:
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending: expected at least 1, found {self.max_pending}")
+
+
+@dataclass
 class ServiceConfig:
     """One ``[services.NAME]`` table."""
 
@@ -83,6 +225,7 @@ class ServiceConfig:
     port: int | None = None
     expose: int | None = None
     health: str | None = None
+    health_check: HealthCheck | None = None
     env: dict[str, str] = field(default_factory=dict)
     plugins: list[dict[str, Any]] = field(default_factory=list)
     outbound: list[dict[str, Any]] = field(default_factory=list)
@@ -108,6 +251,12 @@ class RouteConfig:
     methods: list[str] = field(default_factory=list)
     timeout: Duration | None = None
     mode: Literal["enforce", "audit"] = "enforce"
+    retries: Retries | None = None
+    max_pending: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_pending is not None and self.max_pending < 1:
+            raise ValueError(f"max_pending: expected at least 1, found {self.max_pending}")
 
 
 @dataclass
@@ -115,6 +264,7 @@ class MeshSection:
     name: str = "mesh"
     plugin_path: list[str] = field(default_factory=list)
     mode: Literal["enforce", "audit"] = "enforce"
+    defaults: Defaults = field(default_factory=Defaults)
 
 
 @dataclass
@@ -127,6 +277,7 @@ class MeshConfig:
     services: dict[str, ServiceConfig]
     routes: list[RouteConfig]
     mode: str = "enforce"
+    defaults: Defaults = field(default_factory=Defaults)
 
     @property
     def root(self) -> Path:
@@ -267,7 +418,7 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
     if problems:
         raise ConfigError(problems)
     return MeshConfig(path=file, name=section.name, plugin_path=plugin_path,
-                      services=services, routes=routes, mode=section.mode)
+                      services=services, routes=routes, mode=section.mode, defaults=section.defaults)
 
 
 def _check_service(service: ServiceConfig, where: str, problems: list[str]) -> None:
@@ -284,6 +435,8 @@ def _check_service(service: ServiceConfig, where: str, problems: list[str]) -> N
         problems.append(f"{where}.health: expected a path starting with '/', found {service.health!r}")
     if service.scale is not None and service.instances is not None:
         problems.append(f"{where}: 'scale' (a pool) and 'instances' (one per key) exclude each other")
+    if service.health_check is not None and service.health is None:
+        problems.append(f"{where}.health_check: checks the 'health' path, and the service has none")
     if service.replicas < 1:
         problems.append(f"{where}.replicas: expected at least 1, found {service.replicas}")
 
@@ -300,7 +453,7 @@ def _plugin_specs(entries: list[dict[str, Any]], where: str, plugin_path: list[P
                             f"{describe(type(use)) if use is not None else 'none'}")
             continue
         try:
-            cls = load_class(use, plugin_path)
+            cls = load_class(BUILTIN_PLUGINS.get(use, use), plugin_path)
         except PluginError as exc:
             problems.append(f"{at}: {exc}")
             continue

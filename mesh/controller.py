@@ -7,7 +7,7 @@ first, so they drain, then apps). Its files live in the mesh's state dir::
     .mesh/<name>/controller.lock   held (flock) while a controller runs
     .mesh/<name>/controller.pid    its pid, for `mesh down`
     .mesh/<name>/state.json        phase, instances, addresses, pids
-    .mesh/<name>/registry.json     service -> mesh addresses, read by sidecars
+    .mesh/<name>/registry.json     service -> mesh addresses in rotation, read by sidecars at start
     .mesh/<name>/ca/               the mesh CA (ca.pem, ca.key mode 0600), kept across runs
     .mesh/<name>/certs/<instance>/ each sidecar's cert.pem, key.pem and ca.pem (mutual TLS)
     .mesh/<name>/up.log            output of a detached controller (`mesh up -d`)
@@ -21,9 +21,26 @@ each state checked against live pids and ``controller.running`` added::
      "controller": {"pid": 123}, "run": "<MESH_RUN id of its processes>",
      "instances": [{"service": "web", "instance": 1, "label": "web",
                     "state": "starting" | "running" | "stopped", "problem": null,
+                    "healthy": true | false | null (no health path),
                     "addresses": {"app": "127.0.0.1:40001", "mesh": ..., "outbound": ..., "admin": ...},
                     "public": "http://127.0.0.1:8080" | null,
                     "pids": {"sidecar": 124, "app": 125}, "pgids": {...}}]}
+
+Discovery: the controller keeps the registry (service -> mesh addresses of
+its instances in rotation: running, and passing health checks if the
+service has a ``health`` path) and pushes it to every running sidecar
+(``PUT /registry`` on its admin listener) whenever it changes: an instance
+became ready, exited, or changed health. A push that fails is tried again
+within a second, and the registry is compared once a second anyway, so a
+change made without telling the controller (`Controller.registry_changed`)
+still reaches the sidecars. registry.json always holds the last registry,
+for sidecars that start later.
+
+Health checks: every instance of a service with ``health`` is checked on
+its app (``health_check``: interval, timeout, thresholds; see
+`mesh.config.HealthCheck`); after ``unhealthy_threshold`` failed checks in
+a row it leaves the registry, after ``healthy_threshold`` good ones it
+comes back. Nothing is restarted here.
 """
 
 from __future__ import annotations
@@ -42,7 +59,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import MeshConfig
+from .config import HealthCheck, MeshConfig
 from .runtime import (Instance, Runtime, StartFailed, get_runtime, group_alive,
                       pid_alive, run_processes)
 
@@ -171,6 +188,13 @@ class Controller:
         self._stop = asyncio.Event()
         self._signals = 0
         self._tasks: set[asyncio.Future[Any]] = set()
+        self.unhealthy: set[str] = set()  # labels of instances failing their health checks
+        self._changed = asyncio.Event()
+        self._pushed: dict[str, str] = {}  # label -> the registry its sidecar last took
+        self._written = ""  # the registry in registry.json
+        self._started = False  # until then registry.json lists every planned instance
+        self._push_failing: set[str] = set()
+        self._watchers: dict[str, asyncio.Future[Any]] = {}  # label -> its health checks
 
     def state(self) -> dict[str, Any]:
         return {
@@ -187,10 +211,12 @@ class Controller:
                 "label": inst.label,
                 "state": self.runtime.instance_state(inst),
                 "problem": self.problems.get(inst.label),
+                "healthy": (inst.label not in self.unhealthy) if inst.health else None,
                 "addresses": inst.addresses(),
                 "public": inst.public_url,
                 "pids": dict(inst.details.get("pids", {})),
                 "pgids": dict(inst.details.get("pgids", {})),
+                **({"containers": inst.details["containers"]} if "containers" in inst.details else {}),
             } for inst in self.instances],
         }
 
@@ -206,7 +232,87 @@ class Controller:
         tail = "\n".join(f"  {line}" for line in self.runtime.tail(instance, role))
         log.error("%s: the %s exited with code %s; it is not restarted%s", instance.label, who, code,
                   f"; its last output:\n{tail}" if tail else "")
+        self.registry_changed()
         self._save()
+
+    # discovery
+
+    def registry(self) -> dict[str, list[str]]:
+        """Service -> mesh addresses of its instances in rotation: running and not failing health checks."""
+        services: dict[str, list[str]] = {name: [] for name in self.config.services}
+        for inst in self.instances:
+            if self.runtime.instance_state(inst) == "running" and inst.label not in self.unhealthy:
+                services[inst.service].append(inst.mesh_address)
+        return services
+
+    def registry_changed(self) -> None:
+        """Push the registry to every sidecar now (call after starting, stopping or replacing an instance)."""
+        self._changed.set()
+
+    async def _publish_every(self, seconds: float) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._changed.wait()
+            self._changed.clear()
+            try:
+                await self._publish()
+            except OSError as exc:  # the state dir went away: pushes still go out next time
+                log.warning("cannot write %s: %s", self.files.registry, exc)
+
+    async def _publish(self) -> None:
+        """Write registry.json and push it to each running sidecar that does not have it yet."""
+        body = json.dumps({"services": self.registry()}, sort_keys=True)
+        running = [i for i in self.instances if self.runtime.instance_state(i) == "running"]
+        targets = [i for i in running if self._pushed.get(i.label) != body]
+        if body != self._written and self._started:
+            self.files.write_json(self.files.registry, json.loads(body))
+            self._written = body
+            log.info("registry: %s", " ".join(f"{name}={len(addresses)}" for name, addresses
+                                              in json.loads(body)["services"].items()))
+        if not targets:
+            return
+        results = await asyncio.gather(*(self.runtime.push_registry(i, body.encode()) for i in targets),
+                                       return_exceptions=True)
+        for inst, ok in zip(targets, results):
+            if ok is True:
+                self._pushed[inst.label] = body
+                self._push_failing.discard(inst.label)
+            elif inst.label not in self._push_failing:  # said once; tried again every second
+                self._push_failing.add(inst.label)
+                log.warning("%s: its sidecar did not take the new registry (%s)", inst.label,
+                            ok if isinstance(ok, BaseException) else "no 204 from PUT /registry")
+
+    async def _check_health(self, instance: Instance) -> None:
+        """Check the instance's app every interval; take it out of rotation and back by the thresholds."""
+        check = self.config.services[instance.service].health_check or HealthCheck()
+        good = bad = 0
+        while True:
+            await asyncio.sleep(check.interval)
+            if self.runtime.instance_state(instance) != "running":
+                good = bad = 0
+                continue
+            try:
+                healthy = await self.runtime.check_health(instance, min(check.timeout, check.interval))
+            except Exception as exc:  # a broken check is a failed check, not a dead controller
+                log.warning("%s: health check failed to run: %s", instance.label, exc)
+                healthy = False
+            if healthy:
+                good, bad = good + 1, 0
+            else:
+                good, bad = 0, bad + 1
+            if instance.label in self.unhealthy and good >= check.healthy_threshold:
+                self.unhealthy.discard(instance.label)
+                log.info("%s: healthy again (%d good checks of %s): back in rotation",
+                         instance.label, good, instance.health)
+            elif instance.label not in self.unhealthy and bad >= check.unhealthy_threshold:
+                self.unhealthy.add(instance.label)
+                log.warning("%s: unhealthy (%d failed checks of %s): out of rotation",
+                            instance.label, bad, instance.health)
+            else:
+                continue
+            self.registry_changed()
+            self._save()
 
     def stop(self) -> None:
         """Ask a running `run` to stop everything and return (what SIGINT and SIGTERM do)."""
@@ -245,6 +351,7 @@ class Controller:
 
     async def _run(self) -> int:
         try:
+            await self.runtime.build()
             self.instances = self.runtime.plan()
             self._issue_certificates()
             registry: dict[str, list[str]] = {}
@@ -260,6 +367,7 @@ class Controller:
         self._save()
 
         code = 1  # unless it starts and is then told to stop
+        publishing = asyncio.ensure_future(self._publish_every(1.0))
         starting = asyncio.ensure_future(self._start_all())
         stopping = asyncio.ensure_future(self._stop.wait())
         progress = asyncio.ensure_future(self._save_every(0.25))
@@ -274,6 +382,8 @@ class Controller:
                 print(self.error, file=sys.stderr, flush=True)
             else:
                 self.phase = "running"
+                self._started = True
+                self.registry_changed()
                 self._save()
                 print(f"mesh '{self.config.name}' is up ({self.runtime.name} runtime):\n"
                       f"{format_table(self.state()['instances'])}", flush=True)
@@ -285,15 +395,16 @@ class Controller:
                 code = 0
         finally:
             # Whatever happened, including a bug here, nothing this run started outlives it.
-            for task in (starting, stopping, progress):
+            for task in (starting, stopping, progress, publishing, *self._watchers.values()):
                 task.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
+            await asyncio.gather(starting, publishing, *self._watchers.values(), return_exceptions=True)
             if code == 0:
                 self.phase = "stopping"
             elif self.phase != "failed":
                 self.phase, self.error = "failed", "the controller failed; see its output"
             self._save()
             await self._stop_all()
+            await self.runtime.close()
             if code == 0:
                 self.phase = "stopped"
                 print(f"mesh '{self.config.name}' stopped", flush=True)
@@ -332,7 +443,12 @@ class Controller:
             self._save()
 
     async def _start_one(self, instance: Instance) -> None:
+        self._pushed.pop(instance.label, None)  # a (re)started sidecar has only the file's registry
         await self.runtime.start_instance(instance, self.files.registry, self.timeout)
+        watcher = self._watchers.get(instance.label)
+        if instance.health and (watcher is None or watcher.done()):
+            self._watchers[instance.label] = asyncio.ensure_future(self._check_health(instance))
+        self.registry_changed()
         self._save()
 
     async def _start_all(self) -> list[StartFailed]:
@@ -386,6 +502,15 @@ def detach(config: MeshConfig, runtime: str, timeout: float) -> int:
         print(f"mesh '{config.name}' is already up (controller pid {files.controller_pid()}); "
               f"`mesh down` stops it", file=sys.stderr)
         return 1
+    if runtime == "docker":  # here, so its progress shows, and a first build may outlast the wait below
+        from .docker_runtime import build_images
+        from .images import DockerUnavailable, ImageError
+
+        try:
+            build_images(config)
+        except (DockerUnavailable, ImageError) as exc:
+            print(exc, file=sys.stderr)
+            return 1
     files.make()
     with open(files.log, "w") as logfile:
         child = subprocess.Popen(
@@ -444,6 +569,11 @@ def status(config: MeshConfig) -> dict[str, Any]:
     state.setdefault("controller", {})["running"] = running
     if not running and state.get("phase") in ("starting", "running", "stopping"):
         state["phase"] = "stopped"
+    if state.get("runtime") == "docker":  # containers, asked of the engine by their labels
+        from .docker_runtime import refresh_status
+
+        refresh_status(config, state)
+        return state
     for inst in state.get("instances", []):
         pids = inst.get("pids", {})
         if not pids or not all(pid_alive(p) for p in pids.values()):
@@ -457,6 +587,11 @@ def down(config: MeshConfig, timeout: float = 60.0) -> int:
     state = files.read_state() or {}
     run_id = state.get("run", "")
     if not files.running():
+        if state.get("runtime") == "docker":
+            removed = _docker_leftovers(config, state)
+            if removed == (0, 0):
+                print(f"mesh '{config.name}' is not running")
+            return 0 if removed is not None else 1
         leftovers = run_processes(run_id)
         if not leftovers:
             print(f"mesh '{config.name}' is not running")
@@ -485,6 +620,7 @@ def down(config: MeshConfig, timeout: float = 60.0) -> int:
                 and not any(group_alive(g) for g in groups) and not run_processes(run_id))
 
     if _wait(gone, timeout):
+        _docker_leftovers(config, state)
         print(f"mesh '{config.name}' stopped")
         return 0
     print(f"mesh '{config.name}': not stopped after {timeout:g}s; killing what is left", file=sys.stderr)
@@ -492,7 +628,18 @@ def down(config: MeshConfig, timeout: float = 60.0) -> int:
     for group in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)
+    _docker_leftovers(config, state)
     return 1
+
+
+def _docker_leftovers(config: MeshConfig, state: dict[str, Any]) -> tuple[int, int] | None:
+    """Docker runtime: stop and remove the mesh's containers and networks, found by their labels
+    (how many of each), also after its controller crashed. None: not docker, or no engine answers."""
+    if state.get("runtime") != "docker":
+        return None
+    from .docker_runtime import sweep
+
+    return sweep(config)
 
 
 def _kill(pids: list[int], sig: int) -> None:

@@ -1,5 +1,8 @@
 """Route policy: the declared ``[[routes]]`` are the only calls allowed.
 
+A service may always call itself (the front of a keyed service forwards to
+its instances as the service itself).
+
 A call is allowed when a route names its caller and target and, where the
 route narrows them, its path (``*`` globs) and method. Everything else is
 denied with a reason that names caller, target and path. In ``audit`` mode
@@ -27,6 +30,9 @@ class Decision:
     timeout: float | None = None
 
 
+_SELF = Decision(True, "")
+
+
 class _Rule:
     __slots__ = ("route", "paths", "methods")
 
@@ -49,6 +55,8 @@ class Policy:
             self._rules.setdefault((route.source, route.to), []).append(_Rule(route))
 
     def check(self, source: str | None, target: str, method: str, path: str) -> Decision:
+        if source == target:
+            return _SELF
         rules = self._rules.get((source or "", target), ())
         for rule in rules:
             if rule.matches(method, path):

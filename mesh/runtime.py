@@ -171,8 +171,30 @@ class Runtime(ABC):
         """
         return await _http_status(instance.ports["admin"], "/certs/reload", method="POST") == 204
 
+    async def push_registry(self, instance: Instance, body: bytes) -> bool:
+        """Give the instance's sidecar a new registry (``{"services": ...}`` JSON); False if it did not take it.
+
+        By default ``PUT /registry`` on its admin listener on loopback.
+        """
+        return await _http_status(instance.ports["admin"], "/registry", method="PUT", body=body) == 204
+
+    async def check_health(self, instance: Instance, timeout: float) -> bool:
+        """Whether the instance's app answers 200 on its ``health`` path within ``timeout`` seconds.
+
+        By default a GET on its app port on loopback.
+        """
+        if not instance.health:
+            return True
+        return await _http_status(instance.ports["app"], instance.health, timeout=timeout) == 200
+
     async def build(self) -> None:
         """Build what instances need before they can start (images). Nothing, by default."""
+
+    async def close(self) -> None:
+        """Release what the run holds beyond its instances (networks), once every instance is stopped.
+
+        Nothing, by default.
+        """
 
 
 def get_runtime(name: str, config: MeshConfig, *, output: Output, on_exit: OnExit,
@@ -181,7 +203,9 @@ def get_runtime(name: str, config: MeshConfig, *, output: Output, on_exit: OnExi
     if name == "process":
         return ProcessRuntime(config, output=output, on_exit=on_exit, run_id=run_id)
     if name == "docker":
-        raise RuntimeUnavailable("the docker runtime is not available yet")
+        from .docker_runtime import DockerRuntime  # here: the process runtime needs no docker SDK
+
+        return DockerRuntime(config, output=output, on_exit=on_exit, run_id=run_id)
     raise RuntimeUnavailable(f"unknown runtime {name!r} (expected 'process' or 'docker')")
 
 
@@ -293,15 +317,16 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-async def _http_status(port: int, path: str, timeout: float = 1.0, method: str = "GET") -> int | None:
-    """Status of ``METHOD path`` (no body) on 127.0.0.1:port, or None if it does not answer."""
+async def _http_status(port: int, path: str, timeout: float = 1.0, method: str = "GET",
+                       body: bytes = b"") -> int | None:
+    """Status of ``METHOD path`` (with ``body``) on 127.0.0.1:port, or None if it does not answer."""
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
-                length = "Content-Length: 0\r\n" if method != "GET" else ""
+                length = f"Content-Length: {len(body)}\r\n" if method != "GET" else ""
                 writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{length}"
-                             f"Connection: close\r\n\r\n".encode())
+                             f"Connection: close\r\n\r\n".encode() + body)
                 await writer.drain()
                 line = await reader.readline()
             finally:

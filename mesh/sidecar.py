@@ -16,6 +16,15 @@ checks that the certificate it reached names the service it called.
 Without an `Identity` (``mesh sidecar`` with no ``--tls``) the mesh
 listener is plain HTTP and trusts the caller's ``x-mesh-peer``: for a
 single machine in development only, and said so in the log.
+
+On the way out, a service's outbound chain ends with the built-in layers
+of `mesh.resilience` (deadline, circuit breaker, retry), then the terminal
+checks the route, lets the `mesh.balancer.Balancer` pick an instance (power
+of two choices, outlier ejection) and sends the request over a pooled
+connection keyed by that instance and its identity. The registry of
+instances comes from ``--registry FILE`` at start and from ``PUT /registry``
+on the admin listener (the controller pushes every change). A deadline
+that arrives in ``x-mesh-deadline-ms`` bounds the call to the app.
 """
 
 from __future__ import annotations
@@ -24,12 +33,14 @@ import asyncio
 import json
 import logging
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from . import config as config_mod
+from .balancer import Balancer
 from .chain import Chain, short_error
 from .config import MeshConfig, build_plugins
 from .errors import UpstreamError
@@ -38,6 +49,8 @@ from .headers import PEER_HEADER, request_id, set_forwarded, strip_hop_by_hop
 from .messages import Request, Response
 from .plugin import Context
 from .registry import Registry
+from .resilience import (AVOID, BACKEND, DEADLINE, DEADLINE_HEADER, OUTBOUND, TRY_TIMEOUT, Outbound,
+                         deadline_from, with_defaults)
 from .routes import Policy
 from .server import Listener, ServerLimits
 from .upstream import Endpoint, Limits, Pool, connect_websocket
@@ -79,8 +92,11 @@ class Sidecar:
         self.pool = Pool(upstream_limits, verify_peer=self._verify_peer)
         self.app = Endpoint(app_host, ports.app)
         self.timeout = self.spec.timeout
+        self.balancer = Balancer(self.registry, config.defaults.lb, config.defaults.outlier,
+                                 endpoint=self._endpoint)
+        self.outbound_settings = Outbound(config, service)
         self.inbound = Chain(build_plugins(self.spec.plugin_specs), self._to_app)
-        self.outbound = Chain(build_plugins(self.spec.outbound_specs), self._to_peer)
+        self.outbound = Chain(with_defaults(build_plugins(self.spec.outbound_specs)), self._to_peer)
         limits = limits or ServerLimits()
         self.listeners = {
             "mesh": Listener(self._from_mesh, name="mesh", host=host, port=ports.mesh, limits=limits,
@@ -98,6 +114,7 @@ class Sidecar:
 
     async def start(self) -> None:
         ctx = Context(service=self.service, mesh=self.config.name, root=self.config.root)
+        ctx.state[OUTBOUND] = self.outbound_settings
         await self.inbound.start(ctx)
         try:
             await self.outbound.start(ctx)
@@ -142,7 +159,10 @@ class Sidecar:
     async def _from_mesh(self, request: Request, raw: web.BaseRequest) -> Response:
         if self.identity is not None:
             peer = self.identity.peer(raw.transport)
-            request.headers.popall(PEER_HEADER, None)  # SECURITY: the certificate says who calls
+            named = request.headers.popall(PEER_HEADER, None)  # SECURITY: the certificate says who calls
+            if peer == self.service and self.spec.instances is not None and named:
+                # The front of this keyed service checked the caller and names it.
+                peer = named[0]
         else:
             peer = request.headers.get(PEER_HEADER)
         self._prepare(request)
@@ -150,6 +170,9 @@ class Sidecar:
         decision = self.policy.check(peer, self.service, request.method, request.path)
         if not decision.allowed:
             return short_error(403, decision.reason, request.id)
+        deadline = request.headers.get(DEADLINE_HEADER)
+        if deadline is not None and (deadline := deadline_from(deadline, time.monotonic())) is not None:
+            request.state[DEADLINE] = deadline
         request.peer = peer
         if peer:
             request.headers[PEER_HEADER] = peer
@@ -159,7 +182,16 @@ class Sidecar:
         upstream = request.state.get("upstream")
         if upstream and upstream != self.service:
             return await self._to_peer(request)
-        return await self._forward(self.app, request, self.timeout)
+        timeout = self.timeout
+        deadline = request.state.get(DEADLINE)
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamError(504, "the caller's deadline passed before the app was called")
+            if timeout is None or remaining < timeout:
+                timeout = remaining
+            request.headers[DEADLINE_HEADER] = str(int(remaining * 1000) or 1)
+        return await self._forward(self.app, request, timeout)
 
     async def _forward(self, endpoint: Endpoint, request: Request, timeout: float | None) -> Response:
         if _is_websocket(request):
@@ -185,23 +217,52 @@ class Sidecar:
         return await self.outbound(request)
 
     async def _to_peer(self, request: Request) -> Response:
-        target = request.state.get("upstream") or ""
+        state = request.state
+        target = state.get("upstream") or ""
         if target not in self.config.services:
             raise UpstreamError(502, f"unknown service '{target}'")
         decision = self.policy.check(self.service, target, request.method, request.path)
         if not decision.allowed:
             return short_error(403, decision.reason, request.id)
-        instance = self.registry.pick(target)
-        if instance is None:
+        backend = self.balancer.pick(target, state.get(AVOID))
+        if backend is None:
             raise UpstreamError(503, f"service '{target}' has no instance running")
-        timeout = decision.timeout or self.config.services[target].timeout
+        # The bound of this try: the retry layer's per-try timeout, else the route's; never past the deadline.
+        timeout = state.get(TRY_TIMEOUT) or decision.timeout or self.config.services[target].timeout
+        deadline = state.get(DEADLINE)
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamError(504, f"the deadline passed before '{target}' was called")
+            if timeout is None or remaining < timeout:
+                timeout = remaining
+        headers = request.headers
+        if timeout:
+            headers[DEADLINE_HEADER] = str(int(timeout * 1000) or 1)
         if self.identity is not None:
-            request.headers.popall(PEER_HEADER, None)
-            endpoint = Endpoint(instance[0], instance[1], self.identity.client, target)
+            headers.popall(PEER_HEADER, None)
         else:
-            request.headers[PEER_HEADER] = self.service
-            endpoint = Endpoint(*instance)
-        return await self._forward(endpoint, request, timeout)
+            headers[PEER_HEADER] = self.service
+        state[BACKEND] = backend
+        backend.outstanding += 1
+        try:
+            response = await self._forward(backend.endpoint, request, timeout)
+        except UpstreamError:
+            self.balancer.failed(backend)
+            raise
+        finally:
+            backend.outstanding -= 1
+        if 502 <= response.status <= 504:
+            self.balancer.failed(backend)
+        else:
+            self.balancer.succeeded(backend)
+        return response
+
+    def _endpoint(self, service: str, host: str, port: int) -> Endpoint:
+        """How to reach an instance of ``service``: the key of its connection pool."""
+        if self.identity is not None:
+            return Endpoint(host, port, self.identity.client, service)
+        return Endpoint(host, port)
 
     def _verify_peer(self, endpoint: Endpoint, transport: Any) -> str | None:
         assert self.identity is not None
@@ -224,7 +285,7 @@ class Sidecar:
         if path == "/config" and request.method == "GET":
             return Response.json({"service": self.service, "mesh": self.config.name,
                                   "listeners": self.addresses(), "app": f"{self.app.host}:{self.app.port}",
-                                  "registry": self.registry.as_dict(),
+                                  "registry": self.registry.as_dict(), "lb": self.balancer.policy,
                                   "plugins": [name for name, _ in self.inbound.plugins],
                                   "outbound": [name for name, _ in self.outbound.plugins]})
         if path == "/registry":
@@ -234,8 +295,11 @@ class Sidecar:
                     self.registry.update(data["services"])
                 except (ValueError, KeyError, TypeError) as exc:
                     return short_error(400, f"expected {{\"services\": {{name: [host:port]}}}}: {exc}")
+                log.info("registry updated: %s", " ".join(
+                    f"{name}={len(addresses)}" for name, addresses in self.registry.as_dict().items()))
                 return Response(204)
-            return Response.json({"services": self.registry.as_dict()})
+            # "backends": each instance as this sidecar sees it (load, failures, ejection).
+            return Response.json({"services": self.registry.as_dict(), "backends": self.balancer.snapshot()})
         if path == "/certs/reload" and request.method == "POST":
             if self.identity is None:
                 return short_error(404, "this sidecar runs without mutual TLS")

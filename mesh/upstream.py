@@ -11,6 +11,10 @@ connection made for one identity is never reused for another. A
 connection taken from the pool that turns out to be closed by the server
 (the keep-alive race) is retried once on a fresh connection when the
 request can be replayed.
+
+Failures raise `UpstreamError`; two kinds are told apart, for retries and
+outlier detection: `ConnectFailed` (no connection was made, so nothing
+was sent) and `UpstreamTimeout` (no response head within the timeout).
 """
 
 from __future__ import annotations
@@ -29,13 +33,21 @@ from .errors import UpstreamError
 from .headers import HOP_BY_HOP
 from .messages import Body, Response
 
-__all__ = ["Endpoint", "Limits", "Pool"]
+__all__ = ["ConnectFailed", "Endpoint", "Limits", "Pool", "UpstreamTimeout"]
 
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
 _INLINE_BODY = 16 * 1024  # bodies up to this size go out in the same write as the head
 _NO_BODY_STATUS = frozenset({204, 304})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class ConnectFailed(UpstreamError):
+    """No connection to the upstream (refused, unreachable, TLS or identity refused): nothing was sent."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The request went out and no response head came back in time (504)."""
 
 
 class Endpoint(NamedTuple):
@@ -275,10 +287,11 @@ class Pool:
         self._idle: dict[Endpoint, deque[_Connection]] = {}
         self._closing = False
 
-    async def _connect(self, endpoint: Endpoint) -> _Connection:
+    async def _connect(self, endpoint: Endpoint, timeout: float | None = None) -> _Connection:
         loop = asyncio.get_running_loop()
+        limit = self.limits.connect_timeout if timeout is None else min(timeout, self.limits.connect_timeout)
         try:
-            async with asyncio.timeout(self.limits.connect_timeout):
+            async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop), endpoint.host, endpoint.port,
                     ssl=endpoint.tls,
@@ -286,18 +299,18 @@ class Pool:
                     ssl_handshake_timeout=self.limits.connect_timeout if endpoint.tls else None,
                 )
         except TimeoutError:
-            raise UpstreamError(504, f"timed out connecting to {endpoint.host}:{endpoint.port}") from None
+            raise ConnectFailed(504, f"timed out connecting to {endpoint.host}:{endpoint.port}") from None
         except ssl.SSLError as exc:
-            raise UpstreamError(502, f"TLS handshake with {endpoint.host}:{endpoint.port} failed: "
+            raise ConnectFailed(502, f"TLS handshake with {endpoint.host}:{endpoint.port} failed: "
                                      f"{exc.reason or exc}") from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise UpstreamError(502, f"cannot connect to {endpoint.host}:{endpoint.port}: {reason.lower()}") from None
+            raise ConnectFailed(502, f"cannot connect to {endpoint.host}:{endpoint.port}: {reason.lower()}") from None
         if endpoint.tls is not None and self.verify_peer is not None:
             problem = self.verify_peer(endpoint, conn.transport)
             if problem:
                 conn.close()
-                raise UpstreamError(502, problem)
+                raise ConnectFailed(502, problem)
         return conn
 
     def _acquire_idle(self, endpoint: Endpoint) -> _Connection | None:
@@ -345,8 +358,10 @@ class Pool:
         ``headers`` is sent as given (the caller removes hop-by-hop headers);
         framing headers are set here from ``body``: ``Content-Length`` for
         bytes, chunked for a stream without a length. ``timeout`` bounds the
-        wait for the response head (default `Limits.response_timeout`).
-        Raises `UpstreamError` (502 or 504) when no response arrives.
+        wait for the response head (default `Limits.response_timeout`) and,
+        when shorter, the connect timeout. Raises `UpstreamError` (502 or
+        504) when no response arrives: `ConnectFailed` when nothing was
+        sent, `UpstreamTimeout` when the head did not come in time.
         """
         if isinstance(body, bytes):
             if body or method in _BODY_METHODS or "Content-Length" in headers:
@@ -363,7 +378,7 @@ class Pool:
                 # The keep-alive race: the server closed the pooled connection as we reused it.
                 if not (conn.closed and conn.status == 0 and isinstance(body, bytes)):
                     raise
-        conn = await self._connect(endpoint)
+        conn = await self._connect(endpoint, timeout)
         return await self._exchange(conn, endpoint, method, head, body, timeout)
 
     async def _exchange(self, conn: _Connection, endpoint: Endpoint, method: str,
@@ -390,7 +405,7 @@ class Pool:
                 async with asyncio.timeout(timeout):
                     await conn.head
             except TimeoutError:
-                raise UpstreamError(504, f"upstream did not answer within {timeout:g}s") from None
+                raise UpstreamTimeout(504, f"upstream did not answer within {timeout:.3g}s") from None
         except BaseException:
             # Half a request went out (or none came back): this connection is done for.
             conn.close()

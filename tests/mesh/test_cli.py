@@ -116,9 +116,9 @@ def test_config_errors_exit_2_and_start_nothing(tmp_path: Path, capsys: pytest.C
     assert not (tmp_path / ".mesh").exists()
 
 
-def test_docker_runtime_is_not_available_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_docker_runtime_needs_build_or_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["up", "--runtime", "docker", str(write(tmp_path, GOOD))]) == 2
-    assert "the docker runtime is not available yet" in capsys.readouterr().err
+    assert "services.web: no 'build' or 'image' to run on the docker runtime" in capsys.readouterr().err
     assert not (tmp_path / ".mesh").exists()
 
 
