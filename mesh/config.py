@@ -367,6 +367,10 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
             continue
         service.name = name
         _check_service(service, where, problems)
+        if service.lifecycle is not None:  # hooks: loaded like plugins, from plugin_path
+            from .lifecycle import check_lifecycle
+
+            check_lifecycle(service.lifecycle, f"{where}.lifecycle", plugin_path, problems)
         service.plugin_specs = chains.get("plugins", [])
         service.outbound_specs = chains.get("outbound", [])
         services[name] = service

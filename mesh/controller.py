@@ -154,7 +154,7 @@ def format_table(instances: list[dict[str, Any]], *, with_state: bool = False) -
     rows = [head]
     for inst in instances:
         addresses = inst.get("addresses", {})
-        row = [inst["service"], str(inst["instance"])]
+        row = [inst["service"], str(inst["instance"]) + (f" ({inst['key']})" if inst.get("key") else "")]
         if with_state:
             state = inst["state"] + (f" ({inst['problem']})" if inst.get("problem") else "")
             row.append(state)
@@ -195,6 +195,14 @@ class Controller:
         self._started = False  # until then registry.json lists every planned instance
         self._push_failing: set[str] = set()
         self._watchers: dict[str, asyncio.Future[Any]] = {}  # label -> its health checks
+        from .keyed import KeyedServices  # here: `mesh ps` and `mesh down` need none of it
+
+        self.keyed = KeyedServices(self)  # keyed services: their fronts and per-key instances
+        from .autoscale import Autoscaler
+        from .lifecycle import Supervisor
+
+        self.supervisor = Supervisor(self)  # restarts, exits, lifecycle hooks (mesh.lifecycle)
+        self.autoscaler = Autoscaler(self)  # pools scaled on CPU (mesh.autoscale)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -217,7 +225,9 @@ class Controller:
                 "pids": dict(inst.details.get("pids", {})),
                 "pgids": dict(inst.details.get("pgids", {})),
                 **({"containers": inst.details["containers"]} if "containers" in inst.details else {}),
-            } for inst in self.instances],
+                **self.keyed.describe(inst),
+                **self.supervisor.fields(inst),
+            } for inst in self.instances] + self.keyed.rows(),
         }
 
     def _save(self) -> None:
@@ -227,13 +237,8 @@ class Controller:
             log.warning("cannot write %s: %s", self.files.state, exc)
 
     def _exited(self, instance: Instance, role: str, code: int) -> None:
-        who = "app" if role == "app" else "sidecar"
-        self.problems[instance.label] = f"{who} exited with code {code}"
-        tail = "\n".join(f"  {line}" for line in self.runtime.tail(instance, role))
-        log.error("%s: the %s exited with code %s; it is not restarted%s", instance.label, who, code,
-                  f"; its last output:\n{tail}" if tail else "")
-        self.registry_changed()
-        self._save()
+        # Restarted with backoff, or (code 0) left exited with its sidecar stopped: mesh.lifecycle.
+        self.supervisor.on_exit(instance, role, code)
 
     # discovery
 
@@ -241,8 +246,10 @@ class Controller:
         """Service -> mesh addresses of its instances in rotation: running and not failing health checks."""
         services: dict[str, list[str]] = {name: [] for name in self.config.services}
         for inst in self.instances:
-            if self.runtime.instance_state(inst) == "running" and inst.label not in self.unhealthy:
+            if (self.runtime.instance_state(inst) == "running" and inst.label not in self.unhealthy
+                    and self.supervisor.in_rotation(inst)):
                 services[inst.service].append(inst.mesh_address)
+        services.update(self.keyed.registry())  # a keyed service is reached at its front
         return services
 
     def registry_changed(self) -> None:
@@ -352,9 +359,9 @@ class Controller:
     async def _run(self) -> int:
         try:
             await self.runtime.build()
-            self.instances = self.runtime.plan()
+            self.instances = await self.keyed.plan(self.runtime.plan())
             self._issue_certificates()
-            registry: dict[str, list[str]] = {}
+            registry: dict[str, list[str]] = self.keyed.registry()
             for inst in self.instances:
                 registry.setdefault(inst.service, []).append(inst.mesh_address)
             self.files.write_json(self.files.registry, {"services": registry})
@@ -363,7 +370,7 @@ class Controller:
             print(self.error, file=sys.stderr)
             self._save()
             return 1
-        self.console.width = max(len(f"{i.label}.sidecar") for i in self.instances)
+        self.console.width = max((len(f"{i.label}.sidecar") for i in self.instances), default=24)
         self._save()
 
         code = 1  # unless it starts and is then told to stop
@@ -388,6 +395,7 @@ class Controller:
                 print(f"mesh '{self.config.name}' is up ({self.runtime.name} runtime):\n"
                       f"{format_table(self.state()['instances'])}", flush=True)
                 renewing = asyncio.ensure_future(self._renew_every(self.cert_lifetime / 2))
+                self.autoscaler.start()
                 try:
                     await stopping
                 finally:
@@ -403,7 +411,11 @@ class Controller:
             elif self.phase != "failed":
                 self.phase, self.error = "failed", "the controller failed; see its output"
             self._save()
+            await self.autoscaler.close()
+            await self.supervisor.close()
+            await self.keyed.stop()
             await self._stop_all()
+            await self.supervisor.shutdown_hooks(self.instances)
             await self.runtime.close()
             if code == 0:
                 self.phase = "stopped"
@@ -426,6 +438,7 @@ class Controller:
             await asyncio.sleep(seconds)
             try:
                 self._issue_certificates()
+                self.keyed.renew()
             except OSError as exc:  # keep serving on the old ones and try again next time
                 log.error("renewing certificates failed: %s", exc)
                 continue
@@ -445,6 +458,7 @@ class Controller:
     async def _start_one(self, instance: Instance) -> None:
         self._pushed.pop(instance.label, None)  # a (re)started sidecar has only the file's registry
         await self.runtime.start_instance(instance, self.files.registry, self.timeout)
+        self.supervisor.started(instance)
         watcher = self._watchers.get(instance.label)
         if instance.health and (watcher is None or watcher.done()):
             self._watchers[instance.label] = asyncio.ensure_future(self._check_health(instance))
@@ -455,7 +469,8 @@ class Controller:
         """Start every instance at once; on the first failure cancel the rest and return the failures."""
         tasks = [asyncio.ensure_future(self._start_one(i)) for i in self.instances]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            if tasks:  # none when every service is keyed
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
             for task in tasks:
                 task.cancel()
@@ -575,6 +590,10 @@ def status(config: MeshConfig) -> dict[str, Any]:
         refresh_status(config, state)
         return state
     for inst in state.get("instances", []):
+        if running and inst.get("state") == "sleeping":
+            continue  # a keyed instance asleep: no processes, by design
+        if inst.get("state") == "exited":
+            continue  # done on purpose (exit code 0): its processes are gone, by design
         pids = inst.get("pids", {})
         if not pids or not all(pid_alive(p) for p in pids.values()):
             inst["state"] = "stopped"

@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 from . import images
 from .config import MeshConfig
 from .runtime import (TAIL_LINES, Instance, OnExit, Output, Runtime, StartFailed, _http_status,
-                      _port_in_use, instance_count)
+                      _port_in_use, instance_count, instance_label)
 
 if TYPE_CHECKING:
     import docker
@@ -451,7 +451,7 @@ class DockerRuntime(Runtime):
                          "outbound": OUTBOUND_PORT, "admin": 0}
                 if service.expose is not None:
                     ports["public"] = service.expose if index == 1 else 0
-                label = name if count == 1 else f"{name}.{index}"
+                label = instance_label(name, service, index, count)
                 host = mesh_alias(self.config.name, name, index)
                 instance = ContainerInstance(name, index, label, host, ports, service.health)
                 instance.details["containers"] = {
@@ -459,6 +459,19 @@ class DockerRuntime(Runtime):
                     for role in ("sidecar", "app")}
                 instances.append(instance)
         return instances
+
+    def plan_one(self, service: str, index: int) -> Instance:
+        """One more instance of a pool (autoscaling); like `plan`, its ports are published when it starts."""
+        config = self.config.services[service]
+        ports = {"app": config.port or DEFAULT_APP_PORT, "mesh": MESH_PORT, "outbound": OUTBOUND_PORT, "admin": 0}
+        if config.expose is not None:
+            ports["public"] = 0
+        instance = ContainerInstance(service, index, instance_label(service, config, index, 2),
+                                     mesh_alias(self.config.name, service, index), ports, config.health)
+        instance.details["containers"] = {
+            role: {"name": container_name(self.config.name, service, index, role), "id": None}
+            for role in ("sidecar", "app")}
+        return instance
 
     # blocking engine calls, on threads; tracked, so a cancelled start leaves nothing unknown
 
@@ -625,6 +638,7 @@ class DockerRuntime(Runtime):
         loop = asyncio.get_running_loop()
         await self._prepare()
         deadline = loop.time() + timeout
+        self._stopping.discard(instance.label)  # started again (a restart)
         slot = self._slots[instance.label] = _Slot(instance)
         sidecar_id = await self._call(self._create, slot, "sidecar", self._sidecar_spec(instance, registry))
         # Connected before it starts: its published ports go out through this network.
@@ -791,6 +805,10 @@ class DockerRuntime(Runtime):
             return []
         label = instance.label if role == "app" else f"{instance.label}.{role}"
         return [f"{label} | {line}" for line in slot.tails.get(role, ())]
+
+    def exit_code(self, instance: Instance, role: str) -> int | None:
+        slot = self._slots.get(instance.label)
+        return slot.exited.get(role) if slot is not None else None
 
     def instance_state(self, instance: Instance) -> str:
         slot = self._slots.get(instance.label)

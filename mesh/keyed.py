@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,14 +37,14 @@ from typing import Any
 from .chain import error_response, short_error
 from .config import Instances, MeshConfig
 from .errors import UpstreamError
-from .headers import PEER_HEADER, request_id, strip_hop_by_hop
+from .headers import PEER_HEADER, request_id, set_forwarded, strip_hop_by_hop
 from .identity import Identity
 from .messages import Request, Response
 from .routes import Policy
 from .server import Listener, ServerLimits
 from .upstream import Endpoint, Pool, connect_websocket
 
-__all__ = ["KeyedFront", "key_of"]
+__all__ = ["KeyedFront", "KeyedServices", "key_label", "key_of"]
 
 log = logging.getLogger("mesh.keyed")
 
@@ -82,6 +84,18 @@ def _unverified_claims(request: Request) -> dict[str, Any] | None:
     return claims if isinstance(claims, dict) else None
 
 
+def _prepare(request: Request) -> None:
+    headers = request.headers
+    if "upgrade" in headers.get("Connection", "").lower() and headers.get("Upgrade"):
+        upgrade = headers["Upgrade"]
+        strip_hop_by_hop(headers)
+        headers["Connection"] = "Upgrade"
+        headers["Upgrade"] = upgrade
+    else:
+        strip_hop_by_hop(headers)
+    request.id = request_id(headers, request.id)
+
+
 @dataclass
 class _Instance:
     key: str
@@ -97,7 +111,8 @@ class KeyedFront:
 
     def __init__(self, config: MeshConfig, service: str, *, start: StartInstance,
                  stop: StopInstance, identity: Identity | None, host: str = "127.0.0.1",
-                 port: int = 0, limits: ServerLimits | None = None) -> None:
+                 port: int = 0, limits: ServerLimits | None = None, public_port: int | None = None,
+                 public_host: str = "127.0.0.1") -> None:
         spec = config.services[service]
         assert spec.instances is not None
         self.config = config
@@ -111,6 +126,11 @@ class KeyedFront:
         self.instances: dict[str, _Instance] = {}
         self.listener = Listener(self._handle, name=f"{service}.front", host=host, port=port,
                                  tls=identity.server if identity else None, limits=limits)
+        # An exposed keyed service: outside requests are routed by key the same way.
+        self.public: Listener | None = None
+        if public_port is not None:
+            self.public = Listener(self._handle_public, name=f"{service}.public", host=public_host,
+                                   port=public_port, limits=limits)
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
         self._sleeping: dict[str, asyncio.Task[None]] = {}  # key -> its instance being stopped
@@ -119,8 +139,18 @@ class KeyedFront:
     def address(self) -> str:
         return self.listener.address
 
+    @property
+    def public_url(self) -> str | None:
+        return f"http://{self.public.address}" if self.public is not None else None
+
     async def start(self) -> None:
         await self.listener.start()
+        if self.public is not None:
+            try:
+                await self.public.start()
+            except BaseException:
+                await self.listener.stop()
+                raise
         self._sweeper = asyncio.ensure_future(self._sweep())
 
     async def stop(self) -> None:
@@ -128,6 +158,8 @@ class KeyedFront:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         await self.listener.stop()
+        if self.public is not None:
+            await self.public.stop()
         for key in list(self.instances):
             self._put_to_sleep(key, "the mesh is stopping")
         await asyncio.gather(*self._stopping, return_exceptions=True)
@@ -147,17 +179,29 @@ class KeyedFront:
         except Exception as exc:
             return error_response(exc, request)
 
+    async def _handle_public(self, request: Request, raw: Any) -> Response:
+        try:
+            request.headers.popall(PEER_HEADER, None)  # SECURITY: only the mesh says who a peer is
+            _prepare(request)
+            set_forwarded(request.headers, request.client, request.scheme)
+            # An outside caller: the instance's sidecar sees the front (its own service) calling.
+            return await self._route(request, None)
+        except Exception as exc:
+            return error_response(exc, request)
+
     async def _serve(self, request: Request, raw: Any) -> Response:
         if self.identity is not None:
             peer = self.identity.peer(raw.transport)
             request.headers.popall(PEER_HEADER, None)
         else:
             peer = request.headers.get(PEER_HEADER)
-        strip_hop_by_hop(request.headers)
-        request.id = request_id(request.headers, request.id)
+        _prepare(request)
         decision = self.policy.check(peer, self.service, request.method, request.path)
         if not decision.allowed:
             return short_error(403, decision.reason, request.id)
+        return await self._route(request, peer)
+
+    async def _route(self, request: Request, peer: str | None) -> Response:
         key = key_of(request, self.settings.key)
         if key is None:
             return short_error(400, f"'{self.service}' needs a key in the request ({self.settings.key})",
@@ -175,7 +219,7 @@ class KeyedFront:
         if isinstance(response.body, bytes):
             self._done(instance)
         else:
-            response.body = self._tracked(response, instance)
+            response.body = self._tracked(response.body, instance)
         return response
 
     async def _forward(self, endpoint: Endpoint, request: Request, peer: str | None) -> Response:
@@ -188,12 +232,15 @@ class KeyedFront:
         return await self.pool.request(endpoint, request.method, request.target, request.headers,
                                        request.body, timeout=self.config.services[self.service].timeout)
 
-    async def _tracked(self, response: Response, instance: _Instance) -> AsyncIterator[bytes]:
+    async def _tracked(self, stream: AsyncIterator[bytes], instance: _Instance) -> AsyncIterator[bytes]:
         try:
-            async for chunk in response.stream():
+            async for chunk in stream:
                 yield chunk
         finally:
             self._done(instance)
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     def _done(self, instance: _Instance) -> None:
         instance.in_flight -= 1
@@ -284,3 +331,193 @@ class KeyedFront:
                 if (instance.state == "running" and instance.in_flight == 0
                         and now - instance.last_used >= self.settings.sleep_after):
                     self._put_to_sleep(instance.key, f"idle for {self.settings.sleep_after:g}s")
+
+
+# --- `mesh up`: the controller's side of keyed services --------------------------------------------
+
+KEYED_STATES = ("starting", "running", "sleeping", "stopped")
+
+
+def key_label(service: str, key: str) -> str:
+    """The label of ``key``'s instance of ``service``: ``sandbox.k-<8 hex of sha256(key)>``."""
+    return f"{service}.k-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+class KeyedServices:
+    """What `mesh up` does for keyed services (``instances = {...}``), beside its controller.
+
+    No instance of a keyed service starts with the mesh. Each keyed service
+    gets a `KeyedFront` in the controller's process, with a certificate of
+    the service's own (so its instances' sidecars trust the ``x-mesh-peer``
+    it names); the registry lists the service at the front's address. The
+    front's ``start(key)`` plans an instance for the key (label
+    `key_label`, ``details["key"]``), issues its certificate and starts it
+    through the controller, so it is in ``controller.instances`` (state.json,
+    certificate renewal, registry pushes, stopping at the end) like any
+    other; ``stop(key)`` stops it and the key is remembered as sleeping.
+
+    The front listens on 127.0.0.1; an exposed keyed service's front also
+    serves the ``expose`` port on 127.0.0.1, routing outside requests by key
+    the same way. Process runtime only for now: `plan` refuses docker.
+    """
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+        self.config: MeshConfig = controller.config
+        self.services = [n for n, s in self.config.services.items() if s.instances is not None]
+        self.fronts: dict[str, KeyedFront] = {}
+        self.keyed: dict[str, Any] = {}  # label -> its Instance
+        self.states: dict[str, str] = {}  # label -> starting | running | sleeping | stopped
+        self._serial: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.services)
+
+    # planning and starting
+
+    async def plan(self, planned: list[Any]) -> list[Any]:
+        """The runtime's plan without keyed services' instances; their fronts started."""
+        if not self.services:
+            return planned
+        from .identity import CA
+
+        from .runtime import StartFailed
+
+        if self.controller.runtime.name != "process":
+            # On docker the front would listen on the mesh network's gateway (the host's side of the
+            # bridge), which the sidecars' namespace firewall refuses, and reach instances by their IP
+            # there rather than by alias: not done yet.
+            raise StartFailed(self.services[0], f"keyed services (instances = {{...}}) run on the "
+                              f"process runtime only for now; use --runtime process "
+                              f"(services.{self.services[0]}.instances)")
+        host = "127.0.0.1"
+        ca = CA.load_or_create(self.controller.files.path / "ca", self.config.name)
+        try:
+            for name in self.services:
+                folder = self.controller.files.path / "certs" / f"{name}.front"
+                ca.write_instance(folder, name, self.controller.cert_lifetime)
+                spec = self.config.services[name]
+                front = KeyedFront(self.config, name, identity=Identity(folder, self.config.name),
+                                   start=self._starter(name), stop=self._stopper(name),
+                                   host=host, port=0, public_port=spec.expose)
+                await front.start()
+                self.fronts[name] = front
+        except BaseException:
+            await self.stop()
+            raise
+        return [i for i in planned if i.service not in self.fronts]
+
+    def registry(self) -> dict[str, list[str]]:
+        """Keyed service -> [its front's mesh address]."""
+        return {name: [front.address] for name, front in self.fronts.items()}
+
+    def renew(self) -> None:
+        """Renew the fronts' certificates (the controller renews its instances')."""
+        from .identity import CA
+
+        ca = CA.load_or_create(self.controller.files.path / "ca", self.config.name)
+        for name, front in self.fronts.items():
+            assert front.identity is not None
+            ca.write_instance(front.identity.folder, name, self.controller.cert_lifetime)
+            front.identity.reload()
+
+    def _plan_one(self, service: str, key: str) -> Any:
+        from .runtime import Instance, _free_ports
+
+        label = key_label(service, key)
+        instance = self.keyed.get(label)
+        if instance is not None and instance.details.get("key") != key:
+            raise UpstreamError(503, f"two keys of '{service}' share the label {label}")
+        if instance is None:
+            index = self._serial[service] = self._serial.get(service, 0) + 1
+            spec = self.config.services[service]
+            instance = Instance(service, index, label, "127.0.0.1", {}, spec.health)
+            instance.details["key"] = key
+            self.keyed[label] = instance
+            self.controller.instances.append(instance)
+        # Fresh loopback ports for every boot: the last ones may be taken by now.
+        instance.ports = dict(zip(("app", "mesh", "outbound", "admin"), _free_ports(4)))
+        for what in ("pids", "pgids"):
+            instance.details.pop(what, None)
+        return instance
+
+    def _starter(self, service: str) -> StartInstance:
+        async def start(key: str) -> tuple[str, int]:
+            from .identity import CA
+
+            controller = self.controller
+            instance = self._plan_one(service, key)
+            self.states[instance.label] = "starting"
+            controller.problems.pop(instance.label, None)
+            controller._save()
+            folder = controller.files.path / "certs" / instance.label
+            ca = CA.load_or_create(controller.files.path / "ca", self.config.name)
+            ca.write_instance(folder, service, controller.cert_lifetime)
+            instance.tls = folder
+            try:
+                await controller._start_one(instance)
+            except BaseException as exc:
+                self.states[instance.label] = "stopped"
+                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+                controller.problems[instance.label] = reason
+                tail = getattr(exc, "tail", None) or []
+                log.error("%s: failed to start: %s%s", instance.label, reason,
+                          "".join(f"\n  {line}" for line in tail))
+                await controller.runtime.stop_instance(instance)
+                controller._save()
+                raise
+            self.states[instance.label] = "running"
+            controller._save()
+            host, port = instance.mesh_address.rsplit(":", 1)
+            return host, int(port)
+
+        return start
+
+    def _stopper(self, service: str) -> StopInstance:
+        async def stop(key: str) -> None:
+            instance = self.keyed.get(key_label(service, key))
+            if instance is None:
+                return
+            await self.controller.runtime.stop_instance(instance)
+            self.states[instance.label] = "sleeping"
+            for what in ("pids", "pgids"):  # gone: never signal a pid that may be reused
+                instance.details.pop(what, None)
+            self.controller._save()
+
+        return stop
+
+    async def stop(self) -> None:
+        """Stop the fronts, and with them every keyed instance (the mesh is stopping)."""
+        fronts = list(self.fronts.values())
+        await asyncio.gather(*(f.stop() for f in fronts), return_exceptions=True)
+        for label, state in self.states.items():
+            if state == "sleeping":
+                self.states[label] = "stopped"
+
+    # what `mesh ps` shows
+
+    def describe(self, instance: Any) -> dict[str, Any]:
+        """Extra fields of a keyed instance in state.json: its ``key``, and its state."""
+        if instance.label not in self.keyed:
+            return {}
+        found = {"key": instance.details.get("key")}
+        state = self.states.get(instance.label)
+        if state in ("starting", "sleeping", "stopped"):
+            found["state"] = state
+        return found
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per front, for state.json's ``instances`` (``instance``: ``"front"``)."""
+        rows = []
+        for name, front in self.fronts.items():
+            snapshot = front.snapshot()
+            rows.append({
+                "service": name, "instance": "front", "label": f"{name}.front", "role": "front",
+                "state": "running", "problem": None, "healthy": None,
+                "addresses": {"mesh": front.address}, "public": front.public_url,
+                "key": self.config.services[name].instances.key,  # type: ignore[union-attr]
+                "keys": {"running": sum(1 for s in snapshot if s["state"] == "running"),
+                         "starting": sum(1 for s in snapshot if s["state"] == "starting")},
+                "pids": {"controller": os.getpid()}, "pgids": {},
+            })
+        return rows

@@ -35,7 +35,7 @@ from .config import MeshConfig, ServiceConfig
 
 __all__ = [
     "RUN_VARIABLE", "Instance", "ProcessRuntime", "Runtime", "RuntimeUnavailable", "StartFailed",
-    "get_runtime", "group_alive", "instance_count", "pid_alive", "run_processes",
+    "get_runtime", "group_alive", "instance_count", "instance_label", "pid_alive", "run_processes",
 ]
 
 TAIL_LINES = 20
@@ -107,6 +107,14 @@ def instance_count(service: ServiceConfig) -> int:
     return service.replicas
 
 
+def instance_label(name: str, service: ServiceConfig, index: int, count: int) -> str:
+    """``web`` for a service's only instance, ``web.2`` otherwise; an autoscaled pool that may
+    grow (``scale.max`` > 1) numbers its instances from the start, so labels never change."""
+    if count == 1 and (service.scale is None or service.scale.max <= 1):
+        return name
+    return f"{name}.{index}"
+
+
 class Runtime(ABC):
     """How instances run. One runtime object serves one `mesh up`."""
 
@@ -152,6 +160,23 @@ class Runtime(ABC):
         """Stop the sidecar (it drains), then the app."""
         await self.stop_role(instance, "sidecar")
         await self.stop_role(instance, "app")
+
+    def plan_one(self, service: str, index: int) -> Instance:
+        """One more instance of ``service`` (an autoscaled pool growing), addresses chosen, nothing started."""
+        raise NotImplementedError(f"the {self.name} runtime cannot add instances while running")
+
+    async def restart_app(self, instance: Instance, registry: Path, timeout: float) -> None:
+        """Start the app of an instance again after it exited (its sidecar may still run); return once ready.
+
+        By default: stop what is left of the instance and start all of it again.
+        Raise `StartFailed` as `start_instance` does.
+        """
+        await self.stop_instance(instance)
+        await self.start_instance(instance, registry, timeout)
+
+    def exit_code(self, instance: Instance, role: str) -> int | None:
+        """How the instance's ``app`` or ``sidecar`` last exited, if it did and the runtime knows."""
+        return None
 
     def tail(self, instance: Instance, role: str) -> list[str]:
         """The last output lines of the instance's ``sidecar`` or ``app``, each prefixed with its label."""
@@ -482,9 +507,16 @@ class ProcessRuntime(Runtime):
                 assigned = {role: next(ports) for role in ("app", "mesh", "outbound", "admin")}
                 if service.expose is not None:
                     assigned["public"] = service.expose if index == 1 else next(ports)
-                label = name if count == 1 else f"{name}.{index}"
+                label = instance_label(name, service, index, count)
                 instances.append(Instance(name, index, label, "127.0.0.1", assigned, service.health))
         return instances
+
+    def plan_one(self, service: str, index: int) -> Instance:
+        config = self.config.services[service]
+        roles = ["app", "mesh", "outbound", "admin"] + (["public"] if config.expose is not None else [])
+        assigned = dict(zip(roles, _free_ports(len(roles))))
+        return Instance(service, index, instance_label(service, config, index, 2), "127.0.0.1",
+                        assigned, config.health)
 
     def _app_env(self, instance: Instance) -> dict[str, str]:
         service = self.config.services[instance.service]
@@ -540,6 +572,7 @@ class ProcessRuntime(Runtime):
     async def start_instance(self, instance: Instance, registry: Path, timeout: float) -> None:
         service = self.config.services[instance.service]
         assert service.command is not None  # problems() refuses services without one
+        self._stopped.discard(instance.label)  # started again (a restart)
         sidecar_env = dict(os.environ, **{RUN_VARIABLE: self.run_id})
         sidecar_env.setdefault("PYTHONUNBUFFERED", "1")
         await self._spawn(instance, "sidecar", self._sidecar_command(instance, registry), sidecar_env)
@@ -548,9 +581,35 @@ class ProcessRuntime(Runtime):
         await self._wait_ready(instance, procs, timeout)
         self._ready.add(instance.label)
         for role, proc in procs.items():
-            task = asyncio.ensure_future(self._watch(instance, role, proc))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._watch_later(instance, role, proc)
+
+    def _watch_later(self, instance: Instance, role: str, proc: _Process) -> None:
+        task = asyncio.ensure_future(self._watch(instance, role, proc))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def restart_app(self, instance: Instance, registry: Path, timeout: float) -> None:
+        """Only the app: its sidecar keeps running (and keeps its connections and registry)."""
+        procs = self._procs.get(instance.label, {})
+        sidecar = procs.get("sidecar")
+        if sidecar is None or sidecar.returncode is not None or instance.label in self._stopped:
+            await super().restart_app(instance, registry, timeout)
+            return
+        service = self.config.services[instance.service]
+        assert service.command is not None
+        self._ready.discard(instance.label)
+        old = procs.get("app")
+        if old is not None:  # what the old app started may linger in its group: not on its port
+            await old.stop(self.app_grace)
+        await self._spawn(instance, "app", service.command, self._app_env(instance))
+        procs = self._procs[instance.label]
+        await self._wait_ready(instance, procs, timeout)
+        self._ready.add(instance.label)
+        self._watch_later(instance, "app", procs["app"])
+
+    def exit_code(self, instance: Instance, role: str) -> int | None:
+        proc = self._procs.get(instance.label, {}).get(role)
+        return proc.returncode if proc is not None else None
 
     async def _spawn(self, instance: Instance, role: str, command: str | list[str],
                      env: dict[str, str]) -> None:
@@ -606,7 +665,11 @@ class ProcessRuntime(Runtime):
             await asyncio.sleep(0.05)
 
     async def _watch(self, instance: Instance, role: str, proc: _Process) -> None:
-        code = await proc.proc.wait()
+        # Not proc.wait(): it also waits for the output pipe to close, which a child of a
+        # killed shell (``sh -c "python app.py"``) keeps open. The exit code is known at once.
+        while proc.returncode is None:
+            await asyncio.sleep(0.1)
+        code = proc.returncode
         await proc.drained()
         if not proc.stopping:
             self.on_exit(instance, role, code)

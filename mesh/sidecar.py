@@ -367,6 +367,8 @@ def main(args: Any) -> int:
         print(f"--app-port: services.{args.service} has no 'port'; give --app-port")
         return 2
     public = args.public_port if args.public_port is not None else spec.expose
+    if args.public_port is None and spec.instances is not None:
+        public = None  # a keyed service's front serves its expose port, not its instances
     ports = Ports(app=app_port, mesh=args.mesh_port, outbound=args.outbound_port,
                   admin=args.admin_port, public=public)
     registry = Registry.read(args.registry) if args.registry else Registry()

@@ -172,7 +172,9 @@ async def test_a_crash_mid_load_loses_no_get_and_is_ejected_and_an_exit_leaves_e
     assert took < 1.0, f"the registry took {took:.2f}s to drop api.3"
     assert {status for status, _ in results} == {200}, [r for r in results if r[0] != 200][:5]
     registry = json.loads(next(folder.glob(".mesh/*/registry.json")).read_text())
-    assert sorted(registry["services"]["api"]) == sorted([mesh_of["api.1"], mesh_of["api.2"]])
+    # api.3 left every registry; the controller then restarts a crashed instance (mesh.lifecycle),
+    # so by now it may be back.
+    assert {mesh_of["api.1"], mesh_of["api.2"]} <= set(registry["services"]["api"])
 
 
 async def test_failing_health_checks_take_an_instance_out_and_passing_ones_bring_it_back(
