@@ -26,6 +26,7 @@ requests wrk completed. Every process it starts is stopped by its pid in a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import http.client
 import json
 import os
@@ -220,6 +221,15 @@ plugins = [{noop}]
 command = "true"
 plugins = [{stamps}]
 
+[services.gateway]
+command = "true"
+plugins = [
+  {{ use = "jwt", jwks = "keys/jwks.json", issuer = "https://id.example", audience = "shop", forward_claims = {{ sub = "x-user" }} }},
+  {{ use = "ratelimit", limit = "100000000/second", key = "claim:sub" }},
+  {{ use = "cache", ttl = "10s" }},
+  {{ use = "router", rules = [ {{ path = "/*", set_headers = {{ x-routed = "1" }} }} ] }},
+]
+
 [services.a]
 command = "true"
 
@@ -231,7 +241,16 @@ from = "a"
 to = "b"
 """)
     shutil.copytree(HERE / "plugins", folder / "plugins", dirs_exist_ok=True)
+    shutil.copytree(HERE.parent / "examples" / "gateway" / "keys", folder / "keys", dirs_exist_ok=True)
     return path
+
+
+def gateway_token() -> str:
+    """A long-lived token the gateway target's jwt plugin accepts (examples/gateway's test key)."""
+    spec = importlib.util.spec_from_file_location("mint", HERE.parent / "examples" / "gateway" / "keys" / "mint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.mint("bench", ttl=86400)
 
 
 def issue_certs(folder: Path) -> Path:
@@ -565,7 +584,7 @@ def checks(results: list[Result]) -> list[str]:
 # ---------------------------------------------------------------- main
 
 
-TARGETS = ("direct", "nginx", "naive", "sidecar", "noop4", "stamp4", "mesh", "mesh-tls")
+TARGETS = ("direct", "nginx", "naive", "sidecar", "noop4", "stamp4", "gateway", "mesh", "mesh-tls")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -645,7 +664,9 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> list[Result]:
     sidecars = {"sidecar": ("empty", "sidecar, empty chain", 0, {}),
                 "noop4": ("noop4", "sidecar, 4 noop plugins", 4, {}),
                 "stamp4": ("stamp4", "sidecar, 4 stamp plugins", 4,
-                           {f"X-Stamp-{i}": str(i) for i in range(1, 5)})}
+                           {f"X-Stamp-{i}": str(i) for i in range(1, 5)}),
+                "gateway": ("gateway", "sidecar, gateway chain (jwt, ratelimit, cache, router)", 4,
+                            {"X-Cache": "MISS"})}
     config = mesh_toml(tmp)
     for key, (service, label, plugins, expect) in sidecars.items():
         if key in want:
@@ -654,7 +675,8 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> list[Result]:
             chain = json.loads(dump)["plugins"]
             if len(chain) != plugins:
                 raise SystemExit(f"{label}: expected {plugins} plugins, /config says {chain}")
-            targets.append(Target(label, sc.public, [sc.proc], expect_headers=expect))
+            headers = {"Authorization": f"Bearer {gateway_token()}"} if key == "gateway" else {}
+            targets.append(Target(label, sc.public, [sc.proc], headers=headers, expect_headers=expect))
     for key in ("mesh", "mesh-tls"):
         if key in want:
             certs = issue_certs(tmp / "certs") if key == "mesh-tls" else None
