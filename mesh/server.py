@@ -1,27 +1,43 @@
-"""HTTP listeners: aiohttp's low-level server, hardened and turned into mesh `Request`s.
+"""HTTP/1.1 listeners: our own asyncio protocol on llhttp (httptools), serving mesh `Request`s.
 
-This is the only module that touches ``aiohttp.web``. A `Listener` parses
-each request with aiohttp's C parser (llhttp), refuses what a proxy must
-not pass on (oversized headers, ambiguous paths), builds a `Request`, calls
-its handler, and writes the `Response` back, streaming its body.
+A `Listener` accepts connections; each is one `_Connection`, an
+``asyncio.Protocol`` that parses requests with llhttp in its strict default
+mode (no leniency flags), refuses what a proxy must not pass on, builds a
+`Request`, awaits the handler and writes its `Response` back, streaming
+bodies with flow control both ways. Requests on a connection are served one
+at a time and in order (keep-alive, pipelining). A WebSocket handshake is
+completed here and its frames pumped to and from the upstream WebSocket the
+handler opened (RFC 6455, no extensions).
 
-Limits that keep a slow or hostile client from holding a connection:
-a header timeout (from the first byte of a request to its last header),
-an idle timeout between keep-alive requests, a body timeout between chunks
-of a request body and of a response the client is slow to read, and a cap
-on the total size of request headers (431).
+Limits that keep a slow or hostile client from holding a connection
+(`ServerLimits`): a header timeout (from the connection, or from a later
+request's first bytes, to the end of its head), an idle timeout between
+keep-alive requests, a body timeout between chunks of a request body and
+while a client does not read what we write, and caps on the request head
+(414, 431). A timeout is one deadline per connection, set on state changes
+and checked by one sweep per listener a few times a second: no timer and no
+``asyncio.timeout()`` per request.
+
+Errors are our own short plain-text bodies (`mesh.chain.short_error`): no
+library banner, no echo of the request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hashlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Any
 
-from aiohttp import WSMsgType, http_exceptions, http_parser, web, web_response
+from aiohttp import WSMsgType, http_parser
 from multidict import CIMultiDict
 
 from .chain import short_error
@@ -29,19 +45,47 @@ from .errors import ClientTimeout
 from .messages import Request, Response, new_request_id
 from .paths import BadPath, split_target
 
-__all__ = ["Listener", "ServerLimits", "check_parser"]
+try:
+    import httptools
+except ImportError:  # pragma: no cover - a dependency; check_parser() says so at start
+    httptools = None  # type: ignore[assignment]
+
+__all__ = ["ClientGone", "Listener", "ServerLimits", "check_parser"]
 
 log = logging.getLogger("mesh.server")
 
-RequestHandler = Callable[[Request, web.BaseRequest], Awaitable[Response]]
+# The handler gets the Request and the connection (whose ``.transport`` gives the peer certificate).
+RequestHandler = Callable[[Request, Any], Awaitable[Response]]
 
-# aiohttp names itself in a Server header on every response that has none.
-web_response.SERVER_SOFTWARE = "mesh"  # type: ignore[attr-defined]
+_HIGH_WATER = 256 * 1024  # buffered request body (or WebSocket input) above which reading pauses
+_LOW_WATER = 64 * 1024  # ... and below which it resumes
+_INLINE_BODY = 64 * 1024  # response bodies up to this size go out in the same write as the head
+_LINGER = 2.0  # seconds to read and drop what a client still sends after the response that ends it
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_monotonic = time.monotonic  # deadlines, in seconds
+
+# What a connection's deadline means when it passes.
+_HEAD, _IDLE, _BODY, _WRITE, _LINGERING = 1, 2, 3, 4, 5
+
+# SECURITY: two of these in one request are two readings of it (aiohttp refuses the same list).
+_SINGLETONS = ("Host", "Content-Length", "Transfer-Encoding", "Content-Type", "Content-Location",
+               "Content-Range", "ETag", "Max-Forwards", "Server", "User-Agent")
+_WS_OWN = frozenset({"content-length", "transfer-encoding", "connection", "upgrade", "sec-websocket-accept",
+                     "sec-websocket-protocol", "sec-websocket-extensions"})
+_NO_BODY_STATUS = frozenset({204, 304})
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_WS_MAX_MESSAGE = 16 * 1024 * 1024  # a client message over this closes the WebSocket (1009)
+_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Per-listener limits (sizes in bytes, times in seconds)."""
+    """Per-listener limits (sizes in bytes, times in seconds).
+
+    ``body_timeout`` bounds both the wait for the next chunk of a request
+    body and the wait for a client to read what we write to it.
+    """
 
     max_header_bytes: int = 32 * 1024
     max_headers: int = 100
@@ -51,111 +95,1064 @@ class ServerLimits:
     drain_timeout: float = 10.0
 
 
-def check_parser() -> None:
-    """Refuse to serve on aiohttp's pure-Python parser.
+class ClientGone(ClientTimeout):
+    """The client went away, or broke its framing, before the end of its request body.
 
-    It accepts request-smuggling inputs (bare LF, obs-fold, conflicting
-    lengths in some versions) that the C parser rejects.
+    A `ClientTimeout`, so the chain answers it as one (408, no error log):
+    nobody is left to read the answer anyway.
+    """
+
+
+def check_parser() -> None:
+    """Refuse to serve unless both HTTP parsers in the process are C ones.
+
+    The listeners parse with llhttp (httptools, a C extension with no Python
+    fallback). aiohttp stays in the process (the WebSocket client, plugins),
+    and its pure-Python parser (``AIOHTTP_NO_EXTENSIONS``) accepts
+    request-smuggling inputs (bare LF, obs-fold, conflicting lengths in
+    some versions) that llhttp rejects.
     """
     if getattr(http_parser, "HttpRequestParserC", None) is not http_parser.HttpRequestParser:
         raise RuntimeError(
             "aiohttp is running without its C HTTP parser (AIOHTTP_NO_EXTENSIONS set, or built "
             "without extensions); the sidecar will not serve on the pure-Python parser"
         )
+    if httptools is None or not hasattr(httptools, "HttpRequestParser"):
+        raise RuntimeError("httptools (llhttp) is not installed; the sidecar has no HTTP parser to serve with")
 
 
-def _error_page(status: int, reason: str) -> web.Response:
-    short = short_error(status, reason)
-    resp = web.Response(status=status, body=short.body, headers=short.headers)  # type: ignore[arg-type]
-    resp.force_close()
-    return resp
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; the status is in ``_Connection.refusal``."""
 
 
-class _Protocol(web.RequestHandler):
-    """aiohttp's connection handler, plus a header timeout and our own error pages."""
+class _WSError(Exception):
+    """A WebSocket protocol violation by the client: close with ``code``."""
 
-    def __init__(self, manager: _Server, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._header_timeout = manager.limits.header_timeout
-        self._header_timer: asyncio.TimerHandle | None = None
-        self.busy = False
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+# Date header: formatting it costs more than a whole head, so once a second.
+_date_second = 0
+_date_line = ""
+
+
+def _date() -> str:
+    global _date_second, _date_line
+    now = int(time.time())
+    if now != _date_second:
+        _date_second = now
+        _date_line = "Date: " + formatdate(now, usegmt=True)
+    return _date_line
+
+
+def _encode_head(status: int, reason: str, items: Any, extra: list[str]) -> bytes:
+    """A response head: the status line, ``items`` (name, value) as given, then our ``extra`` lines."""
+    head = f"HTTP/1.1 {status} {reason}\r\n"
+    if items:
+        head += "\r\n".join(map(": ".join, items)) + "\r\n"
+    if extra:
+        head += "\r\n".join(extra) + "\r\n"
+    lines = 1 + len(items) + len(extra)
+    # SECURITY: a CR or LF inside a reason, name or value would split the response (header injection).
+    if head.count("\n") != lines or head.count("\r") != lines or "\x00" in head:
+        raise ValueError("a response header or reason holds CR, LF or NUL")
+    # Values came from our parsers as UTF-8 with surrogate escapes: send the original bytes.
+    return (head + "\r\n").encode("utf-8", "surrogateescape")
+
+
+class _Exchange:
+    """One request on a connection, from its parsed head to the end of its response."""
+
+    __slots__ = ("request", "method", "version", "keep_alive", "body", "refusal", "websocket_key",
+                 "upgrade", "framing", "responding", "bad_body")
+
+    def __init__(self, method: str, version: str, keep_alive: bool) -> None:
+        self.request: Request | None = None
+        self.method = method  # as the client sent it: HEAD decides the framing, whatever plugins do
+        self.version = version
+        self.keep_alive = keep_alive
+        self.body: _RequestBody | None = None
+        self.refusal: tuple[int, str] | None = None  # answer with this short error, then close
+        self.websocket_key: str | None = None  # a valid WebSocket handshake
+        self.upgrade = False  # llhttp stopped after this head (Connection: upgrade)
+        self.framing = b""  # for an upgrade with a body: a head with the same framing (see _after_upgrade)
+        self.responding = False
+        self.bad_body = False  # the body broke llhttp's framing: 400, whatever the handler said
+
+    @property
+    def request_id(self) -> str | None:
+        return self.request.id if self.request is not None else None
+
+
+class _RequestBody:
+    """A request body as it arrives: an async iterator of chunks, with flow control.
+
+    llhttp's chunks are buffered; reading from the socket pauses while more
+    than the high-water mark waits, and resumes below the low one. Waiting
+    longer than the body timeout for the next chunk raises `ClientTimeout`
+    (the chain answers 408, the connection closes); a client that leaves or
+    breaks framing mid-body raises `ClientGone`. ``Expect: 100-continue`` is
+    answered when the handler first waits for data, so a request refused
+    without reading its body never has it sent.
+    """
+
+    __slots__ = ("_conn", "_exchange", "chunks", "buffered", "complete", "error", "closed",
+                 "expect_continue", "_waiter")
+
+    def __init__(self, conn: _Connection, exchange: _Exchange) -> None:
+        self._conn = conn
+        self._exchange = exchange
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.complete = False
+        self.error: BaseException | None = None
+        self.closed = False
+        self.expect_continue = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __aiter__(self) -> _RequestBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        conn = self._conn
+        while True:
+            if self.chunks:
+                chunk = self.chunks.popleft()
+                self.buffered -= len(chunk)
+                if conn.reading_paused and self.buffered <= _LOW_WATER:
+                    conn.maybe_resume()
+                return chunk
+            if self.error is not None:
+                raise self.error
+            if self.complete or self.closed:
+                raise StopAsyncIteration
+            if self.expect_continue:
+                self.expect_continue = False
+                if not self._exchange.responding and not conn.closed:
+                    conn.transport.write(_CONTINUE)
+            waiter = self._waiter = conn.loop.create_future()
+            conn.body_waiting = self
+            conn.arm(_BODY, conn.limits.body_timeout)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                conn.body_waiting = None
+                conn.disarm(_BODY)
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None and not self.complete:
+            self.error = exc
+            self.wake()
+
+    async def aclose(self) -> None:
+        """Drop what is buffered and what still arrives (the connection closes after the response)."""
+        self.closed = True
+        self.chunks.clear()
+        self.buffered = 0
+
+
+class _Reframed:
+    """Parser callbacks after an Upgrade request that carries a body (see `_Connection._after_upgrade`).
+
+    The fresh parser is first fed a synthetic head with the request's own
+    framing; its callbacks are swallowed here. Then the body goes to the
+    request, and later requests parse as on any connection.
+    """
+
+    __slots__ = ("conn", "priming")
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+        self.priming = True
+
+    def on_url(self, url: bytes) -> None:
+        if not self.priming:
+            self.conn.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.priming:
+            self.conn.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.priming:
+            self.priming = False
+        else:
+            self.conn.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.conn.on_message_complete()
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: llhttp parses, the handler serves requests in order, one at a time.
+
+    Parsing runs ahead of serving: a pipelined request is parsed while the
+    one before it is served, then waits in ``queue`` with reading paused. One
+    serving task per connection takes them in turn; after each response the
+    connection is kept, or closed (lingering a moment when the client may
+    still be sending, so the kernel does not reset the response).
+    """
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.limits = listener.limits
+        self.handler = listener.handler
+        self.max_head = listener.limits.max_header_bytes
+        self.max_headers = listener.limits.max_headers
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser: Any = None  # None once we stop parsing: refused, lingering, or past an Upgrade
+        self.client = ""
+        self.scheme = listener.scheme
+        self.closed = False
+        self.deadline = 0.0  # time.monotonic(); 0: none
+        self.deadline_kind = 0
+        # the message being parsed
+        self.in_head = False
+        self.url = b""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.head_pending = 0
+        self.refusal: tuple[int, str] | None = None
+        self.receiving: _Exchange | None = None  # whose body llhttp is delivering
+        self.last: _Exchange | None = None
+        # serving
+        self.queue: deque[_Exchange] = deque()
+        self.task: asyncio.Task[None] | None = None  # the serving task, from the first request on
+        self.wakeup: asyncio.Future[None] | None = None  # what that task waits on between requests
+        self.busy = False  # a request is being served (or waits its turn)
+        self.handling = False  # ... and its handler is running
+        self.body_waiting: _RequestBody | None = None
+        self.reading_paused = False
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        # bytes after a WebSocket handshake head, then the WebSocket's input
+        self.ws_buffer: bytearray | None = None
+        self.ws_waiter: asyncio.Future[None] | None = None
+        self.websocket = False
+
+    # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._arm_header_timer()
+        self.transport = transport  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)  # SECURITY: strict llhttp: no leniencies set
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if isinstance(peer, tuple) else ""
+        self.arm(_HEAD, self.limits.header_timeout)  # also for a connection that never sends a byte
+        self.listener._opened(self)
+        if self.listener.stopping:
+            transport.close()  # accepted just as the listener stopped
 
     def data_received(self, data: bytes) -> None:
-        if not self.busy and self._header_timer is None:
-            self._arm_header_timer()
-        super().data_received(data)
+        buffer = self.ws_buffer
+        if buffer is not None:
+            buffer += data
+            waiter = self.ws_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            elif len(buffer) > _HIGH_WATER:
+                self._pause()
+            return
+        parser = self.parser
+        if parser is None:
+            return  # refused or lingering: what the client still sends is dropped
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._after_upgrade(data[exc.args[0]:])
+            return
+        except httptools.HttpParserError as exc:
+            refusal, self.refusal = self.refusal, None
+            if refusal is None:
+                if isinstance(exc, httptools.HttpParserCallbackError):
+                    log.error("%s listener: parsing a request failed", self.listener.name,
+                              exc_info=exc.__context__ or exc)
+                    refusal = (500, "internal error")
+                else:
+                    log.debug("%s listener: malformed request: %s", self.listener.name, exc)
+                    refusal = (400, "malformed request")
+            self._refuse(*refusal)
+            return
+        if self.in_head:
+            if self.deadline_kind == _IDLE:
+                # A request began and its head is still coming (most heads come whole, in one read).
+                self.arm(_HEAD, self.limits.header_timeout)
+            # llhttp hands us a header only once its line ends: bound a head that never ends by
+            # counting the reads it spans (from the one after it began: that one may hold more).
+            if self.head_pending < 0:
+                self.head_pending = 0
+            else:
+                self.head_pending += len(data)
+                if self.head_pending > self.max_head:
+                    self._refuse(431, "request headers too large")
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.request_started()
-        super().connection_lost(exc)
+    # (No eof_received: as in nginx, a client's EOF means it left. The transport closes and
+    # connection_lost cancels the work in flight; a half-closed client gets no answer.)
 
-    def _arm_header_timer(self) -> None:
-        self._header_timer = self._loop.call_later(self._header_timeout, self._header_timed_out)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener._closed(self)
+        if self.receiving is not None and self.receiving.body is not None:
+            self.receiving.body.fail(ClientGone("the client closed the connection before the end of its body"))
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_exception(ConnectionResetError("the client closed the connection"))
+        if self.ws_waiter is not None and not self.ws_waiter.done():
+            self.ws_waiter.set_result(None)
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)  # the idle serving task ends
+        if self.task is not None and self.handling:
+            self.task.cancel()  # nobody is waiting for this answer: stop the work behind it
 
-    def _header_timed_out(self) -> None:
-        self._header_timer = None
-        if not self.busy and self.transport is not None:
-            log.info("closing a connection that sent no complete request head in %ss",
-                     self._header_timeout)
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # llhttp callbacks (no on_message_begin: one callback fewer per request; on_url starts a head)
+
+    def on_url(self, url: bytes) -> None:
+        if not self.in_head:
+            self.in_head = True
+            self.head_pending = -1
+        self.url += url
+        self.head_size += len(url)
+        if self.head_size > self.max_head:
+            self._stop(414, "request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        raw = self.raw_headers
+        raw.append((name, value))
+        # llhttp has no limit of its own on a head's size: count as we go.
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.max_head:
+            self._stop(431, "request headers too large")
+        if len(raw) > self.max_headers:
+            self._stop(431, "too many request headers")
+
+    def on_headers_complete(self) -> None:
+        url, raw = self.url, self.raw_headers
+        self.in_head = False
+        self.url = b""
+        self.raw_headers = []
+        self.head_size = 0
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._stop(400, "unsupported HTTP version")
+        method = parser.get_method().decode("ascii")
+        if method == "CONNECT":
+            self._stop(405, "CONNECT tunnels are not supported; call http://<service>/")
+        target = url.decode("latin-1")  # llhttp admits ASCII only in a request-target
+        authority = None
+        if target[0] != "/":
+            if self.listener.absolute_form and target[:7].lower() == "http://":
+                authority, target = _split_absolute(target[7:])
+                if not authority:
+                    self._stop(400, "bad request-target")
+            elif target == "*" and method == "OPTIONS":
+                target = "/"
+            else:
+                self._stop(400, "bad request-target")
+        try:
+            path, query = split_target(target)
+        except BadPath as exc:
+            self._stop(400, str(exc))
+        headers = CIMultiDict([(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw])
+        if len(raw) > 1 and len({n.lower() for n, _ in raw}) < len(raw):
+            for name in _SINGLETONS:
+                if len(headers.getall(name, ())) > 1:
+                    self._stop(400, f"more than one {name} header")
+        if authority is not None:
+            headers["Host"] = authority
+        exchange = _Exchange(method, version, parser.should_keep_alive())
+        length = headers.get("Content-Length")
+        chunked = "Transfer-Encoding" in headers  # llhttp admits only a final "chunked" in a request
+        body = None
+        if chunked or (length is not None and int(length) > 0):
+            body = exchange.body = _RequestBody(self, exchange)
+        expect = headers.get("Expect")
+        if expect is not None and expect.lower() == "100-continue":
+            del headers["Expect"]  # we answer it; the app sees a plain request
+            if body is not None and version == "1.1":
+                body.expect_continue = True
+        if parser.should_upgrade():
+            exchange.upgrade = True
+            if headers.get("Upgrade", "").strip().lower() == "websocket":
+                key = headers.get("Sec-WebSocket-Key")
+                if (method != "GET" or body is not None or not _valid_ws_key(key)
+                        or headers.get("Sec-WebSocket-Version", "").strip() != "13"):
+                    self._stop(400, "bad WebSocket handshake")
+                exchange.websocket_key = key
+            elif body is not None:
+                exchange.framing = (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" if chunked else
+                                    b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % int(length))  # type: ignore[arg-type]
+        exchange.request = Request(
+            method, path, query=query, headers=headers, body=b"" if body is None else body,
+            client=self.client, scheme=self.scheme, id=new_request_id(), version=version)
+        self.last = exchange if exchange.upgrade else None
+        # llhttp ends an upgrade request at its head: its body, if any, comes through _after_upgrade.
+        self.receiving = exchange if body is not None and not exchange.upgrade else None
+        self._dispatch(exchange)
+
+    def on_body(self, chunk: bytes) -> None:
+        body = self.receiving.body  # type: ignore[union-attr]
+        if body.closed:
+            return
+        body.chunks.append(chunk)
+        body.buffered += len(chunk)
+        if body.buffered > _HIGH_WATER:
+            self._pause()
+        body.wake()
+
+    def on_message_complete(self) -> None:
+        exchange = self.receiving
+        if exchange is not None:
+            self.receiving = None
+            exchange.body.complete = True  # type: ignore[union-attr]
+            exchange.body.wake()  # type: ignore[union-attr]
+
+    # parsing helpers
+
+    def _stop(self, status: int, reason: str) -> None:
+        """From a parser callback: stop parsing and answer ``status``."""
+        self.refusal = (status, reason)
+        raise _Refused(reason)
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Parse no more: answer with a short error in this request's turn, then close."""
+        log.debug("%s listener: refused a request: %d %s", self.listener.name, status, reason)
+        self.parser = None
+        self.in_head = False
+        self._pause()
+        exchange = self.receiving
+        if exchange is not None:
+            self.receiving = None
+            if exchange in self.queue:
+                self.queue.remove(exchange)  # its framing broke before its turn: no handler sees it
+            else:
+                # The handler already has it: whatever it answers, this request gets the 400.
+                exchange.bad_body = True
+                exchange.body.fail(ClientGone("malformed request body"))  # type: ignore[union-attr]
+        refusal = _Exchange("GET", "1.1", False)
+        refusal.refusal = (status, reason)
+        self._dispatch(refusal)
+
+    def _after_upgrade(self, rest: bytes) -> None:
+        """llhttp stopped at the end of an Upgrade request's head; ``rest`` is what followed it."""
+        exchange = self.last
+        if self.parser is None or exchange is None or not exchange.upgrade:
+            return
+        if exchange.websocket_key is not None:
+            # SECURITY: what follows a WebSocket handshake is frames, never HTTP: kept for the
+            # WebSocket, dropped with the connection if the upgrade is refused.
+            self.parser = None
+            self.ws_buffer = bytearray(rest)
+            return
+        if exchange.body is not None:
+            # Another protocol (h2c, ...): served as a plain request, but llhttp left its body
+            # unparsed. SECURITY: never parse that body as requests. A fresh parser, primed with a
+            # head of the same framing, reads the body into this request, then the requests after it.
+            self.parser = httptools.HttpRequestParser(_Reframed(self))
+            self.parser.feed_data(exchange.framing)
+            self.receiving = exchange
+        if rest:
+            self.data_received(rest)
+
+    # serving
+
+    def _dispatch(self, exchange: _Exchange) -> None:
+        self.queue.append(exchange)
+        if self.busy:
+            self._pause()  # one request at a time: hold the next ones (and the socket) until it is done
+            return
+        self.busy = True
+        self.deadline = 0.0
+        self.deadline_kind = 0
+        wakeup = self.wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+        else:
+            self.task = self.loop.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        """Serve queued requests in order, then wait for the next: one task for the connection's life.
+
+        (Cheaper than a task per request; the task waits on a future between requests.)
+        """
+        try:
+            while True:
+                exchange = self.queue.popleft()
+                if self.reading_paused:
+                    self.maybe_resume()
+                keep = await self._run(exchange)
+                if not keep or self.closed:
+                    self._hang_up()
+                    return
+                if self.queue:
+                    continue
+                self.busy = False
+                if self.listener.stopping:
+                    self.transport.close()
+                    return
+                if self.in_head:
+                    self.arm(_HEAD, self.limits.header_timeout)
+                else:
+                    self.arm(_IDLE, self.limits.idle_timeout)
+                waiter = self.wakeup = self.loop.create_future()
+                await waiter  # _dispatch, or connection_lost
+                self.wakeup = None
+                if self.closed:
+                    return
+        except asyncio.CancelledError:
+            self._abort()  # the client left, or stop() gave up waiting
+        except Exception:
+            log.exception("%s listener: serving a connection failed", self.listener.name)
+            self._abort()
+        finally:
+            self.busy = False
+
+    async def _run(self, exchange: _Exchange) -> bool:
+        """Serve one request; True to keep the connection for the next."""
+        if exchange.refusal is not None:
+            return await self._respond(exchange, short_error(*exchange.refusal))
+        request = exchange.request
+        assert request is not None
+        try:
+            self.handling = True
+            try:
+                response = await self.handler(request, self)
+                if not isinstance(response, Response):
+                    raise TypeError(f"the handler returned {type(response).__name__}, not a Response")
+            except Exception as exc:
+                log.error("request %s: the %s listener's handler raised", request.id, self.listener.name,
+                          exc_info=exc)
+                response = short_error(500, "internal error", request.id)
+            finally:
+                self.handling = False
+            if exchange.bad_body:
+                await response.aclose()
+                response = short_error(400, "malformed request body", request.id)
+            return await self._respond(exchange, response)
+        finally:
+            if not isinstance(request.body, bytes):
+                await request.aclose()
+
+    async def _respond(self, exchange: _Exchange, response: Response) -> bool:
+        """Write ``response``; True if the connection may carry another request."""
+        exchange.responding = True
+        status = response.status
+        if response._upgrade is not None:
+            if status == 101:
+                return await self._websocket(exchange, response)
+            await _close_upgrade(response._upgrade, 1001)  # a plugin turned it down: let it go
+        if self.closed:
+            await response.aclose()
+            return False
+        if not isinstance(status, int) or not 200 <= status <= 999:
+            rid = exchange.request_id
+            log.error("request %s: the handler answered with status %r", rid, status)
+            await response.aclose()
+            response = short_error(500, "internal error", rid)
+            status = 500
+        headers = response.headers
+        body = response.body
+        body_in = exchange.body
+        keep = (exchange.keep_alive and status != 408 and not self.listener.stopping
+                and (body_in is None or body_in.complete) and exchange.websocket_key is None)
+        no_body = exchange.method == "HEAD" or status in _NO_BODY_STATUS
+        given = headers.get("Content-Length")
+        extra: list[str] = []
+        # SECURITY: framing is ours: a handler's Transfer-Encoding or Connection never goes out as is.
+        drop: set[str] | None = {"transfer-encoding"} if "Transfer-Encoding" in headers else None
+        payload = b""
+        stream = None
+        chunked = False
+        length = None
+        if isinstance(body, bytes):
+            if status == 204:
+                if given is not None:
+                    drop = (drop or set()) | {"content-length"}
+            elif no_body:
+                # HEAD and 304 keep the length the handler gave (what a GET would get).
+                if given is None and body and exchange.method == "HEAD":
+                    extra.append(f"Content-Length: {len(body)}")
+            else:
+                payload = body
+                size = str(len(body))
+                if given != size:
+                    if given is not None:
+                        drop = (drop or set()) | {"content-length"}
+                    extra.append("Content-Length: " + size)
+        elif no_body:
+            await response.aclose()
+            if status == 204 and given is not None:
+                drop = (drop or set()) | {"content-length"}
+        else:
+            stream = response
+            if given is not None and given.isdigit():
+                length = int(given)
+            else:
+                if given is not None:
+                    drop = (drop or set()) | {"content-length"}
+                if exchange.version == "1.1":
+                    chunked = True
+                    extra.append("Transfer-Encoding: chunked")
+                else:
+                    keep = False  # HTTP/1.0 knows no chunks: the body ends where the connection does
+        if "Connection" in headers:
+            drop = (drop or set()) | {"connection"}
+        if not keep:
+            extra.append("Connection: close")
+        elif exchange.version == "1.0":
+            extra.append("Connection: keep-alive")
+        if "Date" not in headers:
+            extra.append(_date())
+        if "Server" not in headers:
+            extra.append("Server: mesh")
+        items = headers.items() if drop is None else [
+            (name, value) for name, value in headers.items() if name.lower() not in drop]
+        try:
+            head = _encode_head(status, response.reason, items, extra)
+        except ValueError as exc:
+            rid = exchange.request_id
+            log.error("request %s: refused to send the response: %s", rid, exc)
+            await response.aclose()
+            error = short_error(500, "internal error", rid)
+            head = _encode_head(500, error.reason, error.headers.items(),
+                                [f"Content-Length: {len(error.body)}", "Connection: close", _date(),  # type: ignore[arg-type]
+                                 "Server: mesh"])
+            payload, stream, keep = error.body, None, False  # type: ignore[assignment]
+        transport = self.transport
+        if stream is None:
+            if len(payload) <= _INLINE_BODY:
+                transport.write(head + payload)
+            else:
+                transport.write(head)
+                transport.write(payload)
+            if self.write_paused:
+                try:
+                    await self._drain()
+                except ConnectionError:
+                    return False
+            return keep
+        transport.write(head)
+        return await self._stream(exchange, stream, chunked, length) and keep
+
+    async def _stream(self, exchange: _Exchange, response: Response, chunked: bool, length: int | None) -> bool:
+        """Write a streamed body; False (with the connection aborted) when it broke off."""
+        transport = self.transport
+        chunks = response.stream()
+        sent = 0
+        try:
+            async for chunk in chunks:
+                if self.closed:
+                    raise ConnectionResetError("the client closed the connection")
+                if chunked:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    sent += len(chunk)
+                    # SECURITY: never more than the Content-Length we sent: the rest would be a next response.
+                    if length is not None and sent > length:
+                        raise ValueError("the body is longer than its Content-Length")
+                    transport.write(chunk)
+                if self.write_paused:
+                    await self._drain()
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+            elif length is not None and sent != length:
+                raise ValueError("the body is shorter than its Content-Length")
+        except Exception as exc:
+            # The head is out: the only honest signal left is to cut the connection.
+            if not self.closed:
+                log.warning("request %s: response body broke off: %s", exchange.request_id,
+                            exc or type(exc).__name__)
+            transport.abort()
+            return False
+        finally:
+            try:
+                await chunks.aclose()
+            except Exception:
+                log.debug("closing a response body failed", exc_info=True)
+        return True
+
+    async def _drain(self) -> None:
+        """Wait until the client has read enough of what we wrote (bounded by the body timeout)."""
+        if self.closed:
+            raise ConnectionResetError("the client closed the connection")
+        waiter = self.drain_waiter = self.loop.create_future()
+        self.arm(_WRITE, self.limits.body_timeout)
+        try:
+            await waiter
+        finally:
+            self.drain_waiter = None
+            self.disarm(_WRITE)
+
+    def _hang_up(self) -> None:
+        """Close after the last response, lingering if the client may still be sending.
+
+        Closing a socket with unread input makes the kernel answer with a
+        reset, which can destroy our response before the client reads it. So
+        when the client was cut off mid-request, we send FIN (where TLS
+        allows it), read and drop its bytes for a moment, then close.
+        """
+        transport = self.transport
+        if self.closed or transport.is_closing():
+            return
+        unread = self.parser is None or self.in_head or self.queue or self.receiving is not None
+        if not unread:
+            transport.close()
+            return
+        self.parser = None
+        self.ws_buffer = None
+        self.receiving = None
+        self.queue.clear()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.arm(_LINGERING, _LINGER)
+        self._resume()
+
+    def _abort(self) -> None:
+        """Cut the connection, unless it is closing already (what it is sending may be a last word)."""
+        if self.transport is not None and not self.closed and not self.transport.is_closing():
+            self.transport.abort()
+
+    # flow control and deadlines
+
+    def _pause(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def maybe_resume(self) -> None:
+        """Resume reading unless something still holds it: a waiting request, a full body buffer, a refusal."""
+        if self.queue or self.parser is None:
+            return
+        exchange = self.receiving
+        if exchange is not None and exchange.body.buffered > _LOW_WATER:  # type: ignore[union-attr]
+            return
+        self._resume()
+
+    def arm(self, kind: int, seconds: float) -> None:
+        self.deadline = _monotonic() + seconds
+        self.deadline_kind = kind
+
+    def disarm(self, kind: int) -> None:
+        if self.deadline_kind == kind:
+            self.deadline = 0.0
+            self.deadline_kind = 0
+
+    def timed_out(self) -> None:
+        """The deadline passed (called by the listener's sweep)."""
+        kind = self.deadline_kind
+        self.deadline = 0.0
+        self.deadline_kind = 0
+        if kind == _BODY:
+            if self.body_waiting is not None:
+                self.body_waiting.fail(ClientTimeout(f"no request body data for {self.limits.body_timeout:g}s"))
+        elif kind == _WRITE:
+            log.debug("%s listener: a client read nothing for %gs: closing", self.listener.name,
+                      self.limits.body_timeout)
+            self.transport.abort()
+        else:
+            if kind == _HEAD:
+                log.debug("%s listener: no complete request head in %gs: closing", self.listener.name,
+                          self.limits.header_timeout)
             self.transport.close()
 
-    def request_started(self) -> None:
-        self.busy = True
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+    def shutdown(self) -> None:
+        """The listener stops: close now if idle, else after the response in flight."""
+        if not self.busy:
+            self.transport.close()
+        elif self.websocket:
+            self.task.cancel()  # the WebSocket session closes both sides with 1001
 
-    def request_finished(self) -> None:
-        self.busy = False
+    def abort(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self._abort()
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500,
-                     exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
-        # Our own short body: never aiohttp's page, never an echo of the request bytes.
-        if isinstance(exc, http_exceptions.LineTooLong):
-            if "status line" in str(exc).lower() or "request line" in str(exc).lower():
-                return _error_page(414, "request line too long")
-            return _error_page(431, "request headers too large")
-        if isinstance(exc, http_exceptions.BadHttpMessage) and "too many headers" in str(exc).lower():
-            return _error_page(431, "too many request headers")
-        if status >= 500:
-            log.error("error handling a request", exc_info=exc)
-            return _error_page(500, "internal error")
-        log.debug("bad request: %s", exc)
-        return _error_page(status, "malformed request")
+    # WebSocket
 
-
-class _Server(web.Server):
-    def __init__(self, handler: Any, limits: ServerLimits, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.limits = limits
-
-    def __call__(self) -> _Protocol:  # type: ignore[override]
-        return _Protocol(self, loop=self._loop, **self._kwargs)
-
-
-async def _request_body(raw: web.BaseRequest, timeout: float) -> AsyncIterator[bytes]:
-    content = raw.content
-    while True:
+    async def _websocket(self, exchange: _Exchange, response: Response) -> bool:
+        """Complete the client's handshake and pump messages both ways until either side closes."""
+        upstream, session = response._upgrade.ws, response._upgrade.session
+        key = exchange.websocket_key
+        if key is None or self.closed:
+            await _close_upgrade(response._upgrade, 1001)
+            if self.closed:
+                return False
+            rid = exchange.request_id
+            log.error("request %s: the handler opened a WebSocket for a request that is no handshake", rid)
+            return await self._respond(exchange, short_error(500, "internal error", rid))
+        accept = base64.b64encode(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()).decode("ascii")
+        extra = ["Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Accept: {accept}"]
+        if upstream.protocol:
+            extra.append(f"Sec-WebSocket-Protocol: {upstream.protocol}")
+        if "Date" not in response.headers:
+            extra.append(_date())
+        if "Server" not in response.headers:
+            extra.append("Server: mesh")
+        items = [(k, v) for k, v in response.headers.items() if k.lower() not in _WS_OWN]
         try:
-            async with asyncio.timeout(timeout):
-                chunk = await content.readany()
-        except TimeoutError:
-            raise ClientTimeout(f"no request body data for {timeout:g}s") from None
-        if not chunk:
-            return
-        yield chunk
+            head = _encode_head(101, "Switching Protocols", items, extra)
+        except ValueError as exc:
+            rid = exchange.request_id
+            log.error("request %s: refused to send the response: %s", rid, exc)
+            await _close_upgrade(response._upgrade, 1001)
+            return await self._respond(exchange, short_error(500, "internal error", rid))
+        outcome: list[Any] = [None, None]  # [code the client closed with (or a protocol error), its reason]
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            self.transport.write(head)
+            self.websocket = True
+            if self.ws_buffer is None:
+                self.ws_buffer = bytearray()
+            self._resume()
+            tasks = [self.loop.create_task(self._ws_from_client(upstream, outcome)),
+                     self.loop.create_task(self._ws_from_upstream(upstream))]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            code, reason = outcome
+            if code is not None:
+                down = code  # echo the client's close (or name its protocol error)
+                up = code if isinstance(reason, bytes) else 1001
+            elif not upstream.closed:
+                down = up = 1001  # the client left, or the listener stops
+            else:
+                down, up, reason = _wire_code(upstream.close_code), 1000, b""
+            try:
+                await upstream.close(code=_wire_code(up), message=reason if isinstance(reason, bytes) else b"")
+            except Exception:
+                log.debug("closing an upstream WebSocket failed", exc_info=True)
+            finally:
+                await session.close()
+            if not self.closed and not self.transport.is_closing():
+                self.transport.write(_ws_frame(_OP_CLOSE, _wire_code(down).to_bytes(2, "big")))
+                self.transport.close()
+        return False
+
+    async def _ws_from_client(self, upstream: Any, outcome: list[Any]) -> None:
+        """Client frames to upstream messages; returns when the client closes, errs or leaves."""
+        parts: list[bytes] = []
+        size = 0
+        kind = 0
+        try:
+            while True:
+                fin, opcode, payload = await self._ws_read()
+                if opcode == _OP_PING:
+                    self.transport.write(_ws_frame(_OP_PONG, payload))
+                    continue
+                if opcode == _OP_PONG:
+                    continue
+                if opcode == _OP_CLOSE:
+                    outcome[0], outcome[1] = _close_payload(payload)
+                    return
+                if opcode == _OP_CONT:
+                    if not kind:
+                        raise _WSError(1002, "continuation without a message")
+                elif opcode in (_OP_TEXT, _OP_BINARY):
+                    if kind:
+                        raise _WSError(1002, "a new message inside a fragmented one")
+                    kind = opcode
+                else:
+                    raise _WSError(1002, f"unknown opcode {opcode}")
+                size += len(payload)
+                if size > _WS_MAX_MESSAGE:
+                    raise _WSError(1009, "message too big")
+                parts.append(payload)
+                if not fin:
+                    continue
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts, size, message_kind, kind = [], 0, kind, 0
+                if message_kind == _OP_TEXT:
+                    try:
+                        text = data.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise _WSError(1007, "text message is not UTF-8") from None
+                    await upstream.send_str(text)
+                else:
+                    await upstream.send_bytes(data)
+        except _WSError as exc:
+            log.debug("%s listener: WebSocket protocol error from a client: %s", self.listener.name, exc)
+            outcome[0], outcome[1] = exc.code, None
+        except ConnectionError:
+            pass  # the client is gone
+
+    async def _ws_from_upstream(self, upstream: Any) -> None:
+        """Upstream messages to client frames, with flow control, until upstream closes."""
+        transport = self.transport
+        async for msg in upstream:
+            if msg.type == WSMsgType.TEXT:
+                frame = _ws_frame(_OP_TEXT, msg.data.encode("utf-8"))
+            elif msg.type == WSMsgType.BINARY:
+                frame = _ws_frame(_OP_BINARY, msg.data)
+            else:
+                return  # ERROR
+            if self.closed:
+                return
+            transport.write(frame)
+            if self.write_paused:
+                await self._drain()
+
+    async def _ws_read(self) -> tuple[bool, int, bytes]:
+        buffer = self.ws_buffer
+        assert buffer is not None
+        while True:
+            frame = _parse_frame(buffer)
+            if frame is not None:
+                fin, opcode, payload, used = frame
+                del buffer[:used]
+                if self.reading_paused and len(buffer) <= _LOW_WATER:
+                    self._resume()
+                return fin, opcode, payload
+            if self.closed or self.transport.is_closing():
+                raise ConnectionResetError("the client closed the connection")
+            self._resume()  # a frame is incomplete: we need more than is buffered
+            waiter = self.ws_waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self.ws_waiter = None
+
+
+async def _close_upgrade(upgrade: Any, code: int) -> None:
+    """Close an upstream WebSocket the client will not get, and its session."""
+    try:
+        await upgrade.ws.close(code=code)
+    except Exception:
+        log.debug("closing an upstream WebSocket failed", exc_info=True)
+    finally:
+        await upgrade.session.close()
+
+
+def _split_absolute(rest: str) -> tuple[str, str]:
+    """``svc:80/p?q`` (an absolute-form target after ``http://``) -> (``svc:80``, ``/p?q``)."""
+    end = len(rest)
+    for sep in "/?":
+        i = rest.find(sep)
+        if 0 <= i < end:
+            end = i
+    target = rest[end:]
+    if not target.startswith("/"):
+        target = "/" + target
+    return rest[:end], target
+
+
+def _valid_ws_key(key: str | None) -> bool:
+    if not key:
+        return False
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _unmask(data: bytes, mask: bytes) -> bytes:
+    size = len(data)
+    if not size:
+        return b""
+    key = (mask * (size // 4 + 1))[:size]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(size, "little")
+
+
+def _parse_frame(buffer: bytearray) -> tuple[bool, int, bytes, int] | None:
+    """The client frame at the start of ``buffer``: (fin, opcode, payload, size), or None if incomplete."""
+    have = len(buffer)
+    if have < 2:
+        return None
+    first, second = buffer[0], buffer[1]
+    if first & 0x70:
+        raise _WSError(1002, "reserved bits set, and no extension was negotiated")
+    if not second & 0x80:
+        raise _WSError(1002, "a client frame must be masked")
+    opcode = first & 0x0F
+    length = second & 0x7F
+    start = 2
+    if length == 126:
+        if have < 4:
+            return None
+        length, start = int.from_bytes(buffer[2:4], "big"), 4
+    elif length == 127:
+        if have < 10:
+            return None
+        length, start = int.from_bytes(buffer[2:10], "big"), 10
+    if opcode >= 8 and (length > 125 or not first & 0x80):
+        raise _WSError(1002, "a control frame must be short and whole")
+    if length > _WS_MAX_MESSAGE:
+        raise _WSError(1009, "message too big")
+    end = start + 4 + length
+    if have < end:
+        return None
+    payload = _unmask(bytes(buffer[start + 4:end]), bytes(buffer[start:start + 4]))
+    return bool(first & 0x80), opcode, payload, end
+
+
+def _ws_frame(opcode: int, payload: bytes) -> bytes:
+    """A whole, unmasked server frame."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x80 | opcode, size))
+    elif size < 65536:
+        head = bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big")
+    return head + payload
+
+
+def _close_payload(payload: bytes) -> tuple[int, bytes]:
+    """A client's close frame: (code, reason); a malformed one is a protocol error."""
+    if not payload:
+        return 1000, b""
+    if len(payload) < 2:
+        raise _WSError(1002, "close frame with a one-byte payload")
+    code = int.from_bytes(payload[:2], "big")
+    if not (1000 <= code <= 1003 or 1007 <= code <= 1011 or 3000 <= code <= 4999):
+        raise _WSError(1002, f"invalid close code {code}")
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _WSError(1007, "close reason is not UTF-8") from None
+    return code, payload[2:]
+
+
+def _wire_code(code: int | None) -> int:
+    """A close code fit to send: the 'no status' and 'abnormal' codes are never on the wire."""
+    if code is None or code == 1005:
+        return 1000
+    if code in (1006, 1015) or not 1000 <= code <= 4999:
+        return 1011
+    return code
 
 
 class Listener:
     """One listening socket serving mesh requests to ``handler``.
 
-    ``handler(request, raw)`` gets the mesh `Request` (path already
-    normalized) and aiohttp's request (for the peer certificate and the
-    transport); it returns the `Response` to send.
+    ``handler(request, conn)`` gets the mesh `Request` (path already
+    normalized) and the connection it came on (``conn.transport`` gives the
+    peer certificate); it returns the `Response` to send.
     """
 
     def __init__(self, handler: RequestHandler, *, name: str, host: str = "127.0.0.1",
@@ -166,160 +1163,86 @@ class Listener:
         self.host = host
         self.port = port
         self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
         self.limits = limits or ServerLimits()
         self.absolute_form = absolute_form
-        self._server: _Server | None = None
-        self._sockets: asyncio.base_events.Server | None = None
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._all_closed: asyncio.Event | None = None
+        limits = self.limits
+        # Deadlines are checked this often: a timeout fires at most a tick late.
+        self._tick = max(0.05, min(0.5, limits.header_timeout / 4, limits.idle_timeout / 4,
+                                   limits.body_timeout / 4))
 
     async def start(self) -> None:
         check_parser()
         limits = self.limits
-        self._server = _Server(
-            self._handle, limits,
-            keepalive_timeout=limits.idle_timeout,
-            max_line_size=limits.max_header_bytes,
-            max_field_size=limits.max_header_bytes,
-            max_headers=limits.max_headers,
-            access_log=None,
-            lingering_time=2.0,
-            auto_decompress=False,
-            handler_cancellation=True,
-        )
-        loop = asyncio.get_running_loop()
-        self._sockets = await loop.create_server(
-            self._server, self.host, self.port, ssl=self.tls, reuse_address=True, backlog=1024,
-            ssl_handshake_timeout=limits.header_timeout if self.tls else None)
-        self.port = self._sockets.sockets[0].getsockname()[1]
+        self.loop = asyncio.get_running_loop()
+        self.stopping = False
+        self._server = await self.loop.create_server(
+            lambda: _Connection(self), self.host, self.port, ssl=self.tls, reuse_address=True,
+            backlog=1024, ssl_handshake_timeout=limits.header_timeout if self.tls else None)
+        self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        """Stop accepting, let requests in flight finish (up to the drain timeout), close."""
-        if self._sockets is not None:
-            self._sockets.close()
-        if self._server is not None:
-            self._server.pre_shutdown()  # idle keep-alive connections close now, busy ones after
-            await self._server.shutdown(self.limits.drain_timeout)
-        if self._sockets is not None:
-            await self._sockets.wait_closed()
-        self._sockets = None
+        """Stop accepting, close idle connections, let requests in flight finish (up to the drain timeout)."""
+        server = self._server
+        if server is None:
+            return
         self._server = None
+        self.stopping = True
+        server.close()
+        self._all_closed = asyncio.Event()
+        for conn in list(self._connections):
+            conn.shutdown()
+        if self._connections:
+            try:
+                async with asyncio.timeout(self.limits.drain_timeout):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                log.warning("%s listener: %d connection(s) still busy after %gs: closing them", self.name,
+                            len(self._connections), self.limits.drain_timeout)
+                for conn in list(self._connections):
+                    conn.abort()
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self._all_closed.wait()
+                except TimeoutError:
+                    pass
+        try:
+            async with asyncio.timeout(1.0):
+                await server.wait_closed()
+        except TimeoutError:
+            pass
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    async def _handle(self, raw: web.BaseRequest) -> web.StreamResponse:
-        protocol: _Protocol = raw.protocol  # type: ignore[assignment]
-        protocol.request_started()
-        try:
-            return await self._serve(raw)
-        finally:
-            protocol.request_finished()
+    def _opened(self, conn: _Connection) -> None:
+        self._connections.add(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self._tick, self._sweep)
 
-    async def _serve(self, raw: web.BaseRequest) -> web.StreamResponse:
-        limits = self.limits
-        size = 0
-        for name, value in raw.raw_headers:
-            size += len(name) + len(value) + 4
-        if size > limits.max_header_bytes:
-            return _error_page(431, "request headers too large")
-        target = raw.raw_path
-        authority = None
-        if raw.method == "CONNECT":
-            return _error_page(405, "CONNECT tunnels are not supported; call http://<service>/")
-        if not target.startswith("/"):
-            if self.absolute_form and target.lower().startswith("http://"):
-                rest = target[7:]
-                slash = rest.find("/")
-                authority, target = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
-            elif target == "*" and raw.method == "OPTIONS":
-                target = "/"
-            else:
-                return _error_page(400, "bad request-target")
-        try:
-            path, query = split_target(target)
-        except BadPath as exc:
-            return _error_page(400, str(exc))
-        headers = CIMultiDict(raw.headers)
-        if authority is not None:
-            headers["Host"] = authority
-        if headers.get("Expect", "").lower() == "100-continue":
-            del headers["Expect"]
-            if raw.body_exists and raw.transport is not None:
-                # Tell the client to send the body now; the app sees a plain request.
-                raw.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body: Any = _request_body(raw, limits.body_timeout) if raw.body_exists else b""
-        peer = raw.transport.get_extra_info("peername") if raw.transport else None
-        request = Request(
-            raw.method, path, query=query, headers=headers, body=body,
-            client=peer[0] if peer else "", scheme="https" if self.tls else "http",
-            id=new_request_id(), version=f"{raw.version.major}.{raw.version.minor}",
-        )
-        response = await self.handler(request, raw)
-        try:
-            return await self._send(raw, request, response)
-        finally:
-            await request.aclose()
+    def _closed(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        if not self._connections and self._all_closed is not None:
+            self._all_closed.set()
 
-    async def _send(self, raw: web.BaseRequest, request: Request, response: Response) -> web.StreamResponse:
-        if response.status == 101 and response._upgrade is not None:
-            return await _pump_websocket(raw, response)
-        body = response.body
-        headers = response.headers
-        if isinstance(body, bytes):
-            if request.method == "HEAD" or response.status in (204, 304):
-                resp = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
-                await resp.prepare(raw)
-                return resp
-            resp = web.Response(status=response.status, reason=response.reason, headers=headers, body=body)
-            if response.status == 408:
-                # The rest of this request body is not worth waiting for: answer, then hang up.
-                resp.force_close()
-                await resp.prepare(raw)
-                await resp.write_eof()
-                raw.protocol.force_close()  # type: ignore[union-attr]
-            return resp
-        resp = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
-        length = headers.get("Content-Length")
-        if length is not None and length.isdigit():
-            resp.content_length = int(length)
-        await resp.prepare(raw)
-        timeout = self.limits.body_timeout
-        try:
-            async for chunk in response.stream():
-                async with asyncio.timeout(timeout):
-                    await resp.write(chunk)
-        except Exception as exc:
-            # Headers are out; the only honest signal left is to cut the connection.
-            log.warning("request %s: response body broke off: %s", request.id, exc)
-            if raw.transport is not None:
-                raw.transport.abort()
-            raise asyncio.CancelledError from None
-        await resp.write_eof()
-        return resp
-
-
-async def _pump_websocket(raw: web.BaseRequest, response: Response) -> web.StreamResponse:
-    upstream = response._upgrade.ws
-    ws = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
-                               autoping=True, max_msg_size=0)
-    await ws.prepare(raw)
-
-    async def pump(source: Any, sink: Any) -> None:
-        async for msg in source:
-            if msg.type == WSMsgType.TEXT:
-                await sink.send_str(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await sink.send_bytes(msg.data)
-
-    tasks = [asyncio.ensure_future(pump(ws, upstream)), asyncio.ensure_future(pump(upstream, ws))]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        # Stop both readers before closing: a close handshake reads from the socket too.
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await upstream.close(code=ws.close_code or 1000)
-        await ws.close(code=upstream.close_code or 1000)
-        await response._upgrade.session.close()
-    return ws
+    def _sweep(self) -> None:
+        """Act on every connection whose deadline passed; runs while there are connections."""
+        now = _monotonic()
+        for conn in list(self._connections):
+            if conn.deadline and conn.deadline <= now:
+                try:
+                    conn.timed_out()
+                except Exception:
+                    log.exception("%s listener: a connection's timeout failed", self.name)
+                    conn.abort()
+        self._sweeper = self.loop.call_later(self._tick, self._sweep) if self._connections else None
