@@ -202,6 +202,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def time_out(self, timeout: float) -> None:
+        """No response head within ``timeout`` seconds: fail the wait for it."""
+        if not self.head.done():
+            self.head.set_exception(UpstreamTimeout(504, f"upstream did not answer within {timeout:.3g}s"))
+
     def take(self) -> bytes:
         chunk = self.chunks.popleft()
         self.buffered -= len(chunk)
@@ -338,8 +343,7 @@ class Pool:
         if len(idle) >= self.limits.max_idle_per_endpoint:
             conn.close()
             return
-        conn._reset_message()
-        conn.parser = httptools.HttpResponseParser(conn)
+        conn._reset_message()  # llhttp itself is ready for the next message on this connection
         conn.idle_since = time.monotonic()
         idle.append(conn)
 
@@ -401,11 +405,14 @@ class Pool:
                     reason = exc.reason if isinstance(exc, UpstreamError) else "upstream closed the connection"
                     raise UpstreamError(502, reason) from None
                 conn.closed = True
-            try:
-                async with asyncio.timeout(timeout):
+            if not conn.head.done():
+                # A plain timer, not asyncio.timeout(): this wait is on every request's path.
+                timer = conn.loop.call_later(timeout, conn.time_out, timeout)
+                try:
                     await conn.head
-            except TimeoutError:
-                raise UpstreamTimeout(504, f"upstream did not answer within {timeout:.3g}s") from None
+                finally:
+                    timer.cancel()
+            conn.head.result()
         except BaseException:
             # Half a request went out (or none came back): this connection is done for.
             conn.close()
