@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import logging
 import ssl
@@ -40,6 +39,7 @@ from typing import Any
 from aiohttp import WSMsgType, http_parser
 from multidict import CIMultiDict
 
+from . import websocket
 from .chain import short_error
 from .errors import ClientTimeout
 from .messages import Request, Response, new_request_id
@@ -74,8 +74,6 @@ _WS_OWN = frozenset({"content-length", "transfer-encoding", "connection", "upgra
                      "sec-websocket-protocol", "sec-websocket-extensions"})
 _NO_BODY_STATUS = frozenset({204, 304})
 
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_WS_MAX_MESSAGE = 16 * 1024 * 1024  # a client message over this closes the WebSocket (1009)
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
@@ -125,12 +123,6 @@ class _Refused(Exception):
     """Raised from a parser callback to stop parsing; the status is in ``_Connection.refusal``."""
 
 
-class _WSError(Exception):
-    """A WebSocket protocol violation by the client: close with ``code``."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
 
 
 # Date header: formatting it costs more than a whole head, so once a second.
@@ -494,7 +486,7 @@ class _Connection(asyncio.Protocol):
             exchange.upgrade = True
             if headers.get("Upgrade", "").strip().lower() == "websocket":
                 key = headers.get("Sec-WebSocket-Key")
-                if (method != "GET" or body is not None or not _valid_ws_key(key)
+                if (method != "GET" or body is not None or not websocket.valid_key(key)
                         or headers.get("Sec-WebSocket-Version", "").strip() != "13"):
                     self._stop(400, "bad WebSocket handshake")
                 exchange.websocket_key = key
@@ -904,7 +896,7 @@ class _Connection(asyncio.Protocol):
             rid = exchange.request_id
             log.error("request %s: the handler opened a WebSocket for a request that is no handshake", rid)
             return await self._respond(exchange, short_error(500, "internal error", rid))
-        accept = base64.b64encode(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()).decode("ascii")
+        accept = base64.b64encode(hashlib.sha1(key.encode("ascii") + websocket.GUID).digest()).decode("ascii")
         extra = ["Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Accept: {accept}"]
         if upstream.protocol:
             extra.append(f"Sec-WebSocket-Protocol: {upstream.protocol}")
@@ -942,15 +934,15 @@ class _Connection(asyncio.Protocol):
             elif not upstream.closed:
                 down = up = 1001  # the client left, or the listener stops
             else:
-                down, up, reason = _wire_code(upstream.close_code), 1000, b""
+                down, up, reason = websocket.wire_code(upstream.close_code), 1000, b""
             try:
-                await upstream.close(code=_wire_code(up), message=reason if isinstance(reason, bytes) else b"")
+                await upstream.close(code=websocket.wire_code(up), message=reason if isinstance(reason, bytes) else b"")
             except Exception:
                 log.debug("closing an upstream WebSocket failed", exc_info=True)
             finally:
                 await session.close()
             if not self.closed and not self.transport.is_closing():
-                self.transport.write(_ws_frame(_OP_CLOSE, _wire_code(down).to_bytes(2, "big")))
+                self.transport.write(websocket.frame(_OP_CLOSE, websocket.wire_code(down).to_bytes(2, "big")))
                 self.transport.close()
         return False
 
@@ -963,25 +955,25 @@ class _Connection(asyncio.Protocol):
             while True:
                 fin, opcode, payload = await self._ws_read()
                 if opcode == _OP_PING:
-                    self.transport.write(_ws_frame(_OP_PONG, payload))
+                    self.transport.write(websocket.frame(_OP_PONG, payload))
                     continue
                 if opcode == _OP_PONG:
                     continue
                 if opcode == _OP_CLOSE:
-                    outcome[0], outcome[1] = _close_payload(payload)
+                    outcome[0], outcome[1] = websocket.close_payload(payload)
                     return
                 if opcode == _OP_CONT:
                     if not kind:
-                        raise _WSError(1002, "continuation without a message")
+                        raise websocket.WSError(1002, "continuation without a message")
                 elif opcode in (_OP_TEXT, _OP_BINARY):
                     if kind:
-                        raise _WSError(1002, "a new message inside a fragmented one")
+                        raise websocket.WSError(1002, "a new message inside a fragmented one")
                     kind = opcode
                 else:
-                    raise _WSError(1002, f"unknown opcode {opcode}")
+                    raise websocket.WSError(1002, f"unknown opcode {opcode}")
                 size += len(payload)
-                if size > _WS_MAX_MESSAGE:
-                    raise _WSError(1009, "message too big")
+                if size > websocket.MAX_MESSAGE:
+                    raise websocket.WSError(1009, "message too big")
                 parts.append(payload)
                 if not fin:
                     continue
@@ -991,11 +983,11 @@ class _Connection(asyncio.Protocol):
                     try:
                         text = data.decode("utf-8")
                     except UnicodeDecodeError:
-                        raise _WSError(1007, "text message is not UTF-8") from None
+                        raise websocket.WSError(1007, "text message is not UTF-8") from None
                     await upstream.send_str(text)
                 else:
                     await upstream.send_bytes(data)
-        except _WSError as exc:
+        except websocket.WSError as exc:
             log.debug("%s listener: WebSocket protocol error from a client: %s", self.listener.name, exc)
             outcome[0], outcome[1] = exc.code, None
         except ConnectionError:
@@ -1006,9 +998,9 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         async for msg in upstream:
             if msg.type == WSMsgType.TEXT:
-                frame = _ws_frame(_OP_TEXT, msg.data.encode("utf-8"))
+                frame = websocket.frame(_OP_TEXT, msg.data.encode("utf-8"))
             elif msg.type == WSMsgType.BINARY:
-                frame = _ws_frame(_OP_BINARY, msg.data)
+                frame = websocket.frame(_OP_BINARY, msg.data)
             else:
                 return  # ERROR
             if self.closed:
@@ -1021,7 +1013,7 @@ class _Connection(asyncio.Protocol):
         buffer = self.ws_buffer
         assert buffer is not None
         while True:
-            frame = _parse_frame(buffer)
+            frame = websocket.parse_frame(buffer)
             if frame is not None:
                 fin, opcode, payload, used = frame
                 del buffer[:used]
@@ -1059,92 +1051,6 @@ def _split_absolute(rest: str) -> tuple[str, str]:
     if not target.startswith("/"):
         target = "/" + target
     return rest[:end], target
-
-
-def _valid_ws_key(key: str | None) -> bool:
-    if not key:
-        return False
-    try:
-        return len(base64.b64decode(key.strip(), validate=True)) == 16
-    except (binascii.Error, ValueError):
-        return False
-
-
-def _unmask(data: bytes, mask: bytes) -> bytes:
-    size = len(data)
-    if not size:
-        return b""
-    key = (mask * (size // 4 + 1))[:size]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(size, "little")
-
-
-def _parse_frame(buffer: bytearray) -> tuple[bool, int, bytes, int] | None:
-    """The client frame at the start of ``buffer``: (fin, opcode, payload, size), or None if incomplete."""
-    have = len(buffer)
-    if have < 2:
-        return None
-    first, second = buffer[0], buffer[1]
-    if first & 0x70:
-        raise _WSError(1002, "reserved bits set, and no extension was negotiated")
-    if not second & 0x80:
-        raise _WSError(1002, "a client frame must be masked")
-    opcode = first & 0x0F
-    length = second & 0x7F
-    start = 2
-    if length == 126:
-        if have < 4:
-            return None
-        length, start = int.from_bytes(buffer[2:4], "big"), 4
-    elif length == 127:
-        if have < 10:
-            return None
-        length, start = int.from_bytes(buffer[2:10], "big"), 10
-    if opcode >= 8 and (length > 125 or not first & 0x80):
-        raise _WSError(1002, "a control frame must be short and whole")
-    if length > _WS_MAX_MESSAGE:
-        raise _WSError(1009, "message too big")
-    end = start + 4 + length
-    if have < end:
-        return None
-    payload = _unmask(bytes(buffer[start + 4:end]), bytes(buffer[start:start + 4]))
-    return bool(first & 0x80), opcode, payload, end
-
-
-def _ws_frame(opcode: int, payload: bytes) -> bytes:
-    """A whole, unmasked server frame."""
-    size = len(payload)
-    if size < 126:
-        head = bytes((0x80 | opcode, size))
-    elif size < 65536:
-        head = bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big")
-    else:
-        head = bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big")
-    return head + payload
-
-
-def _close_payload(payload: bytes) -> tuple[int, bytes]:
-    """A client's close frame: (code, reason); a malformed one is a protocol error."""
-    if not payload:
-        return 1000, b""
-    if len(payload) < 2:
-        raise _WSError(1002, "close frame with a one-byte payload")
-    code = int.from_bytes(payload[:2], "big")
-    if not (1000 <= code <= 1003 or 1007 <= code <= 1011 or 3000 <= code <= 4999):
-        raise _WSError(1002, f"invalid close code {code}")
-    try:
-        payload[2:].decode("utf-8")
-    except UnicodeDecodeError:
-        raise _WSError(1007, "close reason is not UTF-8") from None
-    return code, payload[2:]
-
-
-def _wire_code(code: int | None) -> int:
-    """A close code fit to send: the 'no status' and 'abnormal' codes are never on the wire."""
-    if code is None or code == 1005:
-        return 1000
-    if code in (1006, 1015) or not 1000 <= code <= 4999:
-        return 1011
-    return code
 
 
 class Listener:

@@ -18,7 +18,8 @@ from aiohttp import WSMsgType, web
 from mesh.chain import short_error
 from mesh.errors import ClientTimeout
 from mesh.messages import Request, Response
-from mesh.server import ClientGone, Listener, ServerLimits, _parse_frame, _unmask
+from mesh.server import ClientGone, Listener, ServerLimits
+from mesh.websocket import parse_frame, unmask
 from mesh.upstream import Endpoint, connect_websocket
 
 from ..conftest import raw_http
@@ -605,7 +606,7 @@ def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = Tru
     if not mask:
         return head + payload
     key = os.urandom(4)
-    return head + key + _unmask(payload, key)
+    return head + key + unmask(payload, key)
 
 
 async def read_frame(reader) -> tuple[int, bytes]:
@@ -703,10 +704,10 @@ async def test_stop_closes_open_websockets_with_1001(ws_app):
 def test_frame_parser_waits_for_whole_frames_and_unmasks():
     frame = client_frame(0x2, b"abcdef" * 50)
     for cut in range(len(frame)):
-        assert _parse_frame(bytearray(frame[:cut])) is None
-    fin, opcode, payload, used = _parse_frame(bytearray(frame + b"next"))
+        assert parse_frame(bytearray(frame[:cut])) is None
+    fin, opcode, payload, used = parse_frame(bytearray(frame + b"next"))
     assert (fin, opcode, payload, used) == (True, 0x2, b"abcdef" * 50, len(frame))
-    assert _unmask(_unmask(b"hello world", b"\x01\x02\x03\x04"), b"\x01\x02\x03\x04") == b"hello world"
+    assert unmask(unmask(b"hello world", b"\x01\x02\x03\x04"), b"\x01\x02\x03\x04") == b"hello world"
 
 
 def test_client_gone_is_answered_like_a_client_timeout():
