@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import inspect
 import logging
 import signal
@@ -95,31 +94,11 @@ class Lifecycle:
 
 def load_lifecycle(use: str, plugin_path: Sequence[Path] = ()) -> type:
     """The class ``use`` names (``file.py:Class`` on plugin_path, or ``module:Class``); PluginError if not."""
-    from .loader import _import_file
+    from .loader import load_object
 
-    target, sep, attr = use.rpartition(":")
-    if not sep or not target or not attr.isidentifier():
-        raise PluginError(f"expected 'file.py:Class' or 'module:Class', found {use!r}")
-    if target.endswith(".py"):
-        for folder in plugin_path:
-            candidate = (folder / target).resolve()
-            if candidate.is_file():
-                break
-        else:
-            searched = ", ".join(str(p) for p in plugin_path) or "(plugin_path is empty)"
-            raise PluginError(f"'{use}': {target} not found on plugin_path: {searched}")
-        try:
-            module = _import_file(candidate)
-        except Exception as exc:
-            raise PluginError(f"'{use}': importing {candidate} failed: {type(exc).__name__}: {exc}") from exc
-    else:
-        try:
-            module = importlib.import_module(target)
-        except Exception as exc:
-            raise PluginError(f"'{use}': cannot import module '{target}': {type(exc).__name__}: {exc}") from exc
-    cls = getattr(module, attr, None)
+    cls = load_object(use, plugin_path)
     if not isinstance(cls, type):
-        raise PluginError(f"'{use}': no class '{attr}' in {target}")
+        raise PluginError(f"'{use}' is not a class")
     if not any(callable(getattr(cls, name, None)) for name in HOOKS):
         raise PluginError(f"'{use}' has none of the lifecycle hooks ({', '.join(HOOKS)})")
     for name in HOOKS[:4]:

@@ -25,7 +25,7 @@ from typing import Any
 from .errors import PluginError
 from .plugin import Plugin
 
-__all__ = ["FIRST_PARTY", "load_class", "known_names"]
+__all__ = ["FIRST_PARTY", "known_names", "load_class", "load_object"]
 
 # The first-party plugins, by short name, in the order the docs list them.
 FIRST_PARTY: dict[str, str] = {
@@ -72,6 +72,35 @@ def _class_from(module: Any, attr: str, use: str) -> type:
     return obj
 
 
+def load_object(use: str, plugin_path: Sequence[Path] = ()) -> Any:
+    """What ``module:Name`` or ``file.py:Name`` (found on ``plugin_path``) names; PluginError if not."""
+    target, sep, attr = use.rpartition(":")
+    if not sep or not target or not attr.isidentifier():
+        raise PluginError(f"'{use}': expected 'file.py:Class' or 'module:Class'")
+    if target.endswith(".py"):
+        for folder in plugin_path:
+            candidate = (folder / target).resolve()
+            if candidate.is_file():
+                break
+        else:
+            searched = ", ".join(str(p) for p in plugin_path) or "(plugin_path is empty)"
+            raise PluginError(f"'{use}': {target} not found on plugin_path: {searched}")
+        try:
+            module = _import_file(candidate)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"'{use}': importing {candidate} failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise PluginError(f"'{use}': cannot import module '{target}': "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return _class_from(module, attr, use)
+
+
 def load_class(use: str, plugin_path: Sequence[Path] = ()) -> type:
     """Return the plugin class that ``use`` names, or raise `PluginError` saying why."""
     if ":" not in use:
@@ -88,31 +117,7 @@ def load_class(use: str, plugin_path: Sequence[Path] = ()) -> type:
                 f" (known: {', '.join(known_names())}; or use 'module:Class' or 'file.py:Class')")
             raise PluginError(f"unknown plugin '{use}'{hint}")
     else:
-        target, _, attr = use.rpartition(":")
-        if not attr.isidentifier():
-            raise PluginError(f"'{use}': '{attr}' is not a class name")
-        if target.endswith(".py"):
-            for folder in plugin_path:
-                candidate = (folder / target).resolve()
-                if candidate.is_file():
-                    break
-            else:
-                searched = ", ".join(str(p) for p in plugin_path) or "(plugin_path is empty)"
-                raise PluginError(f"'{use}': {target} not found on plugin_path: {searched}")
-            try:
-                module = _import_file(candidate)
-            except PluginError:
-                raise
-            except Exception as exc:
-                raise PluginError(f"'{use}': importing {candidate} failed: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-        else:
-            try:
-                module = importlib.import_module(target)
-            except Exception as exc:
-                raise PluginError(f"'{use}': cannot import module '{target}': "
-                                  f"{type(exc).__name__}: {exc}") from exc
-        cls = _class_from(module, attr, use)
+        cls = load_object(use, plugin_path)
     if not (isinstance(cls, type) and issubclass(cls, Plugin)) and not (
         isinstance(cls, type) and callable(getattr(cls, "handle", None))
     ):
