@@ -6,7 +6,8 @@ import re
 
 from multidict import CIMultiDict
 
-__all__ = ["HOP_BY_HOP", "PEER_HEADER", "strip_hop_by_hop", "set_forwarded", "request_id"]
+__all__ = ["HOP_BY_HOP", "PEER_HEADER", "request_id", "set_forwarded", "strip_hop_by_hop",
+           "strip_keeping_upgrade"]
 
 # RFC 9110 §7.6.1, plus the non-standard Proxy-Connection that old clients send.
 HOP_BY_HOP = frozenset({
@@ -29,6 +30,16 @@ def strip_hop_by_hop(headers: CIMultiDict) -> None:
     for name in HOP_BY_HOP:
         if name in headers:
             del headers[name]
+
+
+def strip_keeping_upgrade(headers: CIMultiDict) -> None:
+    """`strip_hop_by_hop`, except that a WebSocket upgrade stays asked for."""
+    upgrade = headers.get("Upgrade", "")
+    wants = upgrade.lower() == "websocket" and "upgrade" in headers.get("Connection", "").lower()
+    strip_hop_by_hop(headers)
+    if wants:
+        headers["Connection"] = "Upgrade"
+        headers["Upgrade"] = upgrade
 
 
 def set_forwarded(headers: CIMultiDict, client: str, scheme: str) -> None:

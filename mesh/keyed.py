@@ -37,7 +37,7 @@ from typing import Any
 from .chain import error_response, short_error
 from .config import Instances, MeshConfig
 from .errors import UpstreamError
-from .headers import PEER_HEADER, request_id, set_forwarded, strip_hop_by_hop
+from .headers import PEER_HEADER, request_id, set_forwarded, strip_keeping_upgrade
 from .identity import Identity
 from .messages import Request, Response
 from .routes import Policy
@@ -85,15 +85,8 @@ def _unverified_claims(request: Request) -> dict[str, Any] | None:
 
 
 def _prepare(request: Request) -> None:
-    headers = request.headers
-    if "upgrade" in headers.get("Connection", "").lower() and headers.get("Upgrade"):
-        upgrade = headers["Upgrade"]
-        strip_hop_by_hop(headers)
-        headers["Connection"] = "Upgrade"
-        headers["Upgrade"] = upgrade
-    else:
-        strip_hop_by_hop(headers)
-    request.id = request_id(headers, request.id)
+    strip_keeping_upgrade(request.headers)
+    request.id = request_id(request.headers, request.id)
 
 
 @dataclass

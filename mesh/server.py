@@ -1030,6 +1030,10 @@ class _Connection(asyncio.Protocol):
                 self.ws_waiter = None
 
 
+# What a handler gets as its second argument: ``.transport`` has the peer certificate.
+Connection = _Connection
+
+
 async def _close_upgrade(upgrade: Any, code: int) -> None:
     """Close an upstream WebSocket the client will not get, and its session."""
     try:

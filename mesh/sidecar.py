@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
 
 from . import config as config_mod
 from .balancer import Balancer
@@ -45,14 +44,14 @@ from .chain import Chain, short_error
 from .config import MeshConfig, build_plugins
 from .errors import UpstreamError
 from .identity import Identity
-from .headers import PEER_HEADER, request_id, set_forwarded, strip_hop_by_hop
+from .headers import PEER_HEADER, request_id, set_forwarded, strip_keeping_upgrade
 from .messages import Request, Response
 from .plugin import Context
 from .registry import Registry
 from .resilience import (AVOID, BACKEND, DEADLINE, DEADLINE_HEADER, OUTBOUND, TRY_TIMEOUT, Outbound,
                          deadline_from, with_defaults)
 from .routes import Policy
-from .server import Listener, ServerLimits
+from .server import Connection, Listener, ServerLimits
 from .upstream import Endpoint, Limits, Pool, connect_websocket
 
 __all__ = ["Ports", "Sidecar", "main"]
@@ -139,24 +138,17 @@ class Sidecar:
     # inbound
 
     def _prepare(self, request: Request) -> None:
-        headers = request.headers
-        if _is_websocket(request):
-            upgrade = headers.get("Upgrade")
-            strip_hop_by_hop(headers)
-            headers["Connection"] = "Upgrade"
-            headers["Upgrade"] = upgrade
-        else:
-            strip_hop_by_hop(headers)
-        request.id = request_id(headers, request.id)
+        strip_keeping_upgrade(request.headers)
+        request.id = request_id(request.headers, request.id)
         request.service = self.service
 
-    async def _from_outside(self, request: Request, raw: web.BaseRequest) -> Response:
+    async def _from_outside(self, request: Request, raw: Connection) -> Response:
         request.headers.popall(PEER_HEADER, None)  # SECURITY: only the mesh says who a peer is
         self._prepare(request)
         set_forwarded(request.headers, request.client, request.scheme)
         return await self.inbound(request)
 
-    async def _from_mesh(self, request: Request, raw: web.BaseRequest) -> Response:
+    async def _from_mesh(self, request: Request, raw: Connection) -> Response:
         if self.identity is not None:
             peer = self.identity.peer(raw.transport)
             named = request.headers.popall(PEER_HEADER, None)  # SECURITY: the certificate says who calls
@@ -202,7 +194,7 @@ class Sidecar:
 
     # outbound
 
-    async def _from_app(self, request: Request, raw: web.BaseRequest) -> Response:
+    async def _from_app(self, request: Request, raw: Connection) -> Response:
         host = request.headers.get("Host", "")
         target = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         target = target.lower()
@@ -274,7 +266,7 @@ class Sidecar:
 
     # admin
 
-    async def _admin(self, request: Request, raw: web.BaseRequest) -> Response:
+    async def _admin(self, request: Request, raw: Connection) -> Response:
         path = request.path
         if path == "/healthz":
             return Response(200, "ok\n")
