@@ -62,6 +62,8 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
     certs = commands.add_parser("certs", help="show each identity of the mesh and when it expires")
     _path_argument(certs)
     certs.add_argument("--json", action="store_true", help="print them as JSON, for scripts")
+    certs.add_argument("--rotate-ca", action="store_true",
+                       help="replace the mesh CA: every sidecar trusts the new one before it issues")
     certs.set_defaults(handler=_certs)
 
     build = commands.add_parser("build", help="docker runtime: build the base image and services")
@@ -222,6 +224,8 @@ def _certs(args: argparse.Namespace) -> int:
         return 2
     from .identity import describe as describe_cert
 
+    if args.rotate_ca:
+        return _rotate_ca(config)
     rows = []
     ca_file = config.state_dir / "ca" / "ca.pem"
     if ca_file.exists():
@@ -246,6 +250,27 @@ def _certs(args: argparse.Namespace) -> int:
     print(f"{'instance':<{widths[0]}}  {'identity':<{widths[1]}}  expires (UTC)")
     for r in rows:
         print(f"{r['instance']:<{widths[0]}}  {r['identity']:<{widths[1]}}  {r['expires']}")
+    return 0
+
+
+def _rotate_ca(config: MeshConfig) -> int:
+    import signal
+
+    from .controller import StateDir
+    from .identity import rotate_ca
+
+    files = StateDir(config.state_dir)
+    if files.running():
+        pid = files.controller_pid()
+        if pid is None:
+            print("the mesh is up but its controller pid is unknown", file=sys.stderr)
+            return 1
+        os.kill(pid, signal.SIGUSR1)
+        print(f"asked the controller (pid {pid}) to rotate the mesh CA; its log says when it is done")
+        return 0
+    # Nothing runs: the next `mesh up` issues everything from the new CA.
+    run(rotate_ca(config.state_dir / "ca", config.name, {}, 0, None))
+    print(f"mesh {config.name!r}: new CA in {config.state_dir / 'ca'}")
     return 0
 
 

@@ -335,6 +335,36 @@ class Controller:
             task = asyncio.ensure_future(self.runtime.kill_all())
             self._tasks.add(task)
 
+    def _on_rotate_ca(self) -> None:
+        task = asyncio.ensure_future(self._rotate_ca())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _rotate_ca(self) -> None:
+        """A new mesh CA: trusted by every sidecar and front first, then issuing every certificate."""
+        from .identity import rotate_ca
+
+        fronts = {f"{name} (front)": front for name, front in self.keyed.fronts.items()}
+        running = {inst.label: inst for inst in self.instances
+                   if inst.tls is not None and self.runtime.instance_state(inst) == "running"}
+        targets = {label: (inst.service, inst.tls) for label, inst in running.items()}
+        targets.update({label: (front.service, front.identity.folder)
+                        for label, front in fronts.items() if front.identity is not None})
+
+        async def reload(label: str) -> None:
+            if label in fronts:
+                fronts[label].identity.reload()
+            elif not await self.runtime.reload_certificates(running[label]):
+                log.warning("%s: its sidecar did not reload during the CA rotation", label)
+
+        log.info("rotating the mesh CA: %d sidecars and fronts trust the new CA first", len(targets))
+        try:
+            await rotate_ca(self.files.path / "ca", self.config.name, targets, self.cert_lifetime, reload)
+        except OSError as exc:
+            log.error("rotating the mesh CA failed: %s", exc)
+            return
+        log.info("mesh CA rotated; every certificate is now issued by the new CA")
+
     async def run(self) -> int:
         """Start the mesh, serve until SIGINT/SIGTERM, stop it. 0 after a clean stop, 1 if it failed to start."""
         fd = self.files.acquire()
@@ -348,9 +378,10 @@ class Controller:
             self.files.pid.write_text(f"{os.getpid()}\n")
             for sig in _SIGNALS:
                 loop.add_signal_handler(sig, self._on_signal)
+            loop.add_signal_handler(signal.SIGUSR1, self._on_rotate_ca)  # `mesh certs --rotate-ca`
             return await self._run()
         finally:
-            for sig in _SIGNALS:
+            for sig in (*_SIGNALS, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             with contextlib.suppress(OSError):
                 self.files.pid.unlink()

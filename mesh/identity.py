@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CA", "Identity", "spiffe_id", "service_of"]
+__all__ = ["CA", "Identity", "rotate_ca", "service_of", "spiffe_id", "trust_bundle"]
 
 _CA_LIFETIME = dt.timedelta(days=3650)
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew between hosts
@@ -71,10 +71,12 @@ def _now() -> dt.datetime:
 class CA:
     """The mesh's certificate authority: signs every instance's certificate."""
 
-    def __init__(self, mesh: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+    def __init__(self, mesh: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate,
+                 folder: Path | None = None) -> None:
         self.mesh = mesh
         self.key = key
         self.cert = cert
+        self.folder = folder  # where it is kept, with the trust bundle after a rotation
 
     @property
     def cert_pem(self) -> bytes:
@@ -111,8 +113,9 @@ class CA:
         if key_file.exists() and cert_file.exists():
             key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
             assert isinstance(key, ec.EllipticCurvePrivateKey)
-            return cls(mesh, key, x509.load_pem_x509_certificate(cert_file.read_bytes()))
+            return cls(mesh, key, x509.load_pem_x509_certificate(cert_file.read_bytes()), folder)
         ca = cls.create(mesh)
+        ca.folder = folder
         _write_private(key_file, ca.key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         _write_public(cert_file, ca.cert_pem)
@@ -150,9 +153,10 @@ class CA:
         """Issue into ``folder`` (``cert.pem``, ``key.pem`` 0600, ``ca.pem`` trust bundle)."""
         folder.mkdir(parents=True, exist_ok=True)
         cert, key = self.issue(service, lifetime)
+        trust = trust or (trust_bundle(self.folder) if self.folder else None) or self.cert_pem
         _write_private(folder / "key.pem", key)
         _write_public(folder / "cert.pem", cert)
-        _write_public(folder / "ca.pem", trust or self.cert_pem)
+        _write_public(folder / "ca.pem", trust)
 
 
 @dataclass
@@ -200,3 +204,38 @@ class Identity:
         if ssl_object is None:
             return None
         return service_of(ssl_object.getpeercert(), self.mesh)
+
+
+def trust_bundle(folder: Path) -> bytes | None:
+    """The CAs every sidecar trusts, when more than the current one (during and after a rotation)."""
+    bundle = folder / "trust.pem"
+    return bundle.read_bytes() if bundle.exists() else None
+
+
+async def rotate_ca(folder: Path, mesh: str, instances: dict[str, tuple[str, Path]],
+                    lifetime: float, reload: Any) -> CA:
+    """Replace the mesh CA without a failed handshake: trust first, then issue.
+
+    ``instances`` maps each label to its service and certificate folder;
+    ``reload(label)`` makes that sidecar load its folder again. First every
+    sidecar gets a trust bundle of the old and the new CA (its certificate
+    unchanged) and reloads; only then does the new CA become current and
+    issue every certificate again. The old CA stays in the bundle, so
+    certificates it signed keep working until they expire.
+    """
+    old = CA.load_or_create(folder, mesh)
+    new = CA.create(mesh)
+    new.folder = folder
+    bundle = (trust_bundle(folder) or old.cert_pem) + new.cert_pem
+    for label, (_service, cert_folder) in instances.items():
+        _write_public(cert_folder / "ca.pem", bundle)
+        await reload(label)
+    _write_public(folder / "trust.pem", bundle)
+    _write_public(folder / "previous.pem", old.cert_pem)
+    _write_private(folder / "ca.key", new.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _write_public(folder / "ca.pem", new.cert_pem)
+    for label, (service, cert_folder) in instances.items():
+        new.write_instance(cert_folder, service, lifetime, trust=bundle)
+        await reload(label)
+    return new

@@ -194,3 +194,61 @@ def test_mesh_certs_lists_identities_and_expiry(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["instance"] for r in rows] == ["(mesh CA)", "web"]
     assert rows[1]["identity"] == "spiffe://shop/web"
+
+
+async def test_ca_rotation_under_load_trusts_first_then_issues(app):
+    from cryptography import x509
+
+    from mesh.identity import rotate_ca
+
+    async with run_mesh(TOML, apps(app), upstream_limits=Limits(max_idle_per_endpoint=0)) as mesh:
+        state = mesh.config.state_dir
+        old_ca = mesh.ca.cert_pem
+        failures, done = [], asyncio.Event()
+
+        async def load():
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                count = 0
+                while not done.is_set() and count < 5000:
+                    count += 1
+                    async with session.get(mesh.url("web", "outbound") + "/r", headers={"Host": "orders"}) as resp:
+                        if resp.status != 200:
+                            failures.append(resp.status)
+                        await resp.read()
+
+        async def reload(label):
+            mesh.sidecars[label].identity.reload()
+            await asyncio.sleep(0.2)  # let handshakes happen between steps
+
+        async def rotate():
+            await asyncio.sleep(0.5)
+            instances = {name: (name, state / "certs" / name) for name in mesh.sidecars}
+            new = await rotate_ca(state / "ca", "shop", instances, lifetime=600, reload=reload)
+            await asyncio.sleep(0.5)
+            done.set()
+            return new
+
+        _, _, new = await asyncio.wait_for(asyncio.gather(load(), load(), rotate()), 30)
+        assert failures == []
+        assert new.cert_pem != old_ca and (state / "ca" / "ca.pem").read_bytes() == new.cert_pem
+        for name in mesh.sidecars:
+            cert = x509.load_pem_x509_certificate((state / "certs" / name / "cert.pem").read_bytes())
+            assert cert.issuer == new.cert.subject
+            trust = (state / "certs" / name / "ca.pem").read_bytes()
+            assert old_ca in trust and new.cert_pem in trust
+
+
+def test_mesh_certs_rotate_ca_offline_makes_a_new_ca_and_keeps_trusting_the_old(tmp_path, capsys):
+    from mesh import config
+    from mesh.cli import main
+
+    (tmp_path / "mesh.toml").write_text(TOML)
+    cfg = config.load(tmp_path)
+    old = CA.load_or_create(cfg.state_dir / "ca", cfg.name)
+    assert main(["certs", str(tmp_path), "--rotate-ca"]) == 0
+    new = CA.load_or_create(cfg.state_dir / "ca", cfg.name)
+    assert new.cert_pem != old.cert_pem
+    new.write_instance(tmp_path / "web", "web", lifetime=60)
+    trust = (tmp_path / "web" / "ca.pem").read_bytes()
+    assert old.cert_pem in trust and new.cert_pem in trust
