@@ -400,6 +400,8 @@ class Controller:
             self.phase, self.error = "failed", f"mesh up: {exc}"
             print(self.error, file=sys.stderr)
             self._save()
+            await self.keyed.stop()  # fronts, and (docker) the networks made for them
+            await self.runtime.close()
             return 1
         self.console.width = max((len(f"{i.label}.sidecar") for i in self.instances), default=24)
         self._save()

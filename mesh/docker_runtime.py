@@ -29,6 +29,13 @@ Per mesh, two networks, both labelled and made by the first instance to start:
   reach each other (``enable_icc=false``) nor, un-masqueraded, the outside; the
   namespace firewall refuses new connections out of it anyway.
 
+Keyed services (`mesh.keyed`): the controller runs each one's front on the
+mesh network's gateway IP (the host's side of the bridge; `prepare` makes the
+networks before any instance starts), the registry lists it there, and the
+firewall lets sidecars out to the gateway on the fronts' ports only
+(``front_ports``); the front reaches a key's instance at its IP on the mesh
+network (`reach`), which the mesh listener takes since the gateway is in the subnet.
+
 The admin listener stays on the namespace's loopback; the firewall forwards
 (DNAT) what arrives from the edge network's gateway (the host's side of the
 published port) to it, which needs ``route_localnet`` in the namespace; packets
@@ -63,7 +70,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +110,7 @@ LABEL_RUN = "mesh.run"              # the `mesh up` run that made it
 LABEL_SERVICE = images.LABEL_SERVICE
 LABEL_INSTANCE = "mesh.instance"    # the instance's number
 LABEL_ROLE = "mesh.role"            # sidecar | app (containers), mesh | edge (networks)
-# later: "mesh.key" on keyed instances
+LABEL_KEY = "mesh.key"              # a keyed instance's label (`keyed.key_label`: a hash, never the key)
 
 SIDECAR_GRACE = 15.0  # a sidecar drains requests in flight for up to 10s
 APP_GRACE = 5.0
@@ -198,14 +205,16 @@ def memory_bytes(text: str | int) -> int:
 
 
 def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *,
-                   public: bool) -> tuple[str, str]:
+                   public: bool, fronts: Sequence[int] = ()) -> tuple[str, str]:
     """The iptables-restore input (IPv4, IPv6) installed in an instance's network namespace.
 
     In: loopback; replies; the mesh listener from the mesh network; the admin
     listener and (``public``) the public listener from the edge gateway, that is
     through their ports published on the host. Everything else is refused, the
     app's port first of all. Out: loopback, replies, other sidecars' mesh
-    listeners. IPv6 (when the namespace has it at all): loopback and replies only.
+    listeners and, on the mesh network's gateway (the host's side of it), only
+    the ``fronts`` ports: the keyed services' fronts, which the controller runs
+    there. IPv6 (when the namespace has it at all): loopback and replies only.
     """
     admin = f"{ADMIN_PORT}"
     v4 = [
@@ -232,6 +241,7 @@ def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *,
         "-A INPUT -j DROP",
         "-A OUTPUT -o lo -j ACCEPT",
         "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        *(f"-A OUTPUT -d {mesh_gateway}/32 -p tcp --dport {int(port)} -j ACCEPT" for port in fronts),
         f"-A OUTPUT -d {mesh_gateway}/32 -j REJECT",
         f"-A OUTPUT -d {mesh_subnet} -p tcp --dport {MESH_PORT} -j ACCEPT",
         "-A OUTPUT -p tcp -j REJECT --reject-with tcp-reset",
@@ -368,6 +378,9 @@ class DockerRuntime(Runtime):
         self._followers: list[_LogFollower] = []
         self._watcher: asyncio.Future[None] | None = None
         self._closed = False
+        # Ports of the keyed services' fronts on the mesh network's gateway: the sidecars' firewall
+        # lets them out to these (set before any instance starts; see `mesh.keyed`).
+        self.front_ports: list[int] = []
 
     # the engine
 
@@ -387,6 +400,8 @@ class DockerRuntime(Runtime):
             labels.update({LABEL_SERVICE: instance.service, LABEL_INSTANCE: str(instance.index)})
         if role:
             labels[LABEL_ROLE] = role
+        if instance is not None and "key" in instance.details:
+            labels[LABEL_KEY] = instance.label
         return labels
 
     def problems(self) -> list[str]:
@@ -473,6 +488,22 @@ class DockerRuntime(Runtime):
             for role in ("sidecar", "app")}
         return instance
 
+    # keyed services: their fronts run in the controller, on the host's side of the mesh network
+
+    async def prepare(self) -> str:
+        """Images and networks now (before any instance starts); the mesh network's gateway IP,
+        where the host (so a keyed service's front) is reachable from sidecars."""
+        await self._prepare()
+        return self._networks["mesh"].gateway
+
+    def reach(self, instance: Instance) -> tuple[str, int]:
+        """Where the host reaches a started instance's mesh listener: its IP on the mesh network
+        (its alias resolves only inside the network)."""
+        ip = instance.details.get("mesh_ip")
+        if not ip:
+            raise StartFailed(instance.label, "its IP on the mesh network is not known")
+        return str(ip), MESH_PORT
+
     # blocking engine calls, on threads; tracked, so a cancelled start leaves nothing unknown
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -536,7 +567,8 @@ class DockerRuntime(Runtime):
         assert self._images is not None
         mesh, edge = self._networks["mesh"], self._networks["edge"]
         public = "public" in instance.ports
-        v4, v6 = firewall_rules(mesh.subnet, mesh.gateway, edge.gateway, public=public)
+        v4, v6 = firewall_rules(mesh.subnet, mesh.gateway, edge.gateway, public=public,
+                                fronts=self.front_ports)
         command = ["mesh", "sidecar", "--config", f"{CONFIG_MOUNT}/{self.config.path.name}",
                    "--service", instance.service, "--app-port", str(instance.ports["app"]),
                    "--host", "0.0.0.0", "--mesh-port", str(MESH_PORT),
@@ -656,9 +688,13 @@ class DockerRuntime(Runtime):
         self.client().api.connect_container_to_network(container_id, network_id)
 
     def _published(self, slot: _Slot) -> None:
-        """Read the host ports Docker chose for the admin (and public) listener."""
+        """Read the host ports Docker chose for the admin (and public) listener, and the sidecar's IP
+        on the mesh network (``details["mesh_ip"]``)."""
         attrs = self.client().api.inspect_container(slot.ids["sidecar"])
         bindings = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
+        networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+        mesh = networks.get(self._networks["mesh"].name) or {}
+        slot.instance.details["mesh_ip"] = mesh.get("IPAddress") or None
         for role, port in (("admin", ADMIN_PORT), ("public", PUBLIC_PORT)):
             if role in slot.instance.ports:
                 found = bindings.get(f"{port}/tcp") or []
@@ -981,6 +1017,13 @@ def refresh_status(config: MeshConfig, state: dict[str, Any]) -> None:
         seen = {c["Id"]: c for c in client.api.containers(all=True, filters={"label": [
             f"{LABEL_STATE}={config.state_dir.resolve()}", f"{LABEL_RUN}={state.get('run', '')}"]})}
         for inst in instances:
+            if inst.get("role") == "front":  # in the controller's process: up while it runs
+                if not state["controller"]["running"]:
+                    inst["state"] = "stopped"
+                continue
+            if (inst.get("key") is not None and inst.get("state") in ("sleeping", "starting")
+                    and state["controller"]["running"]):
+                continue  # a keyed instance asleep (its containers removed, by design) or booting
             containers = inst.get("containers") or {}
             down = []
             for role, info in containers.items():

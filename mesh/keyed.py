@@ -349,9 +349,14 @@ class KeyedServices:
     certificate renewal, registry pushes, stopping at the end) like any
     other; ``stop(key)`` stops it and the key is remembered as sleeping.
 
-    The front listens on 127.0.0.1; an exposed keyed service's front also
-    serves the ``expose`` port on 127.0.0.1, routing outside requests by key
-    the same way. Process runtime only for now: `plan` refuses docker.
+    On the process runtime the front listens on 127.0.0.1. On docker it
+    listens on the mesh network's gateway IP (the host's side of the bridge,
+    made before any instance starts), the registry lists it there, the
+    sidecars' firewall lets them out to its port (``runtime.front_ports``), and
+    it reaches each instance at its IP on the mesh network (``runtime.reach``):
+    an instance's alias resolves only inside the network. Either way an
+    exposed keyed service's front also serves the ``expose`` port on
+    127.0.0.1, routing outside requests by key the same way.
     """
 
     def __init__(self, controller: Any) -> None:
@@ -376,14 +381,15 @@ class KeyedServices:
 
         from .runtime import StartFailed
 
-        if self.controller.runtime.name != "process":
-            # On docker the front would listen on the mesh network's gateway (the host's side of the
-            # bridge), which the sidecars' namespace firewall refuses, and reach instances by their IP
-            # there rather than by alias: not done yet.
+        runtime = self.controller.runtime
+        if runtime.name not in ("process", "docker"):
             raise StartFailed(self.services[0], f"keyed services (instances = {{...}}) run on the "
-                              f"process runtime only for now; use --runtime process "
+                              f"process and docker runtimes only; not on {runtime.name} "
                               f"(services.{self.services[0]}.instances)")
         host = "127.0.0.1"
+        if runtime.name == "docker":
+            # The host's side of the mesh network: the networks are made now, before any instance.
+            host = await runtime.prepare()
         ca = CA.load_or_create(self.controller.files.path / "ca", self.config.name)
         try:
             for name in self.services:
@@ -395,6 +401,8 @@ class KeyedServices:
                                    host=host, port=0, public_port=spec.expose)
                 await front.start()
                 self.fronts[name] = front
+                if runtime.name == "docker":  # sidecars' firewall: out to this port of the gateway
+                    runtime.front_ports.append(int(front.address.rsplit(":", 1)[1]))
         except BaseException:
             await self.stop()
             raise
@@ -421,15 +429,29 @@ class KeyedServices:
         instance = self.keyed.get(label)
         if instance is not None and instance.details.get("key") != key:
             raise UpstreamError(503, f"two keys of '{service}' share the label {label}")
+        runtime = self.controller.runtime
         if instance is None:
             index = self._serial[service] = self._serial.get(service, 0) + 1
             spec = self.config.services[service]
-            instance = Instance(service, index, label, "127.0.0.1", {}, spec.health)
+            if runtime.name == "docker":
+                # Its containers and alias as the runtime names them (by index); the label by key.
+                instance = runtime.plan_one(service, index)
+                instance.label = label
+            else:
+                instance = Instance(service, index, label, "127.0.0.1", {}, spec.health)
             instance.details["key"] = key
             self.keyed[label] = instance
             self.controller.instances.append(instance)
-        # Fresh loopback ports for every boot: the last ones may be taken by now.
-        instance.ports = dict(zip(("app", "mesh", "outbound", "admin"), _free_ports(4)))
+        if runtime.name == "docker":
+            # The front serves `expose`; the admin port is published anew at every boot.
+            instance.ports.pop("public", None)
+            instance.ports["admin"] = 0
+            instance.details.pop("mesh_ip", None)
+            for container in instance.details["containers"].values():
+                container["id"] = None
+        else:
+            # Fresh loopback ports for every boot: the last ones may be taken by now.
+            instance.ports = dict(zip(("app", "mesh", "outbound", "admin"), _free_ports(4)))
         for what in ("pids", "pgids"):
             instance.details.pop(what, None)
         return instance
@@ -461,6 +483,9 @@ class KeyedServices:
                 raise
             self.states[instance.label] = "running"
             controller._save()
+            reach = getattr(controller.runtime, "reach", None)  # docker: its IP on the mesh network
+            if reach is not None:
+                return reach(instance)
             host, port = instance.mesh_address.rsplit(":", 1)
             return host, int(port)
 
