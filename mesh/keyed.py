@@ -50,6 +50,7 @@ log = logging.getLogger("mesh.keyed")
 
 StartInstance = Callable[[str], Awaitable[tuple[str, int]]]
 StopInstance = Callable[[str], Awaitable[None]]
+AskIdle = Callable[[str], Awaitable[bool]]  # may the idle instance of this key sleep?
 
 
 def key_of(request: Request, spec: str) -> str | None:
@@ -105,7 +106,7 @@ class KeyedFront:
     def __init__(self, config: MeshConfig, service: str, *, start: StartInstance,
                  stop: StopInstance, identity: Identity | None, host: str = "127.0.0.1",
                  port: int = 0, limits: ServerLimits | None = None, public_port: int | None = None,
-                 public_host: str = "127.0.0.1") -> None:
+                 public_host: str = "127.0.0.1", ask_idle: AskIdle | None = None) -> None:
         spec = config.services[service]
         assert spec.instances is not None
         self.config = config
@@ -116,6 +117,7 @@ class KeyedFront:
         self.pool = Pool(verify_peer=self._verify_peer)
         self._start = start
         self._stop = stop
+        self._ask_idle = ask_idle
         self.instances: dict[str, _Instance] = {}
         self.listener = Listener(self._handle, name=f"{service}.front", host=host, port=port,
                                  tls=identity.server if identity else None, limits=limits)
@@ -323,7 +325,11 @@ class KeyedFront:
             for instance in list(self.instances.values()):
                 if (instance.state == "running" and instance.in_flight == 0
                         and now - instance.last_used >= self.settings.sleep_after):
-                    self._put_to_sleep(instance.key, f"idle for {self.settings.sleep_after:g}s")
+                    if self._ask_idle is not None and not await self._ask_idle(instance.key):
+                        instance.last_used = time.monotonic()  # kept: ask again after sleep_after
+                        continue
+                    if instance.in_flight == 0 and self.instances.get(instance.key) is instance:
+                        self._put_to_sleep(instance.key, f"idle for {self.settings.sleep_after:g}s")
 
 
 # --- `mesh up`: the controller's side of keyed services --------------------------------------------
@@ -398,7 +404,8 @@ class KeyedServices:
                 spec = self.config.services[name]
                 front = KeyedFront(self.config, name, identity=Identity(folder, self.config.name),
                                    start=self._starter(name), stop=self._stopper(name),
-                                   host=host, port=0, public_port=spec.expose)
+                                   host=host, port=0, public_port=spec.expose,
+                                   ask_idle=self._idle_asker(name))
                 await front.start()
                 self.fronts[name] = front
                 if runtime.name == "docker":  # sidecars' firewall: out to this port of the gateway
@@ -490,6 +497,15 @@ class KeyedServices:
             return host, int(port)
 
         return start
+
+    def _idle_asker(self, service: str) -> AskIdle:
+        async def ask(key: str) -> bool:
+            instance = self.keyed.get(key_label(service, key))
+            if instance is None:
+                return True
+            return await self.controller.supervisor.sleep_when_idle(instance)
+
+        return ask
 
     def _stopper(self, service: str) -> StopInstance:
         async def stop(key: str) -> None:

@@ -36,8 +36,8 @@ Not wired yet (defined, with their defaults, for what comes next):
 
 - ``on_idle(instance)``: asked when a keyed instance has been idle for
   ``sleep_after``; returning ``"sleep"`` (the default) stops it, ``"keep"``
-  keeps it. The keyed front (`mesh.keyed`) decides idleness and does not
-  call it yet.
+  keeps it (it is asked again after another ``sleep_after``). A hook that
+  fails or takes over 5 s puts the instance to sleep.
 - ``choose_instance(request, instances)``: custom scheduling for a pool.
   Requests never pass through the controller: instances are chosen by the
   caller's sidecar (`mesh.balancer`), so this hook needs the sidecars to load
@@ -68,6 +68,7 @@ log = logging.getLogger("mesh.lifecycle")
 
 HOOKS = ("on_start", "on_stop", "on_error", "on_idle", "choose_instance")
 HOOK_TIMEOUT = 30.0
+IDLE_HOOK_TIMEOUT = 5.0  # on_idle is asked on the way to a decision: keep it short
 
 
 class Lifecycle:
@@ -206,6 +207,25 @@ class Supervisor:
                       instance.label, name, HOOK_TIMEOUT)
         except Exception:
             log.exception("%s: lifecycle hook %s raised; carrying on", instance.label, name)
+
+    async def sleep_when_idle(self, instance: Instance) -> bool:
+        """Ask ``on_idle`` whether an idle keyed instance should sleep; yes unless it says "keep"."""
+        hooks = self.hooks.get(instance.service)
+        method = getattr(hooks, "on_idle", None) if hooks is not None else None
+        if method is None:
+            return True
+        try:
+            async with asyncio.timeout(IDLE_HOOK_TIMEOUT):
+                answer = await method(instance)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a broken hook must not keep instances up forever: sleep
+            log.exception("%s: lifecycle hook on_idle failed; putting it to sleep", instance.label)
+            return True
+        if answer not in ("sleep", "keep", None):
+            log.error("%s: on_idle returned %r, not 'sleep' or 'keep'; putting it to sleep",
+                      instance.label, answer)
+        return answer != "keep"
 
     # exits
 

@@ -33,7 +33,8 @@ to = "sandbox"
 class Keyed:
     """A web sidecar calling a keyed service whose instances are app + sidecar pairs started on demand."""
 
-    def __init__(self, tmp_path, sleep: str) -> None:
+    def __init__(self, tmp_path, sleep: str, ask_idle=None) -> None:
+        self.ask_idle = ask_idle
         (tmp_path / "mesh.toml").write_text(TOML.format(sleep=sleep))
         self.cfg = config.load(tmp_path)
         self.ca = CA.load_or_create(tmp_path / "ca", "t")
@@ -80,7 +81,7 @@ class Keyed:
 
     async def __aenter__(self):
         self.front = KeyedFront(self.cfg, "sandbox", start=self.start_instance, stop=self.stop_instance,
-                                identity=self.identity("sandbox"))
+                                identity=self.identity("sandbox"), ask_idle=self.ask_idle)
         await self.front.start()
         self.web = Sidecar(self.cfg, "web", Ports(app=9), identity=self.identity("web"),
                            registry=Registry({"sandbox": [self.front.address]}))
@@ -123,6 +124,21 @@ async def test_idle_instances_sleep_and_wake_transparently(tmp_path):
         status, body, _ = await mesh.get("alice")
         assert status == 200 and body["instance"] == 2
         assert mesh.starts == ["alice", "alice"]
+
+
+async def test_on_idle_may_keep_an_instance_awake(tmp_path):
+    asked = []
+
+    async def ask_idle(key):
+        asked.append(key)
+        return len(asked) > 2  # keep it twice, then let it sleep
+
+    async with Keyed(tmp_path, "300ms", ask_idle=ask_idle) as mesh:
+        await mesh.get("alice")
+        await asyncio.sleep(0.8)
+        assert mesh.stops == [] and asked  # idle, asked, kept
+        await asyncio.sleep(1.5)
+        assert mesh.stops == ["alice"] and len(asked) == 3
 
 
 async def test_the_idle_timer_starts_when_the_last_request_ends(tmp_path):

@@ -319,3 +319,26 @@ lifecycle = "record.py:Broken"
                for e in events())
     assert not [e for e in events() if e["label"] == "job" and e.get("reason") == "shutdown"]
     assert_gone(mesh)
+
+
+async def test_on_idle_decides_sleep_or_keep_and_a_broken_hook_means_sleep(caplog):
+    from types import SimpleNamespace
+
+    from mesh.lifecycle import Lifecycle, Supervisor
+
+    class Keep(Lifecycle):
+        async def on_idle(self, instance):
+            return "keep"
+
+    class Broken(Lifecycle):
+        async def on_idle(self, instance):
+            raise RuntimeError("hook bug")
+
+    supervisor = Supervisor.__new__(Supervisor)
+    supervisor.hooks = {"keep": Keep(), "broken": Broken(), "plain": Lifecycle()}
+    instance = lambda service: SimpleNamespace(service=service, label=f"{service}.k-1")  # noqa: E731
+    assert await supervisor.sleep_when_idle(instance("keep")) is False
+    assert await supervisor.sleep_when_idle(instance("plain")) is True
+    assert await supervisor.sleep_when_idle(instance("none")) is True
+    assert await supervisor.sleep_when_idle(instance("broken")) is True
+    assert "hook bug" in caplog.text
