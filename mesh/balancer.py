@@ -99,7 +99,8 @@ class Balancer:
     def __init__(self, registry: Registry, policy: str = "p2c", outlier: Outlier | None = None, *,
                  endpoint: Callable[[str, str, int], Any] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 choosers: dict[str, Callable[[Any, list[Backend]], Any]] | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"lb: expected one of {', '.join(POLICIES)}, found {policy!r}")
         self.registry = registry
@@ -111,6 +112,8 @@ class Balancer:
         self._services: dict[str, _Service] = {}
         self._version = -1
         self._p2c = policy == "p2c"
+        # service -> a lifecycle hook's choose_instance(request, instances), asked first
+        self.choosers = choosers or {}
 
     # instances
 
@@ -142,11 +145,14 @@ class Balancer:
 
     # picking
 
-    def pick(self, service: str, avoid: Iterable[Backend] | None = None) -> Backend | None:
+    def pick(self, service: str, avoid: Iterable[Backend] | None = None,
+             request: Any = None) -> Backend | None:
         """An instance of ``service`` in rotation, or None if it has none.
 
         ``avoid`` (the instances a request already tried) is left out when
-        any other instance is in rotation.
+        any other instance is in rotation. A service whose lifecycle hooks
+        define ``choose_instance(request, instances)`` chooses first; None,
+        an instance not offered, or an error leaves the choice to the policy.
         """
         if self._version != self.registry.version:
             self._sync()
@@ -161,6 +167,15 @@ class Balancer:
             if others:
                 active = others
         count = len(active)
+        chooser = self.choosers.get(service)
+        if chooser is not None and count:
+            try:
+                chosen = chooser(request, list(active))
+            except Exception:
+                log.exception("%s: lifecycle hook choose_instance raised; the balancer chooses", service)
+                chosen = None
+            if chosen is not None and chosen in active:
+                return chosen
         if count < 2:
             return active[0] if count else None
         if self._p2c:

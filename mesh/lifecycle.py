@@ -38,10 +38,11 @@ Not wired yet (defined, with their defaults, for what comes next):
   ``sleep_after``; returning ``"sleep"`` (the default) stops it, ``"keep"``
   keeps it (it is asked again after another ``sleep_after``). A hook that
   fails or takes over 5 s puts the instance to sleep.
-- ``choose_instance(request, instances)``: custom scheduling for a pool.
-  Requests never pass through the controller: instances are chosen by the
-  caller's sidecar (`mesh.balancer`), so this hook needs the sidecars to load
-  it; returning None (the default) leaves the choice to the balancer.
+- ``choose_instance(request, instances)``: custom scheduling. Every caller's
+  sidecar loads the hooks of the services it calls and asks this first
+  (`mesh.balancer`); returning None (the default), an instance not offered,
+  or raising leaves the choice to the balancer. It runs on every request:
+  keep it quick and synchronous.
 """
 
 from __future__ import annotations

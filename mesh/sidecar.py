@@ -70,6 +70,20 @@ class Ports:
     public: int | None = None
 
 
+def _choosers(config: MeshConfig) -> dict[str, Any]:
+    """Each service whose lifecycle hooks override ``choose_instance``: that method."""
+    from .lifecycle import Lifecycle, load_lifecycle
+
+    choosers = {}
+    for name, spec in config.services.items():
+        if spec.lifecycle:
+            hooks = load_lifecycle(spec.lifecycle, config.plugin_path)()
+            method = getattr(type(hooks), "choose_instance", None)
+            if method is not None and method is not Lifecycle.choose_instance:
+                choosers[name] = hooks.choose_instance
+    return choosers
+
+
 def _is_websocket(request: Request) -> bool:
     connection = request.headers.get("Connection", "").lower()
     return "upgrade" in connection and request.headers.get("Upgrade", "").lower() == "websocket"
@@ -92,7 +106,7 @@ class Sidecar:
         self.app = Endpoint(app_host, ports.app)
         self.timeout = self.spec.timeout
         self.balancer = Balancer(self.registry, config.defaults.lb, config.defaults.outlier,
-                                 endpoint=self._endpoint)
+                                 endpoint=self._endpoint, choosers=_choosers(config))
         self.outbound_settings = Outbound(config, service)
         self.inbound = Chain(build_plugins(self.spec.plugin_specs), self._to_app)
         self.outbound = Chain(with_defaults(build_plugins(self.spec.outbound_specs)), self._to_peer)
@@ -216,7 +230,7 @@ class Sidecar:
         decision = self.policy.check(self.service, target, request.method, request.path)
         if not decision.allowed:
             return short_error(403, decision.reason, request.id)
-        backend = self.balancer.pick(target, state.get(AVOID))
+        backend = self.balancer.pick(target, state.get(AVOID), request)
         if backend is None:
             raise UpstreamError(503, f"service '{target}' has no instance running")
         # The bound of this try: the retry layer's per-try timeout, else the route's; never past the deadline.

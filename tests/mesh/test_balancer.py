@@ -256,3 +256,23 @@ async def test_a_slow_instance_gets_fewer_requests_with_p2c(aiohttp_server, lb):
         assert seen["slow"] < 0.25 * 160, seen
     else:
         assert seen["slow"] == seen["fast"] == 80, seen
+
+
+def test_a_lifecycle_chooser_picks_first_and_falls_back_to_the_policy():
+    from mesh.balancer import Balancer
+    from mesh.registry import Registry
+
+    def by_header(request, instances):
+        wanted = request.headers.get("x-pin") if request is not None else None
+        if wanted == "boom":
+            raise RuntimeError("chooser bug")
+        return next((b for b in instances if b.address == wanted), None)
+
+    registry = Registry({"api": ["127.0.0.1:1001", "127.0.0.1:1002", "127.0.0.1:1003"]})
+    balancer = Balancer(registry, choosers={"api": by_header})
+    from mesh.testing import make_request
+
+    pinned = make_request(headers={"x-pin": "127.0.0.1:1002"})
+    assert {balancer.pick("api", request=pinned).address for _ in range(20)} == {"127.0.0.1:1002"}
+    for header in ("127.0.0.1:9999", "boom"):  # not offered, or raising: the policy decides
+        assert balancer.pick("api", request=make_request(headers={"x-pin": header})) is not None
