@@ -39,5 +39,6 @@ class Greeter(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     port = int(os.environ["PORT"])
-    print(f"greeter listening on 127.0.0.1:{port}", flush=True)
-    ThreadingHTTPServer(("127.0.0.1", port), Greeter).serve_forever()
+    host = os.environ.get("BIND", "127.0.0.1")  # examples/docker-hello binds greeter to 0.0.0.0
+    print(f"greeter listening on {host}:{port}", flush=True)
+    ThreadingHTTPServer((host, port), Greeter).serve_forever()

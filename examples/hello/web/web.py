@@ -53,5 +53,6 @@ class Web(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     port = int(os.environ["PORT"])
-    print(f"web listening on 127.0.0.1:{port}", flush=True)
-    ThreadingHTTPServer(("127.0.0.1", port), Web).serve_forever()
+    host = os.environ.get("BIND", "127.0.0.1")  # examples/docker-hello binds greeter to 0.0.0.0
+    print(f"web listening on {host}:{port}", flush=True)
+    ThreadingHTTPServer((host, port), Web).serve_forever()
