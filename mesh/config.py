@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError, PluginError
 from .loader import load_class
-from .options import Duration, bind, check, construct, describe
+from .options import Duration, Size, bind, check, construct, describe
 from .plugin import Plugin
 
 __all__ = ["BUILTIN_PLUGINS", "Defaults", "HealthCheck", "MeshConfig", "Outlier", "PluginSpec", "Retries",
@@ -236,6 +236,14 @@ class ServiceConfig:
     memory: str | None = None
     lifecycle: str | None = None
     timeout: Duration | None = None
+    # How long a response body (or a WebSocket tunnel) may go quiet before the sidecar cuts it.
+    stream_idle_timeout: Duration = Duration(300)
+    # Request bodies up to this size are read in full before the app sees the request (0: stream all).
+    request_buffer: Size = Size(1 << 20)
+    # A request body streamed past request_buffer must keep this many bytes per second (0: no minimum).
+    request_min_rate: Size = Size(1024)
+    # Header names with '_' are dropped (as nginx does): CGI/WSGI stacks read X_User as X-User.
+    underscores_in_headers: bool = False
     name: str = ""
     plugin_specs: list[PluginSpec] = field(default_factory=list)
     outbound_specs: list[PluginSpec] = field(default_factory=list)
@@ -250,6 +258,7 @@ class RouteConfig:
     paths: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
     timeout: Duration | None = None
+    stream_idle_timeout: Duration | None = None
     mode: Literal["enforce", "audit"] = "enforce"
     retries: Retries | None = None
     max_pending: int | None = None

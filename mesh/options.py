@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-__all__ = ["Duration", "Rate", "OptionError", "bind", "check", "construct", "convert", "parse_duration"]
+__all__ = ["Duration", "Rate", "Size", "OptionError", "bind", "check", "construct", "convert", "parse_duration"]
 
 
 class OptionError(ValueError):
@@ -57,6 +57,33 @@ class Duration(float):
 
     def __repr__(self) -> str:
         return f"Duration({float(self)!r})"
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
+
+
+class Size(int):
+    """Bytes, written in mesh.toml as ``65536``, ``"64KiB"``, ``"1MiB"`` or ``"2MB"``."""
+
+    @classmethod
+    def parse(cls, value: str | int) -> Size:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        if isinstance(value, int):
+            size = value
+        else:
+            match = _SIZE.match(value.lower()) if isinstance(value, str) else None
+            if not match or match.group(2) not in _SIZE_UNITS:
+                raise ValueError(value)
+            size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+        if size < 0:
+            raise ValueError(value)
+        return cls(size)
+
+    def __repr__(self) -> str:
+        return f"Size({int(self)})"
 
 
 _PERIODS = {
@@ -128,6 +155,7 @@ def describe(hint: Any) -> str:
     return {
         str: "a string", int: "an integer", float: "a number", bool: "true or false",
         Duration: "a duration like '30s' or '250ms'",
+        Size: "a size in bytes like 65536, '64KiB' or '1MiB'",
         Rate: "a rate like '100/minute'", Path: "a file path",
     }.get(hint, getattr(hint, "__name__", str(hint)))
 
@@ -187,6 +215,11 @@ def convert(value: Any, hint: Any, *, root: Path | None = None, where: str = "")
     elif hint is Duration:
         try:
             return Duration.parse(value)
+        except (ValueError, TypeError):
+            pass
+    elif hint is Size:
+        try:
+            return Size.parse(value)
         except (ValueError, TypeError):
             pass
     elif hint is Rate:
