@@ -10,6 +10,7 @@ everyone after it sees the same bytes.
 from __future__ import annotations
 
 import json as _json
+from http import HTTPStatus
 from collections.abc import AsyncIterable, AsyncIterator
 from random import getrandbits as _random_bits
 from typing import Any
@@ -23,16 +24,10 @@ __all__ = ["Body", "Headers", "Request", "Response"]
 Headers = CIMultiDict
 Body = bytes | AsyncIterable[bytes]
 
-_REASONS = {
-    200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
-    301: "Moved Permanently", 302: "Found", 303: "See Other", 304: "Not Modified",
-    307: "Temporary Redirect", 308: "Permanent Redirect",
-    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
-    429: "Too Many Requests", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
+# Reason phrases for every registered status (RFC 9110 §15 names, where they changed).
+_REASONS = {status.value: status.phrase for status in HTTPStatus} | {
+    413: "Content Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable",
+    422: "Unprocessable Content"}
 
 
 def _headers(value: Any) -> CIMultiDict:

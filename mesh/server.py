@@ -28,6 +28,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import re
 import ssl
 import time
 from collections import deque
@@ -73,6 +74,10 @@ _SINGLETONS = ("Host", "Content-Length", "Transfer-Encoding", "Content-Type", "C
 _WS_OWN = frozenset({"content-length", "transfer-encoding", "connection", "upgrade", "sec-websocket-accept",
                      "sec-websocket-protocol", "sec-websocket-extensions"})
 _NO_BODY_STATUS = frozenset({204, 304})
+_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+# RFC 3986 §3.2.2-3: an IP-literal or a reg-name (unreserved, %-escapes, sub-delims), then an optional
+# port. No userinfo ("a@b"), no whitespace, nothing a later parser could split differently.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?\Z")
 
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -82,7 +87,12 @@ class ServerLimits:
     """Per-listener limits (sizes in bytes, times in seconds).
 
     ``body_timeout`` bounds both the wait for the next chunk of a request
-    body and the wait for a client to read what we write to it.
+    body and the wait for a client to read what we write to it. Request
+    bodies up to ``request_buffer`` bytes are read in full before the
+    handler runs; a body still streaming after ``body_grace`` seconds of
+    waiting for it must keep ``request_min_rate`` bytes per second (408
+    otherwise). Header names with ``_`` are dropped unless
+    ``underscores_in_headers`` (spellings of ``x-mesh-*`` always are).
     """
 
     max_header_bytes: int = 32 * 1024
@@ -91,6 +101,10 @@ class ServerLimits:
     idle_timeout: float = 60.0
     body_timeout: float = 60.0
     drain_timeout: float = 10.0
+    underscores_in_headers: bool = False
+    request_buffer: int = 0  # bodies up to this size are read in full before the handler runs
+    request_min_rate: int = 0  # bytes/s a request body must keep once body_grace has passed (0: none)
+    body_grace: float = 10.0
 
 
 class ClientGone(ClientTimeout):
@@ -184,14 +198,17 @@ class _RequestBody:
     llhttp's chunks are buffered; reading from the socket pauses while more
     than the high-water mark waits, and resumes below the low one. Waiting
     longer than the body timeout for the next chunk raises `ClientTimeout`
-    (the chain answers 408, the connection closes); a client that leaves or
-    breaks framing mid-body raises `ClientGone`. ``Expect: 100-continue`` is
-    answered when the handler first waits for data, so a request refused
-    without reading its body never has it sent.
+    (the chain answers 408, the connection closes), and so does a client
+    slower than the listener's minimum rate: past a grace period, the time
+    spent waiting for it may not exceed ``received / request_min_rate`` (the
+    time the handler spends elsewhere is not the client's). A client that
+    leaves or breaks framing mid-body raises `ClientGone`. ``Expect:
+    100-continue`` is answered when the body is first waited for, so a
+    request refused without reading its body never has it sent.
     """
 
     __slots__ = ("_conn", "_exchange", "chunks", "buffered", "complete", "error", "closed",
-                 "expect_continue", "_waiter")
+                 "expect_continue", "_waiter", "received", "waited", "high_water", "slow")
 
     def __init__(self, conn: _Connection, exchange: _Exchange) -> None:
         self._conn = conn
@@ -203,6 +220,10 @@ class _RequestBody:
         self.closed = False
         self.expect_continue = False
         self._waiter: asyncio.Future[None] | None = None
+        self.received = 0  # bytes in all
+        self.waited = 0.0  # seconds spent waiting for the client
+        self.high_water = _HIGH_WATER
+        self.slow = False  # the current wait is bounded by the minimum rate, not the body timeout
 
     def __aiter__(self) -> _RequestBody:
         return self
@@ -220,19 +241,58 @@ class _RequestBody:
                 raise self.error
             if self.complete or self.closed:
                 raise StopAsyncIteration
-            if self.expect_continue:
-                self.expect_continue = False
-                if not self._exchange.responding and not conn.closed:
-                    conn.transport.write(_CONTINUE)
-            waiter = self._waiter = conn.loop.create_future()
-            conn.body_waiting = self
-            conn.arm(_BODY, conn.limits.body_timeout)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-                conn.body_waiting = None
-                conn.disarm(_BODY)
+            await self._wait()
+
+    async def fill(self, limit: int) -> bytes | None:
+        """Read the whole body if it is at most ``limit`` bytes: its bytes, else None (it streams on).
+
+        What was read stays queued for the iterator when the body turns out larger.
+        """
+        self.high_water = max(_HIGH_WATER, limit + 1)  # read on while it may still fit
+        try:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if self.buffered > limit or self.closed:
+                    return None
+                if self.complete:
+                    break
+                await self._wait()
+        finally:
+            self.high_water = _HIGH_WATER
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        return data
+
+    async def _wait(self) -> None:
+        """Wait for the next chunk, bounded by the body timeout and the minimum rate."""
+        conn = self._conn
+        if self.expect_continue:
+            self.expect_continue = False
+            if not self._exchange.responding and not conn.closed:
+                conn.transport.write(_CONTINUE)
+        if conn.reading_paused:
+            conn.maybe_resume()
+        limits = conn.limits
+        timeout = limits.body_timeout
+        self.slow = False
+        if limits.request_min_rate:
+            allowed = limits.body_grace + self.received / limits.request_min_rate - self.waited
+            if allowed < timeout:
+                timeout = max(allowed, 0.0)
+                self.slow = True
+        waiter = self._waiter = conn.loop.create_future()
+        conn.body_waiting = self
+        conn.arm(_BODY, timeout)
+        started = _monotonic()
+        try:
+            await waiter
+        finally:
+            self.waited += _monotonic() - started
+            self._waiter = None
+            conn.body_waiting = None
+            conn.disarm(_BODY)
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -314,6 +374,7 @@ class _Connection(asyncio.Protocol):
         self.in_head = False
         self.url = b""
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.underscored = False  # a header name in this head has '_'
         self.head_size = 0
         self.head_pending = 0
         self.refusal: tuple[int, str] | None = None
@@ -429,6 +490,8 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         raw = self.raw_headers
         raw.append((name, value))
+        if b"_" in name:
+            self.underscored = True
         # llhttp has no limit of its own on a head's size: count as we go.
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.max_head:
@@ -451,19 +514,29 @@ class _Connection(asyncio.Protocol):
             self._stop(405, "CONNECT tunnels are not supported; call http://<service>/")
         target = url.decode("latin-1")  # llhttp admits ASCII only in a request-target
         authority = None
-        if target[0] != "/":
-            if self.listener.absolute_form and target[:7].lower() == "http://":
-                authority, target = _split_absolute(target[7:])
-                if not authority:
-                    self._stop(400, "bad request-target")
-            elif target == "*" and method == "OPTIONS":
-                target = "/"
-            else:
+        if target[0] == "/":
+            try:
+                path, query = split_target(target)
+            except BadPath as exc:
+                self._stop(400, str(exc))
+        elif target == "*" and method == "OPTIONS":
+            path, query = "*", ""  # asterisk-form: for the app to answer (RFC 9112 §3.2.4)
+        else:
+            # Absolute-form (RFC 9112 §3.2.2): what a client sends through a proxy (HTTP_PROXY),
+            # accepted by every server. The authority replaces any Host header.
+            scheme, sep, rest = target.partition("://")
+            if not sep or scheme.lower() not in _SCHEMES:
                 self._stop(400, "bad request-target")
-        try:
-            path, query = split_target(target)
-        except BadPath as exc:
-            self._stop(400, str(exc))
+            authority, target = _split_absolute(rest)
+            if not authority or not _HOST.match(authority):
+                self._stop(400, "bad request-target")
+            try:
+                path, query = split_target(target)
+            except BadPath as exc:
+                self._stop(400, str(exc))
+        if self.underscored:
+            self.underscored = False
+            raw = self._without_underscores(raw)
         headers = CIMultiDict([(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw])
         if len(raw) > 1 and len({n.lower() for n, _ in raw}) < len(raw):
             for name in _SINGLETONS:
@@ -471,6 +544,15 @@ class _Connection(asyncio.Protocol):
                     self._stop(400, f"more than one {name} header")
         if authority is not None:
             headers["Host"] = authority
+        else:
+            # SECURITY: RFC 9112 §3.2: no Host, or an invalid one, is 400; which host a request
+            # names must never be a matter of interpretation (two Hosts were refused above).
+            host = headers.get("Host")
+            if host is None:
+                if version == "1.1":
+                    self._stop(400, "no Host header")
+            elif not _HOST.match(host):
+                self._stop(400, "invalid Host header")
         exchange = _Exchange(method, version, parser.should_keep_alive())
         length = headers.get("Content-Length")
         chunked = "Transfer-Encoding" in headers  # llhttp admits only a final "chunked" in a request
@@ -507,7 +589,8 @@ class _Connection(asyncio.Protocol):
             return
         body.chunks.append(chunk)
         body.buffered += len(chunk)
-        if body.buffered > _HIGH_WATER:
+        body.received += len(chunk)
+        if body.buffered > body.high_water:
             self._pause()
         body.wake()
 
@@ -519,6 +602,22 @@ class _Connection(asyncio.Protocol):
             exchange.body.wake()  # type: ignore[union-attr]
 
     # parsing helpers
+
+    def _without_underscores(self, raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Drop header names with '_' (unless allowed); never a spelling of a header the mesh sets.
+
+        SECURITY: CGI and WSGI stacks read ``X_Mesh_Peer`` and ``X-Mesh-Peer`` as the same
+        ``HTTP_X_MESH_PEER``: a client could forge what the mesh vouches for. nginx drops them too.
+        """
+        allow = self.limits.underscores_in_headers
+        kept = []
+        for name, value in raw:
+            if b"_" in name:
+                if not allow or name.replace(b"_", b"-").lower().startswith(b"x-mesh-"):
+                    log.debug("%s listener: dropped header %r (underscore)", self.listener.name, name)
+                    continue
+            kept.append((name, value))
+        return kept
 
     def _stop(self, status: int, reason: str) -> None:
         """From a parser callback: stop parsing and answer ``status``."""
@@ -625,6 +724,18 @@ class _Connection(asyncio.Protocol):
         request = exchange.request
         assert request is not None
         try:
+            body = exchange.body
+            limit = self.limits.request_buffer
+            if (body is not None and limit and not exchange.upgrade
+                    and int(request.headers.get("Content-Length", 0)) <= limit):
+                # Small bodies arrive in full before the app is involved: a slow client
+                # holds a sidecar connection, never one of the app's workers.
+                try:
+                    data = await body.fill(limit)
+                except ClientTimeout as exc:
+                    return await self._respond(exchange, short_error(408, str(exc), request.id))
+                if data is not None:
+                    request.body = data
             self.handling = True
             try:
                 response = await self.handler(request, self)
@@ -859,8 +970,14 @@ class _Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.deadline_kind = 0
         if kind == _BODY:
-            if self.body_waiting is not None:
-                self.body_waiting.fail(ClientTimeout(f"no request body data for {self.limits.body_timeout:g}s"))
+            body = self.body_waiting
+            if body is not None:
+                limits = self.limits
+                if body.slow:
+                    body.fail(ClientTimeout(f"the request body came slower than "
+                                            f"{limits.request_min_rate} bytes/s"))
+                else:
+                    body.fail(ClientTimeout(f"no request body data for {limits.body_timeout:g}s"))
         elif kind == _WRITE:
             log.debug("%s listener: a client read nothing for %gs: closing", self.listener.name,
                       self.limits.body_timeout)
@@ -1067,7 +1184,7 @@ class Listener:
 
     def __init__(self, handler: RequestHandler, *, name: str, host: str = "127.0.0.1",
                  port: int = 0, tls: ssl.SSLContext | None = None,
-                 limits: ServerLimits | None = None, absolute_form: bool = False) -> None:
+                 limits: ServerLimits | None = None) -> None:
         self.handler = handler
         self.name = name
         self.host = host
@@ -1075,7 +1192,6 @@ class Listener:
         self.tls = tls
         self.scheme = "https" if tls is not None else "http"
         self.limits = limits or ServerLimits()
-        self.absolute_form = absolute_form
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None

@@ -34,7 +34,7 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -110,17 +110,20 @@ class Sidecar:
         self.outbound_settings = Outbound(config, service)
         self.inbound = Chain(build_plugins(self.spec.plugin_specs), self._to_app)
         self.outbound = Chain(with_defaults(build_plugins(self.spec.outbound_specs)), self._to_peer)
-        limits = limits or ServerLimits()
+        limits = replace(limits or ServerLimits(), underscores_in_headers=self.spec.underscores_in_headers)
+        # What protects the app from slow clients applies where requests come in for it.
+        inbound = replace(limits, request_buffer=self.spec.request_buffer,
+                          request_min_rate=self.spec.request_min_rate)
         self.listeners = {
-            "mesh": Listener(self._from_mesh, name="mesh", host=host, port=ports.mesh, limits=limits,
+            "mesh": Listener(self._from_mesh, name="mesh", host=host, port=ports.mesh, limits=inbound,
                              tls=identity.server if identity else None),
             "outbound": Listener(self._from_app, name="outbound", host="127.0.0.1",
-                                 port=ports.outbound, limits=limits, absolute_form=True),
+                                 port=ports.outbound, limits=limits),
             "admin": Listener(self._admin, name="admin", host="127.0.0.1", port=ports.admin, limits=limits),
         }
         if ports.public is not None:
             self.listeners["public"] = Listener(self._from_outside, name="public", host=public_host,
-                                                port=ports.public, limits=limits)
+                                                port=ports.public, limits=inbound)
         self.ready = False
 
     # lifecycle

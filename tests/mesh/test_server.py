@@ -271,21 +271,83 @@ async def test_a_body_that_breaks_its_framing_once_served_gets_400_and_nothing_a
     assert seen == ["/"]
 
 
-async def test_connect_is_refused_and_absolute_form_only_where_allowed():
+async def test_connect_is_refused_absolute_form_accepted_and_asterisk_form_passed_on():
     async with serving(echo) as listener:
         data = await raw_http(listener.port, b"CONNECT svc:443 HTTP/1.1\r\nHost: svc:443\r\n\r\n")
         assert status_of(data) == 405 and b"CONNECT" in data
-        data = await raw_http(listener.port, b"GET http://svc/x HTTP/1.1\r\nHost: svc\r\n\r\n")
-        assert status_of(data) == 400
         data = await raw_http(listener.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert status_of(data) == 200 and data.endswith(b"OPTIONS / ")
-    async with serving(echo, absolute_form=True) as listener:
+        assert status_of(data) == 200 and data.endswith(b"OPTIONS * ")
+        # RFC 9112 §3.2.2: every server accepts absolute-form; its authority replaces Host.
         for target, host, path in ((b"http://svc:81/x?q=1", b"svc:81", b"/x?q=1"), (b"http://svc", b"svc", b"/"),
-                                   (b"HTTP://svc?a", b"svc", b"/?a")):
+                                   (b"HTTP://svc?a", b"svc", b"/?a"), (b"ws://svc/socket", b"svc", b"/socket"),
+                                   (b"https://svc/%61pi", b"svc", b"/api")):
             data = await raw_http(listener.port, b"GET " + target + b" HTTP/1.1\r\nHost: other\r\n"
                                                                     b"Connection: close\r\n\r\n")
             assert status_of(data) == 200 and b"X-Host: " + host + b"\r\n" in data, data
             assert data.endswith(b"GET " + path + b" ")
+        for target in (b"ftp://svc/x", b"http://u@svc/x", b"http:///x", b"svc/x", b"http://a b/"):
+            data = await raw_http(listener.port, b"GET " + target + b" HTTP/1.1\r\nHost: svc\r\n\r\n")
+            assert status_of(data) == 400, target
+
+
+@pytest.mark.parametrize("head", [
+    b"GET / HTTP/1.1\r\n\r\n",  # no Host
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a@b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a:b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\\b\r\n\r\n",
+])
+async def test_missing_duplicate_or_invalid_host_is_400(head):
+    async with serving(echo) as listener:
+        data = await raw_http(listener.port, head)
+        assert status_of(data) == 400, data
+
+
+async def test_valid_hosts_and_http10_without_host_are_served():
+    async with serving(echo) as listener:
+        for host in (b"svc", b"svc:8080", b"127.0.0.1:1", b"[::1]:80", b"a-b.example.com", b""):
+            data = await raw_http(listener.port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+            assert status_of(data) == 200, host
+        data = await raw_http(listener.port, b"GET / HTTP/1.0\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_percent_encoded_unreserved_characters_are_decoded_and_malformed_escapes_refused():
+    async with serving(echo) as listener:
+        data = await raw_http(listener.port, b"GET /%61pi/%69nternal/%7e%3a HTTP/1.1\r\nHost: x\r\n"
+                                             b"Connection: close\r\n\r\n")
+        assert data.endswith(b"GET /api/internal/~%3A ")
+        for path in (b"/a%zzb", b"/a%4", b"/%", b"/a%2"):
+            data = await raw_http(listener.port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(data) == 400, path
+
+
+async def test_header_names_with_underscores_are_dropped_unless_allowed():
+    seen = []
+
+    async def handler(request: Request, conn) -> Response:
+        seen.append(sorted(k.lower() for k in request.headers))
+        return Response(200, b"ok")
+
+    head = (b"GET / HTTP/1.1\r\nHost: x\r\nX_User: alice\r\nX_Mesh_Peer: admin\r\nx_mesh-Deadline-ms: 1\r\n"
+            b"X-Fine: 1\r\nConnection: close\r\n\r\n")
+    async with serving(handler) as listener:
+        assert status_of(await raw_http(listener.port, head)) == 200
+    async with serving(handler, limits=ServerLimits(underscores_in_headers=True)) as listener:
+        assert status_of(await raw_http(listener.port, head)) == 200
+    assert seen == [["connection", "host", "x-fine"], ["connection", "host", "x-fine", "x_user"]]
+
+
+async def test_own_answers_carry_reason_phrases():
+    limits = ServerLimits(max_header_bytes=1024)
+    async with serving(echo, limits=limits) as listener:
+        data = await raw_http(listener.port, b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 414 URI Too Long\r\n")
+        data = await raw_http(listener.port, b"GET /%zz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
 
 
 # limits
@@ -714,3 +776,101 @@ def test_client_gone_is_answered_like_a_client_timeout():
     from mesh.chain import error_response
 
     assert error_response(ClientGone("left"), Request()).status == 408
+
+
+# request bodies: buffered when small, a minimum rate when streamed
+
+
+async def _trickle(writer: asyncio.StreamWriter, data: bytes, every: float, stop: asyncio.Event) -> None:
+    """Send ``data`` a byte at a time, ``every`` seconds apart, until it is sent or ``stop`` is set."""
+    for byte in data:
+        if stop.is_set() or writer.is_closing():
+            return
+        writer.write(bytes([byte]))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every):
+                await stop.wait()
+
+
+async def test_small_bodies_arrive_in_full_before_the_handler_runs():
+    calls = []
+
+    async def handler(request: Request, conn) -> Response:
+        calls.append((request.target, request.body if isinstance(request.body, bytes) else None))
+        return Response(200, b"ok")
+
+    limits = ServerLimits(request_buffer=1024)
+    async with serving(handler, limits=limits) as listener:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        await writer.drain()
+        # Another client is served meanwhile; the slow one's handler has not run.
+        data = await raw_http(listener.port, b"GET /other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status_of(data) == 200
+        assert calls == [("/other", b"")]
+        writer.write(b"world")
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        assert status_of(head) == 200
+        assert calls[1] == ("/slow", b"helloworld")
+        # A chunked body is read in full too, and Expect: 100-continue is answered first.
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"3\r\nabc\r\n0\r\n\r\n")
+            data = await reader.read(-1)
+        writer.close()
+        assert status_of(data) == 200
+        assert calls[2] == ("/c", b"abc")
+        # Larger than the buffer: it streams.
+        data = await raw_http(listener.port, b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n"
+                                             b"Connection: close\r\n\r\n" + b"x" * 2000)
+        assert status_of(data) == 200 and calls[3] == ("/big", None)
+
+
+@pytest.mark.parametrize("buffer", [0, 1 << 20])
+async def test_a_body_slower_than_the_minimum_rate_gets_408(buffer):
+    calls = []
+
+    async def handler(request: Request, conn) -> Response:
+        calls.append(request.target)
+        try:
+            await request.read()
+        except ClientTimeout as exc:
+            return short_error(408, exc.reason, request.id)
+        return Response(200, b"ok")
+
+    limits = ServerLimits(request_buffer=buffer, request_min_rate=100, body_grace=0.5)
+    async with serving(handler, limits=limits) as listener:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n")
+        stop = asyncio.Event()
+        trickle = asyncio.create_task(_trickle(writer, b"x" * 500, 0.1, stop))  # 10 bytes/s
+        try:
+            async with asyncio.timeout(30):
+                data = await reader.read(-1)
+        finally:
+            stop.set()
+            await trickle
+            writer.close()
+        assert status_of(data) == 408 and b"slower than 100 bytes/s" in data
+        assert calls == ([] if buffer else ["/slow"])
+
+
+async def test_a_body_at_the_minimum_rate_is_served():
+    async def handler(request: Request, conn) -> Response:
+        return Response(200, await request.read())
+
+    limits = ServerLimits(request_min_rate=10, body_grace=2)
+    async with serving(handler, limits=limits) as listener:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nConnection: close\r\n\r\n")
+        stop = asyncio.Event()
+        await _trickle(writer, b"0123456789", 0.05, stop)  # far above 10 bytes/s
+        async with asyncio.timeout(30):
+            data = await reader.read(-1)
+        writer.close()
+        assert status_of(data) == 200 and data.endswith(b"0123456789")
