@@ -26,6 +26,16 @@ async def raw_http(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
         writer.close()
 
 
+async def eventually(condition, *, timeout: float = 30.0, every: float = 0.02, what: str = "") -> None:
+    """Wait until ``condition()`` is true: a bound generous enough for a slow, busy machine."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"not true within {timeout:g}s: {what or condition}")
+        await asyncio.sleep(every)
+
+
 def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 

@@ -16,6 +16,8 @@ from mesh.registry import Registry
 from mesh.sidecar import Ports, Sidecar
 from mesh.testing import make_request
 
+from ..conftest import eventually
+
 TOML = """
 [mesh]
 name = "t"
@@ -44,6 +46,7 @@ class Keyed:
         self.serial = itertools.count(1)
         self.release = asyncio.Event()
         self.release.set()
+        self.waiting = 0  # requests held at /slow
 
     def identity(self, name: str) -> Identity:
         folder = self.cfg.root / "certs" / name
@@ -58,7 +61,11 @@ class Keyed:
 
         async def handler(request):
             if request.path == "/slow":
-                await release.wait()
+                self.waiting += 1
+                try:
+                    await release.wait()
+                finally:
+                    self.waiting -= 1
             return web.json_response({"key": key, "instance": serial, "peer": request.headers.get("x-mesh-peer")})
 
         app = web.Application()
@@ -119,8 +126,8 @@ async def test_concurrent_first_requests_start_one_instance_and_stick_to_it(tmp_
 async def test_idle_instances_sleep_and_wake_transparently(tmp_path):
     async with Keyed(tmp_path, "300ms") as mesh:
         assert (await mesh.get("alice"))[1]["instance"] == 1
-        await asyncio.sleep(1.2)
-        assert mesh.stops == ["alice"] and "alice" not in mesh.running
+        await eventually(lambda: mesh.stops == ["alice"], what="alice sleeps")
+        assert "alice" not in mesh.running
         status, body, _ = await mesh.get("alice")
         assert status == 200 and body["instance"] == 2
         assert mesh.starts == ["alice", "alice"]
@@ -135,10 +142,10 @@ async def test_on_idle_may_keep_an_instance_awake(tmp_path):
 
     async with Keyed(tmp_path, "300ms", ask_idle=ask_idle) as mesh:
         await mesh.get("alice")
-        await asyncio.sleep(0.8)
-        assert mesh.stops == [] and asked  # idle, asked, kept
-        await asyncio.sleep(1.5)
-        assert mesh.stops == ["alice"] and len(asked) == 3
+        await eventually(lambda: len(asked) >= 2, what="asked twice")
+        assert mesh.stops == []  # idle, asked, kept
+        await eventually(lambda: mesh.stops == ["alice"], what="alice sleeps")
+        assert len(asked) == 3
 
 
 async def test_the_idle_timer_starts_when_the_last_request_ends(tmp_path):
@@ -149,8 +156,7 @@ async def test_the_idle_timer_starts_when_the_last_request_ends(tmp_path):
         assert mesh.stops == []
         mesh.release.set()
         assert (await slow)[0] == 200
-        await asyncio.sleep(1.0)
-        assert mesh.stops == ["alice"]
+        await eventually(lambda: mesh.stops == ["alice"], what="alice sleeps")
 
 
 async def test_max_puts_the_least_recently_used_to_sleep_or_refuses_when_all_busy(tmp_path):
@@ -163,7 +169,7 @@ async def test_max_puts_the_least_recently_used_to_sleep_or_refuses_when_all_bus
         # Both remaining instances busy: a new key is refused, not queued.
         mesh.release.clear()
         busy = [asyncio.ensure_future(mesh.get(k, "/slow")) for k in ("a", "c")]
-        await asyncio.sleep(0.3)
+        await eventually(lambda: mesh.waiting == 2, what="both instances busy")
         status, body, headers = await mesh.get("d")
         assert status == 503 and headers["Retry-After"] == "1"
         mesh.release.set()
