@@ -180,3 +180,24 @@ async def test_a_slow_upload_does_not_hold_a_single_worker_app(tmp_path):
             assert head.startswith(b"HTTP/1.1 200 ") and served[-1] == ("/upload", 1000)
     finally:
         await runner.cleanup()
+
+
+async def test_websocket_through_the_outbound_listener_as_http_proxy(tmp_path, aiohttp_server):
+    """aiohttp's client, given HTTP_PROXY, sends the handshake in absolute-form."""
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str("echo " + message.data)
+        return ws
+
+    application = web.Application()
+    application.router.add_get("/ws", echo)
+    server = await aiohttp_server(application)
+    folder = mesh_folder(tmp_path)
+    async with run_mesh((folder / "mesh.toml").read_text(), {"a": server.port, "b": server.port}, folder) as mesh:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect("ws://b/ws", proxy=mesh.url("a", "outbound")) as ws:
+                await ws.send_str("hi")
+                assert (await ws.receive(timeout=10)).data == "echo hi"
