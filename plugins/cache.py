@@ -1,62 +1,104 @@
 """``cache``: a shared HTTP cache in front of the app, with RFC 9111 semantics.
 
+It stores only what a response explicitly allows a shared cache to store,
+and keeps what answered one user away from every other user.
+
 Options:
 
-- ``ttl`` (duration, default ``"60s"``): how long a response stays fresh when
-  it may be cached but names no lifetime of its own (no ``max-age``,
-  ``s-maxage`` or ``Expires``). ``"0s"`` caches only responses that name one.
+- ``ttl`` (duration, default ``"60s"``): the lifetime of a response that may
+  be stored but names none of its own: one that says ``public`` without
+  ``max-age``, ``s-maxage`` or ``Expires``, and, only with ``heuristic =
+  true``, a plain response (there it is the most it gets). ``ttl`` never makes
+  a response cacheable: without ``public`` or ``heuristic`` it changes nothing.
+  ``"0s"`` keeps only responses that name a lifetime.
+- ``heuristic`` (boolean, default false): also store responses that name no
+  lifetime and do not say ``public``, with a heuristic lifetime (RFC 9111
+  §4.2.2): a tenth of the time since their ``Last-Modified``, at most
+  ``ttl``, or ``ttl`` without ``Last-Modified``. Off, a plain ``200`` is never
+  stored, whatever its path looks like (``/account.css`` included).
+- ``key`` (list of strings, default none): more parts of the key, each
+  ``"header:NAME"`` (the request's values of that header), ``"claim:NAME"``
+  (that claim from ``request.state["claims"]``) or ``"peer"`` (the calling
+  service). Entries are kept apart per value, and a request whose identity
+  is in the key (see below) may use and fill entries private to it.
+- ``key_headers`` (list of strings): the same as ``"header:NAME"`` entries of
+  ``key``, e.g. ``["X-Tenant"]``: one stored copy per value.
 - ``max_entries`` (integer, default 1000): most responses kept.
 - ``max_bytes`` (integer, default 64 MiB): most bytes kept, bodies plus headers.
 - ``max_body`` (integer, default 1 MiB): the largest body stored. A larger or
   longer streaming response passes through to the client unbuffered: the
   cache never holds more than ``max_body`` bytes of it.
-- ``key_headers`` (list of strings): request headers whose values are added
-  to the key, e.g. ``["X-Tenant"]``: one stored copy per value.
 - ``stale_while_revalidate`` (duration, default ``"0s"``): for this long after
   a response goes stale it is still served (``X-Cache: HIT``) while one
   background request refreshes it. A response's own
   ``stale-while-revalidate=N`` overrides it; ``must-revalidate``,
   ``proxy-revalidate``, ``s-maxage`` and ``no-cache`` forbid it.
-- ``store_set_cookie`` (boolean, default false): store responses that carry
-  ``Set-Cookie``. The stored copy never keeps the cookie: only the client
-  whose request went to the app gets it.
 
-What is stored (what a shared cache may store, RFC 9111 §3):
+What is stored (what a shared cache may store, RFC 9111 §3), only when the
+response makes it explicitly cacheable: ``s-maxage``, ``max-age``,
+``Expires`` or ``public`` (or any plain one with ``heuristic = true``):
 
 - responses to ``GET`` and ``HEAD`` with status 200, 203, 204, 300, 301,
   308, 404, 405, 410, 414 or 501, and 302 or 307 when they name a lifetime
-  (or say ``public``). Nothing else: no 206, no 5xx errors.
-- never a response with ``Cache-Control: no-store`` or ``private``, with
-  ``Vary: *``, or with a body over ``max_body``;
+  or say ``public``. Nothing else: no 206, no 5xx errors.
+- never a response with ``Set-Cookie``, with ``Cache-Control: no-store`` or
+  ``private``, with ``Vary: *``, or with a body over ``max_body``;
 - a response with ``no-cache`` only when it has an ``ETag`` or
-  ``Last-Modified``, and then it is revalidated before every use;
-- a response to a request with ``Authorization`` only when it says
-  ``public``, ``s-maxage`` or ``must-revalidate``: plain responses to
-  authenticated requests are never stored.
+  ``Last-Modified``, and then it is revalidated before every use.
+
+Authenticated requests. A request is authenticated when it carries
+``Authorization`` or ``Cookie``, or when a plugin before the cache put
+``claims`` on ``request.state`` (``jwt`` does, also when it removes
+``Authorization`` with ``forward_token = false``), or one after it did by the
+time the response comes back. Such a request is neither served from nor
+stored in the shared cache unless the response says ``public`` or
+``s-maxage``: it gets only entries stored from such responses, and only
+such responses to it are stored. The one exception is a request whose
+identity is in ``key``: its entries are then keyed on that identity and
+private to it, and every response storable for an anonymous request is
+stored for it. Its identity is in the key when every credential it carries is:
+
+- ``Cookie`` needs ``"header:Cookie"``;
+- ``Authorization`` needs ``"header:Authorization"``, or claims on the
+  request and a ``"claim:NAME"`` entry;
+- claims need ``"claim:NAME"`` entries, every one of them a claim the
+  request has, or ``"header:Authorization"`` with the ``Authorization``
+  header still on the request. When ``jwt`` removes the token, only claims
+  identify the user: key on ``"claim:sub"``.
+
+The calling service (``request.peer``) is not a credential: add ``"peer"``
+to ``key`` to keep services apart. Put the cache after the plugins that
+authenticate.
 
 Freshness is ``s-maxage``, else ``max-age``, else ``Expires`` minus ``Date``,
-else ``ttl``; an ``Age`` from upstream counts against it. A stale entry with
-an ``ETag`` or ``Last-Modified`` is kept and revalidated with a conditional
-request: a 304 refreshes it and the stored body is served. A stale entry
-without either is dropped once its stale-while-revalidate window is over.
+else ``ttl`` for ``public``, else the heuristic lifetime when it is on; an
+``Age`` from upstream counts against it. A stale entry with an ``ETag`` or
+``Last-Modified`` is kept and revalidated with a conditional request: a 304
+refreshes it and the stored body is served. A stale entry without either is
+dropped once its stale-while-revalidate window is over.
 
-The key is the method, ``Host``, path and query, the ``key_headers`` values,
-and the request's values of the headers the response's ``Vary`` names.
+The key is the method, ``Host``, path and query, the values of ``key`` and
+``key_headers``, and the request's values of the headers the response's
+``Vary`` names. The path is the normalized one plugins see; its extension
+means nothing to the cache.
 
 Requests (RFC 9111 §5.2.1): ``Cache-Control: no-store`` (or a ``Range``,
 ``If-Match``, ``If-Unmodified-Since`` or ``If-Range`` header) bypasses the
-cache; ``no-cache``, ``max-age=0`` or ``Pragma: no-cache`` skip the stored
-copy and store the new one; ``max-age``, ``min-fresh`` and ``max-stale`` are
-honoured; ``only-if-cached`` gets a 504 when nothing usable is stored. A hit
-answers ``If-None-Match`` with a 304 when the stored ``ETag`` matches.
+cache; ``no-cache``, ``max-age=0`` or ``Pragma: no-cache`` do not use the
+stored copy without asking the app (a conditional request when it has a
+validator) and store the new one; ``max-age``, ``min-fresh`` and
+``max-stale`` are honoured; ``only-if-cached`` gets a 504 when nothing usable
+is stored. A hit answers ``If-None-Match`` with a 304 when the stored
+``ETag`` matches.
 
 A successful ``POST``, ``PUT``, ``DELETE`` or ``PATCH`` (status below 400)
 invalidates what is stored for its URL, and for its ``Location`` and
-``Content-Location`` on the same host.
+``Content-Location`` on the same host, for every identity.
 
-Concurrent misses for one key go to the app once: the others wait for that
-response and are served from the cache; if it could not be stored they go to
-the app themselves.
+Concurrent misses with the same key (identity included) go to the app once:
+the others wait for that response and are served from the cache; if it
+could not be stored they go to the app themselves. Authenticated requests
+whose identity is not in the key never wait for another request.
 
 Headers: every response gets ``X-Cache: HIT`` (served from the cache, also
 after a 304 revalidation or while stale-while-revalidate refreshes it) or
@@ -68,20 +110,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 from cachetools import LRUCache, TLRUCache
 
-from mesh import CallNext, Context, Duration, Plugin, Request, Response
+from mesh import CallNext, Context, Duration, Headers, Plugin, Request, Response
 
-# RFC 9110 §15.1: stored with a heuristic lifetime (our `ttl`) when none is given.
+# RFC 9110 §15.1: may be stored with a heuristic lifetime (only with `heuristic = true`).
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
 # Understood, but stored only when the response names a lifetime or says `public`.
 EXPLICIT_STATUSES = frozenset({302, 307})
@@ -97,10 +141,15 @@ NOT_STORED = frozenset({
 NOT_MODIFIED_HEADERS = frozenset({
     "cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified",
 })
+# Response directives that let a shared cache keep the answer to an authenticated request.
+SHARED_DIRECTIVES = frozenset({"public", "s-maxage"})
 # How many times a request waits for someone else's miss before going itself.
 MAX_WAITS = 3
+# RFC 9111 §4.2.2: a typical heuristic lifetime is 10% of the time since Last-Modified.
+HEURISTIC_FRACTION = 0.1
 
 _DIRECTIVE = re.compile(r"""([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?:\s*=\s*(?:"([^"]*)"|([^,\s]*)))?""")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def cache_control(values: Iterable[str]) -> dict[str, str | None]:
@@ -136,6 +185,26 @@ def etag_matches(if_none_match: str, etag: str) -> bool:
     return "*" in tags or etag.removeprefix("W/") in {tag.removeprefix("W/") for tag in tags}
 
 
+def parse_key(parts: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """``key`` entries as ``(kind, name)``: ``("header", lowercased name)``, ``("claim", name)``
+    or ``("peer", "")``, without duplicates. Raises ValueError on anything else."""
+    parsed: list[tuple[str, str]] = []
+    for part in parts:
+        kind, colon, name = part.strip().partition(":")
+        kind, name = kind.strip().lower(), name.strip()
+        if kind == "peer" and not colon:
+            item = ("peer", "")
+        elif kind == "header" and _TOKEN.match(name):
+            item = ("header", name.lower())
+        elif kind == "claim" and name:
+            item = ("claim", name)
+        else:
+            raise ValueError(f"key: {part!r} is not 'header:NAME', 'claim:NAME' or 'peer'")
+        if item not in parsed:
+            parsed.append(item)
+    return tuple(parsed)
+
+
 @dataclass(frozen=True)
 class _Entry:
     """One stored response and what decides when it may be used."""
@@ -150,6 +219,7 @@ class _Entry:
     stale_window: float     # seconds past `lifetime` it may be served while refreshing
     no_stale: bool          # must-revalidate & co: never served stale, even on max-stale
     revalidate: bool        # response no-cache: validate before every use
+    shared: bool            # public or s-maxage: may answer authenticated requests too
     etag: str | None
     last_modified: str | None
     generation: int = 0     # must equal its URL's marker generation to be found
@@ -169,6 +239,17 @@ class _Entry:
         return self.initial_age + max(0.0, now - self.stored_at)
 
 
+@dataclass(frozen=True)
+class _Scope:
+    """Where one request's entries live and which of them it may use."""
+
+    url: tuple              # (method, host, target): Vary markers and invalidation work on it
+    base: tuple             # url + the `key` values: every entry of the request is under it
+    authenticated: bool     # it carried credentials or claims when the cache saw it
+    shared_only: bool       # authenticated, identity not in the key: public/s-maxage only
+    flight: tuple           # requests with equal flights may wait for each other's miss
+
+
 @dataclass
 class _Flight:
     """A request on its way to the app that others with the same key wait for."""
@@ -183,12 +264,13 @@ class Cache(Plugin):
     def __init__(
         self,
         ttl: Duration = Duration(60),
+        heuristic: bool = False,
+        key: list[str] | None = None,
+        key_headers: list[str] | None = None,
         max_entries: int = 1000,
         max_bytes: int = 64 * 1024 * 1024,
         max_body: int = 1024 * 1024,
-        key_headers: list[str] | None = None,
         stale_while_revalidate: Duration = Duration(0),
-        store_set_cookie: bool = False,
     ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
@@ -199,15 +281,19 @@ class Cache(Plugin):
         if ttl < 0 or stale_while_revalidate < 0:
             raise ValueError("ttl and stale_while_revalidate must not be negative")
         self.ttl = float(ttl)
+        self.heuristic = heuristic
+        self.key = parse_key([*(key or ()), *(f"header:{name}" for name in key_headers or ())])
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.max_body = max_body
-        self.key_headers = tuple(key_headers or ())
         self.stale_while_revalidate = float(stale_while_revalidate)
-        self.store_set_cookie = store_set_cookie
+        self._key_headers = frozenset(name for kind, name in self.key if kind == "header")
+        self._key_claims = tuple(name for kind, name in self.key if kind == "claim")
         # Seconds on a monotonic clock: every age and lifetime is measured on it.
         # Tests replace it to move time without sleeping.
         self.clock: Callable[[], float] = time.monotonic
+        # Wall-clock seconds, for dates without a Date header to count from.
+        self.wall_clock: Callable[[], float] = time.time
         self._store: TLRUCache = TLRUCache(
             maxsize=max_bytes, ttu=lambda _key, entry, _now: entry.expires,
             timer=lambda: self.clock(), getsizeof=lambda entry: entry.size)
@@ -241,60 +327,103 @@ class Cache(Plugin):
         if "no-store" in directives or any(h in request.headers for h in BYPASS_HEADERS):
             return _mark(await call_next(request), "MISS")
         reload = "no-cache" in directives or delta_seconds(directives.get("max-age")) == 0
-        key = self._flight_key(request)
+        scope = self._scope(request)
         stale: _Entry | None = None
         waits = 0
         while True:
             now = self.clock()
-            entry = None if reload else self._lookup(request)
+            entry = self._lookup(scope, request)
+            if entry is not None and reload:
+                stale = entry  # the client wants the app asked: validate our copy if we can
+                break
             if entry is not None:
                 usable = self._usable(entry, directives, now)
                 if usable == "fresh":
                     return self._serve(entry, request, now)
                 if usable == "stale":
-                    self._refresh_in_background(key, request, entry, call_next)
+                    self._refresh_in_background(scope, request, entry, call_next)
                     return self._serve(entry, request, now)
                 stale = entry
             if "only-if-cached" in directives:
                 return _mark(Response(504, "504 Gateway Timeout: not in the cache\n"), "MISS")
-            flight = self._flights.get(key)
+            flight = self._flights.get(scope.flight)
             if flight is None or reload or waits == MAX_WAITS:
                 break
             waits += 1
             await flight.done.wait()
             if not flight.stored:
                 break  # the app's answer could not be stored: ask it ourselves
-        return await self._lead(key, request, call_next, stale)
+        return await self._lead(scope, request, call_next, stale)
 
     # -- keys and lookup ------------------------------------------------------
 
-    def _flight_key(self, request: Request) -> tuple:
-        """What two requests share to be coalesced: everything but the Vary values."""
-        return (request.method, request.host.lower(), request.target,
-                _values(request, self.key_headers))
+    def _scope(self, request: Request) -> _Scope:
+        url = (request.method, request.host.lower(), request.target)
+        base = url + self._key_values(request)
+        authenticated = ("Authorization" in request.headers or "Cookie" in request.headers
+                         or "claims" in request.state)
+        shared_only = authenticated and not self._identity_keyed(request)
+        # An identity outside the key is not comparable: such a request never
+        # waits for another one (a fresh object makes its flight its own).
+        flight = base + (object(),) if shared_only else base
+        return _Scope(url, base, authenticated, shared_only, flight)
 
-    def _entry_key(self, request: Request, vary: tuple[str, ...]) -> tuple:
-        return self._flight_key(request) + (_values(request, vary),)
+    def _key_values(self, request: Request) -> tuple:
+        values: list[Any] = []
+        for kind, name in self.key:
+            if kind == "header":
+                values.append(_values(request.headers, (name,)))
+            elif kind == "claim":
+                values.append(_claim(request.state.get("claims"), name))
+            else:
+                values.append(request.peer)
+        return tuple(values)
 
-    def _lookup(self, request: Request) -> _Entry | None:
-        marker = self._markers.get((request.method, request.host.lower(), request.target))
+    def _identity_keyed(self, request: Request) -> bool:
+        """Whether every credential ``request`` carries is part of the key."""
+        headers = request.headers
+        has_authorization = "Authorization" in headers
+        has_claims = "claims" in request.state
+        claims = request.state.get("claims")
+        claims_keyed = (has_claims and bool(self._key_claims) and isinstance(claims, Mapping)
+                        and all(name in claims for name in self._key_claims))
+        authorization_keyed = "authorization" in self._key_headers
+        # SECURITY: a credential outside the key would let two users share an entry.
+        if "Cookie" in headers and "cookie" not in self._key_headers:
+            return False
+        if has_authorization and not (authorization_keyed or claims_keyed):
+            return False
+        # Claims whose token is gone (jwt with forward_token = false) are the
+        # only trace of who asked: keying on the missing header would merge everyone.
+        if has_claims and not (claims_keyed or (has_authorization and authorization_keyed)):
+            return False
+        return True
+
+    def _entry_key(self, scope: _Scope, headers: Headers, vary: tuple[str, ...]) -> tuple:
+        return scope.base + (_values(headers, vary),)
+
+    def _lookup(self, scope: _Scope, request: Request) -> _Entry | None:
+        marker = self._markers.get(scope.url)
         if marker is None:
             return None
         vary, generation = marker
-        entry = self._store.get(self._entry_key(request, vary))
+        entry = self._store.get(self._entry_key(scope, request.headers, vary))
         if entry is None or entry.generation != generation:
+            return None
+        # SECURITY: an authenticated request outside the key gets only what a
+        # response said any user may get.
+        if scope.shared_only and not entry.shared:
             return None
         return entry
 
-    def _put(self, request: Request, vary: tuple[str, ...], entry: _Entry) -> None:
-        url = (request.method, request.host.lower(), request.target)
-        marker = self._markers.get(url)
+    def _put(self, scope: _Scope, headers: Headers, vary: tuple[str, ...], entry: _Entry) -> None:
+        marker = self._markers.get(scope.url)
         if marker is None or marker[0] != vary:
             marker = (vary, next(self._generations))
-            self._markers[url] = marker
+            self._markers[scope.url] = marker
         entry = dataclasses.replace(entry, generation=marker[1])
         try:
-            self._store[self._entry_key(request, vary)] = entry
+            self._store[self._entry_key(scope, headers, vary)] = entry
         except ValueError:  # bigger than max_bytes on its own (headers included)
             return
         while len(self._store) > self.max_entries:
@@ -351,24 +480,27 @@ class Cache(Plugin):
 
     # -- going upstream -------------------------------------------------------
 
-    async def _lead(self, key: tuple, request: Request, call_next: CallNext,
+    async def _lead(self, scope: _Scope, request: Request, call_next: CallNext,
                     stale: _Entry | None) -> Response:
         """Fetch for ``request``, letting later requests with the same key wait for it."""
         flight = None
-        if key not in self._flights:
-            flight = self._flights[key] = _Flight()
+        if scope.flight not in self._flights:
+            flight = self._flights[scope.flight] = _Flight()
         try:
-            response, stored = await self._fetch(request, call_next, stale)
+            response, stored = await self._fetch(scope, request, call_next, stale)
             if flight is not None:
                 flight.stored = stored
             return response
         finally:
             if flight is not None:
-                del self._flights[key]
+                del self._flights[scope.flight]
                 flight.done.set()
 
-    def _refresh_in_background(self, key: tuple, request: Request, entry: _Entry,
+    def _refresh_in_background(self, scope: _Scope, request: Request, entry: _Entry,
                                call_next: CallNext) -> None:
+        # Refreshes asked with credentials outside the key share one slot: only
+        # a public or s-maxage answer to them is stored, and no miss waits on it.
+        key = scope.base + ("shared-only refresh",) if scope.shared_only else scope.flight
         if key in self._flights:
             return  # a refresh or a miss for this key is already on its way
         flight = self._flights[key] = _Flight()
@@ -380,15 +512,15 @@ class Cache(Plugin):
         # The refresh asks on the cache's behalf, not with this client's conditions.
         for name in ("If-None-Match", "If-Modified-Since"):
             copy.headers.popall(name, None)
-        task = asyncio.create_task(self._refresh(key, flight, copy, call_next, entry))
+        task = asyncio.create_task(self._refresh(key, flight, scope, copy, call_next, entry))
         # The loop keeps only a weak reference to tasks: hold one until it is done.
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _refresh(self, key: tuple, flight: _Flight, request: Request,
+    async def _refresh(self, key: tuple, flight: _Flight, scope: _Scope, request: Request,
                        call_next: CallNext, entry: _Entry) -> None:
         try:
-            response, flight.stored = await self._fetch(request, call_next, entry)
+            response, flight.stored = await self._fetch(scope, request, call_next, entry)
             await response.aclose()
         except Exception:
             self._log.warning("refreshing %s %s in the background failed",
@@ -397,7 +529,7 @@ class Cache(Plugin):
             del self._flights[key]
             flight.done.set()
 
-    async def _fetch(self, request: Request, call_next: CallNext,
+    async def _fetch(self, scope: _Scope, request: Request, call_next: CallNext,
                      stale: _Entry | None) -> tuple[Response, bool]:
         """Forward ``request``; store the response if allowed. Returns (response, stored)."""
         added = []
@@ -419,12 +551,14 @@ class Cache(Plugin):
             for name in added:
                 request.headers.popall(name, None)
                 asked.headers.popall(name, None)
-        request = asked
+        # SECURITY: a plugin further in that found the request authenticated
+        # (claims put on it on the way in) makes it so for what is stored.
+        shared_only = scope.shared_only or (not scope.authenticated and "claims" in request.state)
         now = self.clock()
         if response.status == 304 and added and stale is not None:
             await response.aclose()
-            return self._revalidated(request, stale, response, now), True
-        entry = self._admit(request, response.status, response.reason,
+            return self._revalidated(scope, asked, shared_only, stale, response, now)
+        entry = self._admit(shared_only, response.status, response.reason,
                             response.headers.items(), now)
         if entry is None:
             return _mark(response, "MISS"), False
@@ -434,26 +568,30 @@ class Cache(Plugin):
         body = await _read_upto(response, self.max_body)
         if body is None:
             return _mark(response, "MISS"), False
-        self._put(request, _vary(response.headers.getall("Vary", ())),
+        self._put(scope, asked.headers, _vary(response.headers.getall("Vary", ())),
                   dataclasses.replace(entry, body=body))
         return _mark(response, "MISS"), True
 
-    def _revalidated(self, request: Request, stale: _Entry, response: Response,
-                     now: float) -> Response:
+    def _revalidated(self, scope: _Scope, request: Request, shared_only: bool, stale: _Entry,
+                     response: Response, now: float) -> tuple[Response, bool]:
         """Update ``stale`` with a 304's headers (RFC 9111 §4.3.4), store and serve it."""
         fresh = {k.lower() for k in response.headers if k.lower() not in NOT_STORED}
         fresh.discard("content-length")
         headers = [(k, v) for k, v in stale.headers if k.lower() not in fresh]
         headers += [(k, v) for k, v in response.headers.items() if k.lower() in fresh]
-        entry = self._admit(request, stale.status, stale.reason, headers, now)
-        if entry is None:  # the 304 changed its mind (no-store, say): serve, don't keep
-            entry = dataclasses.replace(stale, stored_at=now, initial_age=0.0)
-        else:
-            entry = dataclasses.replace(entry, body=stale.body)
-            self._put(request, _vary(v for k, v in headers if k.lower() == "vary"), entry)
-        return self._serve(entry, request, now)
+        entry = self._admit(shared_only, stale.status, stale.reason, headers, now)
+        if entry is None:
+            # The 304 changed its mind (no-store, a Set-Cookie for this client):
+            # this client gets the updated answer, and the old copy is dropped.
+            vary = _vary(v for k, v in stale.headers if k.lower() == "vary")
+            self._store.pop(self._entry_key(scope, request.headers, vary), None)
+            body = b"" if request.method == "HEAD" else stale.body
+            return _mark(Response(stale.status, body, headers, reason=stale.reason), "HIT"), False
+        entry = dataclasses.replace(entry, body=stale.body)
+        self._put(scope, request.headers, _vary(v for k, v in headers if k.lower() == "vary"), entry)
+        return self._serve(entry, request, now), True
 
-    def _admit(self, request: Request, status: int, reason: str,
+    def _admit(self, shared_only: bool, status: int, reason: str,
                headers: Iterable[tuple[str, str]], now: float) -> _Entry | None:
         """An entry (without body) for a response a shared cache may store, else None."""
         headers = list(headers)
@@ -463,19 +601,24 @@ class Cache(Plugin):
             return None
         if "no-store" in cc or "private" in cc:
             return None
-        # SECURITY: what answered an authenticated request is someone's own data
-        # unless the response says a shared cache may keep it (RFC 9111 §3.5).
-        if "authorization" in request.headers and not {"public", "s-maxage", "must-revalidate"} & cc.keys():
-            return None
-        if "set-cookie" in lower and not self.store_set_cookie:
+        # SECURITY: a Set-Cookie starts or changes someone's session: never someone else's.
+        if "set-cookie" in lower:
             return None
         if "*" in _vary(v for k, v in headers if k.lower() == "vary"):
             return None
+        shared = bool(SHARED_DIRECTIVES & cc.keys())
+        # SECURITY: what answered an authenticated request is someone's own data
+        # unless the response says a shared cache may give it to anyone (RFC 9111 §3.5).
+        if shared_only and not shared:
+            return None
         lifetime = self._lifetime(cc, lower)
         if lifetime is None:
-            if status not in HEURISTIC_STATUSES and "public" not in cc:
-                return None
-            lifetime = self.ttl
+            if "public" in cc:
+                lifetime = self.ttl
+            elif self.heuristic and status in HEURISTIC_STATUSES:
+                lifetime = self._heuristic_lifetime(lower)
+            else:
+                return None  # nothing says it may be stored
         etag, last_modified = lower.get("etag"), lower.get("last-modified")
         revalidate = "no-cache" in cc
         if revalidate and not (etag or last_modified):
@@ -490,15 +633,13 @@ class Cache(Plugin):
         initial_age = float(delta_seconds(lower.get("age")) or 0)
         if lifetime + window <= initial_age and not (etag or last_modified):
             return None  # already useless
-        kept = tuple((k, v) for k, v in headers
-                     if k.lower() not in NOT_STORED and k.lower() != "set-cookie")
+        kept = tuple((k, v) for k, v in headers if k.lower() not in NOT_STORED)
         return _Entry(status=status, reason=reason, headers=kept, body=b"", stored_at=now,
                       initial_age=initial_age, lifetime=lifetime, stale_window=window,
-                      no_stale=no_stale, revalidate=revalidate, etag=etag,
+                      no_stale=no_stale, revalidate=revalidate, shared=shared, etag=etag,
                       last_modified=last_modified)
 
-    @staticmethod
-    def _lifetime(cc: dict[str, str | None], headers: dict[str, str]) -> float | None:
+    def _lifetime(self, cc: dict[str, str | None], headers: dict[str, str]) -> float | None:
         """The explicit freshness lifetime (RFC 9111 §4.2.1), or None if there is none."""
         for name in ("s-maxage", "max-age"):
             if name in cc:
@@ -507,9 +648,17 @@ class Cache(Plugin):
             expires = http_date(headers["expires"])
             if expires is None:
                 return 0.0  # "Expires: 0" and other invalid dates mean already expired
-            date = http_date(headers.get("date")) or time.time()
+            date = http_date(headers.get("date")) or self.wall_clock()
             return max(0.0, expires - date)
         return None
+
+    def _heuristic_lifetime(self, headers: dict[str, str]) -> float:
+        """RFC 9111 §4.2.2: a fraction of the time since Last-Modified, at most ``ttl``."""
+        last_modified = http_date(headers.get("last-modified"))
+        if last_modified is None:
+            return self.ttl
+        date = http_date(headers.get("date")) or self.wall_clock()
+        return max(0.0, min(self.ttl, (date - last_modified) * HEURISTIC_FRACTION))
 
 
 def _mark(response: Response, value: str) -> Response:
@@ -517,8 +666,19 @@ def _mark(response: Response, value: str) -> Response:
     return response
 
 
-def _values(request: Request, names: Iterable[str]) -> tuple[str, ...]:
-    return tuple(",".join(v.strip() for v in request.headers.getall(name, ())) for name in names)
+def _values(headers: Headers, names: Iterable[str]) -> tuple[tuple[str, ...], ...]:
+    """The values of each named header, every field line apart (none when absent)."""
+    return tuple(tuple(v.strip() for v in headers.getall(name, ())) for name in names)
+
+
+def _claim(claims: Any, name: str) -> str | None:
+    """One claim as a key part: None when absent, else its JSON (so 1 and "1" differ)."""
+    if not isinstance(claims, Mapping) or name not in claims:
+        return None
+    try:
+        return json.dumps(claims[name], sort_keys=True, separators=(",", ":"), default=repr)
+    except (TypeError, ValueError):
+        return repr(claims[name])
 
 
 def _vary(values: Iterable[str]) -> tuple[str, ...]:
