@@ -213,12 +213,6 @@ class Autoscaler:
 
     async def _add(self, instance: Instance) -> None:
         c = self.controller
-        from .identity import CA
-
-        folder = c.files.path / "certs" / instance.label
-        CA.load_or_create(c.files.path / "ca", c.config.name).write_instance(
-            folder, instance.service, c.cert_lifetime)
-        instance.tls = folder
         c.instances.append(instance)  # from now on, a shutdown stops it too
         c.console.width = max(c.console.width, len(f"{instance.label}.sidecar"))
         c._save()

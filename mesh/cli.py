@@ -63,7 +63,8 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
     _path_argument(certs)
     certs.add_argument("--json", action="store_true", help="print them as JSON, for scripts")
     certs.add_argument("--rotate-ca", action="store_true",
-                       help="replace the mesh CA: every sidecar trusts the new one before it issues")
+                       help="replace the mesh CA: every sidecar trusts the new one before it issues, "
+                            "then trusts only it; waits until a running mesh is done")
     certs.set_defaults(handler=_certs)
 
     build = commands.add_parser("build", help="docker runtime: build the base image and services")
@@ -253,8 +254,9 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rotate_ca(config: MeshConfig) -> int:
+def _rotate_ca(config: MeshConfig, timeout: float = 300.0) -> int:
     import signal
+    import time
 
     from .controller import StateDir
     from .identity import rotate_ca
@@ -265,8 +267,25 @@ def _rotate_ca(config: MeshConfig) -> int:
         if pid is None:
             print("the mesh is up but its controller pid is unknown", file=sys.stderr)
             return 1
+
+        def rotation() -> dict[str, Any]:
+            return dict((files.read_state() or {}).get("ca_rotation") or {})
+
+        before = rotation().get("done", 0)
         os.kill(pid, signal.SIGUSR1)
-        print(f"asked the controller (pid {pid}) to rotate the mesh CA; its log says when it is done")
+        print(f"asked the controller (pid {pid}) to rotate the mesh CA; waiting for every sidecar")
+        deadline = time.monotonic() + timeout
+        while (now := rotation()).get("done", 0) <= before:
+            if time.monotonic() > deadline or not files.running():
+                print(f"the rotation did not finish within {timeout:g}s; the controller's log "
+                      f"({files.log} when detached) says how far it got", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        if now.get("error"):
+            print(now["error"], file=sys.stderr)
+            return 1
+        print(f"mesh {config.name!r}: new CA in {config.state_dir / 'ca'}; every certificate is "
+              f"issued by it, and the old CA is trusted no more")
         return 0
     # Nothing runs: the next `mesh up` issues everything from the new CA.
     run(rotate_ca(config.state_dir / "ca", config.name, {}, 0, None))

@@ -10,6 +10,7 @@ first, so they drain, then apps). Its files live in the mesh's state dir::
     .mesh/<name>/registry.json     service -> mesh addresses in rotation, read by sidecars at start
     .mesh/<name>/ca/               the mesh CA (ca.pem, ca.key mode 0600), kept across runs
     .mesh/<name>/certs/<instance>/ each sidecar's cert.pem, key.pem and ca.pem (mutual TLS)
+    .mesh/<name>/admin.token       this run's token for the sidecars' admin listeners (mode 0600; `mesh.admin`)
     .mesh/<name>/up.log            output of a detached controller (`mesh up -d`)
 
 state.json is the contract for scripts; `mesh ps --json` prints it with
@@ -19,6 +20,8 @@ each state checked against live pids and ``controller.running`` added::
      "phase": "starting" | "running" | "stopping" | "stopped" | "failed",
      "error": null | "what failed, with the last output lines",
      "controller": {"pid": 123}, "run": "<MESH_RUN id of its processes>",
+     "ca_rotation": {"done": 0 (rotations finished, failed ones too), "rotating": false,
+                     "error": null | "why the last one failed"},
      "instances": [{"service": "web", "instance": 1, "label": "web",
                     "state": "starting" | "running" | "stopped", "problem": null,
                     "healthy": true | false | null (no health path),
@@ -56,9 +59,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from .admin import AdminToken
 from .config import HealthCheck, MeshConfig
 from .runtime import (Instance, Runtime, StartFailed, get_runtime, group_alive,
                       pid_alive, run_processes)
@@ -179,8 +184,11 @@ class Controller:
         self.cert_lifetime = cert_lifetime
         self.console = console or Console()
         self.run_id = secrets.token_hex(8)
+        # Written once this controller holds the mesh's lock (`run`), before any sidecar starts.
+        self.admin_token = AdminToken.new(self.files.path)
         self.runtime: Runtime = get_runtime(runtime, config, output=self.console.line,
-                                            on_exit=self._exited, run_id=self.run_id)
+                                            on_exit=self._exited, run_id=self.run_id,
+                                            admin_token=self.admin_token)
         self.instances: list[Instance] = []
         self.problems: dict[str, str] = {}
         self.phase = "starting"
@@ -195,6 +203,13 @@ class Controller:
         self._started = False  # until then registry.json lists every planned instance
         self._push_failing: set[str] = set()
         self._watchers: dict[str, asyncio.Future[Any]] = {}  # label -> its health checks
+        # Certificates: a renewal or a CA rotation waits for the instances starting to be up, and
+        # none starts while it runs, so none is left with a certificate or a trust bundle it did not see.
+        self._certs = asyncio.Condition()
+        self._starts = 0
+        self._certs_busy = False
+        # What `mesh certs --rotate-ca` waits on, in state.json.
+        self.ca_rotation: dict[str, Any] = {"done": 0, "rotating": False, "error": None}
         from .keyed import KeyedServices  # here: `mesh ps` and `mesh down` need none of it
 
         self.keyed = KeyedServices(self)  # keyed services: their fronts and per-key instances
@@ -213,6 +228,7 @@ class Controller:
             "error": self.error,
             "controller": {"pid": os.getpid()},
             "run": self.run_id,
+            "ca_rotation": dict(self.ca_rotation),
             "instances": [{
                 "service": inst.service,
                 "instance": inst.index,
@@ -341,29 +357,86 @@ class Controller:
         task.add_done_callback(self._tasks.discard)
 
     async def _rotate_ca(self) -> None:
-        """A new mesh CA: trusted by every sidecar and front first, then issuing every certificate."""
+        """A new mesh CA: trusted everywhere first, then issuing every certificate, then the only one
+        trusted. Said in state.json's ``ca_rotation``, which `mesh certs --rotate-ca` waits on."""
+        if self.ca_rotation["rotating"]:
+            log.warning("a CA rotation is already under way")
+            return
+        self.ca_rotation.update(rotating=True, error=None)
+        self._save()
+        try:
+            async with self._certificate_work("a CA rotation"):
+                self.ca_rotation["error"] = await self._rotate_ca_now()
+        except Exception as exc:  # a bug here must not stop the controller
+            log.exception("rotating the mesh CA failed")
+            self.ca_rotation["error"] = f"rotating the mesh CA failed: {type(exc).__name__}: {exc}"
+        finally:
+            self.ca_rotation["done"] += 1
+            self.ca_rotation["rotating"] = False
+            self._save()
+
+    async def _rotate_ca_now(self) -> str | None:
+        """Rotate; what went wrong, if anything."""
         from .identity import rotate_ca
 
         fronts = {f"{name} (front)": front for name, front in self.keyed.fronts.items()}
-        running = {inst.label: inst for inst in self.instances
-                   if inst.tls is not None and self.runtime.instance_state(inst) == "running"}
-        targets = {label: (inst.service, inst.tls) for label, inst in running.items()}
+        # Every instance's files, running or not: one that starts later reads them then.
+        known = {inst.label: inst for inst in self.instances if inst.tls is not None}
+        targets = {label: (inst.service, inst.tls) for label, inst in known.items() if inst.tls is not None}
         targets.update({label: (front.service, front.identity.folder)
                         for label, front in fronts.items() if front.identity is not None})
+        missed: set[str] = set()
 
         async def reload(label: str) -> None:
             if label in fronts:
-                fronts[label].identity.reload()
-            elif not await self.runtime.reload_certificates(running[label]):
-                log.warning("%s: its sidecar did not reload during the CA rotation", label)
+                await fronts[label].reload_certificates()
+            elif self.runtime.instance_state(known[label]) == "running":
+                if not await self.runtime.reload_certificates(known[label]):
+                    log.warning("%s: its sidecar did not reload during the CA rotation", label)
+                    missed.add(label)
 
         log.info("rotating the mesh CA: %d sidecars and fronts trust the new CA first", len(targets))
         try:
             await rotate_ca(self.files.path / "ca", self.config.name, targets, self.cert_lifetime, reload)
         except OSError as exc:
             log.error("rotating the mesh CA failed: %s", exc)
-            return
-        log.info("mesh CA rotated; every certificate is now issued by the new CA")
+            return f"rotating the mesh CA failed: {exc}"
+        log.info("mesh CA rotated: every certificate is issued by the new CA, the only one trusted")
+        if missed:
+            return (f"the mesh CA was rotated, but these sidecars did not reload (restart them): "
+                    f"{', '.join(sorted(missed))}")
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _certificate_work(self, what: str) -> AsyncIterator[None]:
+        """Renewing or rotating: once the instances starting are up, and with none starting meanwhile."""
+        async with self._certs:
+            await self._certs.wait_for(lambda: not self._certs_busy)
+            self._certs_busy = True
+            if self._starts:
+                log.info("%s waits for %d instances to finish starting", what, self._starts)
+            await self._certs.wait_for(lambda: self._starts == 0)
+        try:
+            yield
+        finally:
+            async with self._certs:
+                self._certs_busy = False
+                self._certs.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def starting(self, instance: Instance) -> AsyncIterator[None]:
+        """Around a start of ``instance``'s sidecar: a fresh certificate from the CA of the moment,
+        and no renewal or CA rotation until the start is done."""
+        async with self._certs:
+            await self._certs.wait_for(lambda: not self._certs_busy)
+            self._starts += 1
+        try:
+            self._issue(instance)
+            yield
+        finally:
+            async with self._certs:
+                self._starts -= 1
+                self._certs.notify_all()
 
     async def run(self) -> int:
         """Start the mesh, serve until SIGINT/SIGTERM, stop it. 0 after a clean stop, 1 if it failed to start."""
@@ -376,6 +449,7 @@ class Controller:
         loop = asyncio.get_running_loop()
         try:
             self.files.pid.write_text(f"{os.getpid()}\n")
+            self.admin_token.write()
             for sig in _SIGNALS:
                 loop.add_signal_handler(sig, self._on_signal)
             loop.add_signal_handler(signal.SIGUSR1, self._on_rotate_ca)  # `mesh certs --rotate-ca`
@@ -391,7 +465,6 @@ class Controller:
         try:
             await self.runtime.build()
             self.instances = await self.keyed.plan(self.runtime.plan())
-            self._issue_certificates()
             registry: dict[str, list[str]] = self.keyed.registry()
             for inst in self.instances:
                 registry.setdefault(inst.service, []).append(inst.mesh_address)
@@ -456,12 +529,12 @@ class Controller:
             self._save()
         return code
 
-    def _issue_certificates(self) -> None:
-        """A fresh certificate for every instance, from the mesh CA (made on first use)."""
+    def _issue(self, *instances: Instance) -> None:
+        """A fresh certificate for each of ``instances`` (``instance.tls``), from the mesh CA (made on first use)."""
         from .identity import CA  # here: `mesh ps` and `mesh down` need no cryptography
 
         ca = CA.load_or_create(self.files.path / "ca", self.config.name)
-        for inst in self.instances:
+        for inst in instances:
             folder = self.files.path / "certs" / inst.label
             ca.write_instance(folder, inst.service, self.cert_lifetime)
             inst.tls = folder
@@ -469,18 +542,22 @@ class Controller:
     async def _renew_every(self, seconds: float) -> None:
         while True:
             await asyncio.sleep(seconds)
-            try:
-                self._issue_certificates()
-                self.keyed.renew()
-            except OSError as exc:  # keep serving on the old ones and try again next time
-                log.error("renewing certificates failed: %s", exc)
+            async with self._certificate_work("renewing certificates"):
+                await self._renew()
+
+    async def _renew(self) -> None:
+        try:
+            self._issue(*self.instances)
+            await self.keyed.renew()
+        except OSError as exc:  # keep serving on the old ones and try again next time
+            log.error("renewing certificates failed: %s", exc)
+            return
+        for inst in self.instances:
+            if self.runtime.instance_state(inst) != "running":
                 continue
-            for inst in self.instances:
-                if self.runtime.instance_state(inst) != "running":
-                    continue
-                if not await self.runtime.reload_certificates(inst):
-                    log.warning("%s: its sidecar did not reload its renewed certificate", inst.label)
-            log.info("certificates renewed")
+            if not await self.runtime.reload_certificates(inst):
+                log.warning("%s: its sidecar did not reload its renewed certificate", inst.label)
+        log.info("certificates renewed")
 
     async def _save_every(self, seconds: float) -> None:
         """Keep state.json current while instances start, so `mesh ps` shows their pids."""
@@ -490,7 +567,8 @@ class Controller:
 
     async def _start_one(self, instance: Instance) -> None:
         self._pushed.pop(instance.label, None)  # a (re)started sidecar has only the file's registry
-        await self.runtime.start_instance(instance, self.files.registry, self.timeout)
+        async with self.starting(instance):
+            await self.runtime.start_instance(instance, self.files.registry, self.timeout)
         self.supervisor.started(instance)
         watcher = self._watchers.get(instance.label)
         if instance.health and (watcher is None or watcher.done()):

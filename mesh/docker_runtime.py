@@ -13,8 +13,9 @@
     │  the sidecar process then drops): from outside the namespace only the mesh    │
     │  listener (from the mesh network), the public listener and the admin listener │
     │  (both from the host, through their published ports) take connections; the   │
-    │  app's port and everything else answer with a reset. Out of the namespace      │
-    │  only other sidecars' mesh listeners.                                         │
+    │  app's port and everything else answer with a reset. Inside, nothing (the     │
+    │  app included) may connect to the admin port. Out of the namespace only       │
+    │  other sidecars' mesh listeners.                                              │
     └────────────────────────────────────────────────────────────────────────────────┘
 
 Per mesh, two networks, both labelled and made by the first instance to start:
@@ -47,10 +48,12 @@ never published anywhere.
 The sidecar container mounts, read-only: the folder of mesh.toml at
 ``/mesh/config`` (plugins, files that options name; its ``.mesh`` state folder
 hidden under an empty tmpfs, since it holds the mesh CA key), the instance's
-certificate folder at ``/mesh/tls`` and registry.json at ``/mesh/registry.json``.
-The app container gets ``PORT``, ``HTTP_PROXY``/``NO_PROXY``, ``MESH_SERVICE``,
-``MESH_INSTANCE`` and the service's ``env``, and the service's ``cpus`` and
-``memory`` as limits.
+certificate folder at ``/mesh/tls``, registry.json at ``/mesh/registry.json``
+and the run's admin token (`mesh.admin`) at ``/mesh/admin.token``.
+The app container mounts none of these; it gets ``PORT``, ``HTTP_PROXY``/``NO_PROXY``,
+``MESH_SERVICE``, ``MESH_INSTANCE`` and the service's ``env``, the service's
+``cpus`` and ``memory`` as limits, and no ``NET_RAW`` (no raw sockets in the
+namespace it shares).
 
 Every container and network carries labels (`LABEL_MESH`, `LABEL_STATE`: the
 state folder of the mesh, `LABEL_RUN`, `LABEL_SERVICE`, `LABEL_INSTANCE`,
@@ -76,7 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import images
+from . import admin, images
 from .config import MeshConfig
 from .runtime import (TAIL_LINES, Instance, OnExit, Output, Runtime, StartFailed, _http_status,
                       _port_in_use, instance_count, instance_label)
@@ -103,6 +106,7 @@ DEFAULT_APP_PORT = 8000
 CONFIG_MOUNT = "/mesh/config"
 TLS_MOUNT = "/mesh/tls"
 REGISTRY_MOUNT = "/mesh/registry.json"
+ADMIN_TOKEN_MOUNT = "/mesh/admin.token"
 
 LABEL_MESH = images.LABEL_MESH      # mesh.mesh: the mesh's name
 LABEL_STATE = "mesh.state"          # the mesh's state folder: which mesh.toml's mesh this is
@@ -214,7 +218,9 @@ def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *,
     app's port first of all. Out: loopback, replies, other sidecars' mesh
     listeners and, on the mesh network's gateway (the host's side of it), only
     the ``fronts`` ports: the keyed services' fronts, which the controller runs
-    there. IPv6 (when the namespace has it at all): loopback and replies only.
+    there. Nothing inside reaches the admin port: it is the controller's, from
+    the host, and the app shares this namespace. IPv6 (when the namespace has
+    it at all): loopback (but the admin port) and replies only.
     """
     admin = f"{ADMIN_PORT}"
     v4 = [
@@ -239,6 +245,9 @@ def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *,
         # SECURITY: the app's port (and any other) is refused, however the app binds.
         "-A INPUT -p tcp -j REJECT --reject-with tcp-reset",
         "-A INPUT -j DROP",
+        # SECURITY: nothing in the namespace (the app, whatever its uid) opens a connection to the
+        # admin port; the controller's come in from the edge gateway (DNAT above), not from here.
+        f"-A OUTPUT -o lo -p tcp --dport {admin} -j REJECT --reject-with tcp-reset",
         "-A OUTPUT -o lo -j ACCEPT",
         "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         *(f"-A OUTPUT -d {mesh_gateway}/32 -p tcp --dport {int(port)} -j ACCEPT" for port in fronts),
@@ -254,6 +263,7 @@ def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *,
         "-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         "-A INPUT -p ipv6-icmp -j ACCEPT",
         "-A INPUT -j DROP",
+        f"-A OUTPUT -o lo -p tcp --dport {admin} -j REJECT --reject-with tcp-reset",
         "-A OUTPUT -o lo -j ACCEPT",
         "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         "-A OUTPUT -p ipv6-icmp -j ACCEPT",
@@ -364,8 +374,9 @@ class DockerRuntime(Runtime):
 
     name = "docker"
 
-    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "") -> None:
-        super().__init__(config, output=output, on_exit=on_exit, run_id=run_id)
+    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "",
+                 admin_token: admin.AdminToken | None = None) -> None:
+        super().__init__(config, output=output, on_exit=on_exit, run_id=run_id, admin_token=admin_token)
         self.state_label = str(config.state_dir.resolve())
         self._client: docker.DockerClient | None = None
         self._images: images.BuiltImages | None = None
@@ -573,13 +584,15 @@ class DockerRuntime(Runtime):
                    "--service", instance.service, "--app-port", str(instance.ports["app"]),
                    "--host", "0.0.0.0", "--mesh-port", str(MESH_PORT),
                    "--outbound-port", str(OUTBOUND_PORT), "--admin-port", str(ADMIN_PORT),
-                   "--registry", REGISTRY_MOUNT]
+                   "--registry", REGISTRY_MOUNT, "--admin-token-file", ADMIN_TOKEN_MOUNT]
         ports: dict[str, Any] = {f"{ADMIN_PORT}/tcp": ("127.0.0.1", None)}
         if public:
             command += ["--public-port", str(PUBLIC_PORT), "--public-host", "0.0.0.0"]
             ports[f"{PUBLIC_PORT}/tcp"] = ("127.0.0.1", instance.ports["public"] or None)
         mounts = [Mount(CONFIG_MOUNT, str(self.config.root.resolve()), type="bind", read_only=True),
-                  Mount(REGISTRY_MOUNT, str(registry.resolve()), type="bind", read_only=True)]
+                  Mount(REGISTRY_MOUNT, str(registry.resolve()), type="bind", read_only=True),
+                  # SECURITY: the sidecar's container only; the app's mounts nothing of the state folder.
+                  Mount(ADMIN_TOKEN_MOUNT, str(self.admin_token.path.resolve()), type="bind", read_only=True)]
         if instance.tls is not None:
             command += ["--tls", TLS_MOUNT]
             mounts.append(Mount(TLS_MOUNT, str(instance.tls.resolve()), type="bind", read_only=True))
@@ -619,6 +632,9 @@ class DockerRuntime(Runtime):
             labels=self._labels(instance, "app"),
             environment=env,
             network_mode=f"container:{sidecar_id}",
+            # SECURITY: it shares the sidecar's namespace: no raw sockets to read the controller's
+            # admin requests off the edge interface or to forge packets past the firewall.
+            cap_drop=["NET_RAW"],
             init=True,
             detach=True,
         )

@@ -7,10 +7,15 @@ talk to each other only over mutual TLS (1.3 preferred, 1.2 minimum): the
 receiving side learns the caller's service from the verified certificate,
 the calling side checks that it reached the service it meant to.
 
-Rotation needs no restart: `Identity.reload` loads new files into the same
-`ssl.SSLContext` objects, so new handshakes use the new certificate while
-connections already open carry on. The trust bundle may hold several CAs,
-which is how a new CA is trusted everywhere before anything is issued from it.
+Rotation needs no restart: `Identity.reload` builds new contexts from the
+files and swaps them in behind the two that listeners and connection pools
+hold for life (`Identity.server`, `Identity.client`), so every new handshake,
+accepted or made, uses the certificate and the trust bundle of the moment,
+while connections already open carry on. Fresh contexts, not a reload into
+the old ones: OpenSSL can add CAs to a context's store but never remove
+them, and a CA taken out of the bundle must stop being trusted. The bundle
+may hold several CAs, which is how a new CA is trusted everywhere before
+anything is issued from it (`rotate_ca`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CA", "Identity", "rotate_ca", "service_of", "spiffe_id", "trust_bundle"]
+from .upstream import Pool
+
+__all__ = ["CA", "Identity", "fresh_pool", "rotate_ca", "service_of", "spiffe_id", "trust_bundle"]
 
 _CA_LIFETIME = dt.timedelta(days=3650)
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew between hosts
@@ -172,31 +179,83 @@ def describe(cert_file: Path) -> CertInfo:
     return CertInfo(uris[0] if uris else "?", cert.not_valid_after_utc)
 
 
+class _Current(ssl.SSLContext):
+    """An SSL context that hands every new connection to the context it holds now (`use`).
+
+    asyncio and uvloop open each TLS connection with ``wrap_bio`` on the
+    context a listener or a pool was given once; here that call goes to the
+    context of the moment, so a reload needs nothing from them. The pool
+    keys connections on this object, which stays the same across reloads.
+    """
+
+    _held: ssl.SSLContext
+
+    def use(self, context: ssl.SSLContext) -> None:
+        self._held = context
+
+    @property
+    def held(self) -> ssl.SSLContext:
+        """The context new connections use now."""
+        return self._held
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
+                 server_hostname: str | None = None, session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        return self._held.wrap_bio(incoming, outgoing, server_side=server_side,
+                                   server_hostname=server_hostname, session=session)
+
+    def wrap_socket(self, sock: Any, server_side: bool = False, do_handshake_on_connect: bool = True,
+                    suppress_ragged_eofs: bool = True, server_hostname: str | None = None,
+                    session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+        return self._held.wrap_socket(sock, server_side=server_side,
+                                      do_handshake_on_connect=do_handshake_on_connect,
+                                      suppress_ragged_eofs=suppress_ragged_eofs,
+                                      server_hostname=server_hostname, session=session)
+
+
+def _context(protocol: int) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if protocol == ssl.PROTOCOL_TLS_CLIENT:
+        # Peers are named by URI SAN, not DNS: the chain is verified by OpenSSL,
+        # the SPIFFE id by `Identity.peer` after the handshake.
+        ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 class Identity:
     """One sidecar's certificate and trust bundle, as TLS contexts that can be reloaded.
 
     ``folder`` holds ``cert.pem``, ``key.pem`` and ``ca.pem`` (one or more CAs).
+    ``server`` and ``client`` are what listeners and pools keep; each new
+    connection through them uses the files as of the last `reload`.
     """
 
     def __init__(self, folder: str | Path, mesh: str) -> None:
         self.folder = Path(folder)
         self.mesh = mesh
-        self.server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        for ctx in (self.server, self.client):
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.verify_mode = ssl.CERT_REQUIRED
-        # Peers are named by URI SAN, not DNS: the chain is verified by OpenSSL,
-        # the SPIFFE id by `check_peer` after the handshake.
+        self.server = _Current(ssl.PROTOCOL_TLS_SERVER)
+        self.client = _Current(ssl.PROTOCOL_TLS_CLIENT)
+        for current in (self.server, self.client):
+            # Never used for a handshake (`_Current` hands them on), but kept like the real ones.
+            current.minimum_version = ssl.TLSVersion.TLSv1_2
+            current.verify_mode = ssl.CERT_REQUIRED
         self.client.check_hostname = False
         self.reload()
 
     def reload(self) -> None:
-        """Load the folder's files again; new handshakes use them, open connections carry on."""
+        """Read the folder's files again into fresh contexts; new handshakes use them, open connections carry on.
+
+        Both contexts are built before either is used, so a missing or bad file
+        (OSError, of which ssl.SSLError is one) changes nothing.
+        """
         cert, key, ca = (str(self.folder / n) for n in ("cert.pem", "key.pem", "ca.pem"))
-        for ctx in (self.server, self.client):
+        server, client = _context(ssl.PROTOCOL_TLS_SERVER), _context(ssl.PROTOCOL_TLS_CLIENT)
+        for ctx in (server, client):
             ctx.load_cert_chain(cert, key)
             ctx.load_verify_locations(ca)
+        self.server.use(server)
+        self.client.use(client)
 
     def peer(self, transport: Any) -> str | None:
         """The calling service, from the verified certificate on ``transport``."""
@@ -206,36 +265,66 @@ class Identity:
         return service_of(ssl_object.getpeercert(), self.mesh)
 
 
+async def fresh_pool(pool: Pool) -> Pool:
+    """``pool`` without the connections it keeps alive: what to send on after `Identity.reload`.
+
+    A kept-alive connection was verified against the trust of before (a CA
+    since removed, say), so none may carry another request. With a pool that
+    can drop its idle connections (``close_idle``), the same pool; else a new
+    one with the same settings, the old one closed (connections in use on it
+    close when their request ends).
+    """
+    close_idle = getattr(pool, "close_idle", None)
+    if close_idle is not None:
+        close_idle()
+        return pool
+    fresh = Pool(pool.limits, verify_peer=pool.verify_peer)
+    await pool.close()
+    return fresh
+
+
 def trust_bundle(folder: Path) -> bytes | None:
-    """The CAs every sidecar trusts, when more than the current one (during and after a rotation)."""
+    """The CAs every sidecar trusts while a rotation is under way (`rotate_ca`), else None."""
     bundle = folder / "trust.pem"
     return bundle.read_bytes() if bundle.exists() else None
 
 
 async def rotate_ca(folder: Path, mesh: str, instances: dict[str, tuple[str, Path]],
                     lifetime: float, reload: Any) -> CA:
-    """Replace the mesh CA without a failed handshake: trust first, then issue.
+    """Replace the mesh CA without a failed handshake, and stop trusting the old one.
 
     ``instances`` maps each label to its service and certificate folder;
-    ``reload(label)`` makes that sidecar load its folder again. First every
-    sidecar gets a trust bundle of the old and the new CA (its certificate
-    unchanged) and reloads; only then does the new CA become current and
-    issue every certificate again. The old CA stays in the bundle, so
-    certificates it signed keep working until they expire.
+    ``reload(label)`` makes that sidecar load its folder again (nothing for
+    one that does not run: it reads the files when it starts). Three steps,
+    each done everywhere before the next begins:
+
+    1. *trust*: every sidecar gets a bundle of the old and the new CA (its
+       certificate unchanged) and reloads;
+    2. *issue*: the new CA becomes current and issues every certificate again;
+    3. *forget*: the bundle becomes the new CA alone, and every sidecar reloads.
+
+    When it returns, no new connection, accepted or made, trusts the old CA
+    (`Identity.reload` builds fresh contexts); its certificates are all gone.
     """
     old = CA.load_or_create(folder, mesh)
     new = CA.create(mesh)
     new.folder = folder
-    bundle = (trust_bundle(folder) or old.cert_pem) + new.cert_pem
+    # What sidecars may present now (the bundle of a rotation cut short, or the old CA), and the new CA.
+    both = (trust_bundle(folder) or old.cert_pem) + new.cert_pem
     for label, (_service, cert_folder) in instances.items():
-        _write_public(cert_folder / "ca.pem", bundle)
+        _write_public(cert_folder / "ca.pem", both)
         await reload(label)
-    _write_public(folder / "trust.pem", bundle)
+    _write_public(folder / "trust.pem", both)
     _write_public(folder / "previous.pem", old.cert_pem)
     _write_private(folder / "ca.key", new.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     _write_public(folder / "ca.pem", new.cert_pem)
     for label, (service, cert_folder) in instances.items():
-        new.write_instance(cert_folder, service, lifetime, trust=bundle)
+        new.write_instance(cert_folder, service, lifetime, trust=both)
+        await reload(label)
+    # Every certificate now comes from the new CA: the old one goes out of every bundle.
+    (folder / "trust.pem").unlink(missing_ok=True)
+    for label, (_service, cert_folder) in instances.items():
+        _write_public(cert_folder / "ca.pem", new.cert_pem)
         await reload(label)
     return new

@@ -160,6 +160,15 @@ class KeyedFront:
         await asyncio.gather(*self._stopping, return_exceptions=True)
         await self.pool.close()
 
+    async def reload_certificates(self) -> None:
+        """Load the identity's files again: new connections, both ways, use them; none kept alive
+        under the trust of before carries another request."""
+        from .identity import fresh_pool
+
+        if self.identity is not None:
+            self.identity.reload()
+            self.pool = await fresh_pool(self.pool)
+
     def snapshot(self) -> list[dict[str, Any]]:
         now = time.monotonic()
         return [{"key": i.key, "state": i.state, "in_flight": i.in_flight,
@@ -419,7 +428,7 @@ class KeyedServices:
         """Keyed service -> [its front's mesh address]."""
         return {name: [front.address] for name, front in self.fronts.items()}
 
-    def renew(self) -> None:
+    async def renew(self) -> None:
         """Renew the fronts' certificates (the controller renews its instances')."""
         from .identity import CA
 
@@ -427,7 +436,7 @@ class KeyedServices:
         for name, front in self.fronts.items():
             assert front.identity is not None
             ca.write_instance(front.identity.folder, name, self.controller.cert_lifetime)
-            front.identity.reload()
+            await front.reload_certificates()
 
     def _plan_one(self, service: str, key: str) -> Any:
         from .runtime import Instance, _free_ports
@@ -465,19 +474,13 @@ class KeyedServices:
 
     def _starter(self, service: str) -> StartInstance:
         async def start(key: str) -> tuple[str, int]:
-            from .identity import CA
-
             controller = self.controller
             instance = self._plan_one(service, key)
             self.states[instance.label] = "starting"
             controller.problems.pop(instance.label, None)
             controller._save()
-            folder = controller.files.path / "certs" / instance.label
-            ca = CA.load_or_create(controller.files.path / "ca", self.config.name)
-            ca.write_instance(folder, service, controller.cert_lifetime)
-            instance.tls = folder
             try:
-                await controller._start_one(instance)
+                await controller._start_one(instance)  # with a certificate of its own
             except BaseException as exc:
                 self.states[instance.label] = "stopped"
                 reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"

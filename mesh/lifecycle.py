@@ -296,11 +296,12 @@ class Supervisor:
             self.restarts[label] = count
             c._pushed.pop(label, None)
             try:
-                if role == "app":
-                    await c.runtime.restart_app(instance, c.files.registry, c.timeout)
-                else:
-                    await c.runtime.stop_instance(instance)
-                    await c.runtime.start_instance(instance, c.files.registry, c.timeout)
+                async with c.starting(instance):  # its sidecar may start again: certificates of the moment
+                    if role == "app":
+                        await c.runtime.restart_app(instance, c.files.registry, c.timeout)
+                    else:
+                        await c.runtime.stop_instance(instance)
+                        await c.runtime.start_instance(instance, c.files.registry, c.timeout)
             except StartFailed as exc:
                 c.problems[label] = f"restart failed: {exc.reason}"
                 tail = "\n".join(f"  {line}" for line in exc.tail)

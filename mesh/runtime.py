@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from . import admin
 from .config import MeshConfig, ServiceConfig
 
 __all__ = [
@@ -120,13 +121,20 @@ class Runtime(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "") -> None:
+    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "",
+                 admin_token: admin.AdminToken | None = None) -> None:
         """``run_id`` marks everything this run starts (``MESH_RUN`` in its environment),
-        so what a dead controller left behind can still be found and stopped."""
+        so what a dead controller left behind can still be found and stopped.
+
+        ``admin_token``: the run's token for sidecars' admin listeners (`mesh.admin`);
+        each sidecar gets its file, which the controller writes before any starts.
+        A new one (for the mesh's state folder) by default.
+        """
         self.config = config
         self.output = output
         self.on_exit = on_exit
         self.run_id = run_id
+        self.admin_token = admin_token or admin.AdminToken.new(config.state_dir)
 
     def problems(self) -> list[str]:
         """What stops this mesh from running on this runtime, one line each (empty: none)."""
@@ -192,16 +200,18 @@ class Runtime(ABC):
     async def reload_certificates(self, instance: Instance) -> bool:
         """Make the instance's sidecar load the files in ``instance.tls`` again; False if it did not.
 
-        By default through its admin listener on loopback.
+        By default through its admin listener on loopback, with the run's token.
         """
-        return await _http_status(instance.ports["admin"], "/certs/reload", method="POST") == 204
+        return await _http_status(instance.ports["admin"], "/certs/reload", method="POST",
+                                  headers=self.admin_token.headers()) == 204
 
     async def push_registry(self, instance: Instance, body: bytes) -> bool:
         """Give the instance's sidecar a new registry (``{"services": ...}`` JSON); False if it did not take it.
 
-        By default ``PUT /registry`` on its admin listener on loopback.
+        By default ``PUT /registry`` on its admin listener on loopback, with the run's token.
         """
-        return await _http_status(instance.ports["admin"], "/registry", method="PUT", body=body) == 204
+        return await _http_status(instance.ports["admin"], "/registry", method="PUT", body=body,
+                                  headers=self.admin_token.headers()) == 204
 
     async def check_health(self, instance: Instance, timeout: float) -> bool:
         """Whether the instance's app answers 200 on its ``health`` path within ``timeout`` seconds.
@@ -223,14 +233,14 @@ class Runtime(ABC):
 
 
 def get_runtime(name: str, config: MeshConfig, *, output: Output, on_exit: OnExit,
-                run_id: str = "") -> Runtime:
+                run_id: str = "", admin_token: admin.AdminToken | None = None) -> Runtime:
     """The runtime called ``name``, or raise `RuntimeUnavailable` saying why not."""
     if name == "process":
-        return ProcessRuntime(config, output=output, on_exit=on_exit, run_id=run_id)
+        return ProcessRuntime(config, output=output, on_exit=on_exit, run_id=run_id, admin_token=admin_token)
     if name == "docker":
         from .docker_runtime import DockerRuntime  # here: the process runtime needs no docker SDK
 
-        return DockerRuntime(config, output=output, on_exit=on_exit, run_id=run_id)
+        return DockerRuntime(config, output=output, on_exit=on_exit, run_id=run_id, admin_token=admin_token)
     raise RuntimeUnavailable(f"unknown runtime {name!r} (expected 'process' or 'docker')")
 
 
@@ -343,14 +353,15 @@ def _port_in_use(port: int) -> bool:
 
 
 async def _http_status(port: int, path: str, timeout: float = 1.0, method: str = "GET",
-                       body: bytes = b"") -> int | None:
-    """Status of ``METHOD path`` (with ``body``) on 127.0.0.1:port, or None if it does not answer."""
+                       body: bytes = b"", headers: dict[str, str] | None = None) -> int | None:
+    """Status of ``METHOD path`` (with ``body`` and ``headers``) on 127.0.0.1:port, or None if it does not answer."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
                 length = f"Content-Length: {len(body)}\r\n" if method != "GET" else ""
-                writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{length}"
+                writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{length}{extra}"
                              f"Connection: close\r\n\r\n".encode() + body)
                 await writer.drain()
                 line = await reader.readline()
@@ -476,8 +487,9 @@ class ProcessRuntime(Runtime):
     app_grace = 5.0
     sidecar_grace = 15.0  # a sidecar drains requests in flight for up to 10s
 
-    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "") -> None:
-        super().__init__(config, output=output, on_exit=on_exit, run_id=run_id)
+    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "",
+                 admin_token: admin.AdminToken | None = None) -> None:
+        super().__init__(config, output=output, on_exit=on_exit, run_id=run_id, admin_token=admin_token)
         self._procs: dict[str, dict[str, _Process]] = {}
         self._ready: set[str] = set()
         self._stopped: set[str] = set()
@@ -562,7 +574,8 @@ class ProcessRuntime(Runtime):
         command = [sys.executable, "-m", "mesh", "sidecar", "--config", str(self.config.path),
                    "--service", instance.service, "--app-port", str(ports["app"]),
                    "--mesh-port", str(ports["mesh"]), "--outbound-port", str(ports["outbound"]),
-                   "--admin-port", str(ports["admin"]), "--registry", str(registry)]
+                   "--admin-port", str(ports["admin"]), "--registry", str(registry),
+                   "--admin-token-file", str(self.admin_token.path)]
         if "public" in ports:
             command += ["--public-port", str(ports["public"])]
         if instance.tls is not None:

@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from mesh.admin import AdminToken, operator_token
+
 from ..docker_support import Leftovers, base_image, docker_engine  # noqa: F401
 
 APP = '''
@@ -77,9 +79,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def get(url: str) -> tuple[int, bytes]:
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     try:
-        with NO_PROXY.open(url, timeout=15) as response:
+        with NO_PROXY.open(urllib.request.Request(url, headers=headers or {}), timeout=15) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
@@ -140,8 +142,8 @@ class Pool:
                 and set(i["containers"]) == {"sidecar", "app"}]
 
 
-def registry(admin: str) -> list[str]:
-    status, body = get(admin)
+def registry(admin: str, token: AdminToken) -> list[str]:
+    status, body = get(admin, token.headers())
     return sorted(json.loads(body)["services"].get("pool", [])) if status == 200 else []
 
 
@@ -209,8 +211,10 @@ def test_a_docker_pool_scales_up_under_load_and_down_after(docker_engine: Any, b
         assert second.startswith("http://127.0.0.1:") and second != public, second
         assert get(f"{second}/burn?ms=1") == (200, b"2")
         admin = f"http://{two[0]['addresses']['admin']}/registry"
-        assert until(lambda: registry(admin) == [f"pool-1.{pool.name}:15001", f"pool-2.{pool.name}:15001"],
-                     10), registry(admin)  # pushed to the sidecars
+        token = operator_token(Path(pool.state))
+        assert token is not None
+        assert until(lambda: registry(admin, token) == [f"pool-1.{pool.name}:15001", f"pool-2.{pool.name}:15001"],
+                     10), registry(admin, token)  # pushed to the sidecars
 
         # No load: below 0.25 for the 2s cooldown: pool.2 is drained and removed.
         assert until(lambda: [i["label"] for i in pool.running()] == ["pool.1"]
@@ -221,7 +225,7 @@ def test_a_docker_pool_scales_up_under_load_and_down_after(docker_engine: Any, b
         gone = [c["id"] for c in two[1]["containers"].values()]
         assert not [c for c in docker_engine.api.containers(all=True, filters={"id": gone})]
         assert get(f"{public}/burn?ms=1") == (200, b"1")
-        assert registry(admin) == [f"pool-1.{pool.name}:15001"]
+        assert registry(admin, token) == [f"pool-1.{pool.name}:15001"]
         print(f"\nrequests sent: {sent[0]}; decisions:\n" + "\n".join(added + removed))
 
         down = pool.mesh("down")

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from mesh import config
+from mesh.admin import operator_token
 from mesh.controller import StateDir
 from mesh.docker_runtime import (ADMIN_PORT, MESH_PORT, PUBLIC_PORT, DockerRuntime, container_name,
                                  firewall_rules, memory_bytes, mesh_alias, network_names)
@@ -108,9 +109,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def get(url: str) -> tuple[int, bytes]:
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     try:
-        with NO_PROXY.open(url, timeout=15) as response:
+        with NO_PROXY.open(urllib.request.Request(url, headers=headers or {}), timeout=15) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
@@ -148,6 +149,10 @@ def test_firewall_lets_in_only_the_sidecars_listeners() -> None:
         f"-A OUTPUT -d 172.30.0.0/16 -p tcp --dport {MESH_PORT} -j ACCEPT")
     assert v4.count("COMMIT") == 3 and v6.count("COMMIT") == 1
     assert "-A INPUT -j DROP" in v6.splitlines()
+    # nothing in the namespace (the app) connects to the admin port: that comes before loopback is let out
+    for rules in (lines, v6.splitlines()):
+        closed = f"-A OUTPUT -o lo -p tcp --dport {ADMIN_PORT} -j REJECT --reject-with tcp-reset"
+        assert rules.index(closed) < rules.index("-A OUTPUT -o lo -j ACCEPT")
     private, _ = firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1", public=False)
     assert f"--dport {PUBLIC_PORT}" not in private
 
@@ -452,16 +457,60 @@ def test_containers_networks_and_limits(running: DockerMesh, docker_engine: Any)
 
 @pytest.mark.docker
 def test_the_controller_reaches_each_admin_listener_on_the_host(running: DockerMesh) -> None:
+    token = operator_token(Path(running.state))
+    assert token is not None
     for inst in running.state_json()["instances"]:
         admin = inst["addresses"]["admin"]
         assert admin.startswith("127.0.0.1:")
-        request = urllib.request.Request(f"http://{admin}/certs/reload", method="POST")
+        assert get(f"http://{admin}/registry")[0] == 401  # the operator's, with the run's token only
+        assert get(f"http://{admin}/healthz")[0] == 200
+        request = urllib.request.Request(f"http://{admin}/certs/reload", method="POST", headers=token.headers())
         with NO_PROXY.open(request, timeout=10) as response:  # the mounted certificate folder, read again
             assert response.status == 204
-        status, body = get(f"http://{admin}/registry")
+        status, body = get(f"http://{admin}/registry", token.headers())
         assert status == 200
         assert json.loads(body)["services"] == {"front": [f"front-1.{running.name}:{MESH_PORT}"],
                                                 "back": [f"back-1.{running.name}:{MESH_PORT}"]}
+
+
+# Run in an app container, which shares its sidecar's namespace. argv: the sidecar's other addresses.
+ATTACK = r"""
+import json, os, socket, sys
+found = {"uid": os.getuid(), "token file": os.path.exists("/mesh/admin.token")}
+for host in ["127.0.0.1"] + sys.argv[1:]:
+    for method, path, body in (("GET", "/config", b""), ("PUT", "/registry", b'{"services": {}}')):
+        try:
+            with socket.create_connection((host, 15000), timeout=5) as sock:
+                sock.sendall(("%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                              % (method, path, len(body))).encode() + body)
+                found[f"{method} {host}"] = sock.recv(100).decode("latin-1").split("\r\n")[0] or "closed"
+        except OSError as exc:
+            found[f"{method} {host}"] = type(exc).__name__
+try:
+    socket.socket(socket.AF_PACKET, socket.SOCK_RAW).close()
+    found["raw socket"] = "open"
+except OSError as exc:
+    found["raw socket"] = type(exc).__name__
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.docker
+def test_the_app_can_neither_reach_nor_read_its_sidecars_admin(running: DockerMesh, docker_engine: Any) -> None:
+    for service in ("front", "back"):
+        containers = _instance(running.state_json(), service)["containers"]
+        networks = docker_engine.api.inspect_container(containers["sidecar"]["id"])["NetworkSettings"]["Networks"]
+        addresses = sorted(n["IPAddress"] for n in networks.values())
+        app = docker_engine.containers.get(containers["app"]["id"])
+        code, output = app.exec_run(["python3", "-c", ATTACK, *addresses])
+        assert code == 0, output
+        found = json.loads(output.decode().strip().splitlines()[-1])
+        # The app runs as root, as its sidecar does: the rule does not go by uid.
+        assert found.pop("uid") == 0
+        assert found.pop("token file") is False
+        assert found.pop("raw socket") == "PermissionError"
+        assert len(found) == 2 * (1 + len(addresses))
+        assert set(found.values()) == {"ConnectionRefusedError"}, found
 
 
 @pytest.mark.docker

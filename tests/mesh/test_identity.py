@@ -235,11 +235,12 @@ async def test_ca_rotation_under_load_trusts_first_then_issues(app):
         for name in mesh.sidecars:
             cert = x509.load_pem_x509_certificate((state / "certs" / name / "cert.pem").read_bytes())
             assert cert.issuer == new.cert.subject
-            trust = (state / "certs" / name / "ca.pem").read_bytes()
-            assert old_ca in trust and new.cert_pem in trust
+            # Once every certificate comes from the new CA, the old one is trusted no more.
+            assert (state / "certs" / name / "ca.pem").read_bytes() == new.cert_pem
+        assert not (state / "ca" / "trust.pem").exists()
 
 
-def test_mesh_certs_rotate_ca_offline_makes_a_new_ca_and_keeps_trusting_the_old(tmp_path, capsys):
+def test_mesh_certs_rotate_ca_offline_makes_a_new_ca_and_trusts_only_it(tmp_path, capsys):
     from mesh import config
     from mesh.cli import main
 
@@ -250,5 +251,119 @@ def test_mesh_certs_rotate_ca_offline_makes_a_new_ca_and_keeps_trusting_the_old(
     new = CA.load_or_create(cfg.state_dir / "ca", cfg.name)
     assert new.cert_pem != old.cert_pem
     new.write_instance(tmp_path / "web", "web", lifetime=60)
-    trust = (tmp_path / "web" / "ca.pem").read_bytes()
-    assert old.cert_pem in trust and new.cert_pem in trust
+    assert (tmp_path / "web" / "ca.pem").read_bytes() == new.cert_pem  # what the next `mesh up` issues
+
+
+# A CA taken out of the bundle: refused by new connections both ways, without a restart.
+
+TOKEN = "test-admin-token"
+
+
+class OldPeer:
+    """A TLS server holding a certificate for ``orders`` from the mesh's first CA, as an instance
+    never re-issued (or a copied key) would: one keep-alive HTTP/1.1 answer per request."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.requests = 0
+        self.connections = 0
+
+    async def start(self) -> str:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.folder / "cert.pem", self.folder / "key.pem")
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=ctx)
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    async def _serve(self, reader, writer) -> None:
+        self.connections += 1
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                self.requests += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nold")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def admin_post(url: str) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+            return resp.status
+
+
+async def test_a_ca_removed_by_rotation_is_refused_both_ways_without_a_restart(app, tmp_path):
+    from mesh.identity import rotate_ca
+
+    async with run_mesh(TOML, apps(app), admin_token=TOKEN) as mesh:
+        state = mesh.config.state_dir
+        old_ca = mesh.ca
+        # What the first CA issued, kept aside: a caller for "web", and a server for "orders".
+        old_ca.write_instance(tmp_path / "old-web", "web", lifetime=3600)
+        old_ca.write_instance(tmp_path / "old-orders", "orders", lifetime=3600)
+        peer = OldPeer(tmp_path / "old-orders")
+        old_orders = await peer.start()
+        try:
+            web = mesh.sidecars["web"]
+            web.registry.update({"orders": [old_orders]})
+            async with aiohttp.ClientSession() as session:
+                async def call() -> tuple[int, str]:
+                    async with session.get(mesh.url("web", "outbound") + "/x",
+                                           headers={"Host": "orders"}) as resp:
+                        return resp.status, await resp.text()
+
+                # Before: both are trusted, and web keeps its connection to the old peer alive.
+                assert await call() == (200, "old")
+                assert await call() == (200, "old")
+                assert (peer.connections, peer.requests) == (1, 2)
+                status, _ = await get(mesh.url("orders", "mesh") + "/x", client_context(tmp_path / "old-web"))
+                assert status == 200
+
+                async def reload(label: str) -> None:
+                    assert await admin_post(mesh.url(label, "admin") + "/certs/reload") == 204
+
+                instances = {name: (name, state / "certs" / name) for name in mesh.sidecars}
+                new = await rotate_ca(state / "ca", "shop", instances, lifetime=600, reload=reload)
+
+                # After, with the same sidecars: web neither reuses its kept-alive connection nor makes
+                # a new one to a peer whose certificate comes from the removed CA...
+                status, body = await call()
+                assert status == 502 and "TLS handshake" in body, body
+                assert peer.requests == 2
+                # ...and orders refuses a caller holding one.
+                with pytest.raises(aiohttp.ClientError):
+                    await get(mesh.url("orders", "mesh") + "/x", client_context(tmp_path / "old-web"))
+                # What the new CA issued works both ways.
+                web.registry.update({"orders": [mesh.sidecars["orders"].listeners["mesh"].address]})
+                status, body = await call()
+                assert status == 200 and '"peer": "web"' in body, body
+                new.write_instance(tmp_path / "new-web", "web", lifetime=600)
+                status, _ = await get(mesh.url("orders", "mesh") + "/x", client_context(tmp_path / "new-web"))
+                assert status == 200
+        finally:
+            await peer.stop()
+
+
+async def test_reload_swaps_in_fresh_contexts_behind_the_same_ones(tmp_path):
+    first, second = CA.create("shop"), CA.create("shop")
+    first.write_instance(tmp_path, "web", lifetime=600, trust=first.cert_pem + second.cert_pem)
+    identity = Identity(tmp_path, "shop")
+    server, client = identity.server, identity.client
+    held = client.held
+    assert len(held.get_ca_certs()) == 2
+    (tmp_path / "ca.pem").write_bytes(second.cert_pem)
+    identity.reload()
+    # The listener and the pools keep the same objects; what they hand connections to is new.
+    assert (identity.server, identity.client) == (server, client) and client.held is not held
+    assert len(client.held.get_ca_certs()) == len(server.held.get_ca_certs()) == 1
+    # A bad file changes nothing.
+    (tmp_path / "ca.pem").write_bytes(b"not a certificate")
+    with pytest.raises(OSError):
+        identity.reload()
+    assert len(client.held.get_ca_certs()) == 1

@@ -459,3 +459,164 @@ command = "python app.py"
         controller.stop()
         assert await asyncio.wait_for(task, 30) == 0
     assert_all_gone(state)
+
+
+def test_admin_listeners_answer_only_the_controller_and_the_operator(tmp_path: Path, runs: Runs) -> None:
+    folder = runs.folder(tmp_path, """
+[mesh]
+name = "guarded"
+
+[services.web]
+command = "python app.py"
+
+[services.api]
+command = "python app.py"
+replicas = 2
+
+[[routes]]
+from = "web"
+to = "api"
+""")
+    popen = runs.up(folder)
+    state = wait_phase(folder, popen, "running")
+    files = StateDir(folder / ".mesh" / "guarded")
+    token_file = files.path / "admin.token"
+    assert os.stat(token_file).st_mode & 0o777 == 0o600 and os.stat(files.path).st_mode & 0o777 == 0o700
+    token = token_file.read_text().strip()
+    api = sorted(i["addresses"]["mesh"] for i in state["instances"] if i["service"] == "api")
+
+    def admin(inst: dict[str, Any], method: str, path: str, body: bytes | None = None,
+              auth: str | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(f"http://{inst['addresses']['admin']}{path}", method=method, data=body)
+        if auth:
+            request.add_header("Authorization", f"Bearer {auth}")
+        try:
+            with NO_PROXY.open(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    for inst in state["instances"]:
+        # What an app of this mesh (any local process without the token) gets.
+        assert admin(inst, "GET", "/healthz")[0] == 200 and admin(inst, "GET", "/readyz")[0] == 200
+        assert admin(inst, "GET", "/config")[0] == 401
+        assert admin(inst, "GET", "/registry")[0] == 401
+        assert admin(inst, "PUT", "/registry", b'{"services": {"api": ["127.0.0.1:9"]}}')[0] == 401
+        assert admin(inst, "PUT", "/registry", b'{"services": {"api": []}}', auth="guess")[0] == 401
+        assert admin(inst, "POST", "/certs/reload")[0] == 401
+        # The operator, with the run's token: the controller's pushes are there.
+        status, body = admin(inst, "GET", "/config", auth=token)
+        assert status == 200 and json.loads(body)["service"] == inst["service"]
+        assert wait_until(lambda: sorted(json.loads(admin(inst, "GET", "/registry", auth=token)[1])
+                                         ["services"]["api"]) == api, 30)
+    # Calls still go where the controller says.
+    web = next(i for i in state["instances"] if i["service"] == "web")
+    request = urllib.request.Request(f"http://{web['addresses']['outbound']}/x", headers={"Host": "api"})
+    with NO_PROXY.open(request, timeout=10) as response:
+        assert response.status == 200
+    # The token is in no process's command line or environment, the apps' included.
+    for pid in recorded(state):
+        for what in ("cmdline", "environ"):
+            assert token.encode() not in Path(f"/proc/{pid}/{what}").read_bytes(), (pid, what)
+    assert f"--admin-token-file {token_file}" in " ".join(
+        Path(f"/proc/{state['instances'][0]['pids']['sidecar']}/cmdline").read_bytes().decode().split("\0"))
+
+    popen.send_signal(signal.SIGTERM)
+    assert popen.wait(timeout=30) == 0
+
+
+def _tls_status(address: str, folder: Path) -> int | str:
+    """GET / on a mesh listener with the certificate in ``folder``: the status, or the error's name."""
+    import http.client
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the caller's certificate is what is tested here
+    ctx.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=10)
+    try:
+        connection.request("GET", "/", headers={"X-Session": "s1"})
+        return connection.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        return type(exc).__name__
+    finally:
+        connection.close()
+
+
+def test_rotate_ca_on_a_running_mesh_then_the_old_ca_is_refused(tmp_path: Path, runs: Runs) -> None:
+    from mesh.identity import CA
+
+    folder = runs.folder(tmp_path, """
+[mesh]
+name = "rot"
+
+[services.web]
+command = "python app.py"
+
+[services.api]
+command = "python app.py"
+
+[services.box]
+command = "python app.py"
+instances = { key = "header:X-Session", sleep_after = "5m", start_timeout = "30s" }
+
+[[routes]]
+from = "web"
+to = "api"
+
+[[routes]]
+from = "web"
+to = "box"
+""")
+    popen = runs.up(folder)
+    state = wait_phase(folder, popen, "running")
+    by_label = {i["label"]: i for i in state["instances"]}
+    web, api = by_label["web"], by_label["api"]
+    front = next(i for i in state["instances"] if i.get("role") == "front")
+    ca_folder = folder / ".mesh" / "rot" / "ca"
+
+    def call(service: str) -> int:
+        request = urllib.request.Request(f"http://{web['addresses']['outbound']}/x",
+                                         headers={"Host": service, "X-Session": "s1"})
+        try:
+            with NO_PROXY.open(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert call("api") == 200 and call("box") == 200  # box: its instance for key s1 starts
+    # A certificate for "web" from the first CA, kept aside: trusted now.
+    old = CA.load_or_create(ca_folder, "rot")
+    old.write_instance(tmp_path / "old-web", "web", lifetime=3600)
+    assert _tls_status(api["addresses"]["mesh"], tmp_path / "old-web") == 200
+    assert _tls_status(front["addresses"]["mesh"], tmp_path / "old-web") == 200
+
+    def sidecars() -> dict[str, int]:
+        now = state_of(folder) or {}
+        return {i["label"]: i["pids"]["sidecar"] for i in now["instances"] if "sidecar" in i.get("pids", {})}
+
+    before = sidecars()
+    assert len(before) == 3, before  # web, api, box's instance for s1
+
+    rotate = mesh("certs", str(folder), "--rotate-ca", timeout=120)  # returns once it is done
+    assert rotate.returncode == 0, rotate.stdout + rotate.stderr + output(folder)
+    assert "the old CA is trusted no more" in rotate.stdout
+    assert "mesh CA rotated" in output(folder)
+    assert (state_of(folder) or {})["ca_rotation"] == {"done": 1, "rotating": False, "error": None}
+
+    new = (ca_folder / "ca.pem").read_bytes()
+    assert new != old.cert_pem and not (ca_folder / "trust.pem").exists()
+    certs = sorted((folder / ".mesh" / "rot" / "certs").iterdir())
+    assert len(certs) == 4  # web, api, the box front, box's instance for s1
+    assert all((c / "ca.pem").read_bytes() == new for c in certs)
+    # Without a restart, the old CA's certificate is refused by sidecars and fronts alike...
+    assert _tls_status(api["addresses"]["mesh"], tmp_path / "old-web") != 200
+    assert _tls_status(front["addresses"]["mesh"], tmp_path / "old-web") != 200
+    # ...and the mesh goes on, on the new CA, with the same processes.
+    assert call("api") == 200 and call("box") == 200
+    assert sidecars() == before and all(pid_alive(pid) for pid in before.values())
+
+    popen.send_signal(signal.SIGTERM)
+    assert popen.wait(timeout=30) == 0
