@@ -36,27 +36,38 @@ Options (exactly one of ``secret``, ``public_key``, ``jwks``):
   Give ``[]`` to accept tokens that never expire.
 - ``forward_claims`` (table, claim -> header): e.g. ``{ sub = "x-user" }``
   passes the ``sub`` claim to the app as ``x-user``. Strings go as they are,
-  other values as compact JSON. These headers are removed from every
-  incoming request first (skipped paths included), so a client can't forge
-  them. A claim string holding control characters makes the token invalid.
+  other values as compact JSON. Every client copy of these headers is
+  removed first, on every request (skipped paths, refused tokens and
+  tokens without the claim included), so a client can't forge them: in
+  any letter case, and with ``_`` for ``-`` too (``X_User``), which
+  WSGI/CGI apps read as the same header. A claim string holding control
+  characters makes the token invalid.
 - ``forward_token`` (bool, default true): false removes ``Authorization``
   before the request goes on.
 - ``skip`` (list of paths): paths that need no token, exact (``"/healthz"``)
   or a prefix ending in ``/*`` (``"/public/*"``).
+- ``realm`` (default: the service's name): the ``realm`` of the
+  ``WWW-Authenticate`` challenge.
 - ``cache_size`` (int, default 10000): how many verified tokens to remember,
   each until it expires (0 turns the cache off). A cached token costs a dict
   lookup instead of a signature check.
 - ``jwks_max_age`` (duration, default ``"10m"``), ``jwks_min_interval``
   (duration, default ``"30s"``): see ``jwks``.
 
-A refused request gets ``401`` and ``WWW-Authenticate: Bearer
-error="invalid_token", error_description="<reason>"``, where reason is one
-of: ``missing bearer token``, ``malformed token``, ``algorithm not
-allowed``, ``unknown key``, ``bad signature``, ``token expired``, ``token not
-yet valid``, ``wrong issuer``, ``wrong audience``, ``missing claim 'NAME'``,
-``invalid token``. The log says more (at INFO, with the request id); neither
-ever contains the token or key material. Any other failure raises, and the
-sidecar answers 500: nothing gets through on error.
+A refused request gets ``401`` and a challenge (RFC 6750 section 3):
+
+- no token (no ``Authorization`` header, or another scheme than
+  ``Bearer``): ``WWW-Authenticate: Bearer realm="<realm>"``, with no error
+  code: the client only learns that a token is needed;
+- a token that doesn't pass: ``WWW-Authenticate: Bearer realm="<realm>",
+  error="invalid_token", error_description="<reason>"``, where reason is
+  one of: ``malformed token``, ``algorithm not allowed``, ``unknown key``,
+  ``bad signature``, ``token expired``, ``token not yet valid``, ``wrong
+  issuer``, ``wrong audience``, ``missing claim 'NAME'``, ``invalid token``.
+
+The log says more (at INFO, with the request id); neither ever contains the
+token or key material. Any other failure raises, and the sidecar answers
+500: nothing gets through on error.
 """
 
 from __future__ import annotations
@@ -103,14 +114,28 @@ _RESERVED = {"host", "content-length", "transfer-encoding", "connection", "upgra
              "te", "authorization", "x-mesh-peer", "x-request-id"}
 _LOOPBACK_NAMES = {"localhost"}
 
+# The clocks, read through these names so that tests can move time.
+_wall_time = time.time        # seconds since the epoch, as exp and nbf count
+_monotonic = time.monotonic   # intervals between JWKS fetches
+
+
+def _header_key(name: str) -> str:
+    """A header name as WSGI/CGI apps see it: ``X_User`` and ``x-user`` are one."""
+    return name.lower().replace("_", "-")
+
 
 class _Rejected(Exception):
-    """A token that doesn't pass: ``reason`` goes to the client, ``detail`` to the log."""
+    """A token that doesn't pass: ``reason`` goes to the client, ``detail`` to the log.
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    ``error`` is the RFC 6750 error code, None when the request carried no token.
+    """
+
+    def __init__(self, reason: str, detail: str = "", *,
+                 error: str | None = "invalid_token") -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail or reason
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -281,7 +306,7 @@ class _KeySet:
         self._loop_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._last_attempt = time.monotonic()
+        self._last_attempt = _monotonic()
         if self.path is not None:
             # A bad file is a configuration error: refuse to start.
             data = await asyncio.to_thread(self.path.read_bytes)
@@ -311,9 +336,9 @@ class _KeySet:
     async def refresh(self, *, scheduled: bool = False) -> None:
         """Fetch again, unless a fetch for a token ran less than ``min_interval`` ago."""
         if self._fetch is None or self._fetch.done():
-            if not scheduled and time.monotonic() - self._last_attempt < self.min_interval:
+            if not scheduled and _monotonic() - self._last_attempt < self.min_interval:
                 return
-            self._last_attempt = time.monotonic()
+            self._last_attempt = _monotonic()
             self._fetch = asyncio.create_task(self._attempt())
         # Shielded: a client hanging up must not cancel a fetch others wait on.
         await asyncio.shield(self._fetch)
@@ -361,6 +386,7 @@ class JWT(Plugin):
         forward_claims: dict[str, str] | None = None,
         forward_token: bool = True,
         skip: list[str] | None = None,
+        realm: str | None = None,
         cache_size: int = 10_000,
         jwks_max_age: Duration = Duration(600),
         jwks_min_interval: Duration = Duration(30),
@@ -389,8 +415,10 @@ class JWT(Plugin):
             _check_url(jwks)
         headers = dict(forward_claims or {})
         for claim, header in headers.items():
-            if not _TOKEN_CHARS.match(header) or header.lower() in _RESERVED:
+            if not _TOKEN_CHARS.match(header) or _header_key(header) in _RESERVED:
                 raise ValueError(f"forward_claims.{claim}: {header!r} can't carry a claim")
+        if realm is not None and (not realm or not realm.isascii() or _CONTROL.search(realm)):
+            raise ValueError(f"realm: {realm!r} must be a non-empty line of ASCII text")
         for path in skip or []:
             if not path.startswith("/"):
                 raise ValueError(f"skip: {path!r} must start with '/'")
@@ -407,6 +435,8 @@ class JWT(Plugin):
         self.leeway = float(leeway)
         self.required_claims = ["exp"] if required_claims is None else list(required_claims)
         self.forward_claims = headers
+        self._forwarded = frozenset(_header_key(h) for h in headers.values())
+        self.realm = realm
         self.forward_token = forward_token
         self._skip_exact = frozenset(p for p in skip or [] if not p.endswith("/*"))
         self._skip_prefixes = tuple(p[:-1] for p in skip or [] if p.endswith("/*"))
@@ -419,11 +449,13 @@ class JWT(Plugin):
         self._keyset: _KeySet | None = None       # jwks
         self._cache: TLRUCache[str, _Verified] | None = (
             TLRUCache(cache_size, lambda _token, verified, _now: verified.expires,
-                      timer=time.time) if cache_size else None)
+                      timer=lambda: _wall_time()) if cache_size else None)
 
     async def start(self, ctx: Context) -> None:
         """Read the key (or load the JWKS and start refreshing it)."""
         self._log = ctx.logger
+        if self.realm is None:
+            self.realm = ctx.service
         if self.secret:
             key = self._read_secret(ctx)
             self._keys = [self._checked_key(key, "secret")]
@@ -448,9 +480,11 @@ class JWT(Plugin):
 
     async def handle(self, request: Request, call_next: CallNext) -> Response:
         # SECURITY: the forwarded-claim headers are ours alone; drop a client's
-        # copies first, on skipped paths too.
-        for header in self.forward_claims.values():
-            request.headers.popall(header, None)
+        # copies first, whatever happens next, in every spelling an app may read.
+        if self._forwarded:
+            spoofed = [name for name in request.headers if _header_key(name) in self._forwarded]
+            for name in spoofed:
+                request.headers.popall(name, None)
         if request.path in self._skip_exact or request.path.startswith(self._skip_prefixes):
             return await call_next(request)
         try:
@@ -458,7 +492,7 @@ class JWT(Plugin):
         except _Rejected as rejected:
             self._log.info("request %s from %s refused: %s",
                            request.id, request.client, rejected.detail)
-            return _unauthorized(rejected.reason)
+            return _unauthorized(self.realm or "", rejected)
         request.state["claims"] = dict(verified.claims)  # a copy: the cache keeps its own
         request.headers.extend(verified.headers)
         if not self.forward_token:
@@ -528,7 +562,7 @@ class JWT(Plugin):
                 headers.append((header, value))
         exp = claims.get("exp")
         expires = (float(exp) + self.leeway if isinstance(exp, (int, float))
-                   else time.time() + _NO_EXP_TTL)
+                   else _wall_time() + _NO_EXP_TTL)
         verified = _Verified(claims, tuple(headers), expires)
         if self._cache is not None:
             self._cache[token] = verified
@@ -592,18 +626,24 @@ def _peek_header(token: str) -> dict[str, Any]:
 def _bearer_token(request: Request) -> str:
     values = request.headers.getall("Authorization", [])
     if not values:
-        raise _Rejected("missing bearer token", "no Authorization header")
+        raise _Rejected("missing bearer token", "no Authorization header", error=None)
     if len(values) > 1:
         raise _Rejected("malformed token", "more than one Authorization header")
     scheme, _, token = values[0].strip().partition(" ")
     if scheme.lower() != "bearer":
-        raise _Rejected("missing bearer token", f"Authorization scheme {scheme[:20]!r}")
+        raise _Rejected("missing bearer token", f"Authorization scheme {scheme[:20]!r}",
+                        error=None)
     token = token.strip()
     if not token or len(token) > _MAX_TOKEN:
         raise _Rejected("malformed token", f"token of {len(token)} characters")
     return token
 
 
-def _unauthorized(reason: str) -> Response:
-    challenge = f'Bearer error="invalid_token", error_description="{_quote(reason)}"'
-    return Response(401, f"401 Unauthorized: {reason}\n", {"WWW-Authenticate": challenge})
+def _unauthorized(realm: str, rejected: _Rejected) -> Response:
+    """The 401 and its challenge: an error code only when a token was sent (RFC 6750 3.1)."""
+    challenge = f'Bearer realm="{_quote(realm)}"'
+    if rejected.error is not None:
+        challenge += (f', error="{rejected.error}"'
+                      f', error_description="{_quote(rejected.reason)}"')
+    return Response(401, f"401 Unauthorized: {rejected.reason}\n",
+                    {"WWW-Authenticate": challenge})

@@ -86,6 +86,8 @@ _REDIS_SCHEMES = ("redis://", "rediss://", "redis+unix://")
 _CONNECTIONS = 16
 _RETRY_INTERVAL = 1.0   # while storage is failing, how often one request tries it
 _MAX_VALUE = 64         # longer key values are hashed to keep storage keys short
+# The clock of storage retries, read through this name so that tests can move it.
+_monotonic = time.monotonic
 
 Getter = Callable[[Request], Any]
 
@@ -252,7 +254,7 @@ class RateLimit(Plugin):
         # timed; it is short anyway, because when the storage hangs the
         # requests ahead time out, mark it down, and the queue drains at once.
         async with self._slots:
-            now = time.monotonic()
+            now = _monotonic()
             if self._down:
                 if now < self._retry_at:
                     raise _Unavailable
@@ -279,7 +281,7 @@ class RateLimit(Plugin):
         return item, stats, True
 
     def _failed(self, exc: BaseException) -> None:
-        self._retry_at = time.monotonic() + _RETRY_INTERVAL
+        self._retry_at = _monotonic() + _RETRY_INTERVAL
         if not self._down:
             self._down = True
             what = "letting requests through" if self.on_storage_error == "allow" \

@@ -1,4 +1,11 @@
-"""The ``ratelimit`` plugin: budgets, headers, keys, strategies, Redis and its failures."""
+"""The ``ratelimit`` plugin: budgets, headers, keys, strategies, Redis and its failures.
+
+Counting must not depend on how fast the machine is. In memory, tests stop
+wall time (`clock`) and move it by hand, so no window ends mid-test. Redis
+budgets use windows of an hour (Redis counts a sliding window from the
+first hit, so an hour is an hour of headroom), and the retry clock of a
+failing storage is moved by hand (`retry_clock`).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +16,14 @@ import uuid
 
 import pytest
 
+import mesh_plugins.ratelimit as ratelimit_plugin
 from mesh import Context, Request, Response
 from mesh.testing import make_request, run_plugin, started
 from mesh_plugins.ratelimit import RateLimit
+
+# A whole number of days since the epoch, so of minutes and seconds too:
+# every window of these tests starts here.
+T0 = 1_800_000_000.0 - 1_800_000_000.0 % 86400
 
 
 class Upstream:
@@ -39,24 +51,39 @@ async def burst(plugin: RateLimit, n: int, upstream: Upstream | None = None) -> 
     return [r.status for r in responses]
 
 
-async def away_from_window_edge(seconds: int, margin: float = 2.0) -> None:
-    """Sleep past the next window edge if it is closer than ``margin`` seconds.
+class Clock:
+    """A clock moved by hand: ``now`` is seconds since the epoch."""
 
-    Windows start at multiples of their length since the epoch; a burst that
-    straddles an edge is a different test (see test_default_strategy...).
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def set(self, now: float) -> None:
+        self.now = now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Wall time, stopped 10 s into a minute: the limits library and the plugin read it.
+
+    Only ``time.time`` stops: the event loop runs on ``time.monotonic``.
     """
-    left = seconds - time.time() % seconds
-    if left < margin:
-        await asyncio.sleep(left + 0.05)
+    wall = Clock(T0 + 10)
+    monkeypatch.setattr(time, "time", wall)
+    return wall
 
 
-async def sleep_until_fraction(seconds: int, fraction: float) -> None:
-    """Sleep until ``fraction`` of the way through the next window of ``seconds``."""
-    now = time.time()
-    target = (now // seconds) * seconds + fraction * seconds
-    if target <= now:
-        target += seconds
-    await asyncio.sleep(target - now)
+@pytest.fixture
+def retry_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The clock that decides when a failed storage is tried again."""
+    retry = Clock(1000.0)
+    monkeypatch.setattr(ratelimit_plugin, "_monotonic", retry)
+    return retry
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture, level: int = logging.ERROR) -> list[str]:
@@ -83,10 +110,9 @@ def test_bad_options_are_refused_with_a_reason(options, message):
 
 # --- budgets and headers -----------------------------------------------------
 
-async def test_under_the_limit_the_response_carries_the_budget():
+async def test_under_the_limit_the_response_carries_the_budget(clock):
     plugin = RateLimit(limit="3/minute")
     async with started(plugin, ctx=ctx()):
-        await away_from_window_edge(60)
         remaining = []
         for _ in range(3):
             response = await send(plugin)
@@ -97,11 +123,10 @@ async def test_under_the_limit_the_response_carries_the_budget():
         assert remaining == ["2", "1", "0"]
 
 
-async def test_over_the_limit_is_429_with_retry_after_and_never_reaches_the_app():
+async def test_over_the_limit_is_429_with_retry_after_and_never_reaches_the_app(clock):
     plugin = RateLimit(limit="2/minute")
     upstream = Upstream()
     async with started(plugin, ctx=ctx()):
-        await away_from_window_edge(60)
         assert [(await send(plugin, upstream)).status for _ in range(2)] == [200, 200]
         response = await send(plugin, upstream)
     assert response.status == 429
@@ -113,19 +138,17 @@ async def test_over_the_limit_is_429_with_retry_after_and_never_reaches_the_app(
     assert b"2/minute" in response.body
 
 
-async def test_budgets_are_per_client_ip_by_default():
+async def test_budgets_are_per_client_ip_by_default(clock):
     plugin = RateLimit(limit="1/minute")
     async with started(plugin, ctx=ctx()):
-        await away_from_window_edge(60)
         assert (await send(plugin, client="10.0.0.1")).status == 200
         assert (await send(plugin, client="10.0.0.1")).status == 429
         assert (await send(plugin, client="10.0.0.2")).status == 200
 
 
-async def test_header_key_and_a_missing_header_does_not_escape_the_limit():
+async def test_header_key_and_a_missing_header_does_not_escape_the_limit(clock):
     plugin = RateLimit(limit="1/minute", key="header:X-Api-Key")
     async with started(plugin, ctx=ctx()):
-        await away_from_window_edge(60)
         assert (await send(plugin, headers={"x-api-key": "a"})).status == 200
         assert (await send(plugin, headers={"X-API-KEY": "a"})).status == 429
         assert (await send(plugin, headers={"X-Api-Key": "b"})).status == 200
@@ -136,46 +159,42 @@ async def test_header_key_and_a_missing_header_does_not_escape_the_limit():
         assert (await send(plugin, headers={"X-Api-Key": ""})).status == 429
 
 
-async def test_claim_key_uses_the_claims_the_jwt_plugin_left():
+async def test_claim_key_uses_the_claims_the_jwt_plugin_left(clock):
     plugin = RateLimit(limit="1/minute", key="claim:sub")
     async with started(plugin, ctx=ctx()):
-        await away_from_window_edge(60)
         alice = {"claims": {"sub": "alice"}}
         assert (await send(plugin, state=dict(alice))).status == 200
         assert (await send(plugin, state=dict(alice), client="10.1.1.1")).status == 429
         assert (await send(plugin, state={"claims": {"sub": "bob"}})).status == 200
 
 
-async def test_a_list_of_parts_names_one_budget_per_combination():
+async def test_a_list_of_parts_names_one_budget_per_combination(clock):
     plugin = RateLimit(limit="1/minute", key=["peer", "path"])
     async with started(plugin, ctx=ctx()):
-        await away_from_window_edge(60)
         assert (await send(plugin, peer="web", path="/a")).status == 200
         assert (await send(plugin, peer="web", path="/a")).status == 429
         assert (await send(plugin, peer="web", path="/b")).status == 200
         assert (await send(plugin, peer="api", path="/a")).status == 200
 
 
-async def test_values_cannot_be_spliced_into_another_budget():
+async def test_values_cannot_be_spliced_into_another_budget(clock):
     # Parts are joined with "/" in the storage key: a value holding "/" and
     # the next part's name must not land in someone else's budget.
     plugin = RateLimit(limit="1/minute", key=["header:x-a", "header:x-b"])
     async with started(plugin, ctx=ctx()):
-        await away_from_window_edge(60)
         assert (await send(plugin, headers={"x-a": "a/header:x-b=b", "x-b": "c"})).status == 200
         assert (await send(plugin, headers={"x-a": "a", "x-b": "b/header:x-b=c"})).status == 200
 
 
-async def test_a_refusal_by_the_short_limit_does_not_use_up_the_long_one():
+async def test_a_refusal_by_the_short_limit_does_not_use_up_the_long_one(clock):
     plugin = RateLimit(limit=["6/minute", "5/second"], strategy="moving-window")
     upstream = Upstream()
     async with started(plugin, ctx=ctx()):
-        await away_from_window_edge(60, margin=4)
         statuses = [(await send(plugin, upstream)).status for _ in range(8)]
         assert statuses == [200] * 5 + [429] * 3
         refused = await send(plugin, upstream)
         assert refused.headers["RateLimit-Limit"] == "5"  # the per-second limit said no
-        await asyncio.sleep(1.1)  # the per-second budget is back
+        clock.advance(1.1)  # the per-second budget is back
         # 5 of 6 per minute are used: one more goes through, then the minute says no.
         assert (await send(plugin, upstream)).status == 200
         refused = await send(plugin, upstream)
@@ -184,10 +203,9 @@ async def test_a_refusal_by_the_short_limit_does_not_use_up_the_long_one():
     assert upstream.calls == 6
 
 
-async def test_the_headers_describe_the_limit_closest_to_running_out():
+async def test_the_headers_describe_the_limit_closest_to_running_out(clock):
     plugin = RateLimit(limit=["100/second", "3/minute"])
     async with started(plugin, ctx=ctx()):
-        await away_from_window_edge(60)
         response = await send(plugin)
     assert response.headers["RateLimit-Limit"] == "3"
     assert response.headers["RateLimit-Remaining"] == "2"
@@ -196,11 +214,10 @@ async def test_the_headers_describe_the_limit_closest_to_running_out():
 # --- strategies and concurrency ----------------------------------------------
 
 @pytest.mark.parametrize("strategy", ["sliding-window", "moving-window", "fixed-window"])
-async def test_200_concurrent_requests_let_exactly_50_through_in_memory(strategy):
+async def test_200_concurrent_requests_let_exactly_50_through_in_memory(strategy, clock):
     plugin = RateLimit(limit="50/minute", strategy=strategy)
     upstream = Upstream()
     async with started(plugin, ctx=ctx()):
-        await away_from_window_edge(60)
         statuses = await burst(plugin, 200, upstream)
     assert statuses.count(200) == 50
     assert statuses.count(429) == 150
@@ -211,15 +228,16 @@ async def test_200_concurrent_requests_let_exactly_50_through_in_memory(strategy
     (None, range(0, 3)),              # the default: the first burst still weighs in
     ("fixed-window", range(10, 11)),  # what the default avoids: the budget resets at once
 ])
-async def test_default_strategy_does_not_double_the_limit_at_a_window_edge(strategy, second_burst):
+async def test_default_strategy_does_not_double_the_limit_at_a_window_edge(
+        strategy, second_burst, clock):
     options = {"strategy": strategy} if strategy else {}
     plugin = RateLimit(limit="10/second", **options)
     async with started(plugin, ctx=ctx()):
-        await sleep_until_fraction(1, 0.05)
+        clock.set(T0 + 0.05)
         first = await burst(plugin, 1)     # a fixed window starts here...
-        await sleep_until_fraction(1, 0.95)
+        clock.set(T0 + 0.95)
         first += await burst(plugin, 9)
-        await sleep_until_fraction(1, 0.10)  # ...and has just ended: 0.15 s after the 9
+        clock.set(T0 + 1.10)               # ...and has just ended: 0.15 s after the 9
         second = await burst(plugin, 10)
     assert first.count(200) == 10
     assert second.count(200) in second_burst
@@ -231,11 +249,10 @@ async def test_default_strategy_does_not_double_the_limit_at_a_window_edge(strat
 @pytest.mark.parametrize("strategy", ["sliding-window", "moving-window"])
 async def test_200_concurrent_requests_let_exactly_50_through_with_redis(redis_server, strategy):
     # 200 at once is more than the Redis connection pool: they must queue, not fail.
-    plugin = RateLimit(limit="50/minute", storage=redis_server.url, strategy=strategy,
-                       on_storage_error="deny")
+    plugin = RateLimit(limit="50/hour", storage=redis_server.url, strategy=strategy,
+                       on_storage_error="deny", storage_timeout=30)
     upstream = Upstream()
     async with started(plugin, ctx=ctx()):
-        await away_from_window_edge(60)
         statuses = await burst(plugin, 200, upstream)
     assert statuses.count(200) == 50
     assert statuses.count(429) == 150
@@ -245,11 +262,11 @@ async def test_200_concurrent_requests_let_exactly_50_through_with_redis(redis_s
 @pytest.mark.redis
 async def test_replicas_of_a_service_share_one_budget_in_redis(redis_server):
     service = ctx()
-    replicas = [RateLimit(limit="4/minute", storage=redis_server.url) for _ in range(2)]
-    other = RateLimit(limit="4/minute", storage=redis_server.url)
+    replicas = [RateLimit(limit="4/hour", storage=redis_server.url, storage_timeout=30)
+                for _ in range(2)]
+    other = RateLimit(limit="4/hour", storage=redis_server.url, storage_timeout=30)
     async with started(replicas[0], ctx=service), started(replicas[1], ctx=service), \
             started(other, ctx=ctx()):
-        await away_from_window_edge(60)
         statuses = [(await send(replicas[i % 2])).status for i in range(6)]
         assert statuses == [200] * 4 + [429] * 2
         # Another service with the same key has a budget of its own.
@@ -257,31 +274,45 @@ async def test_replicas_of_a_service_share_one_budget_in_redis(redis_server):
 
 
 @pytest.mark.redis
-async def test_frozen_redis_with_allow_lets_requests_through_and_logs_once(private_redis, caplog):
+async def test_frozen_redis_with_allow_lets_requests_through_and_logs_once(
+        private_redis, caplog, retry_clock, monkeypatch):
     caplog.set_level(logging.INFO, logger="mesh.plugin")
-    plugin = RateLimit(limit="5/minute", storage=private_redis.url, storage_timeout=0.5)
+    # Long enough for one round trip to a local Redis however loaded the machine.
+    timeout = 3.0
+    plugin = RateLimit(limit="5/hour", storage=private_redis.url, storage_timeout=timeout)
     upstream = Upstream()
     async with started(plugin, ctx=ctx()):
-        await away_from_window_edge(60, margin=5)
-        assert (await send(plugin, upstream)).status == 200
+        assert (await send(plugin, upstream)).headers["RateLimit-Remaining"] == "4"
+        tries = 0
+        count = plugin._count
+
+        async def counting(ids):
+            nonlocal tries
+            tries += 1
+            return await count(ids)
+
+        monkeypatch.setattr(plugin, "_count", counting)
         private_redis.freeze()
         began = time.monotonic()
         first = await send(plugin, upstream)  # waits for storage_timeout, once
         waited = time.monotonic() - began
-        rest = await burst(plugin, 50, upstream)  # the storage is known down: no waiting
-        assert first.status == 200 and rest == [200] * 50
+        assert first.status == 200 and tries == 1
         assert "RateLimit-Limit" not in first.headers  # no budget to report
-        assert 0.45 < waited < 1.0
-        assert time.monotonic() - began - waited < 0.25
+        assert timeout * 0.9 < waited < timeout + 30  # waited for the timeout, not forever
+        # The storage is known down and no retry is due (its clock stands
+        # still): these don't try it, so none of them waits for it.
+        rest = await burst(plugin, 50, upstream)
+        assert rest == [200] * 50 and tries == 1
         assert upstream.calls == 52
         assert len(errors_logged(caplog)) == 1
 
         private_redis.thaw()
-        await asyncio.sleep(1.1)  # the next try at the storage
+        retry_clock.advance(1.0)  # the next try at the storage is due
         statuses = [(await send(plugin, upstream)).status for _ in range(6)]
     # Counting resumes where it stopped: 1 counted before the freeze, and the
     # command in flight when it froze may land when it thaws.
     assert statuses in ([200] * 4 + [429] * 2, [200] * 3 + [429] * 3)
+    assert tries == 7
     assert len(errors_logged(caplog)) == 1
     assert len([m for m in errors_logged(caplog, logging.WARNING) if "recovered" in m]) == 1
 
@@ -304,7 +335,8 @@ async def test_frozen_redis_with_deny_refuses_with_503(private_redis, caplog):
 @pytest.mark.redis
 @pytest.mark.parametrize("policy, status", [("allow", 200), ("deny", 503)])
 async def test_stopped_redis_follows_on_storage_error(private_redis, caplog, policy, status):
-    plugin = RateLimit(limit="5/minute", storage=private_redis.url, on_storage_error=policy)
+    plugin = RateLimit(limit="5/hour", storage=private_redis.url, on_storage_error=policy,
+                       storage_timeout=30)
     upstream = Upstream()
     async with started(plugin, ctx=ctx()):
         assert (await send(plugin, upstream)).status == 200

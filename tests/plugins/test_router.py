@@ -247,7 +247,10 @@ async def test_the_overall_timeout_bounds_all_tries():
     started = loop.time()
     response = await run_plugin(router, make_request("GET", "/x"), upstream=app)
     assert response.status == 504
-    assert loop.time() - started < 1.0 and app.calls < 11
+    assert app.calls < 11
+    # Eleven tries and their back-off would take over 10 s; a slow machine
+    # may be late to cut them at 0.15 s, but not this late.
+    assert loop.time() - started < 5.0
 
 
 # -- configuration -----------------------------------------------------------------
