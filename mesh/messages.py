@@ -140,7 +140,7 @@ class Request(_Message):
     """
 
     __slots__ = ("method", "path", "query", "state", "peer", "service", "id",
-                 "client", "scheme", "version", "__weakref__")
+                 "client", "scheme", "version", "_interim", "__weakref__")
 
     def __init__(
         self,
@@ -169,6 +169,9 @@ class Request(_Message):
         self.client = client
         self.scheme = scheme
         self.version = version
+        # Where interim (1xx) responses to this request go, straight to its client: set by the
+        # listener for clients that may get them (HTTP/1.1), passed to the pool by the sidecar.
+        self._interim: Any = None
 
     @property
     def target(self) -> str:

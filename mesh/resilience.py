@@ -35,8 +35,14 @@ connection pool, which already waits for the response head under one.
   has them bounded by it in turn (its sidecar reads it on the way out).
 
 Timeouts bound the wait for the response *head* once the request has
-been sent: an upload is bounded by the body timeout between chunks, not
-by the deadline, and so is a response that has started to stream.
+been sent: an upload is bounded by the stream idle timeout between chunks
+(``stream_idle_timeout``), not by the deadline, and so is a response that
+has started to stream.
+
+A timeout fires once, at its value: every try is bounded by what is left
+of the one deadline, the pool never sends a request again after a timeout
+(nor a non-idempotent one at all), and a retry here starts only while
+time is left.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from .messages import Request, Response
 from .options import Duration
 from .plugin import CallNext, Context, Plugin
 from .routes import _Rule
-from .upstream import ConnectFailed, UpstreamTimeout
+from .upstream import IDEMPOTENT, ConnectFailed, UpstreamTimeout
 
 __all__ = ["BUILTIN", "CircuitBreaker", "DEADLINE", "DEADLINE_HEADER", "Deadline", "Outbound", "Retry",
            "RetryBudget", "RouteSettings", "deadline_from", "with_defaults"]
@@ -68,7 +74,6 @@ BACKEND = "mesh.backend"  # request.state: the instance the terminal sent this t
 AVOID = "mesh.avoid"  # request.state: instances earlier tries went to (Retry -> terminal)
 OUTBOUND = "mesh.outbound"  # Context.state: this sidecar's `Outbound`
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 BUFFER_LIMIT = 64 * 1024  # a request body up to this size (with a Content-Length) is kept to replay
 _SETTINGS = "mesh.route"
 

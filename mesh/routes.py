@@ -25,9 +25,12 @@ log = logging.getLogger("mesh.policy")
 
 @dataclass(frozen=True)
 class Decision:
+    """Whether a call may go, why not, and the matching route's own ``timeout`` and ``stream_idle_timeout``."""
+
     allowed: bool
     reason: str
     timeout: float | None = None
+    stream_idle_timeout: float | None = None
 
 
 _SELF = Decision(True, "")
@@ -60,7 +63,7 @@ class Policy:
         rules = self._rules.get((source or "", target), ())
         for rule in rules:
             if rule.matches(method, path):
-                return Decision(True, "", rule.route.timeout)
+                return Decision(True, "", rule.route.timeout, rule.route.stream_idle_timeout)
         who = f"'{source}'" if source else "an unidentified caller"
         if rules:
             reason = f"no route allows {who} to call {method} {path} on '{target}'"

@@ -6,8 +6,10 @@ mode (no leniency flags), refuses what a proxy must not pass on, builds a
 `Request`, awaits the handler and writes its `Response` back, streaming
 bodies with flow control both ways. Requests on a connection are served one
 at a time and in order (keep-alive, pipelining). A WebSocket handshake is
-completed here and its frames pumped to and from the upstream WebSocket the
-handler opened (RFC 6455, no extensions).
+checked here; once the handler's upstream answered it with a 101, the 101
+goes to the client and the two connections become one byte tunnel
+(`mesh.upstream.Tunnel`). Interim responses (103 Early Hints, ...) that
+arrive before the final one are written to HTTP/1.1 clients as they come.
 
 Limits that keep a slow or hostile client from holding a connection
 (`ServerLimits`): a header timeout (from the connection, or from a later
@@ -25,8 +27,6 @@ library banner, no echo of the request.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
 import re
 import ssl
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 
-from aiohttp import WSMsgType, http_parser
+from aiohttp import http_parser
 from multidict import CIMultiDict
 
 from . import websocket
@@ -71,15 +71,13 @@ _HEAD, _IDLE, _BODY, _WRITE, _LINGERING = 1, 2, 3, 4, 5
 # SECURITY: two of these in one request are two readings of it (aiohttp refuses the same list).
 _SINGLETONS = ("Host", "Content-Length", "Transfer-Encoding", "Content-Type", "Content-Location",
                "Content-Range", "ETag", "Max-Forwards", "Server", "User-Agent")
-_WS_OWN = frozenset({"content-length", "transfer-encoding", "connection", "upgrade", "sec-websocket-accept",
-                     "sec-websocket-protocol", "sec-websocket-extensions"})
+# A 101's headers the listener writes itself; the app's subprotocol and extensions pass as they are.
+_WS_OWN = frozenset({"content-length", "transfer-encoding", "connection", "upgrade", "sec-websocket-accept"})
 _NO_BODY_STATUS = frozenset({204, 304})
 _SCHEMES = frozenset({"http", "https", "ws", "wss"})
 # RFC 3986 §3.2.2-3: an IP-literal or a reg-name (unreserved, %-escapes, sub-delims), then an optional
 # port. No userinfo ("a@b"), no whitespace, nothing a later parser could split differently.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?\Z")
-
-_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 @dataclass(frozen=True)
@@ -390,9 +388,8 @@ class _Connection(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
-        # bytes after a WebSocket handshake head, then the WebSocket's input
+        # bytes after a WebSocket handshake head, until the tunnel takes them (or the upgrade is refused)
         self.ws_buffer: bytearray | None = None
-        self.ws_waiter: asyncio.Future[None] | None = None
         self.websocket = False
 
     # asyncio.Protocol
@@ -410,11 +407,9 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buffer = self.ws_buffer
         if buffer is not None:
+            # After a WebSocket handshake, until the tunnel takes over this connection (or it is refused).
             buffer += data
-            waiter = self.ws_waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-            elif len(buffer) > _HIGH_WATER:
+            if len(buffer) > _HIGH_WATER:
                 self._pause()
             return
         parser = self.parser
@@ -460,8 +455,6 @@ class _Connection(asyncio.Protocol):
             self.receiving.body.fail(ClientGone("the client closed the connection before the end of its body"))
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_exception(ConnectionResetError("the client closed the connection"))
-        if self.ws_waiter is not None and not self.ws_waiter.done():
-            self.ws_waiter.set_result(None)
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)  # the idle serving task ends
         if self.task is not None and self.handling:
@@ -736,6 +729,8 @@ class _Connection(asyncio.Protocol):
                     return await self._respond(exchange, short_error(408, str(exc), request.id))
                 if data is not None:
                     request.body = data
+            if exchange.version == "1.1":
+                request._interim = self._interim  # HTTP/1.0 clients know no interim responses
             self.handling = True
             try:
                 response = await self.handler(request, self)
@@ -755,6 +750,21 @@ class _Connection(asyncio.Protocol):
             if not isinstance(request.body, bytes):
                 await request.aclose()
 
+    def _interim(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
+        """Write an interim (1xx) response now, ahead of the final one (RFC 9110 §15.2).
+
+        Offered to the handler as ``request._interim`` for HTTP/1.1 clients; the pool calls it
+        for each 1xx but 100 Continue (``Expect`` is answered here) while the head is awaited.
+        """
+        if not self.handling or self.closed:
+            return  # the final response is on its way: too late for a hint
+        try:
+            head = _encode_head(status, reason, headers, [])
+        except ValueError as exc:
+            log.warning("%s listener: dropped an interim %d response: %s", self.listener.name, status, exc)
+            return
+        self.transport.write(head)
+
     async def _respond(self, exchange: _Exchange, response: Response) -> bool:
         """Write ``response``; True if the connection may carry another request."""
         exchange.responding = True
@@ -762,11 +772,11 @@ class _Connection(asyncio.Protocol):
         if response._upgrade is not None:
             if status == 101:
                 return await self._websocket(exchange, response)
-            await _close_upgrade(response._upgrade, 1001)  # a plugin turned it down: let it go
+            response._upgrade.close()  # a plugin turned it down: let it go
         if self.closed:
             await response.aclose()
             return False
-        if not isinstance(status, int) or not 200 <= status <= 999:
+        if not isinstance(status, int) or not 200 <= status <= 599:
             rid = exchange.request_id
             log.error("request %s: the handler answered with status %r", rid, status)
             await response.aclose()
@@ -993,7 +1003,7 @@ class _Connection(asyncio.Protocol):
         if not self.busy:
             self.transport.close()
         elif self.websocket:
-            self.task.cancel()  # the WebSocket session closes both sides with 1001
+            self.task.cancel()  # its tunnel closes both connections (a tunnel has no end of its own)
 
     def abort(self) -> None:
         if self.task is not None:
@@ -1003,162 +1013,50 @@ class _Connection(asyncio.Protocol):
     # WebSocket
 
     async def _websocket(self, exchange: _Exchange, response: Response) -> bool:
-        """Complete the client's handshake and pump messages both ways until either side closes."""
-        upstream, session = response._upgrade.ws, response._upgrade.session
+        """Send the upstream's 101 on, then carry the connection as a byte tunnel until it ends.
+
+        The 101 is ours to write (its accept answers this client's key); the app's subprotocol,
+        extensions and other headers pass. From then on `mesh.upstream.Tunnel` moves bytes both
+        ways: frames, pings and close codes with their reasons reach each end as they were sent.
+        """
+        tunnel = response._upgrade
         key = exchange.websocket_key
         if key is None or self.closed:
-            await _close_upgrade(response._upgrade, 1001)
+            tunnel.close()
             if self.closed:
                 return False
             rid = exchange.request_id
             log.error("request %s: the handler opened a WebSocket for a request that is no handshake", rid)
             return await self._respond(exchange, short_error(500, "internal error", rid))
-        accept = base64.b64encode(hashlib.sha1(key.encode("ascii") + websocket.GUID).digest()).decode("ascii")
-        extra = ["Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Accept: {accept}"]
-        if upstream.protocol:
-            extra.append(f"Sec-WebSocket-Protocol: {upstream.protocol}")
+        extra = ["Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Accept: {websocket.accept(key)}"]
         if "Date" not in response.headers:
             extra.append(_date())
         if "Server" not in response.headers:
             extra.append("Server: mesh")
         items = [(k, v) for k, v in response.headers.items() if k.lower() not in _WS_OWN]
         try:
-            head = _encode_head(101, "Switching Protocols", items, extra)
+            head = _encode_head(101, response.reason or "Switching Protocols", items, extra)
         except ValueError as exc:
             rid = exchange.request_id
             log.error("request %s: refused to send the response: %s", rid, exc)
-            await _close_upgrade(response._upgrade, 1001)
+            tunnel.close()
             return await self._respond(exchange, short_error(500, "internal error", rid))
-        outcome: list[Any] = [None, None]  # [code the client closed with (or a protocol error), its reason]
-        tasks: list[asyncio.Task[Any]] = []
+        self.transport.write(head)
+        self.websocket = True
+        pending = bytes(self.ws_buffer or b"")  # what the client sent after its handshake
+        self.ws_buffer = None
+        self.reading_paused = False  # the tunnel resumes reading and does its own flow control now
+        # The tunnel becomes this transport's protocol; this connection still hears of its end.
+        tunnel.splice(self.transport, pending, self.connection_lost, self.write_paused)
         try:
-            self.transport.write(head)
-            self.websocket = True
-            if self.ws_buffer is None:
-                self.ws_buffer = bytearray()
-            self._resume()
-            tasks = [self.loop.create_task(self._ws_from_client(upstream, outcome)),
-                     self.loop.create_task(self._ws_from_upstream(upstream))]
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await tunnel.done
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            code, reason = outcome
-            if code is not None:
-                down = code  # echo the client's close (or name its protocol error)
-                up = code if isinstance(reason, bytes) else 1001
-            elif not upstream.closed:
-                down = up = 1001  # the client left, or the listener stops
-            else:
-                down, up, reason = websocket.wire_code(upstream.close_code), 1000, b""
-            try:
-                await upstream.close(code=websocket.wire_code(up), message=reason if isinstance(reason, bytes) else b"")
-            except Exception:
-                log.debug("closing an upstream WebSocket failed", exc_info=True)
-            finally:
-                await session.close()
-            if not self.closed and not self.transport.is_closing():
-                self.transport.write(websocket.frame(_OP_CLOSE, websocket.wire_code(down).to_bytes(2, "big")))
-                self.transport.close()
+            tunnel.close()  # the listener stops (or the tunnel ended: then nothing to do)
         return False
-
-    async def _ws_from_client(self, upstream: Any, outcome: list[Any]) -> None:
-        """Client frames to upstream messages; returns when the client closes, errs or leaves."""
-        parts: list[bytes] = []
-        size = 0
-        kind = 0
-        try:
-            while True:
-                fin, opcode, payload = await self._ws_read()
-                if opcode == _OP_PING:
-                    self.transport.write(websocket.frame(_OP_PONG, payload))
-                    continue
-                if opcode == _OP_PONG:
-                    continue
-                if opcode == _OP_CLOSE:
-                    outcome[0], outcome[1] = websocket.close_payload(payload)
-                    return
-                if opcode == _OP_CONT:
-                    if not kind:
-                        raise websocket.WSError(1002, "continuation without a message")
-                elif opcode in (_OP_TEXT, _OP_BINARY):
-                    if kind:
-                        raise websocket.WSError(1002, "a new message inside a fragmented one")
-                    kind = opcode
-                else:
-                    raise websocket.WSError(1002, f"unknown opcode {opcode}")
-                size += len(payload)
-                if size > websocket.MAX_MESSAGE:
-                    raise websocket.WSError(1009, "message too big")
-                parts.append(payload)
-                if not fin:
-                    continue
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
-                parts, size, message_kind, kind = [], 0, kind, 0
-                if message_kind == _OP_TEXT:
-                    try:
-                        text = data.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise websocket.WSError(1007, "text message is not UTF-8") from None
-                    await upstream.send_str(text)
-                else:
-                    await upstream.send_bytes(data)
-        except websocket.WSError as exc:
-            log.debug("%s listener: WebSocket protocol error from a client: %s", self.listener.name, exc)
-            outcome[0], outcome[1] = exc.code, None
-        except ConnectionError:
-            pass  # the client is gone
-
-    async def _ws_from_upstream(self, upstream: Any) -> None:
-        """Upstream messages to client frames, with flow control, until upstream closes."""
-        transport = self.transport
-        async for msg in upstream:
-            if msg.type == WSMsgType.TEXT:
-                frame = websocket.frame(_OP_TEXT, msg.data.encode("utf-8"))
-            elif msg.type == WSMsgType.BINARY:
-                frame = websocket.frame(_OP_BINARY, msg.data)
-            else:
-                return  # ERROR
-            if self.closed:
-                return
-            transport.write(frame)
-            if self.write_paused:
-                await self._drain()
-
-    async def _ws_read(self) -> tuple[bool, int, bytes]:
-        buffer = self.ws_buffer
-        assert buffer is not None
-        while True:
-            frame = websocket.parse_frame(buffer)
-            if frame is not None:
-                fin, opcode, payload, used = frame
-                del buffer[:used]
-                if self.reading_paused and len(buffer) <= _LOW_WATER:
-                    self._resume()
-                return fin, opcode, payload
-            if self.closed or self.transport.is_closing():
-                raise ConnectionResetError("the client closed the connection")
-            self._resume()  # a frame is incomplete: we need more than is buffered
-            waiter = self.ws_waiter = self.loop.create_future()
-            try:
-                await waiter
-            finally:
-                self.ws_waiter = None
 
 
 # What a handler gets as its second argument: ``.transport`` has the peer certificate.
 Connection = _Connection
-
-
-async def _close_upgrade(upgrade: Any, code: int) -> None:
-    """Close an upstream WebSocket the client will not get, and its session."""
-    try:
-        await upgrade.ws.close(code=code)
-    except Exception:
-        log.debug("closing an upstream WebSocket failed", exc_info=True)
-    finally:
-        await upgrade.session.close()
 
 
 def _split_absolute(rest: str) -> tuple[str, str]:

@@ -7,10 +7,37 @@ connection already back in the pool. Larger bodies stream in both
 directions with flow control, so memory stays bounded whatever the size.
 
 Connections are pooled per `Endpoint`: address *and* TLS settings, so a
-connection made for one identity is never reused for another. A
-connection taken from the pool that turns out to be closed by the server
-(the keep-alive race) is retried once on a fresh connection when the
-request can be replayed.
+connection made for one identity is never reused for another. A pooled
+connection that sees bytes while idle is retired, never read as the
+answer to the next request.
+
+**Sending again.** A request on a pooled connection that the server closes
+before any byte of an answer (the keep-alive race: it closed the idle
+connection as we reused it) is sent once more on a fresh connection, but
+only as RFC 9112 §9.3.1.1 allows: an idempotent method (GET HEAD OPTIONS
+TRACE PUT DELETE) and a body we still hold. A POST may have reached the app
+and acted; it gets the 502. Nothing is sent again after a timeout, and a
+second try gets what is left of the request's one deadline: a timeout
+fires once, at its value.
+
+**What comes back is checked.** A status outside 100–599, a response head
+over `Limits.max_head_bytes` or `Limits.max_headers` (refused as soon as it
+passes the cap, never buffered to its end), or a 101 nobody asked for is a
+502. Interim responses (1xx) go to the request's ``informational``
+callback as they arrive, except 100 Continue (the listener answers
+``Expect`` itself). A body that breaks off raises `UpstreamError` from its
+iterator, so the listener aborts its client's response instead of
+completing it: a connection that ends before the last chunk or before the
+``Content-Length``, or a close-delimited body ended by a reset rather than
+a clean FIN. Between two chunks a body may be quiet for ``idle_timeout``
+seconds (per request: the sidecar gives the service's or route's
+``stream_idle_timeout``); past it, the stream is cut.
+
+**Upgrades.** A request carrying ``Upgrade`` (a WebSocket handshake, with
+exactly the headers the chain produced) goes out on a connection of its
+own. A 101 that answers it (``Upgrade: websocket`` and the right
+``Sec-WebSocket-Accept`` for the key sent) comes back as a `Response`
+whose ``_upgrade`` is a `Tunnel`; any other answer is an ordinary response.
 
 Failures raise `UpstreamError`; two kinds are told apart, for retries and
 outlier detection: `ConnectFailed` (no connection was made, so nothing
@@ -20,6 +47,7 @@ was sent) and `UpstreamTimeout` (no response head within the timeout).
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections import deque
@@ -29,17 +57,29 @@ from typing import Any, NamedTuple
 
 import httptools
 
+from . import websocket
 from .errors import UpstreamError
 from .headers import HOP_BY_HOP
 from .messages import Body, Response
 
-__all__ = ["ConnectFailed", "Endpoint", "Limits", "Pool", "UpstreamTimeout"]
+__all__ = ["ConnectFailed", "Endpoint", "IDEMPOTENT", "Informational", "Limits", "Pool", "Tunnel",
+           "UpstreamTimeout"]
+
+log = logging.getLogger("mesh.upstream")
 
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
 _INLINE_BODY = 16 * 1024  # bodies up to this size go out in the same write as the head
 _NO_BODY_STATUS = frozenset({204, 304})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_CLOSE_GRACE = 5.0  # seconds a closing tunnel may take to flush before it is cut
+_monotonic = time.monotonic
+
+# RFC 9110 §9.2.2: a request with one of these may be sent again with the same effect.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+# Called with each interim (1xx) response as it arrives: status, reason, headers (hop-by-hop removed).
+Informational = Callable[[int, str, list[tuple[str, str]]], None]
 
 
 class ConnectFailed(UpstreamError):
@@ -65,24 +105,62 @@ class Endpoint(NamedTuple):
 
 @dataclass(frozen=True)
 class Limits:
-    """Pool and timeout settings (seconds)."""
+    """Pool, timeout and size settings (seconds, bytes).
+
+    ``response_timeout`` bounds the wait for a response head and
+    ``stream_idle_timeout`` the quiet between two chunks of a body (and of
+    a tunnel; 0: no bound) when a request does not give its own. A
+    response head is refused (502) past ``max_head_bytes`` or ``max_headers``.
+    """
 
     max_idle_per_endpoint: int = 128
     idle_timeout: float = 30.0
     connect_timeout: float = 5.0
     response_timeout: float = 60.0
-    body_timeout: float = 60.0
+    stream_idle_timeout: float = 300.0
+    max_head_bytes: int = 64 * 1024
+    max_headers: int = 100
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; the reason is in ``_Connection.refusal``."""
+
+
+def _decode(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Header pairs as received, less hop-by-hop headers and those ``Connection`` names."""
+    headers: list[tuple[str, str]] = []
+    connection_tokens: set[str] = set()
+    for raw_name, raw_value in raw:
+        name = raw_name.decode("latin-1")
+        value = raw_value.decode("utf-8", "surrogateescape")
+        lower = name.lower()
+        if lower == "connection":
+            connection_tokens.update(t.strip().lower() for t in value.split(","))
+        if lower in HOP_BY_HOP:
+            continue
+        headers.append((name, value))
+    if connection_tokens:
+        headers = [(n, v) for n, v in headers if n.lower() not in connection_tokens]
+    return headers
 
 
 class _Connection(asyncio.Protocol):
     """One upstream connection, parsing responses as they arrive."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.max_head = limits.max_head_bytes
+        self.max_headers = limits.max_headers
         self.closed = False
-        self.reused = False
+        self.idle = False  # in the pool: no request is waiting for what arrives
+        self.reusable = True
+        self.upgrade = False  # the request asks to switch protocols: a 101 may answer it
+        self.idle_timeout = 0.0  # ... and the tunnel it makes goes quiet for at most this long
+        self.tunnel: Tunnel | None = None
+        self.informational: Informational | None = None
+        self.refusal: str | None = None
         self.idle_since = 0.0
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -93,6 +171,9 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0  # bytes of the head parsed so far
+        self.pending = 0  # bytes read while the head is incomplete
+        self.started = False  # some of an answer came (an interim response, or part of a head)
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.complete = False
@@ -109,21 +190,39 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.idle:
+            # SECURITY: nobody asked for these bytes: they must never pass for the next request's answer.
+            self._fail(UpstreamError(502, "upstream sent bytes on an idle connection"))
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError(502, "upstream switched protocols unexpectedly"))
+        except httptools.HttpParserUpgrade as exc:
+            self._switch(data[exc.args[0]:])
+            return
         except httptools.HttpParserError as exc:
-            if self.head_only and self.head.done():
-                return  # bytes after a HEAD response's head: the connection is closed anyway
-            self._fail(UpstreamError(502, f"malformed response from upstream ({type(exc).__name__})"))
+            refusal, self.refusal = self.refusal, None
+            if refusal is None and self.head_only and self.complete:
+                self.reusable = False  # bytes after a HEAD response's head: a broken upstream
+                return
+            self._fail(UpstreamError(502, refusal or f"malformed response from upstream ({type(exc).__name__})"))
+            return
+        if self.status == 0:
+            # The head is still coming (most come whole, in one read). llhttp hands over a header
+            # only once its line ends: bound one that never ends by counting the reads it spans.
+            self.started = True
+            self.pending += len(data)
+            if self.pending > self.max_head:
+                self._fail(UpstreamError(502, f"the response head from upstream passed {self.max_head} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.until_eof and self.head.done() and not self.complete:
-            self.on_message_complete()
-        elif not self.complete:
-            self._fail(UpstreamError(502, "upstream closed the connection"))
+        if not self.complete:
+            if self.until_eof and exc is None and self.error is None:
+                self.on_message_complete()  # a close-delimited body ends with a clean FIN...
+            else:
+                # ... but a reset, or an end before the framing said, leaves it broken: never complete.
+                self._fail(UpstreamError(502, "upstream reset the connection" if exc is not None
+                                         else "upstream closed the connection"))
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("upstream closed the connection"))
 
@@ -147,28 +246,48 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
+        self.head_size += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        headers = self.headers
+        headers.append((name, value))
+        # llhttp has no limit of its own on a head's size: count as we go.
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.max_head:
+            self._refuse(f"the response head from upstream passed {self.max_head} bytes")
+        if len(headers) > self.max_headers:
+            self._refuse(f"the response head from upstream has more than {self.max_headers} headers")
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if 100 <= status < 200:
-            # An interim response (100 Continue, 103 Early Hints): wait for the real one.
-            self.headers = []
-            self.reason = b""
+        parser = self.parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101 and self.upgrade:
+                self.status = status
+                self.head.set_result(None)  # what follows is another protocol's: see _switch
+                return
+            if status == 101:
+                self._refuse("upstream switched protocols unexpectedly")
+            if status < 100:
+                self._refuse(f"upstream answered with status {status}")
+            self._interim(status)
             return
+        if status > 599:
+            self._refuse(f"upstream answered with status {status}")
+        if self.status:
+            self._refuse("upstream sent a response nobody asked for")
         self.status = status
-        if not self.head_only and status not in _NO_BODY_STATUS:
+        if self.head_only:
+            # llhttp would now wait for the body a GET would get. Nothing follows a HEAD
+            # response's head: the message is complete, and a fresh parser reads the next one.
+            self.complete = True
+            self.keep_alive = self._keeps_alive(parser.get_http_version())
+            self.parser = httptools.HttpResponseParser(self)
+        elif status not in _NO_BODY_STATUS:
             names = {n.lower() for n, _ in self.headers}
             self.until_eof = b"content-length" not in names and b"transfer-encoding" not in names
         if not self.head.done():
             self.head.set_result(None)
-        if self.head_only:
-            self.complete = True
-            self.closed = True  # llhttp would wait for a body; never reuse this connection
-            if self.transport is not None:
-                self.transport.close()
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -179,14 +298,50 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self.status == 0:
-            return  # end of an interim response
+        if self.status == 0 or self.head_only:
+            return  # the end of an interim response, or of what llhttp took for a HEAD's body
         self.complete = True
         # Ask now: llhttp forgets once the next message begins.
         self.keep_alive = self.parser.should_keep_alive()
         self._wake()
 
     # helpers
+
+    def _refuse(self, reason: str) -> None:
+        """From a parser callback: stop parsing; the request fails with 502 and ``reason``."""
+        self.refusal = reason
+        raise _Refused(reason)
+
+    def _interim(self, status: int) -> None:
+        """An interim response (1xx) is complete: pass it on, then wait for the final one."""
+        self.started = True
+        informational = self.informational
+        if status != 100 and informational is not None:
+            try:
+                informational(status, self.reason.decode("latin-1"), _decode(self.headers))
+            except Exception:
+                log.exception("passing on an interim %d response failed", status)
+        self.headers = []
+        self.reason = b""
+        self.head_size = 0
+        self.pending = 0
+
+    def _keeps_alive(self, version: str) -> bool:
+        """Whether a response without a body leaves the connection open (RFC 9112 §9.3)."""
+        tokens: set[bytes] = set()
+        for name, value in self.headers:
+            if name.lower() == b"connection":
+                tokens.update(t.strip().lower() for t in value.split(b","))
+        if version == "1.1":
+            return b"close" not in tokens
+        return b"keep-alive" in tokens
+
+    def _switch(self, rest: bytes) -> None:
+        """llhttp stopped after a 101's head; ``rest`` is what followed it: a tunnel takes over."""
+        if self.status != 101 or self.transport is None:
+            self._fail(UpstreamError(502, "upstream switched protocols unexpectedly"))
+            return
+        self.tunnel = Tunnel(self.loop, self.transport, rest, self.idle_timeout)
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -217,7 +372,9 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        if self.transport is not None:
+        if self.tunnel is not None:
+            self.tunnel.close()
+        elif self.transport is not None:
             self.transport.close()
 
 
@@ -249,12 +406,13 @@ class _BodyStream:
                 raise conn.error
             conn.waiter = conn.loop.create_future()
             try:
-                async with asyncio.timeout(self._timeout):
+                async with asyncio.timeout(self._timeout or None):
                     await conn.waiter
             except TimeoutError:
                 self._done = True
                 conn.close()
-                raise UpstreamError(504, "upstream stopped sending the response body") from None
+                raise UpstreamError(504, f"upstream sent nothing of the response body for "
+                                         f"{self._timeout:g}s") from None
             finally:
                 conn.waiter = None
 
@@ -282,6 +440,17 @@ def _encode_head(method: str, target: str, headers: Any) -> bytes:
     return head.encode("utf-8", "surrogateescape")
 
 
+def _may_send_again(exc: UpstreamError, conn: _Connection, method: str, body: Body) -> bool:
+    """Whether a request that failed on a reused connection may go out again (RFC 9112 §9.3.1.1).
+
+    Only when the server closed the connection before any byte of an answer (the keep-alive race),
+    the method is idempotent and the body is still in hand; never after a timeout, which would
+    give the request its timeout twice.
+    """
+    return (not isinstance(exc, UpstreamTimeout) and not conn.started and conn.status == 0
+            and method in IDEMPOTENT and isinstance(body, bytes))
+
+
 class Pool:
     """Keep-alive connections to many endpoints, and the request/response exchange over them."""
 
@@ -292,16 +461,16 @@ class Pool:
         self._idle: dict[Endpoint, deque[_Connection]] = {}
         self._closing = False
 
-    async def _connect(self, endpoint: Endpoint, timeout: float | None = None) -> _Connection:
+    async def _connect(self, endpoint: Endpoint, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
-        limit = self.limits.connect_timeout if timeout is None else min(timeout, self.limits.connect_timeout)
+        limits = self.limits
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(min(timeout, limits.connect_timeout)):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop), endpoint.host, endpoint.port,
+                    lambda: _Connection(loop, limits), endpoint.host, endpoint.port,
                     ssl=endpoint.tls,
                     server_hostname=endpoint.peer if endpoint.tls else None,
-                    ssl_handshake_timeout=self.limits.connect_timeout if endpoint.tls else None,
+                    ssl_handshake_timeout=limits.connect_timeout if endpoint.tls else None,
                 )
         except TimeoutError:
             raise ConnectFailed(504, f"timed out connecting to {endpoint.host}:{endpoint.port}") from None
@@ -330,13 +499,13 @@ class Pool:
             if conn.idle_since < expiry:
                 conn.close()
                 continue
-            conn.reused = True
+            conn.idle = False
             return conn
         return None
 
     def _release(self, endpoint: Endpoint, conn: _Connection) -> None:
-        if (conn.closed or self._closing or conn.error is not None
-                or not conn.keep_alive or conn.until_eof):
+        if (conn.closed or self._closing or conn.error is not None or not conn.keep_alive
+                or conn.until_eof or not conn.reusable):
             conn.close()
             return
         idle = self._idle.setdefault(endpoint, deque())
@@ -344,6 +513,7 @@ class Pool:
             conn.close()
             return
         conn._reset_message()  # llhttp itself is ready for the next message on this connection
+        conn.idle = True
         conn.idle_since = time.monotonic()
         idle.append(conn)
 
@@ -356,16 +526,22 @@ class Pool:
         body: Body = b"",
         *,
         timeout: float | None = None,
+        idle_timeout: float | None = None,
+        informational: Informational | None = None,
     ) -> Response:
         """Send one request and return its response once the head has arrived.
 
-        ``headers`` is sent as given (the caller removes hop-by-hop headers);
-        framing headers are set here from ``body``: ``Content-Length`` for
-        bytes, chunked for a stream without a length. ``timeout`` bounds the
-        wait for the response head (default `Limits.response_timeout`) and,
-        when shorter, the connect timeout. Raises `UpstreamError` (502 or
-        504) when no response arrives: `ConnectFailed` when nothing was
-        sent, `UpstreamTimeout` when the head did not come in time.
+        ``headers`` is sent as given (the caller removes hop-by-hop headers,
+        except a WebSocket ``Upgrade``); framing headers are set here from
+        ``body``: ``Content-Length`` for bytes, chunked for a stream without
+        a length. ``timeout`` bounds everything until the response head,
+        connecting included (default `Limits.response_timeout`), once;
+        ``idle_timeout`` the quiet between body chunks (or in a tunnel)
+        after it (default `Limits.stream_idle_timeout`). ``informational``
+        gets each interim response but 100 Continue as it arrives. Raises
+        `UpstreamError` (502 or 504) when no response arrives:
+        `ConnectFailed` when nothing was sent, `UpstreamTimeout` when the
+        head did not come in time.
         """
         if isinstance(body, bytes):
             if body or method in _BODY_METHODS or "Content-Length" in headers:
@@ -373,21 +549,34 @@ class Pool:
         elif "Content-Length" not in headers:
             headers["Transfer-Encoding"] = "chunked"
         head = _encode_head(method, target, headers)
-        timeout = self.limits.response_timeout if timeout is None else timeout
+        limits = self.limits
+        if timeout is None:
+            timeout = limits.response_timeout
+        idle = limits.stream_idle_timeout if idle_timeout is None else idle_timeout
+        if "Upgrade" in headers:
+            return await self._switch_protocols(endpoint, method, head, headers, body, timeout, idle, informational)
         conn = self._acquire_idle(endpoint)
         if conn is not None:
+            loop = conn.loop
+            deadline = loop.time() + timeout
             try:
-                return await self._exchange(conn, endpoint, method, head, body, timeout)
-            except UpstreamError:
-                # The keep-alive race: the server closed the pooled connection as we reused it.
-                if not (conn.closed and conn.status == 0 and isinstance(body, bytes)):
+                await self._exchange(conn, method, head, body, deadline, timeout, idle, informational)
+                return self._response(conn, endpoint, idle)
+            except UpstreamError as exc:
+                if not _may_send_again(exc, conn, method, body):
                     raise
-        conn = await self._connect(endpoint, timeout)
-        return await self._exchange(conn, endpoint, method, head, body, timeout)
+        else:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+        conn = await self._connect(endpoint, deadline - loop.time())
+        await self._exchange(conn, method, head, body, deadline, timeout, idle, informational)
+        return self._response(conn, endpoint, idle)
 
-    async def _exchange(self, conn: _Connection, endpoint: Endpoint, method: str,
-                        head: bytes, body: Body, timeout: float) -> Response:
+    async def _exchange(self, conn: _Connection, method: str, head: bytes, body: Body, deadline: float,
+                        timeout: float, idle: float, informational: Informational | None) -> None:
+        """Send the request on ``conn`` and wait for its response head until ``deadline`` (loop time)."""
         conn.head_only = method == "HEAD"
+        conn.informational = informational
         transport = conn.transport
         assert transport is not None
         try:
@@ -398,7 +587,7 @@ class Pool:
                         transport.write(body)
                 else:
                     transport.write(head)
-                    await self._send_stream(conn, body, chunked=b"chunked" in head.lower())
+                    await self._send_stream(conn, body, b"chunked" in head.lower(), idle)
             except (ConnectionError, UpstreamError) as exc:
                 # The upstream may have answered early (413, 401) and closed: use its answer.
                 if not conn.head.done() or conn.head.exception() is not None:
@@ -407,7 +596,7 @@ class Pool:
                 conn.closed = True
             if not conn.head.done():
                 # A plain timer, not asyncio.timeout(): this wait is on every request's path.
-                timer = conn.loop.call_later(timeout, conn.time_out, timeout)
+                timer = conn.loop.call_at(deadline, conn.time_out, timeout)
                 try:
                     await conn.head
                 finally:
@@ -417,9 +606,9 @@ class Pool:
             # Half a request went out (or none came back): this connection is done for.
             conn.close()
             raise
-        return self._response(conn, endpoint)
 
-    async def _send_stream(self, conn: _Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
+    async def _send_stream(self, conn: _Connection, body: AsyncIterable[bytes], chunked: bool,
+                           idle: float) -> None:
         transport = conn.transport
         assert transport is not None
         async for chunk in body:
@@ -432,36 +621,55 @@ class Pool:
             else:
                 transport.write(chunk)
             if conn._write_paused:
-                async with asyncio.timeout(self.limits.body_timeout):
-                    await conn.drain()
+                try:
+                    async with asyncio.timeout(idle or None):
+                        await conn.drain()
+                except TimeoutError:
+                    raise UpstreamError(504, f"upstream read nothing of the request body for {idle:g}s") from None
         if chunked:
             transport.write(b"0\r\n\r\n")
 
-    def _response(self, conn: _Connection, endpoint: Endpoint) -> Response:
-        headers: list[tuple[str, str]] = []
-        connection_tokens: set[str] = set()
-        for raw_name, raw_value in conn.headers:
-            name = raw_name.decode("latin-1")
-            value = raw_value.decode("utf-8", "surrogateescape")
-            lower = name.lower()
-            if lower == "connection":
-                connection_tokens.update(t.strip().lower() for t in value.split(","))
-            if lower in HOP_BY_HOP:
-                continue
-            headers.append((name, value))
-        if connection_tokens:
-            headers = [(n, v) for n, v in headers if n.lower() not in connection_tokens]
+    def _response(self, conn: _Connection, endpoint: Endpoint, idle: float) -> Response:
+        headers = _decode(conn.headers)
         reason = conn.reason.decode("latin-1")
         status = conn.status
         body: Body
         if conn.complete:
-            body = b"".join(conn.chunks)
+            if conn.head_only:
+                if conn.chunks:
+                    conn.keep_alive = False  # bytes after a HEAD response's head: a broken upstream
+                body = b""
+            else:
+                body = b"".join(conn.chunks)
             conn.chunks.clear()
             conn.buffered = 0
             self._release(endpoint, conn)
         else:
-            body = _BodyStream(conn, self, endpoint, self.limits.body_timeout)
+            body = _BodyStream(conn, self, endpoint, idle)
         return Response(status, body, headers, reason=reason)
+
+    async def _switch_protocols(self, endpoint: Endpoint, method: str, head: bytes, headers: Any, body: Body,
+                                timeout: float, idle: float, informational: Informational | None) -> Response:
+        """An Upgrade request, on a connection of its own: a `Tunnel` on a valid 101, else the answer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        conn = await self._connect(endpoint, timeout)
+        conn.upgrade = True
+        conn.idle_timeout = idle
+        conn.reusable = False  # whatever the answer, this connection asked to become something else
+        await self._exchange(conn, method, head, body, deadline, timeout, idle, informational)
+        if conn.status != 101:
+            return self._response(conn, endpoint, idle)
+        tunnel = conn.tunnel
+        problem = _check_switch(conn.headers, headers.get("Sec-WebSocket-Key"))
+        if tunnel is None or conn.error is not None:
+            problem = problem or "upstream switched protocols and closed"
+        if problem:
+            conn.close()
+            raise UpstreamError(502, problem)
+        response = Response(101, b"", _decode(conn.headers), reason=conn.reason.decode("latin-1"))
+        response._upgrade = tunnel
+        return response
 
     async def close(self) -> None:
         """Close every idle connection; connections in use close when released."""
@@ -472,40 +680,208 @@ class Pool:
         self._idle.clear()
 
 
-class Upgraded(NamedTuple):
-    """An open upstream WebSocket and the session that owns it (closed with it)."""
+def _check_switch(raw: list[tuple[bytes, bytes]], key: str | None) -> str | None:
+    """What is wrong with a 101 that answers a WebSocket handshake with ``key``, or None.
 
-    ws: Any
-    session: Any
+    SECURITY: the connection becomes raw bytes both ways only when the upstream really took
+    the handshake (RFC 6455 §4.1): a 101 that does not answer *this* key could come from a
+    server that never meant to switch, and what follows would pass unparsed.
+    """
+    upgrade = accept = b""
+    tokens: set[bytes] = set()
+    for name, value in raw:
+        lower = name.lower()
+        if lower == b"upgrade":
+            upgrade = value.strip().lower()
+        elif lower == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+        elif lower == b"sec-websocket-accept":
+            accept = value.strip()
+    if upgrade != b"websocket" or b"upgrade" not in tokens:
+        return "upstream switched to a protocol other than WebSocket"
+    if key is None or accept != websocket.accept(key).encode("ascii"):
+        return "upstream's 101 does not answer the WebSocket handshake (Sec-WebSocket-Accept)"
+    return None
 
 
-_WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-                           "sec-websocket-protocol", "host", "content-length"})
+class _Side(asyncio.Protocol):
+    """One connection of a `Tunnel`: what it receives is written to the other side."""
+
+    def __init__(self, tunnel: Tunnel, transport: asyncio.Transport,
+                 on_lost: Callable[[Exception | None], None] | None = None) -> None:
+        self.tunnel = tunnel
+        self.transport = transport
+        self.on_lost = on_lost
+        self.other: _Side | None = None
+        self.pending: bytearray | None = None  # input before the other side is there
+        self.eof = False  # its input ended
+        self.lost = False
+        # A half-close passes on only where both transports can keep the other direction open.
+        self.half_close = transport.can_write_eof() and transport.get_extra_info("sslcontext") is None
+
+    def data_received(self, data: bytes) -> None:
+        self.tunnel.last = _monotonic()
+        other = self.other
+        if other is not None:
+            other.transport.write(data)
+            return
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = bytearray()
+        pending += data
+        if len(pending) > _HIGH_WATER:
+            self.transport.pause_reading()  # until the listener's side is there to take it
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        other = self.other
+        if other is None:
+            return self.half_close  # passed on when the other side comes
+        if other.eof or not (self.half_close and other.half_close):
+            other.transport.close()  # both directions are done, or one cannot stay open alone
+            return False
+        other.transport.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        # This side's write buffer is full: stop reading what would go into it.
+        other = self.other
+        if other is not None and not other.eof and not other.lost:
+            other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        other = self.other
+        if other is not None and not other.eof and not other.lost:
+            other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        other = self.other
+        if other is not None and not other.lost:
+            if exc is None:
+                other.transport.close()  # what is still buffered goes out first
+            else:
+                other.transport.abort()  # a reset passes on as one
+        if self.on_lost is not None:
+            self.on_lost(exc)
+        self.tunnel._lost()
 
 
-async def connect_websocket(endpoint: Endpoint, target: str, headers: Any,
-                            timeout: float) -> Response:
-    """Open a WebSocket to ``endpoint``; a 101 `Response` carrying it, or the refusal."""
-    import aiohttp
+class Tunnel:
+    """Two connections spliced after a 101: bytes both ways, as they come, and nothing else.
 
-    scheme = "wss" if endpoint.tls else "ws"
-    url = f"{scheme}://{endpoint.host}:{endpoint.port}{target}"
-    protocols = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-    forward = {k: v for k, v in headers.items() if k.lower() not in _WS_HANDSHAKE}
-    forward["Host"] = headers.get("Host", endpoint.host)
-    session = aiohttp.ClientSession(auto_decompress=False)
-    try:
-        ws = await session.ws_connect(
-            url, headers=forward, protocols=protocols, ssl=endpoint.tls or False,
-            server_hostname=endpoint.peer if endpoint.tls else None,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=timeout),
-            autoping=True, max_msg_size=0)
-    except aiohttp.WSServerHandshakeError as exc:
-        await session.close()
-        return Response(exc.status, f"{exc.status} upstream refused the WebSocket upgrade\n")
-    except (aiohttp.ClientError, OSError) as exc:
-        await session.close()
-        raise UpstreamError(502, f"cannot open a WebSocket upstream: {type(exc).__name__}") from None
-    response = Response(101)
-    response._upgrade = Upgraded(ws, session)
-    return response
+    The upstream connection is taken over the moment its 101 has been
+    parsed (what came with or after it waits here); the listener hands
+    over its client's connection with `splice` once it has sent the 101 on.
+    From then on each side's input is written to the other as it arrives,
+    with no task and no copy beyond the transports' own buffers: when one
+    side's write buffer fills, reading from the other pauses until it
+    drains. An EOF passes on as a half-close where both transports allow
+    it (plain TCP, not TLS: then the other side closes), a close as a close
+    once what is buffered went out, a reset as a reset.
+
+    The tunnel ends when both connections are closed (``done``), after
+    ``idle_timeout`` seconds without a byte either way, or on `close` (a
+    refused upgrade, the listener stopping). Its one timer is per tunnel,
+    checked lazily: none per chunk.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, upstream: asyncio.Transport, rest: bytes,
+                 idle_timeout: float) -> None:
+        self.loop = loop
+        self.idle_timeout = idle_timeout
+        self.last = _monotonic()
+        self.done: asyncio.Future[None] = loop.create_future()  # set once both connections are closed
+        self.ended = False
+        self.closing = False
+        self.upstream = _Side(self, upstream)
+        self.client: _Side | None = None
+        if rest:
+            self.upstream.pending = bytearray(rest)
+        upstream.set_protocol(self.upstream)
+        self._timer: asyncio.TimerHandle | None = None
+        if idle_timeout > 0:
+            self._timer = loop.call_later(idle_timeout, self._check)
+
+    def splice(self, transport: asyncio.Transport, pending: bytes,
+               on_lost: Callable[[Exception | None], None] | None = None, write_paused: bool = False) -> None:
+        """Join the client's ``transport`` (after the 101 went to it) to the upstream.
+
+        ``pending``: what the client sent after its handshake; ``on_lost``: called when the
+        client's connection is lost (the listener's own bookkeeping); ``write_paused``: the
+        client's write buffer is full already.
+        """
+        upstream = self.upstream
+        client = self.client = _Side(self, transport, on_lost)
+        client.other, upstream.other = upstream, client
+        transport.set_protocol(client)
+        self.last = _monotonic()
+        if pending and not upstream.lost:
+            upstream.transport.write(pending)
+        if upstream.pending:
+            transport.write(bytes(upstream.pending))
+        upstream.pending = None
+        if upstream.lost:
+            transport.close()
+        elif upstream.eof:
+            if upstream.half_close and client.half_close:
+                transport.write_eof()
+            else:
+                transport.close()
+        elif write_paused:
+            upstream.transport.pause_reading()
+        else:
+            upstream.transport.resume_reading()
+        if not transport.is_closing():
+            transport.resume_reading()
+
+    def close(self) -> None:
+        """End the tunnel: both connections close (cut if they have not within a few seconds)."""
+        if self.ended or self.closing:
+            return
+        self.closing = True
+        for side in (self.upstream, self.client):
+            if side is not None and not side.lost:
+                side.transport.close()
+        self._arm(_CLOSE_GRACE)
+
+    def _arm(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self.ended:
+            return
+        if self.closing:
+            for side in (self.upstream, self.client):
+                if side is not None and not side.lost:
+                    side.transport.abort()
+            return
+        if self.idle_timeout <= 0:
+            return
+        left = self.last + self.idle_timeout - _monotonic()
+        if left > 0:
+            self._arm(left)
+            return
+        log.debug("a tunnel was quiet for %gs: closing it", self.idle_timeout)
+        self.close()
+
+    def _lost(self) -> None:
+        client = self.client
+        if self.upstream.lost and (client is None or client.lost) and not self.ended:
+            self.ended = True
+            if not self.done.done():
+                self.done.set_result(None)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+
+async def connect_websocket(endpoint: Endpoint, target: str, headers: Any, timeout: float) -> Response:
+    """Send a WebSocket handshake to ``endpoint`` outside any pool; see `Pool.request`.
+
+    For callers without a `Pool` of their own: no peer identity is checked on TLS.
+    """
+    return await Pool().request(endpoint, "GET", target, headers, timeout=timeout)

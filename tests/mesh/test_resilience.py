@@ -329,6 +329,82 @@ async def test_deadline_layer_takes_the_earlier_of_timeout_and_header():
     assert late.status == 504
 
 
+# a timeout fires once, at its value
+
+
+def hangs_on(path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        if request.path == path:
+            await asyncio.sleep(30)
+        return web.Response(text="fast")
+
+    return handler
+
+
+async def test_a_route_timeout_answers_504_once_at_its_value_on_reused_connections(aiohttp_server):
+    api = App("api")
+    api.extra = hangs_on("/slow")
+    ports = await serve(aiohttp_server, api, App("web"))
+    async with run_mesh(toml(route='timeout = "2s"'), {"api": ports[0], "web": ports[1]}) as mesh:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):  # every connection on the way is pooled and warm
+                assert (await call(session, mesh))[0] == 200
+            started = time.monotonic()
+            status, _, _ = await call(session, mesh, path="/slow")
+            took = time.monotonic() - started
+    assert status == 504 and took < 2 * 1.5 + 0.5, f"a 2s route timeout answered after {took:.2f}s"
+    assert api.hits == 4  # /slow reached the app once: a timeout is not sent again
+
+
+async def test_a_services_own_timeout_on_its_app_fires_once(aiohttp_server):
+    api = App("api")
+    api.extra = hangs_on("/slow")
+    ports = await serve(aiohttp_server, api, App("web"))
+    async with run_mesh(toml(services='timeout = "2s"'), {"api": ports[0], "web": ports[1]}) as mesh:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(mesh.url("api") + "/") as response:
+                assert response.status == 200
+            started = time.monotonic()
+            async with session.get(mesh.url("api") + "/slow") as response:
+                status = response.status
+            took = time.monotonic() - started
+    assert status == 504 and took < 2 * 1.5 + 0.5, f"a 2s timeout answered after {took:.2f}s"
+    assert api.hits == 2
+
+
+async def test_a_post_that_may_have_reached_the_app_is_not_sent_again():
+    """The app reads a POST on a kept-alive connection, then closes it without an answer."""
+    posts: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = await reader.readexactly(length)
+                if head.startswith(b"POST"):
+                    posts.append(body)
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with run_mesh(toml(), {"api": port, "web": port}) as mesh:
+            async with aiohttp.ClientSession() as session:
+                assert (await call(session, mesh))[0] == 200
+                status, _, _ = await call(session, mesh, "POST", data=b"charge once")
+    finally:
+        server.close()
+    assert status == 502 and posts == [b"charge once"]
+
+
 # the chain, replacing layers, configuration
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -13,14 +12,11 @@ import socket
 
 import httptools
 import pytest
-from aiohttp import WSMsgType, web
 
 from mesh.chain import short_error
 from mesh.errors import ClientTimeout
 from mesh.messages import Request, Response
 from mesh.server import ClientGone, Listener, ServerLimits
-from mesh.websocket import parse_frame, unmask
-from mesh.upstream import Endpoint, connect_websocket
 
 from ..conftest import raw_http
 
@@ -655,121 +651,7 @@ async def test_bytes_after_a_refused_websocket_handshake_are_never_parsed():
     assert seen == ["/ws"]
 
 
-def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True) -> bytes:
-    size = len(payload)
-    head = bytes(((0x80 if fin else 0) | opcode,))
-    bit = 0x80 if mask else 0
-    if size < 126:
-        head += bytes((bit | size,))
-    elif size < 65536:
-        head += bytes((bit | 126,)) + size.to_bytes(2, "big")
-    else:
-        head += bytes((bit | 127,)) + size.to_bytes(8, "big")
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + unmask(payload, key)
-
-
-async def read_frame(reader) -> tuple[int, bytes]:
-    first, second = await reader.readexactly(2)
-    assert not second & 0x80  # server frames are not masked
-    size = second & 0x7F
-    if size == 126:
-        size = int.from_bytes(await reader.readexactly(2), "big")
-    elif size == 127:
-        size = int.from_bytes(await reader.readexactly(8), "big")
-    return first & 0x0F, await reader.readexactly(size)
-
-
-@pytest.fixture
-async def ws_app(aiohttp_server):
-    async def handler(request):
-        ws = web.WebSocketResponse(protocols=["chat"])
-        await ws.prepare(request)
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                await ws.send_str("echo:" + msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await ws.send_bytes(msg.data[::-1])
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/ws", handler)
-    return await aiohttp_server(app)
-
-
-async def test_websocket_frames_fragments_pings_and_close(ws_app):
-    async def handler(request, conn):
-        return await connect_websocket(Endpoint("127.0.0.1", ws_app.port), request.target, request.headers, 5)
-
-    async with serving(handler) as listener:
-        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-        key = base64.b64encode(os.urandom(16))
-        writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n"
-                     b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n"
-                     b"Sec-WebSocket-Protocol: other, chat\r\n\r\n")
-        head = await reader.readuntil(b"\r\n\r\n")
-        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-        assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
-        assert b"Sec-WebSocket-Accept: " + accept + b"\r\n" in head and b"Sec-WebSocket-Protocol: chat\r\n" in head
-        # A text message in two fragments with a ping between them, then a large binary one.
-        writer.write(client_frame(0x1, "hé".encode(), fin=False) + client_frame(0x9, b"ping!")
-                     + client_frame(0x0, "llo".encode()))
-        assert await read_frame(reader) == (0xA, b"ping!")
-        assert await read_frame(reader) == (0x1, "echo:héllo".encode())
-        big = os.urandom(200_000)
-        writer.write(client_frame(0x2, big))
-        assert await read_frame(reader) == (0x2, big[::-1])
-        # Close: echoed, then the connection ends.
-        writer.write(client_frame(0x8, (1000).to_bytes(2, "big") + b"bye"))
-        assert await read_frame(reader) == (0x8, (1000).to_bytes(2, "big"))
-        async with asyncio.timeout(5):
-            assert await reader.read() == b""
-        writer.close()
-
-
-async def test_websocket_protocol_errors_close_with_1002(ws_app):
-    async def handler(request, conn):
-        return await connect_websocket(Endpoint("127.0.0.1", ws_app.port), request.target, request.headers, 5)
-
-    async with serving(handler) as listener:
-        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-        key = base64.b64encode(os.urandom(16))
-        writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                     b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(client_frame(0x1, b"unmasked", mask=False))
-        assert await read_frame(reader) == (0x8, (1002).to_bytes(2, "big"))
-        writer.close()
-
-
-async def test_stop_closes_open_websockets_with_1001(ws_app):
-    async def handler(request, conn):
-        return await connect_websocket(Endpoint("127.0.0.1", ws_app.port), request.target, request.headers, 5)
-
-    listener = Listener(handler, name="test")
-    await listener.start()
-    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-    key = base64.b64encode(os.urandom(16))
-    writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                 b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    await asyncio.wait_for(listener.stop(), 5)
-    assert loop.time() - start < 3  # not the whole drain timeout
-    assert await read_frame(reader) == (0x8, (1001).to_bytes(2, "big"))
-    writer.close()
-
-
-def test_frame_parser_waits_for_whole_frames_and_unmasks():
-    frame = client_frame(0x2, b"abcdef" * 50)
-    for cut in range(len(frame)):
-        assert parse_frame(bytearray(frame[:cut])) is None
-    fin, opcode, payload, used = parse_frame(bytearray(frame + b"next"))
-    assert (fin, opcode, payload, used) == (True, 0x2, b"abcdef" * 50, len(frame))
-    assert unmask(unmask(b"hello world", b"\x01\x02\x03\x04"), b"\x01\x02\x03\x04") == b"hello world"
+# WebSocket tunnels (after the 101): tests/mesh/test_websocket.py
 
 
 def test_client_gone_is_answered_like_a_client_timeout():
