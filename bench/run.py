@@ -32,6 +32,7 @@ import json
 import os
 import re
 import resource
+import secrets
 import shlex
 import shutil
 import signal
@@ -272,16 +273,21 @@ class Sidecar:
     mesh: int
     outbound: int
     admin: int
+    admin_headers: dict[str, str]
 
 
 def start_sidecar(procs: Processes, python: str, config: Path, service: str, app_port: int,
                   registry: Path | None = None, log_level: str = "WARNING", tls: Path | None = None,
                   name: str | None = None) -> Sidecar:
     ports = {k: free_port() for k in ("public", "mesh", "outbound", "admin")}
+    # The admin listener wants a token from a file, as `mesh up` gives each sidecar one.
+    token, token_file = secrets.token_urlsafe(32), config.parent / f"admin-{service}.token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token)
     argv = [python, "-m", "mesh", "sidecar", "--config", str(config), "--service", service,
             "--app-port", str(app_port), "--public-port", str(ports["public"]),
             "--mesh-port", str(ports["mesh"]), "--outbound-port", str(ports["outbound"]),
-            "--admin-port", str(ports["admin"])]
+            "--admin-port", str(ports["admin"]), "--admin-token-file", str(token_file)]
     if registry is not None:
         argv += ["--registry", str(registry)]
     if tls is not None:
@@ -289,7 +295,7 @@ def start_sidecar(procs: Processes, python: str, config: Path, service: str, app
     env = dict(os.environ, MESH_LOG_LEVEL=log_level)
     name = name or f"sidecar-{service}"
     proc = procs.start(name, argv, cwd=REPO, env=env)
-    sidecar = Sidecar(proc, **ports)
+    sidecar = Sidecar(proc, **ports, admin_headers={"Authorization": f"Bearer {token}"})
     wait_ready(sidecar.admin, "/readyz", proc, name, procs)
     return sidecar
 
@@ -671,7 +677,7 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> list[Result]:
     for key, (service, label, plugins, expect) in sidecars.items():
         if key in want:
             sc = start_sidecar(procs, args.python, config, service, backend_port, log_level=args.log_level)
-            _, _, dump = get(sc.admin, "/config")
+            _, _, dump = get(sc.admin, "/config", sc.admin_headers)
             chain = json.loads(dump)["plugins"]
             if len(chain) != plugins:
                 raise SystemExit(f"{label}: expected {plugins} plugins, /config says {chain}")

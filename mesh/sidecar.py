@@ -30,7 +30,6 @@ that arrives in ``x-mesh-deadline-ms`` bounds the call to the app.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import time
@@ -39,6 +38,7 @@ from typing import Any
 
 
 from . import config as config_mod
+from .admin import AdminToken, SidecarAdmin
 from .balancer import Balancer
 from .chain import Chain, short_error
 from .config import MeshConfig, build_plugins
@@ -52,7 +52,7 @@ from .resilience import (AVOID, BACKEND, DEADLINE, DEADLINE_HEADER, OUTBOUND, TR
                          deadline_from, with_defaults)
 from .routes import Policy
 from .server import Connection, Listener, ServerLimits
-from .upstream import Endpoint, Limits, Pool, connect_websocket
+from .upstream import Endpoint, Limits, Pool
 
 __all__ = ["Ports", "Sidecar", "main"]
 
@@ -84,17 +84,14 @@ def _choosers(config: MeshConfig) -> dict[str, Any]:
     return choosers
 
 
-def _is_websocket(request: Request) -> bool:
-    connection = request.headers.get("Connection", "").lower()
-    return "upgrade" in connection and request.headers.get("Upgrade", "").lower() == "websocket"
-
-
 class Sidecar:
     def __init__(self, config: MeshConfig, service: str, ports: Ports, *,
                  registry: Registry | None = None, host: str = "127.0.0.1",
                  app_host: str = "127.0.0.1", public_host: str = "127.0.0.1",
                  limits: ServerLimits | None = None, upstream_limits: Limits | None = None,
-                 identity: Identity | None = None) -> None:
+                 identity: Identity | None = None, admin_token: str | None = None) -> None:
+        """``admin_token``: what the admin listener wants in ``Authorization: Bearer ...``
+        (`mesh.admin`); without one it answers only /healthz, /readyz and /metrics."""
         self.config = config
         self.service = service
         self.spec = config.services[service]
@@ -125,6 +122,7 @@ class Sidecar:
             self.listeners["public"] = Listener(self._from_outside, name="public", host=public_host,
                                                 port=ports.public, limits=inbound)
         self.ready = False
+        self.admin = SidecarAdmin(self, admin_token)
 
     # lifecycle
 
@@ -200,14 +198,19 @@ class Sidecar:
             if timeout is None or remaining < timeout:
                 timeout = remaining
             request.headers[DEADLINE_HEADER] = str(int(remaining * 1000) or 1)
-        return await self._forward(self.app, request, timeout)
+        # How long the app's response body (or a WebSocket) may go quiet: this service's own setting.
+        return await self._forward(self.app, request, timeout, self.spec.stream_idle_timeout)
 
-    async def _forward(self, endpoint: Endpoint, request: Request, timeout: float | None) -> Response:
-        if _is_websocket(request):
-            return await connect_websocket(endpoint, request.target, request.headers,
-                                           timeout or self.pool.limits.response_timeout)
+    async def _forward(self, endpoint: Endpoint, request: Request, timeout: float | None,
+                       idle: float) -> Response:
+        """Send ``request`` to ``endpoint``: its head within ``timeout``, quiet in its body at most ``idle``.
+
+        A WebSocket handshake goes the same way (the pool sends it as it is and, on a valid
+        101, returns a tunnel); interim responses go straight to the client (``request._interim``).
+        """
         return await self.pool.request(endpoint, request.method, request.target, request.headers,
-                                       request.body, timeout=timeout)
+                                       request.body, timeout=timeout, idle_timeout=idle,
+                                       informational=request._interim)
 
     # outbound
 
@@ -238,6 +241,9 @@ class Sidecar:
             raise UpstreamError(503, f"service '{target}' has no instance running")
         # The bound of this try: the retry layer's per-try timeout, else the route's; never past the deadline.
         timeout = state.get(TRY_TIMEOUT) or decision.timeout or self.config.services[target].timeout
+        idle = decision.stream_idle_timeout  # the route's, else the target service's own
+        if idle is None:
+            idle = self.config.services[target].stream_idle_timeout
         deadline = state.get(DEADLINE)
         if deadline is not None:
             remaining = deadline - time.monotonic()
@@ -255,7 +261,7 @@ class Sidecar:
         state[BACKEND] = backend
         backend.outstanding += 1
         try:
-            response = await self._forward(backend.endpoint, request, timeout)
+            response = await self._forward(backend.endpoint, request, timeout, idle)
         except UpstreamError:
             self.balancer.failed(backend)
             raise
@@ -284,42 +290,7 @@ class Sidecar:
     # admin
 
     async def _admin(self, request: Request, raw: Connection) -> Response:
-        path = request.path
-        if path == "/healthz":
-            return Response(200, "ok\n")
-        if path == "/readyz":
-            if not self.ready:
-                return Response(503, "starting\n")
-            return Response(200, "ready\n")
-        if path == "/config" and request.method == "GET":
-            return Response.json({"service": self.service, "mesh": self.config.name,
-                                  "listeners": self.addresses(), "app": f"{self.app.host}:{self.app.port}",
-                                  "registry": self.registry.as_dict(), "lb": self.balancer.policy,
-                                  "plugins": [name for name, _ in self.inbound.plugins],
-                                  "outbound": [name for name, _ in self.outbound.plugins]})
-        if path == "/registry":
-            if request.method == "PUT":
-                try:
-                    data = json.loads(await request.read(limit=1 << 20))
-                    self.registry.update(data["services"])
-                except (ValueError, KeyError, TypeError) as exc:
-                    return short_error(400, f"expected {{\"services\": {{name: [host:port]}}}}: {exc}")
-                log.info("registry updated: %s", " ".join(
-                    f"{name}={len(addresses)}" for name, addresses in self.registry.as_dict().items()))
-                return Response(204)
-            # "backends": each instance as this sidecar sees it (load, failures, ejection).
-            return Response.json({"services": self.registry.as_dict(), "backends": self.balancer.snapshot()})
-        if path == "/certs/reload" and request.method == "POST":
-            if self.identity is None:
-                return short_error(404, "this sidecar runs without mutual TLS")
-            try:
-                self.identity.reload()
-            except (OSError, ValueError) as exc:
-                log.error("reloading certificates failed: %s", exc)
-                return short_error(500, f"reloading certificates failed: {type(exc).__name__}")
-            log.info("certificates reloaded from %s", self.identity.folder)
-            return Response(204)
-        return short_error(404, "admin endpoints: /healthz /readyz /config /registry /certs/reload")
+        return await self.admin(request)
 
 
 # `mesh sidecar`: run one sidecar alone, as a container or a pod does.
@@ -340,6 +311,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--tls", metavar="DIR",
                         help="folder with cert.pem, key.pem and ca.pem: mutual TLS between sidecars "
                              "(without it the mesh listener is plain HTTP: development only)")
+    parser.add_argument("--admin-token-file", metavar="FILE",
+                        help="file holding the token the admin listener wants (Authorization: Bearer); "
+                             "without it only /healthz, /readyz and /metrics answer")
 
 
 async def serve(sidecar: Sidecar) -> None:
@@ -388,8 +362,19 @@ def main(args: Any) -> int:
         return 2
     if identity is None:
         log.warning("no --tls: the mesh listener is plain HTTP and trusts x-mesh-peer (development only)")
+    token = None
+    if args.admin_token_file:
+        try:
+            token = AdminToken.read(args.admin_token_file).value
+        except (OSError, ValueError) as exc:
+            print(f"--admin-token-file {args.admin_token_file}: cannot read the admin token: {exc}")
+            return 2
+    else:
+        log.warning("no --admin-token-file: the admin listener refuses everything but /healthz, "
+                    "/readyz and /metrics (it has no token to check callers against)")
     sidecar = Sidecar(config, args.service, ports, registry=registry, host=args.host,
-                      app_host=args.app_host, public_host=args.public_host, identity=identity)
+                      app_host=args.app_host, public_host=args.public_host, identity=identity,
+                      admin_token=token)
     from .runner import run
 
     try:

@@ -96,10 +96,15 @@ class TestMesh:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, config: Any, sidecars: dict[str, Any]) -> None:
+    def __init__(self, config: Any, sidecars: dict[str, Any], admin_token: str | None = None) -> None:
         self.config = config
         self.sidecars = sidecars
         self.ca: Any = None
+        self.admin_token = admin_token
+
+    def admin_headers(self) -> dict[str, str]:
+        """What the sidecars' admin listeners want, as the controller sends it (`mesh.admin`)."""
+        return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
 
     def url(self, service: str, listener: str = "public") -> str:
         """``http://host:port`` of a service's ``public``, ``mesh``, ``outbound`` or ``admin`` listener."""
@@ -118,11 +123,14 @@ async def run_mesh(toml: str, apps: dict[str, int], root: Any = None, *, tls: bo
     the sidecars know each other and, unless ``tls=False``, talk mutual TLS
     with certificates from a CA made for the test (``TestMesh.ca``, its
     files under ``.mesh/`` in the mesh folder); ``sidecar_options`` go to each `Sidecar`
-    (``limits``, ``upstream_limits``). For end-to-end plugin tests::
+    (``limits``, ``upstream_limits``). Their admin listeners want a token made for
+    the test (send ``TestMesh.admin_headers()``) unless ``admin_token=None``. For
+    end-to-end plugin tests::
 
         async with run_mesh(TOML, {"web": app_port}) as mesh:
             async with session.get(mesh.url("web") + "/") as response: ...
     """
+    import secrets
     import tempfile
     from pathlib import Path
 
@@ -137,6 +145,7 @@ async def run_mesh(toml: str, apps: dict[str, int], root: Any = None, *, tls: bo
     registry = Registry()
     sidecars: dict[str, Sidecar] = {}
     ca = CA.load_or_create(cfg.state_dir / "ca", cfg.name) if tls else None
+    sidecar_options.setdefault("admin_token", secrets.token_urlsafe(32))
     try:
         for name in cfg.services:
             identity = None
@@ -148,7 +157,7 @@ async def run_mesh(toml: str, apps: dict[str, int], root: Any = None, *, tls: bo
             await sidecar.start()
             sidecars[name] = sidecar
         registry.update({name: [s.listeners["mesh"].address] for name, s in sidecars.items()})
-        mesh = TestMesh(cfg, sidecars)
+        mesh = TestMesh(cfg, sidecars, sidecar_options["admin_token"])
         mesh.ca = ca
         yield mesh
     finally:

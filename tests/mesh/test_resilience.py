@@ -416,9 +416,10 @@ async def test_default_chain_is_visible_and_a_listed_layer_replaces_the_default(
                      services='[services.other]\ncommand = "x"\n')
     async with run_mesh(mesh_toml, {"api": ports[0], "web": ports[1], "other": ports[2]}) as mesh:
         async with aiohttp.ClientSession() as session:
-            async with session.get(mesh.url("web", "admin") + "/config") as response:
+            admin = mesh.admin_headers()
+            async with session.get(mesh.url("web", "admin") + "/config", headers=admin) as response:
                 web_config = await response.json()
-            async with session.get(mesh.url("other", "admin") + "/config") as response:
+            async with session.get(mesh.url("other", "admin") + "/config", headers=admin) as response:
                 other_config = await response.json()
             status, _, text = await call(session, mesh)
     assert other_config["outbound"] == ["mesh.defaults (deadline)", "mesh.defaults (breaker)",
