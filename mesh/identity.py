@@ -269,18 +269,11 @@ async def fresh_pool(pool: Pool) -> Pool:
     """``pool`` without the connections it keeps alive: what to send on after `Identity.reload`.
 
     A kept-alive connection was verified against the trust of before (a CA
-    since removed, say), so none may carry another request. With a pool that
-    can drop its idle connections (``close_idle``), the same pool; else a new
-    one with the same settings, the old one closed (connections in use on it
-    close when their request ends).
+    since removed, say), so none may carry another request. (Connections in
+    use close when their request ends.)
     """
-    close_idle = getattr(pool, "close_idle", None)
-    if close_idle is not None:
-        close_idle()
-        return pool
-    fresh = Pool(pool.limits, verify_peer=pool.verify_peer)
-    await pool.close()
-    return fresh
+    pool.close_idle()
+    return pool
 
 
 def trust_bundle(folder: Path) -> bytes | None:

@@ -42,7 +42,7 @@ from .identity import Identity
 from .messages import Request, Response
 from .routes import Policy
 from .server import Listener, ServerLimits
-from .upstream import Endpoint, Pool, connect_websocket
+from .upstream import Endpoint, Pool
 
 __all__ = ["KeyedFront", "KeyedServices", "key_label", "key_of"]
 
@@ -230,11 +230,10 @@ class KeyedFront:
         if peer:
             # The instance's sidecar trusts this only from its own service: us.
             request.headers[PEER_HEADER] = peer
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await connect_websocket(endpoint, request.target, request.headers,
-                                           self.settings.start_timeout)
+        spec = self.config.services[self.service]
         return await self.pool.request(endpoint, request.method, request.target, request.headers,
-                                       request.body, timeout=self.config.services[self.service].timeout)
+                                       request.body, timeout=spec.timeout,
+                                       idle_timeout=spec.stream_idle_timeout, informational=request._interim)
 
     async def _tracked(self, stream: AsyncIterator[bytes], instance: _Instance) -> AsyncIterator[bytes]:
         try:

@@ -671,13 +671,17 @@ class Pool:
         response._upgrade = tunnel
         return response
 
-    async def close(self) -> None:
-        """Close every idle connection; connections in use close when released."""
-        self._closing = True
+    def close_idle(self) -> None:
+        """Close every kept-alive connection; the pool stays open for new ones."""
         for idle in self._idle.values():
             while idle:
                 idle.pop().close()
         self._idle.clear()
+
+    async def close(self) -> None:
+        """Close every idle connection; connections in use close when released."""
+        self._closing = True
+        self.close_idle()
 
 
 def _check_switch(raw: list[tuple[bytes, bytes]], key: str | None) -> str | None:
@@ -877,11 +881,3 @@ class Tunnel:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-
-
-async def connect_websocket(endpoint: Endpoint, target: str, headers: Any, timeout: float) -> Response:
-    """Send a WebSocket handshake to ``endpoint`` outside any pool; see `Pool.request`.
-
-    For callers without a `Pool` of their own: no peer identity is checked on TLS.
-    """
-    return await Pool().request(endpoint, "GET", target, headers, timeout=timeout)
