@@ -75,6 +75,7 @@ _SINGLETONS = ("Host", "Content-Length", "Transfer-Encoding", "Content-Type", "C
 _WS_OWN = frozenset({"content-length", "transfer-encoding", "connection", "upgrade", "sec-websocket-accept"})
 _NO_BODY_STATUS = frozenset({204, 304})
 _SCHEMES = frozenset({"http", "https", "ws", "wss"})
+_UNDERSCORE = ord("_")  # `int in bytes` is a memchr; `b"_" in bytes` first fails to read b"_" as an int
 # RFC 3986 §3.2.2-3: an IP-literal or a reg-name (unreserved, %-escapes, sub-delims), then an optional
 # port. No userinfo ("a@b"), no whitespace, nothing a later parser could split differently.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?\Z")
@@ -372,7 +373,7 @@ class _Connection(asyncio.Protocol):
         self.in_head = False
         self.url = b""
         self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.underscored = False  # a header name in this head has '_'
+        self.underscored = False  # a header name in the head being parsed may have '_'
         self.head_size = 0
         self.head_pending = 0
         self.refusal: tuple[int, str] | None = None
@@ -415,6 +416,9 @@ class _Connection(asyncio.Protocol):
         parser = self.parser
         if parser is None:
             return  # refused or lingering: what the client still sends is dropped
+        # One search per read, not one per header: may a head in these bytes have a name with '_'?
+        # (A head that began in an earlier read keeps that read's answer.)
+        self.underscored = _UNDERSCORE in data or (self.underscored and self.in_head)
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -483,8 +487,6 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         raw = self.raw_headers
         raw.append((name, value))
-        if b"_" in name:
-            self.underscored = True
         # llhttp has no limit of its own on a head's size: count as we go.
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.max_head:
@@ -528,7 +530,6 @@ class _Connection(asyncio.Protocol):
             except BadPath as exc:
                 self._stop(400, str(exc))
         if self.underscored:
-            self.underscored = False
             raw = self._without_underscores(raw)
         headers = CIMultiDict([(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw])
         if len(raw) > 1 and len({n.lower() for n, _ in raw}) < len(raw):
@@ -605,7 +606,7 @@ class _Connection(asyncio.Protocol):
         allow = self.limits.underscores_in_headers
         kept = []
         for name, value in raw:
-            if b"_" in name:
+            if _UNDERSCORE in name:
                 if not allow or name.replace(b"_", b"-").lower().startswith(b"x-mesh-"):
                     log.debug("%s listener: dropped header %r (underscore)", self.listener.name, name)
                     continue
