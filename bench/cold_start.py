@@ -53,7 +53,6 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=10)
     args = parser.parse_args()
 
-    source = ROOT / "examples" / "sandbox" / ("docker" if args.runtime == "docker" else "")
     work = Path(tempfile.mkdtemp(prefix="mesh-cold-"))
     folder = work / "sandbox"
     shutil.copytree(ROOT / "examples" / "sandbox", folder,

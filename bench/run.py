@@ -26,8 +26,8 @@ requests wrk completed. Every process it starts is stopped by its pid in a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -225,7 +225,8 @@ plugins = [{stamps}]
 [services.gateway]
 command = "true"
 plugins = [
-  {{ use = "jwt", jwks = "keys/jwks.json", issuer = "https://id.example", audience = "shop", forward_claims = {{ sub = "x-user" }} }},
+  {{ use = "jwt", jwks = "keys/jwks.json", issuer = "https://id.example", audience = "shop",
+     forward_claims = {{ sub = "x-user" }} }},
   {{ use = "ratelimit", limit = "100000000/second", key = "claim:sub" }},
   {{ use = "cache", ttl = "10s" }},
   {{ use = "router", rules = [ {{ path = "/*", set_headers = {{ x-routed = "1" }} }} ] }},
@@ -538,7 +539,7 @@ def plain(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
         lines.append("  ".join(cells))
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))

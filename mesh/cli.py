@@ -27,39 +27,70 @@ def _path_argument(parser: argparse.ArgumentParser) -> None:
                         help="a mesh.toml or a folder holding one (default: ./mesh.toml)")
 
 
+def _command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand: ``summary`` is its line in `mesh --help`, ``description`` opens `mesh NAME --help`."""
+    parser: argparse.ArgumentParser = commands.add_parser(name, help=summary, description=description)
+    return parser
+
+
 def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
     """The parser of every command. ``sidecar_options=False`` leaves out the
     options of `mesh sidecar`, whose module (aiohttp and all) takes longer to
     import than `mesh ps` takes to run."""
     parser = argparse.ArgumentParser(
-        prog="mesh", description="A programmable service-mesh sidecar and the controller that runs a mesh.")
+        prog="mesh", description="A programmable service-mesh sidecar and the controller that runs a mesh.",
+        epilog="`mesh COMMAND --help` says what a command does and lists its options. Exit codes: 0 done; "
+               "1 it failed (a service did not start, `mesh check` found problems); 2 bad usage or a "
+               "mesh.toml with problems (nothing starts).")
     parser.add_argument("--version", action="version", version=f"mesh {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    up = commands.add_parser("up", help="start every service with its sidecar; stop them on Ctrl-C")
+    up = _command(commands, "up", "start every service with its sidecar; stop them on Ctrl-C",
+                  "Start every service of the mesh with its sidecar and print where each one "
+                  "listens. In the foreground, Ctrl-C or SIGTERM stops them all cleanly (sidecars "
+                  "drain first, then the apps stop). With -d the controller runs in the background: "
+                  "`mesh ps` shows it and `mesh down` stops it. A mesh.toml with problems starts "
+                  "nothing.")
     _path_argument(up)
     up.add_argument("--runtime", choices=("process", "docker"), default="process",
-                    help="where services run (default: process, local processes on loopback)")
+                    help="where services run: process (the default: local processes on loopback) "
+                         "or docker (a sidecar and an app container per instance)")
     up.add_argument("-d", "--detach", action="store_true",
                     help="run in the background; return once every service is ready")
     up.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                     help="how long each instance may take to become ready (default: 30)")
     up.set_defaults(handler=_up)
 
-    down = commands.add_parser("down", help="stop what `mesh up -d` started")
+    down = _command(commands, "down", "stop what `mesh up -d` started",
+                    "Stop the mesh that `mesh up -d` started and wait until it is gone: its "
+                    "controller drains the sidecars, then stops the apps. If the controller crashed, "
+                    "stop the processes (or Docker containers and networks) it left behind. Says so "
+                    "when nothing runs.")
     _path_argument(down)
     down.set_defaults(handler=_down)
 
-    ps = commands.add_parser("ps", help="list services, instances, their state and addresses")
+    ps = _command(commands, "ps", "list services, instances, their state and addresses",
+                  "List the mesh's services and instances: state (starting, running, sleeping, "
+                  "stopped, exited), the addresses of each sidecar's listeners and the pids of its "
+                  "processes. A mesh that is not running says so, and shows the instances of its "
+                  "last run as stopped, without addresses or pids.")
     _path_argument(ps)
     ps.add_argument("--json", action="store_true", help="print the state as JSON, for scripts")
     ps.set_defaults(handler=_ps)
 
-    check = commands.add_parser("check", help="validate mesh.toml and load every plugin")
+    check = _command(commands, "check", "validate mesh.toml and load every plugin",
+                     "Validate mesh.toml and load every plugin and lifecycle hook, as `mesh up` would, "
+                     "without starting anything. On success it prints what it loaded (each service "
+                     "with its chains, scaling, keyed instances and hooks; each route with its limits) "
+                     "and exits 0; otherwise it prints every problem, then how many, to stderr and "
+                     "exits 1.")
     _path_argument(check)
     check.set_defaults(handler=_check)
 
-    certs = commands.add_parser("certs", help="show each identity of the mesh and when it expires")
+    certs = _command(commands, "certs", "show each identity of the mesh and when it expires",
+                     "Show the mesh CA and each instance's certificate: its identity "
+                     "(spiffe://<mesh>/<service>) and when it expires. Certificates are made by "
+                     "`mesh up` and renewed while it runs. --rotate-ca replaces the mesh CA.")
     _path_argument(certs)
     certs.add_argument("--json", action="store_true", help="print them as JSON, for scripts")
     certs.add_argument("--rotate-ca", action="store_true",
@@ -67,14 +98,24 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
                             "then trusts only it; waits until a running mesh is done")
     certs.set_defaults(handler=_certs)
 
-    build = commands.add_parser("build", help="docker runtime: build the base image and services")
+    build = _command(commands, "build", "docker runtime: build the base image and services",
+                     "Docker runtime: make the base image mesh/base (Debian packages and PyPI only, "
+                     "no image registry) if it is missing or out of date, then build each service's "
+                     "`build` folder as mesh-<mesh>-<service>, rebuilding only what changed. "
+                     "`mesh up --runtime docker` does this first by itself.")
     _path_argument(build)
     build.add_argument("--force", action="store_true", help="rebuild every service image")
     build.add_argument("--rebuild-base", action="store_true",
                        help="make mesh/base again from debootstrap")
     build.set_defaults(handler=_build)
 
-    sidecar = commands.add_parser("sidecar", help="run one sidecar (what a container or a pod runs)")
+    sidecar = _command(commands, "sidecar", "run one sidecar (what a container or a pod runs)",
+                       "Run the sidecar of one instance of a service, in front of an app that "
+                       "listens on its own: the mesh listener (mutual TLS from other sidecars), the "
+                       "outbound listener (the app's HTTP_PROXY), the admin listener and, when the "
+                       "service is exposed, the public listener. `mesh up` runs one beside each app; "
+                       "a container or a pod runs it the same way. Stops on SIGTERM or Ctrl-C after "
+                       "draining.")
     if sidecar_options:
         from .sidecar import add_arguments
 
@@ -162,8 +203,9 @@ def _check(args: argparse.Namespace) -> int:
     try:
         config = config_mod.load(args.path)
     except ConfigError as exc:
+        # Problems and their count on one stream, so `2>` keeps them together; stdout is for the summary.
         for problem in exc.problems:
-            print(problem)
+            print(problem, file=sys.stderr)
         count = len(exc.problems)
         print(f"{count} problem{'s' if count != 1 else ''}", file=sys.stderr)
         return 1
@@ -190,15 +232,30 @@ def describe(config: MeshConfig) -> str:
             facts.append(f"health: {service.health}")
         if service.replicas != 1:
             facts.append(f"replicas: {service.replicas}")
+        if service.scale is not None:
+            scale = service.scale
+            facts.append(f"scale: min {scale.min}, max {scale.max}, cpu {scale.cpu:g}, "
+                         f"cooldown {float(scale.cooldown):g}s")
+        if service.instances is not None:
+            keyed = service.instances
+            facts.append(f"instances: one per {keyed.key}, sleep_after {float(keyed.sleep_after):g}s, "
+                         f"max {keyed.max}, start_timeout {float(keyed.start_timeout):g}s")
+        if service.lifecycle:
+            facts.append(f"lifecycle: {service.lifecycle}")
         lines.append(f"  {name}: " + "; ".join(facts))
         for title, specs in (("plugins", service.plugin_specs), ("outbound", service.outbound_specs)):
             for spec in specs:
                 lines.append(f"    {title}: {spec.use}{_options(spec.options)}")
+    defaults = config.defaults
+    lines.append(f"defaults: timeout {float(defaults.timeout):g}s, max_pending {defaults.max_pending}, "
+                 f"lb {defaults.lb}")
     lines.append("routes:" if config.routes else "routes: none (no service may call another)")
     for route in config.routes:
         narrowed = " ".join(route.methods) or "any method"
         paths = ", ".join(route.paths) or "any path"
         extra = f", timeout {float(route.timeout):g}s" if route.timeout is not None else ""
+        pending = route.max_pending if route.max_pending is not None else defaults.max_pending
+        extra += f", max_pending {pending}"
         mode = ", audit only" if route.mode == "audit" else ""
         lines.append(f"  {route.source} -> {route.to}: {narrowed} {paths}{extra}{mode}")
     return "\n".join(lines)

@@ -65,8 +65,7 @@ from typing import Any, TextIO
 
 from .admin import AdminToken
 from .config import HealthCheck, MeshConfig
-from .runtime import (Instance, Runtime, StartFailed, get_runtime, group_alive,
-                      pid_alive, run_processes)
+from .runtime import Instance, Runtime, StartFailed, get_runtime, group_alive, pid_alive, run_processes
 
 __all__ = ["Controller", "Console", "StateDir", "detach", "down", "format_table", "status"]
 
@@ -170,7 +169,7 @@ def format_table(instances: list[dict[str, Any]], *, with_state: bool = False) -
             row.append(" ".join(f"{role}={pid}" for role, pid in pids.items()) or "-")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 class Controller:
@@ -297,7 +296,7 @@ class Controller:
             return
         results = await asyncio.gather(*(self.runtime.push_registry(i, body.encode()) for i in targets),
                                        return_exceptions=True)
-        for inst, ok in zip(targets, results):
+        for inst, ok in zip(targets, results, strict=True):
             if ok is True:
                 self._pushed[inst.label] = body
                 self._push_failing.discard(inst.label)
@@ -587,7 +586,7 @@ class Controller:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         failures = []
-        for inst, task in zip(self.instances, tasks):
+        for inst, task in zip(self.instances, tasks, strict=True):
             if task.cancelled():
                 continue
             exc = task.exception()
@@ -649,7 +648,7 @@ def detach(config: MeshConfig, runtime: str, timeout: float) -> int:
     while time.monotonic() < deadline:
         state = files.read_state()
         mine = state is not None and state.get("controller", {}).get("pid") == child.pid
-        if mine and state["phase"] == "running":
+        if mine and state is not None and state["phase"] == "running":
             print(f"mesh '{config.name}' is up in the background ({runtime} runtime, "
                   f"controller pid {child.pid}):\n{format_table(state['instances'])}\n"
                   f"log: {files.log}\nstop it with: mesh down {config.path}")
@@ -684,7 +683,10 @@ def status(config: MeshConfig) -> dict[str, Any]:
     """state.json with the controller and each instance checked against live processes.
 
     An instance whose recorded processes are gone is ``stopped`` whatever the
-    file says (its controller may have died without updating it).
+    file says (its controller may have died without updating it). A stopped
+    instance, and every instance of a mesh whose controller is gone, keeps
+    its keys but not the pids and addresses of the run that ended: nothing
+    listens there any more, and a pid may since belong to another process.
     """
     files = StateDir(config.state_dir)
     state = files.read_state()
@@ -699,7 +701,7 @@ def status(config: MeshConfig) -> dict[str, Any]:
         from .docker_runtime import refresh_status
 
         refresh_status(config, state)
-        return state
+        return _without_stale(state)
     for inst in state.get("instances", []):
         if running and inst.get("state") == "sleeping":
             continue  # a keyed instance asleep: no processes, by design
@@ -708,6 +710,19 @@ def status(config: MeshConfig) -> dict[str, Any]:
         pids = inst.get("pids", {})
         if not pids or not all(pid_alive(p) for p in pids.values()):
             inst["state"] = "stopped"
+    return _without_stale(state)
+
+
+def _without_stale(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with no pids or addresses on instances that no longer run (see `status`)."""
+    running = state["controller"]["running"]
+    for inst in state.get("instances", []):
+        if inst.get("state") == "stopped" or (not running and inst.get("state") != "running"):
+            for key in ("pids", "pgids", "addresses"):
+                if key in inst:
+                    inst[key] = {}
+            if "public" in inst:
+                inst["public"] = None
     return state
 
 

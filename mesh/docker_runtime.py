@@ -81,8 +81,18 @@ from typing import TYPE_CHECKING, Any
 
 from . import admin, images
 from .config import MeshConfig
-from .runtime import (TAIL_LINES, Instance, OnExit, Output, Runtime, StartFailed, _http_status,
-                      _port_in_use, instance_count, instance_label)
+from .runtime import (
+    TAIL_LINES,
+    Instance,
+    OnExit,
+    Output,
+    Runtime,
+    StartFailed,
+    _http_status,
+    _port_in_use,
+    instance_count,
+    instance_label,
+)
 
 if TYPE_CHECKING:
     import docker
@@ -550,7 +560,7 @@ class DockerRuntime(Runtime):
 
         client = self.client()
         names = network_names(self.config.name)
-        settings = {
+        settings: dict[str, dict[str, Any]] = {
             "mesh": {"internal": True},
             "edge": {"options": {"com.docker.network.bridge.enable_icc": "false",
                                  "com.docker.network.bridge.enable_ip_masquerade": "false"}},

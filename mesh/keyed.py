@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,7 +235,7 @@ class KeyedFront:
                                        request.body, timeout=spec.timeout,
                                        idle_timeout=spec.stream_idle_timeout, informational=request._interim)
 
-    async def _tracked(self, stream: AsyncIterator[bytes], instance: _Instance) -> AsyncIterator[bytes]:
+    async def _tracked(self, stream: AsyncIterable[bytes], instance: _Instance) -> AsyncIterator[bytes]:
         try:
             async for chunk in stream:
                 yield chunk
@@ -392,7 +392,6 @@ class KeyedServices:
         if not self.services:
             return planned
         from .identity import CA
-
         from .runtime import StartFailed
 
         runtime = self.controller.runtime
@@ -466,7 +465,7 @@ class KeyedServices:
                 container["id"] = None
         else:
             # Fresh loopback ports for every boot: the last ones may be taken by now.
-            instance.ports = dict(zip(("app", "mesh", "outbound", "admin"), _free_ports(4)))
+            instance.ports = dict(zip(("app", "mesh", "outbound", "admin"), _free_ports(4), strict=True))
         for what in ("pids", "pgids"):
             instance.details.pop(what, None)
         return instance

@@ -10,8 +10,8 @@ everyone after it sees the same bytes.
 from __future__ import annotations
 
 import json as _json
-from http import HTTPStatus
 from collections.abc import AsyncIterable, AsyncIterator
+from http import HTTPStatus
 from random import getrandbits as _random_bits
 from typing import Any
 

@@ -245,7 +245,7 @@ def convert(value: Any, hint: Any, *, root: Path | None = None, where: str = "")
 
 def signature_hints(target: Any) -> dict[str, tuple[Any, Any]]:
     """``{name: (hint, default)}`` of a class's constructor keyword arguments."""
-    init = target.__init__ if isinstance(target, type) else target
+    init = target.__init__ if isinstance(target, type) else target  # type: ignore[misc]
     sig = inspect.signature(init)
     try:
         hints = typing.get_type_hints(init)
@@ -260,7 +260,7 @@ def signature_hints(target: Any) -> dict[str, tuple[Any, Any]]:
 
 
 def accepts_any_keyword(target: Any) -> bool:
-    init = target.__init__ if isinstance(target, type) else target
+    init = target.__init__ if isinstance(target, type) else target  # type: ignore[misc]
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())
 
 

@@ -364,6 +364,7 @@ class Retry(_Layer):
             state[TRY_TIMEOUT] = policy.per_try_timeout
         attempt = 1
         tried: list[Any] | None = None
+        response: Response | None
         while True:
             try:
                 response = await call_next(request)
@@ -371,7 +372,7 @@ class Retry(_Layer):
                 if attempt >= policy.attempts or not self._worth_retrying(exc, policy, replayable, state):
                     raise
                 failure: UpstreamError | None = exc
-                response = None  # type: ignore[assignment]
+                response = None
             else:
                 if attempt >= policy.attempts or not replayable:
                     return response
@@ -383,7 +384,7 @@ class Retry(_Layer):
                         await response.read(BUFFER_LIMIT)
                         return response
                     except UpstreamError as exc:
-                        failure, response = exc, None  # type: ignore[assignment]
+                        failure, response = exc, None
                 else:
                     failure = None
             delay = self.delay(policy, attempt)
@@ -394,6 +395,7 @@ class Retry(_Layer):
                     self.refused += 1
                 if failure is not None:
                     raise failure
+                assert response is not None
                 return response
             if response is not None:
                 await response.aclose()
@@ -405,7 +407,8 @@ class Retry(_Layer):
             budget.retried()
             self.retries += 1
             log.debug("request %s: try %d to %s failed (%s); retrying in %.0fms", request.id, attempt,
-                      settings.target, failure.reason if failure else response.status, delay * 1000)
+                      settings.target, failure.reason if failure else getattr(response, "status", "?"),
+                      delay * 1000)
             if delay > 0:
                 await asyncio.sleep(delay)
             attempt += 1

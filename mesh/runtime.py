@@ -526,7 +526,7 @@ class ProcessRuntime(Runtime):
     def plan_one(self, service: str, index: int) -> Instance:
         config = self.config.services[service]
         roles = ["app", "mesh", "outbound", "admin"] + (["public"] if config.expose is not None else [])
-        assigned = dict(zip(roles, _free_ports(len(roles))))
+        assigned = dict(zip(roles, _free_ports(len(roles)), strict=True))
         return Instance(service, index, instance_label(service, config, index, 2), "127.0.0.1",
                         assigned, config.health)
 

@@ -579,6 +579,7 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, chunk: bytes) -> None:
         body = self.receiving.body  # type: ignore[union-attr]
+        assert body is not None  # llhttp calls on_body only for a request it framed with a body
         if body.closed:
             return
         body.chunks.append(chunk)
@@ -870,7 +871,7 @@ class _Connection(asyncio.Protocol):
     async def _stream(self, exchange: _Exchange, response: Response, chunked: bool, length: int | None) -> bool:
         """Write a streamed body; False (with the connection aborted) when it broke off."""
         transport = self.transport
-        chunks = response.stream()
+        chunks = response.stream()  # an async generator: aclose() ends it
         sent = 0
         try:
             async for chunk in chunks:
@@ -899,7 +900,7 @@ class _Connection(asyncio.Protocol):
             return False
         finally:
             try:
-                await chunks.aclose()
+                await chunks.aclose()  # type: ignore[attr-defined]
             except Exception:
                 log.debug("closing a response body failed", exc_info=True)
         return True
@@ -1003,7 +1004,7 @@ class _Connection(asyncio.Protocol):
         """The listener stops: close now if idle, else after the response in flight."""
         if not self.busy:
             self.transport.close()
-        elif self.websocket:
+        elif self.websocket and self.task is not None:
             self.task.cancel()  # its tunnel closes both connections (a tunnel has no end of its own)
 
     def abort(self) -> None:

@@ -36,20 +36,28 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-
 from . import config as config_mod
 from .admin import AdminToken, SidecarAdmin
 from .balancer import Balancer
 from .chain import Chain, short_error
 from .config import MeshConfig, build_plugins
 from .errors import UpstreamError
-from .identity import Identity
 from .headers import PEER_HEADER, request_id, set_forwarded, strip_keeping_upgrade
+from .identity import Identity
 from .messages import Request, Response
 from .plugin import Context
 from .registry import Registry
-from .resilience import (AVOID, BACKEND, DEADLINE, DEADLINE_HEADER, OUTBOUND, TRY_TIMEOUT, Outbound,
-                         deadline_from, with_defaults)
+from .resilience import (
+    AVOID,
+    BACKEND,
+    DEADLINE,
+    DEADLINE_HEADER,
+    OUTBOUND,
+    TRY_TIMEOUT,
+    Outbound,
+    deadline_from,
+    with_defaults,
+)
 from .routes import Policy
 from .server import Connection, Listener, ServerLimits
 from .upstream import Endpoint, Limits, Pool
@@ -300,13 +308,20 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--config", required=True, help="mesh.toml (or its folder)")
     parser.add_argument("--service", required=True, help="the service this sidecar belongs to")
     parser.add_argument("--app-port", type=int, help="where the app listens (default: the service's port)")
-    parser.add_argument("--app-host", default="127.0.0.1")
-    parser.add_argument("--host", default="127.0.0.1", help="address of the mesh listener")
-    parser.add_argument("--mesh-port", type=int, default=15001)
-    parser.add_argument("--outbound-port", type=int, default=15002)
-    parser.add_argument("--admin-port", type=int, default=15000)
+    parser.add_argument("--app-host", default="127.0.0.1", help="address of the app (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address of the mesh listener, where other sidecars call (default: %(default)s)")
+    parser.add_argument("--mesh-port", type=int, default=15001, metavar="PORT",
+                        help="port of the mesh listener (default: %(default)s)")
+    parser.add_argument("--outbound-port", type=int, default=15002, metavar="PORT",
+                        help="port of the outbound listener on 127.0.0.1, the app's HTTP_PROXY "
+                             "(default: %(default)s)")
+    parser.add_argument("--admin-port", type=int, default=15000, metavar="PORT",
+                        help="port of the admin listener on 127.0.0.1: /healthz, /readyz, /metrics "
+                             "and the operator's endpoints (default: %(default)s)")
     parser.add_argument("--public-port", type=int, help="serve outside traffic here (default: the service's expose)")
-    parser.add_argument("--public-host", default="127.0.0.1")
+    parser.add_argument("--public-host", default="127.0.0.1",
+                        help="address of the public listener (default: %(default)s)")
     parser.add_argument("--registry", help="JSON file: {\"services\": {name: [\"host:port\", ...]}}")
     parser.add_argument("--tls", metavar="DIR",
                         help="folder with cert.pem, key.pem and ca.pem: mutual TLS between sidecars "

@@ -481,6 +481,7 @@ class Pool:
             reason = exc.strerror or type(exc).__name__
             raise ConnectFailed(502, f"cannot connect to {endpoint.host}:{endpoint.port}: {reason.lower()}") from None
         if endpoint.tls is not None and self.verify_peer is not None:
+            assert conn.transport is not None
             problem = self.verify_peer(endpoint, conn.transport)
             if problem:
                 conn.close()

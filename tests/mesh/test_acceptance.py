@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request

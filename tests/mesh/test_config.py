@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh import ConfigError, Duration
-from mesh import config
+from mesh import ConfigError, Duration, config
 
 
 def load_text(tmp_path, text: str):
@@ -120,8 +119,10 @@ def test_missing_file(tmp_path):
     ('[services.web]\ncommand = "x"\nexpose = 70000\n', "services.web.expose: expected a port"),
     ('[services.web]\ncommand = "x"\nhealth = "healthz"\n', "services.web.health: expected a path"),
     ('[services.Web]\ncommand = "x"\n', "services.Web: a service name"),
-    ('[services.web]\ncommand = "x"\nscale = { min = 3, max = 1 }\n', "services.web.scale: expected 0 <= min <= max, found min=3, max=1"),
-    ('[services.web]\ncommand = "x"\ninstances = { key = "cookie:x" }\n', "services.web.instances: key: expected 'header:NAME'"),
+    ('[services.web]\ncommand = "x"\nscale = { min = 3, max = 1 }\n',
+     "services.web.scale: expected 0 <= min <= max, found min=3, max=1"),
+    ('[services.web]\ncommand = "x"\ninstances = { key = "cookie:x" }\n',
+     "services.web.instances: key: expected 'header:NAME'"),
     ('[services.web]\ncommand = "x"\nexpose = 8080\n[services.api]\ncommand = "y"\nexpose = 8080\n',
      "services.api.expose: port 8080 is already exposed by services.web"),
     ('[service.web]\ncommand = "x"\n', "service: unknown top-level key, did you mean 'services'?"),

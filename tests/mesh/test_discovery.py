@@ -140,7 +140,7 @@ async def test_a_crash_mid_load_loses_no_get_and_is_ejected_and_an_exit_leaves_e
     folder = runs.folder(tmp_path, MESH.format(api="python app.py; sleep 600", extra=""), app=APP)
     popen = runs.up(folder)
     state = instances(wait_phase(folder, popen, "running"))
-    web, api1, api2, api3 = state["web"], state["api.1"], state["api.2"], state["api.3"]
+    web, api1, api3 = state["web"], state["api.1"], state["api.3"]
     outbound = web["addresses"]["outbound"]
     mesh_of = {label: state[label]["addresses"]["mesh"] for label in ("api.1", "api.2", "api.3")}
     auth = admin_headers(folder)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from mesh.docker_runtime import MESH_PORT, firewall_rules
+from mesh.docker_runtime import firewall_rules
 
 from ..docker_support import Leftovers, base_image, docker_engine  # noqa: F401
 from .test_docker_runtime import DockerMesh, free_port

@@ -30,8 +30,17 @@ import pytest
 from mesh import config
 from mesh.admin import operator_token
 from mesh.controller import StateDir
-from mesh.docker_runtime import (ADMIN_PORT, MESH_PORT, PUBLIC_PORT, DockerRuntime, container_name,
-                                 firewall_rules, memory_bytes, mesh_alias, network_names)
+from mesh.docker_runtime import (
+    ADMIN_PORT,
+    MESH_PORT,
+    PUBLIC_PORT,
+    DockerRuntime,
+    container_name,
+    firewall_rules,
+    memory_bytes,
+    mesh_alias,
+    network_names,
+)
 from mesh.runtime import StartFailed, get_runtime
 
 from ..docker_support import Leftovers, base_image, docker_engine  # noqa: F401

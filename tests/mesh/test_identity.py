@@ -90,7 +90,7 @@ async def test_handshake_refuses_no_cert_other_ca_and_expired(app, tmp_path):
         import datetime as dt
 
         cert, key = mesh.ca.issue("web", lifetime=60,
-                                  not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2))
+                                  not_before=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2))
         (tmp_path / "old").mkdir()
         (tmp_path / "old" / "cert.pem").write_bytes(cert)
         (tmp_path / "old" / "key.pem").write_bytes(key)

@@ -6,7 +6,6 @@ import asyncio
 import itertools
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from mesh import config

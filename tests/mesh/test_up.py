@@ -507,8 +507,8 @@ to = "api"
         # The operator, with the run's token: the controller's pushes are there.
         status, body = admin(inst, "GET", "/config", auth=token)
         assert status == 200 and json.loads(body)["service"] == inst["service"]
-        assert wait_until(lambda: sorted(json.loads(admin(inst, "GET", "/registry", auth=token)[1])
-                                         ["services"]["api"]) == api, 30)
+        assert wait_until(lambda inst=inst: sorted(json.loads(admin(inst, "GET", "/registry", auth=token)[1])
+                                                   ["services"]["api"]) == api, 30)
     # Calls still go where the controller says.
     web = next(i for i in state["instances"] if i["service"] == "web")
     request = urllib.request.Request(f"http://{web['addresses']['outbound']}/x", headers={"Host": "api"})

@@ -128,7 +128,7 @@ async def test_frames_fragments_pings_and_close_pass_as_sent(aiohttp_server):
         assert b"Sec-WebSocket-Protocol: chat\r\n" in head
         # A text message in two fragments with a ping between them (the app answers it), then a large one.
         writer.write(client_frame(0x1, "hé".encode(), fin=False) + client_frame(0x9, b"ping!")
-                     + client_frame(0x0, "llo".encode()))
+                     + client_frame(0x0, b"llo"))
         assert await read_frame(reader) == (0xA, b"ping!")
         assert await read_frame(reader) == (0x1, "echo:héllo".encode())
         big = os.urandom(200_000)
