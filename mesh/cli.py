@@ -191,8 +191,15 @@ def _ps(args: argparse.Namespace) -> int:
     if not state["instances"]:
         print(f"mesh '{config.name}' is not running")
         return 0
-    who = f"controller pid {controller['pid']}" if controller["running"] else "no controller"
-    print(f"mesh '{config.name}': {state['phase']} ({state.get('runtime', '?')} runtime, {who})")
+    runtime = state.get("runtime", "?")
+    left = sum(1 for inst in state["instances"] if inst.get("state") == "running")
+    if controller["running"]:
+        print(f"mesh '{config.name}': {state['phase']} ({runtime} runtime, controller pid {controller['pid']})")
+    elif left:
+        print(f"mesh '{config.name}': its controller is gone, {left} instance{'s' if left != 1 else ''} "
+              f"still running ({runtime} runtime); `mesh down` stops them")
+    else:
+        print(f"mesh '{config.name}' is not running (its last run, on the {runtime} runtime: {state['phase']})")
     print(format_table(state["instances"], with_state=True))
     if state.get("error"):
         print(state["error"])

@@ -402,10 +402,14 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
         if not isinstance(raw, dict):
             problems.append(f"{where}: expected a table, found {type(raw).__name__}")
             continue
-        if "source" in raw:
-            problems.append(f"{where}: unknown option 'source', did you mean 'from'?")
-            continue
-        renamed = {("source" if k == "from" else k): v for k, v in raw.items()}
+        # Unknown keys are named against the keys a mesh.toml uses: `from`, not the field `source`.
+        keys = sorted("from" if name == "source" else name for name in RouteConfig.__dataclass_fields__)
+        for key in raw:
+            if key not in keys:
+                close = ["from"] if key == "source" else difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+                problems.append(f"{where}: unknown option '{key}'" + (
+                    f", did you mean '{close[0]}'?" if close else f" (known: {', '.join(keys)})"))
+        renamed = {("source" if k == "from" else k): v for k, v in raw.items() if k in keys}
         before = len(problems)
         route = bind(RouteConfig, renamed, where=where, root=root, problems=problems)
         for j in range(before, len(problems)):

@@ -683,9 +683,9 @@ def status(config: MeshConfig) -> dict[str, Any]:
     """state.json with the controller and each instance checked against live processes.
 
     An instance whose recorded processes are gone is ``stopped`` whatever the
-    file says (its controller may have died without updating it). A stopped
-    instance, and every instance of a mesh whose controller is gone, keeps
-    its keys but not the pids and addresses of the run that ended: nothing
+    file says (its controller may have died without updating it). Once the
+    controller is gone, its pid and the addresses and dead pids of every
+    instance not running are left out (the keys stay, empty): nothing
     listens there any more, and a pid may since belong to another process.
     """
     files = StateDir(config.state_dir)
@@ -714,15 +714,20 @@ def status(config: MeshConfig) -> dict[str, Any]:
 
 
 def _without_stale(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` with no pids or addresses on instances that no longer run (see `status`)."""
-    running = state["controller"]["running"]
+    """``state`` without what is left of a run whose controller is gone (see `status`)."""
+    if state["controller"]["running"]:
+        return state
+    state["controller"]["pid"] = None
     for inst in state.get("instances", []):
-        if inst.get("state") == "stopped" or (not running and inst.get("state") != "running"):
-            for key in ("pids", "pgids", "addresses"):
-                if key in inst:
-                    inst[key] = {}
-            if "public" in inst:
-                inst["public"] = None
+        if inst.get("state") == "running":
+            continue  # its processes outlived the controller: `mesh down` stops them
+        if "addresses" in inst:
+            inst["addresses"] = {}
+        if "public" in inst:
+            inst["public"] = None
+        for key, alive in (("pids", pid_alive), ("pgids", group_alive)):
+            if key in inst:  # a process left behind is still shown, for `mesh down` to stop
+                inst[key] = {role: p for role, p in inst[key].items() if alive(p)}
     return state
 
 

@@ -32,17 +32,22 @@ the defaults, and subclassing it is the easy way::
 A hook runs as its own task, bounded by `HOOK_TIMEOUT`; one that raises or
 hangs is logged and changes nothing else: the mesh keeps running.
 
-Not wired yet (defined, with their defaults, for what comes next):
+Two more hooks decide rather than observe:
 
-- ``on_idle(instance)``: asked when a keyed instance has been idle for
-  ``sleep_after``; returning ``"sleep"`` (the default) stops it, ``"keep"``
-  keeps it (it is asked again after another ``sleep_after``). A hook that
-  fails or takes over 5 s puts the instance to sleep.
-- ``choose_instance(request, instances)``: custom scheduling. Every caller's
-  sidecar loads the hooks of the services it calls and asks this first
-  (`mesh.balancer`); returning None (the default), an instance not offered,
-  or raising leaves the choice to the balancer. It runs on every request:
-  keep it quick and synchronous.
+- ``on_idle(instance)``: asked by the controller (`mesh.keyed`) when a keyed
+  instance has been idle for ``sleep_after``; returning ``"sleep"`` (the
+  default) stops it, ``"keep"`` keeps it (it is asked again after another
+  ``sleep_after``). A hook that raises, answers anything else or takes over
+  `IDLE_HOOK_TIMEOUT` (5 s) puts the instance to sleep.
+- ``choose_instance(request, instances)``: custom scheduling. Every sidecar
+  loads the hooks of each service that overrides it (`mesh.sidecar`) and
+  asks it before its balancer picks an instance for a call to that service
+  (`mesh.balancer`): ``instances`` are the ones in rotation (less those a
+  retry already tried, when others remain), each with ``address``,
+  ``host``, ``port`` and ``outstanding`` (requests in flight from this
+  sidecar). Returning None (the default), an instance not
+  offered, or raising leaves the choice to the balancer. It runs on every
+  request: keep it quick and synchronous.
 """
 
 from __future__ import annotations
