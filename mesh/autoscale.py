@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .runtime import Instance, Runtime, StartFailed
+from .runtime import Instance, Runtime, StartFailed, process_group_cpu
 
 if TYPE_CHECKING:
     from .controller import Controller
@@ -51,59 +49,9 @@ __all__ = ["Autoscaler", "cpu_seconds", "process_group_cpu"]
 
 log = logging.getLogger("mesh.autoscale")
 
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def process_group_cpu(pgid: int, proc: Path = Path("/proc")) -> float | None:
-    """CPU seconds used by process group ``pgid``: utime+stime(+cutime+cstime) of each member.
-
-    None when no process of the group is left (or there is no /proc).
-    """
-    total = 0
-    found = False
-    try:
-        entries = list(proc.iterdir())
-    except OSError:
-        return None
-    for entry in entries:
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # After the command name: state(0) ppid(1) pgrp(2) ... utime(11) stime(12) cutime(13) cstime(14)
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) < 15 or fields[2] != str(pgid):
-            continue
-        found = True
-        total += sum(int(f) for f in fields[11:15])
-    return total / _TICK if found else None
-
-
-def _docker_cpu(runtime: Runtime, instance: Instance) -> float | None:
-    container = instance.details.get("containers", {}).get("app", {}).get("id")
-    if not container:
-        return None
-    api = runtime.client().api  # type: ignore[attr-defined]
-    try:
-        stats = api.stats(container, stream=False, one_shot=True)
-    except TypeError:  # an SDK without one_shot: the engine waits for a second sample
-        stats = api.stats(container, stream=False)
-    usage = stats.get("cpu_stats", {}).get("cpu_usage", {}).get("total_usage")
-    return usage / 1e9 if usage else None
-
-
 async def cpu_seconds(runtime: Runtime, instance: Instance) -> float | None:
     """Cumulative CPU seconds of the instance's app, or None if it cannot be told now."""
-    if runtime.name == "docker":
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, _docker_cpu, runtime, instance)
-        except Exception as exc:  # noqa: BLE001 - the engine hiccups: no sample this time
-            log.debug("%s: no CPU sample: %s", instance.label, exc)
-            return None
-    pgid = instance.details.get("pgids", {}).get("app")
-    return process_group_cpu(pgid) if pgid else None
+    return await runtime.cpu_seconds(instance)
 
 
 class Autoscaler:
@@ -134,8 +82,7 @@ class Autoscaler:
     def members(self, service: str) -> list[Instance]:
         """The pool's instances that count: running, in rotation."""
         c = self.controller
-        return [i for i in c.instances if i.service == service
-                and c.runtime.instance_state(i) == "running" and c.supervisor.in_rotation(i)]
+        return [i for i in c.instances.running() if i.service == service and c.supervisor.in_rotation(i)]
 
     async def sample(self, service: str) -> dict[str, float]:
         """Take one CPU sample of each member; return each member's average over the window (cores)."""
@@ -170,8 +117,8 @@ class Autoscaler:
             now = time.monotonic()
             if not rates or self._changes:
                 continue
-            count = len([i for i in self.controller.instances if i.service == service
-                         and i.label not in self.controller.supervisor.draining
+            count = len([i for i in self.controller.instances.of(service)
+                         if i.label not in self.controller.supervisor.draining
                          and i.label not in self.controller.supervisor.exited])
             average = sum(rates.values()) / len(rates)
             if average < low_mark:
@@ -205,7 +152,7 @@ class Autoscaler:
 
     def _spawn(self, service: str, why: str) -> str:
         c = self.controller
-        index = max((i.index for i in c.instances if i.service == service), default=0) + 1
+        index = max((i.index for i in c.instances.of(service)), default=0) + 1
         instance = c.runtime.plan_one(service, index)
         log.info("%s: adding %s", why, instance.label)
         self._track(self._add(instance))
@@ -213,12 +160,11 @@ class Autoscaler:
 
     async def _add(self, instance: Instance) -> None:
         c = self.controller
-        c.instances.append(instance)  # from now on, a shutdown stops it too
-        c.console.width = max(c.console.width, len(f"{instance.label}.sidecar"))
-        c._save()
+        c.instances.add(instance)  # from now on, a shutdown stops it too
+        c.instances.save()
         started = time.monotonic()
         try:
-            await c._start_one(instance)
+            await c.instances.start(instance)
         except StartFailed as exc:
             log.error("%s: did not start: %s; removing it", instance.label, exc.reason)
             c.supervisor.hook(instance, "on_error", instance, f"start failed: {exc.reason}")
@@ -229,28 +175,17 @@ class Autoscaler:
     async def _remove(self, instance: Instance) -> None:
         c = self.controller
         c.supervisor.draining.add(instance.label)
-        c.registry_changed()
-        c._save()
+        c.instances.changed()
+        c.instances.save()
         await asyncio.sleep(self.drain)
-        await c.runtime.stop_instance(instance)
+        await c.instances.stop(instance)
         code = c.runtime.exit_code(instance, "app")
         c.supervisor.hook(instance, "on_stop", instance, code, "scaled down")
         log.info("%s: stopped (scaled down)", instance.label)
         await self._forget(instance)
 
     async def _forget(self, instance: Instance) -> None:
-        c = self.controller
-        with contextlib.suppress(Exception):
-            await c.runtime.stop_instance(instance)
-        watcher = c._watchers.pop(instance.label, None)
-        if watcher is not None:
-            watcher.cancel()
-        c.instances[:] = [i for i in c.instances if i is not instance]
-        c.unhealthy.discard(instance.label)
-        c.problems.pop(instance.label, None)
-        c._pushed.pop(instance.label, None)
+        await self.controller.instances.remove(instance)
         self.samples.pop(instance.label, None)
         self.cpu.pop(instance.label, None)
-        c.supervisor.forget(instance)
-        c.registry_changed()
-        c._save()
+        self.controller.supervisor.forget(instance)

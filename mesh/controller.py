@@ -59,12 +59,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from .admin import AdminToken
-from .config import HealthCheck, MeshConfig
+from .config import MeshConfig
+from .instances import InstanceSet
 from .runtime import Instance, Runtime, StartFailed, get_runtime, group_alive, pid_alive, run_processes
 
 __all__ = ["Controller", "Console", "StateDir", "detach", "down", "format_table", "status"]
@@ -188,25 +188,19 @@ class Controller:
         self.runtime: Runtime = get_runtime(runtime, config, output=self.console.line,
                                             on_exit=self._exited, run_id=self.run_id,
                                             admin_token=self.admin_token)
-        self.instances: list[Instance] = []
-        self.problems: dict[str, str] = {}
+        self.instances = InstanceSet(config, self.runtime, self.files.path, timeout=timeout,
+                                     cert_lifetime=cert_lifetime, save=self._save,
+                                     changed=self.registry_changed, started=self._started_one,
+                                     added=self._added)
         self.phase = "starting"
         self.error: str | None = None
         self._stop = asyncio.Event()
         self._signals = 0
         self._tasks: set[asyncio.Future[Any]] = set()
-        self.unhealthy: set[str] = set()  # labels of instances failing their health checks
         self._changed = asyncio.Event()
-        self._pushed: dict[str, str] = {}  # label -> the registry its sidecar last took
         self._written = ""  # the registry in registry.json
         self._started = False  # until then registry.json lists every planned instance
         self._push_failing: set[str] = set()
-        self._watchers: dict[str, asyncio.Future[Any]] = {}  # label -> its health checks
-        # Certificates: a renewal or a CA rotation waits for the instances starting to be up, and
-        # none starts while it runs, so none is left with a certificate or a trust bundle it did not see.
-        self._certs = asyncio.Condition()
-        self._starts = 0
-        self._certs_busy = False
         # What `mesh certs --rotate-ca` waits on, in state.json.
         self.ca_rotation: dict[str, Any] = {"done": 0, "rotating": False, "error": None}
         from .keyed import KeyedServices  # here: `mesh ps` and `mesh down` need none of it
@@ -233,8 +227,8 @@ class Controller:
                 "instance": inst.index,
                 "label": inst.label,
                 "state": self.runtime.instance_state(inst),
-                "problem": self.problems.get(inst.label),
-                "healthy": (inst.label not in self.unhealthy) if inst.health else None,
+                "problem": self.instances.problems.get(inst.label),
+                "healthy": (inst.label not in self.instances.unhealthy) if inst.health else None,
                 "addresses": inst.addresses(),
                 "public": inst.public_url,
                 "pids": dict(inst.details.get("pids", {})),
@@ -251,6 +245,12 @@ class Controller:
         except OSError as exc:  # the mesh runs on even if its state dir went away
             log.warning("cannot write %s: %s", self.files.state, exc)
 
+    def _added(self, instance: Instance) -> None:
+        self.console.width = max(self.console.width, len(f"{instance.label}.sidecar"))
+
+    def _started_one(self, instance: Instance) -> None:
+        self.supervisor.started(instance)
+
     def _exited(self, instance: Instance, role: str, code: int) -> None:
         # Restarted with backoff, or (code 0) left exited with its sidecar stopped: mesh.lifecycle.
         self.supervisor.on_exit(instance, role, code)
@@ -261,7 +261,7 @@ class Controller:
         """Service -> mesh addresses of its instances in rotation: running and not failing health checks."""
         services: dict[str, list[str]] = {name: [] for name in self.config.services}
         for inst in self.instances:
-            if (self.runtime.instance_state(inst) == "running" and inst.label not in self.unhealthy
+            if (self.runtime.instance_state(inst) == "running" and inst.label not in self.instances.unhealthy
                     and self.supervisor.in_rotation(inst)):
                 services[inst.service].append(inst.mesh_address)
         services.update(self.keyed.registry())  # a keyed service is reached at its front
@@ -285,8 +285,8 @@ class Controller:
     async def _publish(self) -> None:
         """Write registry.json and push it to each running sidecar that does not have it yet."""
         body = json.dumps({"services": self.registry()}, sort_keys=True)
-        running = [i for i in self.instances if self.runtime.instance_state(i) == "running"]
-        targets = [i for i in running if self._pushed.get(i.label) != body]
+        pushed = self.instances.pushed
+        targets = [i for i in self.instances.running() if pushed.get(i.label) != body]
         if body != self._written and self._started:
             self.files.write_json(self.files.registry, json.loads(body))
             self._written = body
@@ -298,43 +298,12 @@ class Controller:
                                        return_exceptions=True)
         for inst, ok in zip(targets, results, strict=True):
             if ok is True:
-                self._pushed[inst.label] = body
+                pushed[inst.label] = body
                 self._push_failing.discard(inst.label)
             elif inst.label not in self._push_failing:  # said once; tried again every second
                 self._push_failing.add(inst.label)
                 log.warning("%s: its sidecar did not take the new registry (%s)", inst.label,
                             ok if isinstance(ok, BaseException) else "no 204 from PUT /registry")
-
-    async def _check_health(self, instance: Instance) -> None:
-        """Check the instance's app every interval; take it out of rotation and back by the thresholds."""
-        check = self.config.services[instance.service].health_check or HealthCheck()
-        good = bad = 0
-        while True:
-            await asyncio.sleep(check.interval)
-            if self.runtime.instance_state(instance) != "running":
-                good = bad = 0
-                continue
-            try:
-                healthy = await self.runtime.check_health(instance, min(check.timeout, check.interval))
-            except Exception as exc:  # a broken check is a failed check, not a dead controller
-                log.warning("%s: health check failed to run: %s", instance.label, exc)
-                healthy = False
-            if healthy:
-                good, bad = good + 1, 0
-            else:
-                good, bad = 0, bad + 1
-            if instance.label in self.unhealthy and good >= check.healthy_threshold:
-                self.unhealthy.discard(instance.label)
-                log.info("%s: healthy again (%d good checks of %s): back in rotation",
-                         instance.label, good, instance.health)
-            elif instance.label not in self.unhealthy and bad >= check.unhealthy_threshold:
-                self.unhealthy.add(instance.label)
-                log.warning("%s: unhealthy (%d failed checks of %s): out of rotation",
-                            instance.label, bad, instance.health)
-            else:
-                continue
-            self.registry_changed()
-            self._save()
 
     def stop(self) -> None:
         """Ask a running `run` to stop everything and return (what SIGINT and SIGTERM do)."""
@@ -364,7 +333,7 @@ class Controller:
         self.ca_rotation.update(rotating=True, error=None)
         self._save()
         try:
-            async with self._certificate_work("a CA rotation"):
+            async with self.instances.certificate_work("a CA rotation"):
                 self.ca_rotation["error"] = await self._rotate_ca_now()
         except Exception as exc:  # a bug here must not stop the controller
             log.exception("rotating the mesh CA failed")
@@ -406,37 +375,6 @@ class Controller:
                     f"{', '.join(sorted(missed))}")
         return None
 
-    @contextlib.asynccontextmanager
-    async def _certificate_work(self, what: str) -> AsyncIterator[None]:
-        """Renewing or rotating: once the instances starting are up, and with none starting meanwhile."""
-        async with self._certs:
-            await self._certs.wait_for(lambda: not self._certs_busy)
-            self._certs_busy = True
-            if self._starts:
-                log.info("%s waits for %d instances to finish starting", what, self._starts)
-            await self._certs.wait_for(lambda: self._starts == 0)
-        try:
-            yield
-        finally:
-            async with self._certs:
-                self._certs_busy = False
-                self._certs.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def starting(self, instance: Instance) -> AsyncIterator[None]:
-        """Around a start of ``instance``'s sidecar: a fresh certificate from the CA of the moment,
-        and no renewal or CA rotation until the start is done."""
-        async with self._certs:
-            await self._certs.wait_for(lambda: not self._certs_busy)
-            self._starts += 1
-        try:
-            self._issue(instance)
-            yield
-        finally:
-            async with self._certs:
-                self._starts -= 1
-                self._certs.notify_all()
-
     async def run(self) -> int:
         """Start the mesh, serve until SIGINT/SIGTERM, stop it. 0 after a clean stop, 1 if it failed to start."""
         fd = self.files.acquire()
@@ -463,7 +401,7 @@ class Controller:
     async def _run(self) -> int:
         try:
             await self.runtime.build()
-            self.instances = await self.keyed.plan(self.runtime.plan())
+            self.instances.add(*await self.keyed.plan(self.runtime.plan()))
             registry: dict[str, list[str]] = self.keyed.registry()
             for inst in self.instances:
                 registry.setdefault(inst.service, []).append(inst.mesh_address)
@@ -508,9 +446,10 @@ class Controller:
                 code = 0
         finally:
             # Whatever happened, including a bug here, nothing this run started outlives it.
-            for task in (starting, stopping, progress, publishing, *self._watchers.values()):
+            for task in (starting, stopping, progress, publishing):
                 task.cancel()
-            await asyncio.gather(starting, publishing, *self._watchers.values(), return_exceptions=True)
+            await asyncio.gather(starting, publishing, return_exceptions=True)
+            await self.instances.close()
             if code == 0:
                 self.phase = "stopping"
             elif self.phase != "failed":
@@ -519,8 +458,8 @@ class Controller:
             await self.autoscaler.close()
             await self.supervisor.close()
             await self.keyed.stop()
-            await self._stop_all()
-            await self.supervisor.shutdown_hooks(self.instances)
+            await self.instances.stop_all()
+            await self.supervisor.shutdown_hooks(list(self.instances))
             await self.runtime.close()
             if code == 0:
                 self.phase = "stopped"
@@ -528,25 +467,15 @@ class Controller:
             self._save()
         return code
 
-    def _issue(self, *instances: Instance) -> None:
-        """A fresh certificate for each of ``instances`` (``instance.tls``), from the mesh CA (made on first use)."""
-        from .identity import CA  # here: `mesh ps` and `mesh down` need no cryptography
-
-        ca = CA.load_or_create(self.files.path / "ca", self.config.name)
-        for inst in instances:
-            folder = self.files.path / "certs" / inst.label
-            ca.write_instance(folder, inst.service, self.cert_lifetime)
-            inst.tls = folder
-
     async def _renew_every(self, seconds: float) -> None:
         while True:
             await asyncio.sleep(seconds)
-            async with self._certificate_work("renewing certificates"):
+            async with self.instances.certificate_work("renewing certificates"):
                 await self._renew()
 
     async def _renew(self) -> None:
         try:
-            self._issue(*self.instances)
+            self.instances.issue(*self.instances)
             await self.keyed.renew()
         except OSError as exc:  # keep serving on the old ones and try again next time
             log.error("renewing certificates failed: %s", exc)
@@ -564,20 +493,10 @@ class Controller:
             await asyncio.sleep(seconds)
             self._save()
 
-    async def _start_one(self, instance: Instance) -> None:
-        self._pushed.pop(instance.label, None)  # a (re)started sidecar has only the file's registry
-        async with self.starting(instance):
-            await self.runtime.start_instance(instance, self.files.registry, self.timeout)
-        self.supervisor.started(instance)
-        watcher = self._watchers.get(instance.label)
-        if instance.health and (watcher is None or watcher.done()):
-            self._watchers[instance.label] = asyncio.ensure_future(self._check_health(instance))
-        self.registry_changed()
-        self._save()
-
     async def _start_all(self) -> list[StartFailed]:
         """Start every instance at once; on the first failure cancel the rest and return the failures."""
-        tasks = [asyncio.ensure_future(self._start_one(i)) for i in self.instances]
+        planned = list(self.instances)
+        tasks = [asyncio.ensure_future(self.instances.start(i)) for i in planned]
         try:
             if tasks:  # none when every service is keyed
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -586,7 +505,7 @@ class Controller:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         failures = []
-        for inst, task in zip(self.instances, tasks, strict=True):
+        for inst, task in zip(planned, tasks, strict=True):
             if task.cancelled():
                 continue
             exc = task.exception()
@@ -595,12 +514,6 @@ class Controller:
             elif exc is not None:
                 failures.append(StartFailed(inst.label, f"{type(exc).__name__}: {exc}"))
         return failures
-
-    async def _stop_all(self) -> None:
-        # Sidecars first: they stop taking requests and drain those in flight to
-        # apps that are still up. Then the apps.
-        for role in ("sidecar", "app"):
-            await asyncio.gather(*(self.runtime.stop_role(i, role) for i in self.instances))
 
 
 def _report(failures: list[StartFailed], others: bool) -> str:

@@ -88,10 +88,10 @@ from .runtime import (
     Output,
     Runtime,
     StartFailed,
-    _http_status,
-    _port_in_use,
+    http_status,
     instance_count,
     instance_label,
+    port_in_use,
 )
 
 if TYPE_CHECKING:
@@ -476,7 +476,7 @@ class DockerRuntime(Runtime):
 
     def plan(self) -> list[Instance]:
         for name, service in self.config.services.items():
-            if service.expose is not None and _port_in_use(service.expose):
+            if service.expose is not None and port_in_use(service.expose):
                 raise StartFailed(name, f"cannot expose it on 127.0.0.1:{service.expose}: "
                                   f"the port is in use (services.{name}.expose)")
         instances: list[Instance] = []
@@ -511,11 +511,43 @@ class DockerRuntime(Runtime):
 
     # keyed services: their fronts run in the controller, on the host's side of the mesh network
 
-    async def prepare(self) -> str:
+    async def front_host(self) -> str:
         """Images and networks now (before any instance starts); the mesh network's gateway IP,
         where the host (so a keyed service's front) is reachable from sidecars."""
         await self._prepare()
         return self._networks["mesh"].gateway
+
+    def allow_front(self, port: int) -> None:
+        """The sidecars' firewall lets them out to this port of the gateway."""
+        self.front_ports.append(port)
+
+    def replan(self, instance: Instance) -> None:
+        # The front serves `expose`; the admin port is published anew at every start.
+        instance.ports.pop("public", None)
+        instance.ports["admin"] = 0
+        instance.details.pop("mesh_ip", None)
+        for container in instance.details["containers"].values():
+            container["id"] = None
+
+    async def cpu_seconds(self, instance: Instance) -> float | None:
+        """The app container's ``cpu_stats.cpu_usage.total_usage`` from the engine, in seconds."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._cpu, instance)
+        except Exception as exc:  # noqa: BLE001 - the engine hiccups: no sample this time
+            log.debug("%s: no CPU sample: %s", instance.label, exc)
+            return None
+
+    def _cpu(self, instance: Instance) -> float | None:
+        container = instance.details.get("containers", {}).get("app", {}).get("id")
+        if not container:
+            return None
+        api = self.client().api
+        try:
+            stats = api.stats(container, stream=False, one_shot=True)
+        except TypeError:  # an SDK without one_shot: the engine waits for a second sample
+            stats = api.stats(container, stream=False)
+        usage = stats.get("cpu_stats", {}).get("cpu_usage", {}).get("total_usage")
+        return usage / 1e9 if usage else None
 
     def reach(self, instance: Instance) -> tuple[str, int]:
         """Where the host reaches a started instance's mesh listener: its IP on the mesh network
@@ -774,7 +806,7 @@ class DockerRuntime(Runtime):
             while True:
                 await self._check_alive(slot)
                 if not ready["sidecar"]:
-                    ready["sidecar"] = await _http_status(instance.ports["admin"], "/readyz") == 200
+                    ready["sidecar"] = await http_status(instance.ports["admin"], "/readyz") == 200
                 if not ready["app"]:
                     if probe is None:
                         # In rounds of a few seconds: a round outlives its start if the app dies meanwhile.

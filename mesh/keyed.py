@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .chain import error_response, short_error
 from .config import Instances, MeshConfig
@@ -43,6 +43,9 @@ from .messages import Request, Response
 from .routes import Policy
 from .server import Listener, ServerLimits
 from .upstream import Endpoint, Pool
+
+if TYPE_CHECKING:
+    from .controller import Controller
 
 __all__ = ["KeyedFront", "KeyedServices", "key_label", "key_of"]
 
@@ -363,17 +366,17 @@ class KeyedServices:
     certificate renewal, registry pushes, stopping at the end) like any
     other; ``stop(key)`` stops it and the key is remembered as sleeping.
 
-    On the process runtime the front listens on 127.0.0.1. On docker it
-    listens on the mesh network's gateway IP (the host's side of the bridge,
-    made before any instance starts), the registry lists it there, the
-    sidecars' firewall lets them out to its port (``runtime.front_ports``), and
-    it reaches each instance at its IP on the mesh network (``runtime.reach``):
-    an instance's alias resolves only inside the network. Either way an
+    The runtime says where the front listens (``runtime.front_host()``: on
+    the process runtime 127.0.0.1; on docker the mesh network's gateway IP,
+    the host's side of the bridge, made before any instance starts), lets
+    sidecars out to its port (``runtime.allow_front``), and where the front
+    reaches each instance (``runtime.reach``: on docker its IP on the mesh
+    network, as an instance's alias resolves only inside it). Either way an
     exposed keyed service's front also serves the ``expose`` port on
     127.0.0.1, routing outside requests by key the same way.
     """
 
-    def __init__(self, controller: Any) -> None:
+    def __init__(self, controller: Controller) -> None:
         self.controller = controller
         self.config: MeshConfig = controller.config
         self.services = [n for n, s in self.config.services.items() if s.instances is not None]
@@ -391,23 +394,16 @@ class KeyedServices:
         """The runtime's plan without keyed services' instances; their fronts started."""
         if not self.services:
             return planned
-        from .identity import CA
         from .runtime import StartFailed
 
         runtime = self.controller.runtime
-        if runtime.name not in ("process", "docker"):
-            raise StartFailed(self.services[0], f"keyed services (instances = {{...}}) run on the "
-                              f"process and docker runtimes only; not on {runtime.name} "
-                              f"(services.{self.services[0]}.instances)")
-        host = "127.0.0.1"
-        if runtime.name == "docker":
-            # The host's side of the mesh network: the networks are made now, before any instance.
-            host = await runtime.prepare()
-        ca = CA.load_or_create(self.controller.files.path / "ca", self.config.name)
+        try:
+            host = await runtime.front_host()  # made now, before any instance starts
+        except NotImplementedError as exc:
+            raise StartFailed(self.services[0], f"{exc} (services.{self.services[0]}.instances)") from None
         try:
             for name in self.services:
-                folder = self.controller.files.path / "certs" / f"{name}.front"
-                ca.write_instance(folder, name, self.controller.cert_lifetime)
+                folder = self.controller.instances.certificate(f"{name}.front", name)
                 spec = self.config.services[name]
                 front = KeyedFront(self.config, name, identity=Identity(folder, self.config.name),
                                    start=self._starter(name), stop=self._stopper(name),
@@ -415,8 +411,7 @@ class KeyedServices:
                                    ask_idle=self._idle_asker(name))
                 await front.start()
                 self.fronts[name] = front
-                if runtime.name == "docker":  # sidecars' firewall: out to this port of the gateway
-                    runtime.front_ports.append(int(front.address.rsplit(":", 1)[1]))
+                runtime.allow_front(int(front.address.rsplit(":", 1)[1]))
         except BaseException:
             await self.stop()
             raise
@@ -428,17 +423,11 @@ class KeyedServices:
 
     async def renew(self) -> None:
         """Renew the fronts' certificates (the controller renews its instances')."""
-        from .identity import CA
-
-        ca = CA.load_or_create(self.controller.files.path / "ca", self.config.name)
         for name, front in self.fronts.items():
-            assert front.identity is not None
-            ca.write_instance(front.identity.folder, name, self.controller.cert_lifetime)
+            self.controller.instances.certificate(f"{name}.front", name)
             await front.reload_certificates()
 
     def _plan_one(self, service: str, key: str) -> Any:
-        from .runtime import Instance, _free_ports
-
         label = key_label(service, key)
         instance = self.keyed.get(label)
         if instance is not None and instance.details.get("key") != key:
@@ -446,26 +435,12 @@ class KeyedServices:
         runtime = self.controller.runtime
         if instance is None:
             index = self._serial[service] = self._serial.get(service, 0) + 1
-            spec = self.config.services[service]
-            if runtime.name == "docker":
-                # Its containers and alias as the runtime names them (by index); the label by key.
-                instance = runtime.plan_one(service, index)
-                instance.label = label
-            else:
-                instance = Instance(service, index, label, "127.0.0.1", {}, spec.health)
+            # Named as the runtime names instances (by index); the label by key.
+            instance = runtime.plan_key(service, index, label)
             instance.details["key"] = key
             self.keyed[label] = instance
-            self.controller.instances.append(instance)
-        if runtime.name == "docker":
-            # The front serves `expose`; the admin port is published anew at every boot.
-            instance.ports.pop("public", None)
-            instance.ports["admin"] = 0
-            instance.details.pop("mesh_ip", None)
-            for container in instance.details["containers"].values():
-                container["id"] = None
-        else:
-            # Fresh loopback ports for every boot: the last ones may be taken by now.
-            instance.ports = dict(zip(("app", "mesh", "outbound", "admin"), _free_ports(4), strict=True))
+            self.controller.instances.add(instance)
+        runtime.replan(instance)  # the last addresses may be taken by now
         for what in ("pids", "pgids"):
             instance.details.pop(what, None)
         return instance
@@ -473,29 +448,26 @@ class KeyedServices:
     def _starter(self, service: str) -> StartInstance:
         async def start(key: str) -> tuple[str, int]:
             controller = self.controller
+            instances = controller.instances
             instance = self._plan_one(service, key)
             self.states[instance.label] = "starting"
-            controller.problems.pop(instance.label, None)
-            controller._save()
+            instances.problems.pop(instance.label, None)
+            instances.save()
             try:
-                await controller._start_one(instance)  # with a certificate of its own
+                await instances.start(instance)  # with a certificate of its own
             except BaseException as exc:
                 self.states[instance.label] = "stopped"
                 reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
-                controller.problems[instance.label] = reason
+                instances.problems[instance.label] = reason
                 tail = getattr(exc, "tail", None) or []
                 log.error("%s: failed to start: %s%s", instance.label, reason,
                           "".join(f"\n  {line}" for line in tail))
-                await controller.runtime.stop_instance(instance)
-                controller._save()
+                await instances.stop(instance)
+                instances.save()
                 raise
             self.states[instance.label] = "running"
-            controller._save()
-            reach = getattr(controller.runtime, "reach", None)  # docker: its IP on the mesh network
-            if reach is not None:
-                return reach(instance)
-            host, port = instance.mesh_address.rsplit(":", 1)
-            return host, int(port)
+            instances.save()
+            return controller.runtime.reach(instance)
 
         return start
 
@@ -513,11 +485,11 @@ class KeyedServices:
             instance = self.keyed.get(key_label(service, key))
             if instance is None:
                 return
-            await self.controller.runtime.stop_instance(instance)
+            await self.controller.instances.stop(instance)
             self.states[instance.label] = "sleeping"
             for what in ("pids", "pgids"):  # gone: never signal a pid that may be reused
                 instance.details.pop(what, None)
-            self.controller._save()
+            self.controller.instances.save()
 
         return stop
 

@@ -138,7 +138,7 @@ def describe_exit(code: int) -> str:
 
 
 def _known(controller: Controller, instance: Instance) -> bool:
-    return any(i is instance for i in controller.instances)
+    return instance in controller.instances
 
 
 class Supervisor:
@@ -241,25 +241,25 @@ class Supervisor:
         if self.closing or instance.label in self.draining or not _known(c, instance):
             return
         who = "app" if role == "app" else "sidecar"
-        c.registry_changed()
+        c.instances.changed()
         if role == "app" and code == 0:
             self.exited[instance.label] = 0
-            c.problems[instance.label] = "app exited with code 0"
+            c.instances.problems[instance.label] = "app exited with code 0"
             log.info("%s: the app exited with code 0 (done on purpose): not restarted; stopping its sidecar",
                      instance.label)
             self._track(instance, self._finish(instance))
-            c._save()
+            c.instances.save()
             return
         tail = "\n".join(f"  {line}" for line in c.runtime.tail(instance, role))
         error = f"{who} exited with {describe_exit(code)}"
-        c.problems[instance.label] = f"{error}; restarting"
+        c.instances.problems[instance.label] = f"{error}; restarting"
         log.error("%s: the %s%s", instance.label, error,
                   f"; its last output:\n{tail}" if tail else "")
         self.hook(instance, "on_stop", instance, code, "crashed")
         self.hook(instance, "on_error", instance, error)
         if instance.label not in self._restarting:
             self._track(instance, self._restart(instance, role))
-        c._save()
+        c.instances.save()
 
     def _track(self, instance: Instance, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -270,14 +270,13 @@ class Supervisor:
     async def _finish(self, instance: Instance) -> None:
         c = self.controller
         try:
-            await c.runtime.stop_role(instance, "sidecar")
-            await c.runtime.stop_role(instance, "app")
+            await c.instances.stop(instance, "sidecar", "app")
         except Exception as exc:  # noqa: BLE001 - shutdown stops it again
             log.warning("%s: stopping its sidecar failed: %s", instance.label, exc)
         log.info("%s: sidecar stopped; the instance exited", instance.label)
         self.hook(instance, "on_stop", instance, 0, "exited")
-        c.registry_changed()
-        c._save()
+        c.instances.changed()
+        c.instances.save()
 
     def _delay(self, label: str) -> float:
         now = time.monotonic()
@@ -299,31 +298,25 @@ class Supervisor:
             if self.closing or not _known(c, instance):
                 return
             self.restarts[label] = count
-            c._pushed.pop(label, None)
             try:
-                async with c.starting(instance):  # its sidecar may start again: certificates of the moment
-                    if role == "app":
-                        await c.runtime.restart_app(instance, c.files.registry, c.timeout)
-                    else:
-                        await c.runtime.stop_instance(instance)
-                        await c.runtime.start_instance(instance, c.files.registry, c.timeout)
+                await c.instances.restart(instance, role)  # certificates of the moment
             except StartFailed as exc:
-                c.problems[label] = f"restart failed: {exc.reason}"
+                c.instances.problems[label] = f"restart failed: {exc.reason}"
                 tail = "\n".join(f"  {line}" for line in exc.tail)
                 log.error("%s: restart %d failed: %s%s", label, count, exc.reason,
                           f"; last output:\n{tail}" if tail else "")
                 self.hook(instance, "on_error", instance, f"restart failed: {exc.reason}")
-                c._save()
+                c.instances.save()
                 continue
             except Exception as exc:  # noqa: BLE001 - a bug here must not stop the controller
                 log.exception("%s: restart %d failed", label, count)
                 self.hook(instance, "on_error", instance, f"restart failed: {exc}")
                 continue
-            c.problems.pop(label, None)
+            c.instances.problems.pop(label, None)
             log.info("%s: restarted (restart %d): ready, back in rotation", label, count)
             self.started(instance)
-            c.registry_changed()
-            c._save()
+            c.instances.changed()
+            c.instances.save()
             return
 
     async def close(self) -> None:

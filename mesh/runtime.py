@@ -36,7 +36,8 @@ from .config import MeshConfig, ServiceConfig
 
 __all__ = [
     "RUN_VARIABLE", "Instance", "ProcessRuntime", "Runtime", "RuntimeUnavailable", "StartFailed",
-    "get_runtime", "group_alive", "instance_count", "instance_label", "pid_alive", "run_processes",
+    "free_ports", "get_runtime", "group_alive", "http_status", "instance_count", "instance_label",
+    "pid_alive", "port_in_use", "process_group_cpu", "run_processes",
 ]
 
 TAIL_LINES = 20
@@ -173,6 +174,40 @@ class Runtime(ABC):
         """One more instance of ``service`` (an autoscaled pool growing), addresses chosen, nothing started."""
         raise NotImplementedError(f"the {self.name} runtime cannot add instances while running")
 
+    # keyed services (`mesh.keyed`): their fronts run in the controller's process
+
+    async def front_host(self) -> str:
+        """Where keyed services' fronts listen: an address of the controller's host that sidecars
+        reach. Whatever that needs (networks) is made now, before any instance starts.
+
+        Raise `NotImplementedError` saying why when this runtime runs no keyed services.
+        """
+        raise NotImplementedError(f"keyed services (instances = {{...}}) run on the process and docker "
+                                  f"runtimes only; not on {self.name}")
+
+    def allow_front(self, port: int) -> None:
+        """Let sidecars reach a keyed service's front on ``port`` of `front_host` (called before any
+        instance starts). Nothing to do, by default."""
+
+    def plan_key(self, service: str, index: int, label: str) -> Instance:
+        """An instance of a keyed service for one key (named ``label``); `replan` gives it addresses."""
+        instance = self.plan_one(service, index)
+        instance.label = label
+        return instance
+
+    def replan(self, instance: Instance) -> None:
+        """Addresses for a new start of a keyed instance that slept (the last ones may be taken by now)."""
+        raise NotImplementedError(f"the {self.name} runtime cannot start keyed instances")
+
+    def reach(self, instance: Instance) -> tuple[str, int]:
+        """Where the controller's host reaches a started instance's mesh listener."""
+        host, port = instance.mesh_address.rsplit(":", 1)
+        return host, int(port)
+
+    async def cpu_seconds(self, instance: Instance) -> float | None:
+        """Cumulative CPU seconds of the instance's app, or None if it cannot be told now."""
+        return None
+
     async def restart_app(self, instance: Instance, registry: Path, timeout: float) -> None:
         """Start the app of an instance again after it exited (its sidecar may still run); return once ready.
 
@@ -202,7 +237,7 @@ class Runtime(ABC):
 
         By default through its admin listener on loopback, with the run's token.
         """
-        return await _http_status(instance.ports["admin"], "/certs/reload", method="POST",
+        return await http_status(instance.ports["admin"], "/certs/reload", method="POST",
                                   headers=self.admin_token.headers()) == 204
 
     async def push_registry(self, instance: Instance, body: bytes) -> bool:
@@ -210,7 +245,7 @@ class Runtime(ABC):
 
         By default ``PUT /registry`` on its admin listener on loopback, with the run's token.
         """
-        return await _http_status(instance.ports["admin"], "/registry", method="PUT", body=body,
+        return await http_status(instance.ports["admin"], "/registry", method="PUT", body=body,
                                   headers=self.admin_token.headers()) == 204
 
     async def check_health(self, instance: Instance, timeout: float) -> bool:
@@ -220,7 +255,7 @@ class Runtime(ABC):
         """
         if not instance.health:
             return True
-        return await _http_status(instance.ports["app"], instance.health, timeout=timeout) == 200
+        return await http_status(instance.ports["app"], instance.health, timeout=timeout) == 200
 
     async def build(self) -> None:
         """Build what instances need before they can start (images). Nothing, by default."""
@@ -295,6 +330,36 @@ def group_alive(pgid: int | None) -> bool:
     return False
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_group_cpu(pgid: int, proc: Path = _PROC) -> float | None:
+    """CPU seconds used by process group ``pgid``: utime+stime(+cutime+cstime) of each member.
+
+    None when no process of the group is left (or there is no /proc).
+    """
+    total = 0
+    found = False
+    try:
+        entries = list(proc.iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # After the command name: state(0) ppid(1) pgrp(2) ... utime(11) stime(12) cutime(13) cstime(14)
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) < 15 or fields[2] != str(pgid):
+            continue
+        found = True
+        total += sum(int(f) for f in fields[11:15])
+    return total / _TICK if found else None
+
+
 def _proc_stats() -> list[tuple[int, list[str]]]:
     """(pid, the fields of /proc/PID/stat after the command name) of every process."""
     found = []
@@ -328,7 +393,7 @@ def run_processes(run_id: str) -> list[int]:
     return found
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """``count`` distinct free loopback ports. All stay bound until all are chosen, so none repeats."""
     sockets = []
     try:
@@ -342,7 +407,7 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _port_in_use(port: int) -> bool:
+def port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -352,7 +417,7 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-async def _http_status(port: int, path: str, timeout: float = 1.0, method: str = "GET",
+async def http_status(port: int, path: str, timeout: float = 1.0, method: str = "GET",
                        body: bytes = b"", headers: dict[str, str] | None = None) -> int | None:
     """Status of ``METHOD path`` (with ``body`` and ``headers``) on 127.0.0.1:port, or None if it does not answer."""
     extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
@@ -506,12 +571,12 @@ class ProcessRuntime(Runtime):
 
     def plan(self) -> list[Instance]:
         for name, service in self.config.services.items():
-            if service.expose is not None and _port_in_use(service.expose):
+            if service.expose is not None and port_in_use(service.expose):
                 raise StartFailed(name, f"cannot expose it on 127.0.0.1:{service.expose}: "
                                   f"the port is in use (services.{name}.expose)")
         counts = {name: instance_count(s) for name, s in self.config.services.items()}
         extra = sum(c - 1 for n, c in counts.items() if self.config.services[n].expose is not None)
-        ports = iter(_free_ports(4 * sum(counts.values()) + extra))
+        ports = iter(free_ports(4 * sum(counts.values()) + extra))
         instances = []
         for name, count in counts.items():
             service = self.config.services[name]
@@ -526,9 +591,23 @@ class ProcessRuntime(Runtime):
     def plan_one(self, service: str, index: int) -> Instance:
         config = self.config.services[service]
         roles = ["app", "mesh", "outbound", "admin"] + (["public"] if config.expose is not None else [])
-        assigned = dict(zip(roles, _free_ports(len(roles)), strict=True))
+        assigned = dict(zip(roles, free_ports(len(roles)), strict=True))
         return Instance(service, index, instance_label(service, config, index, 2), "127.0.0.1",
                         assigned, config.health)
+
+    async def front_host(self) -> str:
+        return "127.0.0.1"
+
+    def plan_key(self, service: str, index: int, label: str) -> Instance:
+        return Instance(service, index, label, "127.0.0.1", {}, self.config.services[service].health)
+
+    def replan(self, instance: Instance) -> None:
+        # Fresh loopback ports for every boot; the front serves `expose`.
+        instance.ports = dict(zip(("app", "mesh", "outbound", "admin"), free_ports(4), strict=True))
+
+    async def cpu_seconds(self, instance: Instance) -> float | None:
+        pgid = instance.details.get("pgids", {}).get("app")
+        return process_group_cpu(pgid) if pgid else None
 
     def _app_env(self, instance: Instance) -> dict[str, str]:
         service = self.config.services[instance.service]
@@ -657,10 +736,10 @@ class ProcessRuntime(Runtime):
                     raise StartFailed(instance.label, f"{who} exited with code {proc.returncode} "
                                       f"before it was ready", [f"{proc.label} | {t}" for t in proc.tail])
             if not ready["sidecar"]:
-                ready["sidecar"] = await _http_status(instance.ports["admin"], "/readyz") == 200
+                ready["sidecar"] = await http_status(instance.ports["admin"], "/readyz") == 200
             if not ready["app"]:
                 if instance.health:
-                    ready["app"] = await _http_status(instance.ports["app"], instance.health) == 200
+                    ready["app"] = await http_status(instance.ports["app"], instance.health) == 200
                 else:
                     ready["app"] = await _port_open(instance.ports["app"])
             if all(ready.values()):

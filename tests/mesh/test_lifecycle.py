@@ -221,7 +221,7 @@ async def test_an_app_that_exits_0_is_not_restarted_and_its_sidecar_stops(
     assert "job: sidecar stopped" in caplog.text
     # `mesh ps` (status) keeps it as exited, not stopped, while the controller runs
     from mesh.controller import status
-    mesh.controller._save()
+    mesh.controller.instances.save()
     listed = {i["label"]: i for i in status(mesh.controller.config)["instances"]}
     assert listed["job"]["state"] == "exited" and listed["web"]["state"] == "running"
     await mesh.stop()
