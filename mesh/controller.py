@@ -65,7 +65,17 @@ from typing import Any, TextIO
 from .admin import AdminToken
 from .config import MeshConfig
 from .instances import InstanceSet
-from .runtime import Instance, Runtime, StartFailed, get_runtime, group_alive, pid_alive, run_processes
+from .runtime import (
+    Instance,
+    Runtime,
+    RuntimeUnavailable,
+    StartFailed,
+    get_runtime,
+    group_alive,
+    pid_alive,
+    run_processes,
+    runtime_class,
+)
 
 __all__ = ["Controller", "Console", "StateDir", "detach", "down", "format_table", "status"]
 
@@ -540,15 +550,10 @@ def detach(config: MeshConfig, runtime: str, timeout: float) -> int:
         print(f"mesh '{config.name}' is already up (controller pid {files.controller_pid()}); "
               f"`mesh down` stops it", file=sys.stderr)
         return 1
-    if runtime == "docker":  # here, so its progress shows, and a first build may outlast the wait below
-        from .docker_runtime import build_images
-        from .images import DockerUnavailable, ImageError
-
-        try:
-            build_images(config)
-        except (DockerUnavailable, ImageError) as exc:
-            print(exc, file=sys.stderr)
-            return 1
+    problem = runtime_class(runtime).prepare_detached(config)  # here, so its progress shows
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
     files.make()
     with open(files.log, "w") as logfile:
         child = subprocess.Popen(
@@ -610,20 +615,16 @@ def status(config: MeshConfig) -> dict[str, Any]:
     state.setdefault("controller", {})["running"] = running
     if not running and state.get("phase") in ("starting", "running", "stopping"):
         state["phase"] = "stopped"
-    if state.get("runtime") == "docker":  # containers, asked of the engine by their labels
-        from .docker_runtime import refresh_status
-
-        refresh_status(config, state)
-        return _without_stale(state)
-    for inst in state.get("instances", []):
-        if running and inst.get("state") == "sleeping":
-            continue  # a keyed instance asleep: no processes, by design
-        if inst.get("state") == "exited":
-            continue  # done on purpose (exit code 0): its processes are gone, by design
-        pids = inst.get("pids", {})
-        if not pids or not all(pid_alive(p) for p in pids.values()):
-            inst["state"] = "stopped"
+    _runtime_of(state).refresh_state(config, state)
     return _without_stale(state)
+
+
+def _runtime_of(state: dict[str, Any]) -> type[Runtime]:
+    """The runtime class of the run that wrote ``state`` (the process runtime's if it names none known)."""
+    try:
+        return runtime_class(state.get("runtime") or "process")
+    except RuntimeUnavailable:
+        return runtime_class("process")
 
 
 def _without_stale(state: dict[str, Any]) -> dict[str, Any]:
@@ -649,15 +650,15 @@ def down(config: MeshConfig, timeout: float = 60.0) -> int:
     files = StateDir(config.state_dir)
     state = files.read_state() or {}
     run_id = state.get("run", "")
+    kind = _runtime_of(state)
     if not files.running():
-        if state.get("runtime") == "docker":
-            removed = _docker_leftovers(config, state)
-            if removed == (0, 0):
-                print(f"mesh '{config.name}' is not running")
-            return 0 if removed is not None else 1
+        removed = kind.remove_leftovers(config)
+        if removed is None:
+            return 1
         leftovers = run_processes(run_id)
         if not leftovers:
-            print(f"mesh '{config.name}' is not running")
+            if removed == (0, 0):
+                print(f"mesh '{config.name}' is not running")
             return 0
         # Its controller died without stopping them (killed with SIGKILL, say).
         print(f"mesh '{config.name}': its controller is gone; stopping {len(leftovers)} "
@@ -683,7 +684,7 @@ def down(config: MeshConfig, timeout: float = 60.0) -> int:
                 and not any(group_alive(g) for g in groups) and not run_processes(run_id))
 
     if _wait(gone, timeout):
-        _docker_leftovers(config, state)
+        kind.remove_leftovers(config)
         print(f"mesh '{config.name}' stopped")
         return 0
     print(f"mesh '{config.name}': not stopped after {timeout:g}s; killing what is left", file=sys.stderr)
@@ -691,18 +692,8 @@ def down(config: MeshConfig, timeout: float = 60.0) -> int:
     for group in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)
-    _docker_leftovers(config, state)
+    kind.remove_leftovers(config)
     return 1
-
-
-def _docker_leftovers(config: MeshConfig, state: dict[str, Any]) -> tuple[int, int] | None:
-    """Docker runtime: stop and remove the mesh's containers and networks, found by their labels
-    (how many of each), also after its controller crashed. None: not docker, or no engine answers."""
-    if state.get("runtime") != "docker":
-        return None
-    from .docker_runtime import sweep
-
-    return sweep(config)
 
 
 def _kill(pids: list[int], sig: int) -> None:

@@ -509,6 +509,26 @@ class DockerRuntime(Runtime):
             for role in ("sidecar", "app")}
         return instance
 
+    # other processes reading the mesh's files
+
+    @classmethod
+    def prepare_detached(cls, config: MeshConfig) -> str | None:
+        """Build what is missing; a first build may outlast `mesh up -d`'s wait for the controller."""
+        try:
+            build_images(config)
+        except (images.DockerUnavailable, images.ImageError) as exc:
+            return str(exc)
+        return None
+
+    @classmethod
+    def refresh_state(cls, config: MeshConfig, state: dict[str, Any]) -> None:
+        """Containers, asked of the engine by their labels (`refresh_status`)."""
+        refresh_status(config, state)
+
+    @classmethod
+    def remove_leftovers(cls, config: MeshConfig) -> tuple[int, int] | None:
+        return sweep(config)
+
     # keyed services: their fronts run in the controller, on the host's side of the mesh network
 
     async def front_host(self) -> str:

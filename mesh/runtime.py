@@ -37,7 +37,7 @@ from .config import MeshConfig, ServiceConfig
 __all__ = [
     "RUN_VARIABLE", "Instance", "ProcessRuntime", "Runtime", "RuntimeUnavailable", "StartFailed",
     "free_ports", "get_runtime", "group_alive", "http_status", "instance_count", "instance_label",
-    "pid_alive", "port_in_use", "process_group_cpu", "run_processes",
+    "pid_alive", "port_in_use", "process_group_cpu", "run_processes", "runtime_class",
 ]
 
 TAIL_LINES = 20
@@ -260,6 +260,39 @@ class Runtime(ABC):
     async def build(self) -> None:
         """Build what instances need before they can start (images). Nothing, by default."""
 
+    # other processes reading a mesh's files: `mesh up -d`, `mesh ps`, `mesh down`
+
+    @classmethod
+    def prepare_detached(cls, config: MeshConfig) -> str | None:
+        """Before `mesh up -d` starts a controller in the background: what takes long or may fail
+        visibly (building images), here so its progress shows. What went wrong, if anything."""
+        return None
+
+    @classmethod
+    def refresh_state(cls, config: MeshConfig, state: dict[str, Any]) -> None:
+        """`mesh ps`: each of state.json's instances checked against what runs.
+
+        By default an instance whose recorded processes are gone is ``stopped``
+        (a sleeping keyed instance while its controller runs, and one that exited
+        on purpose, have none by design).
+        """
+        running = state["controller"]["running"]
+        for inst in state.get("instances", []):
+            if running and inst.get("state") == "sleeping":
+                continue
+            if inst.get("state") == "exited":
+                continue
+            pids = inst.get("pids", {})
+            if not pids or not all(pid_alive(p) for p in pids.values()):
+                inst["state"] = "stopped"
+
+    @classmethod
+    def remove_leftovers(cls, config: MeshConfig) -> tuple[int, int] | None:
+        """`mesh down`'s last step: remove what a run of this mesh holds beyond its processes (found
+        without a controller, so also after one crashed): how many (containers, networks), or None
+        when that cannot be done now (said on stderr). Nothing, by default."""
+        return (0, 0)
+
     async def close(self) -> None:
         """Release what the run holds beyond its instances (networks), once every instance is stopped.
 
@@ -267,16 +300,21 @@ class Runtime(ABC):
         """
 
 
-def get_runtime(name: str, config: MeshConfig, *, output: Output, on_exit: OnExit,
-                run_id: str = "", admin_token: admin.AdminToken | None = None) -> Runtime:
+def runtime_class(name: str) -> type[Runtime]:
     """The runtime called ``name``, or raise `RuntimeUnavailable` saying why not."""
     if name == "process":
-        return ProcessRuntime(config, output=output, on_exit=on_exit, run_id=run_id, admin_token=admin_token)
+        return ProcessRuntime
     if name == "docker":
         from .docker_runtime import DockerRuntime  # here: the process runtime needs no docker SDK
 
-        return DockerRuntime(config, output=output, on_exit=on_exit, run_id=run_id, admin_token=admin_token)
+        return DockerRuntime
     raise RuntimeUnavailable(f"unknown runtime {name!r} (expected 'process' or 'docker')")
+
+
+def get_runtime(name: str, config: MeshConfig, *, output: Output, on_exit: OnExit,
+                run_id: str = "", admin_token: admin.AdminToken | None = None) -> Runtime:
+    """The runtime called ``name`` for one run, or raise `RuntimeUnavailable` saying why not."""
+    return runtime_class(name)(config, output=output, on_exit=on_exit, run_id=run_id, admin_token=admin_token)
 
 
 # Process helpers, also used by `mesh ps`, `mesh down` and the tests.
