@@ -88,10 +88,7 @@ from .runtime import (
     Output,
     Runtime,
     StartFailed,
-    http_status,
-    instance_count,
     instance_label,
-    port_in_use,
 )
 
 if TYPE_CHECKING:
@@ -474,28 +471,6 @@ class DockerRuntime(Runtime):
 
     # planning
 
-    def plan(self) -> list[Instance]:
-        for name, service in self.config.services.items():
-            if service.expose is not None and port_in_use(service.expose):
-                raise StartFailed(name, f"cannot expose it on 127.0.0.1:{service.expose}: "
-                                  f"the port is in use (services.{name}.expose)")
-        instances: list[Instance] = []
-        for name, service in self.config.services.items():
-            count = instance_count(service)
-            for index in range(1, count + 1):
-                ports = {"app": service.port or DEFAULT_APP_PORT, "mesh": MESH_PORT,
-                         "outbound": OUTBOUND_PORT, "admin": 0}
-                if service.expose is not None:
-                    ports["public"] = service.expose if index == 1 else 0
-                label = instance_label(name, service, index, count)
-                host = mesh_alias(self.config.name, name, index)
-                instance = ContainerInstance(name, index, label, host, ports, service.health)
-                instance.details["containers"] = {
-                    role: {"name": container_name(self.config.name, name, index, role), "id": None}
-                    for role in ("sidecar", "app")}
-                instances.append(instance)
-        return instances
-
     def plan_one(self, service: str, index: int) -> Instance:
         """One more instance of a pool (autoscaling); like `plan`, its ports are published when it starts."""
         config = self.config.services[service]
@@ -683,11 +658,7 @@ class DockerRuntime(Runtime):
     def _app_spec(self, instance: Instance, sidecar_id: str) -> dict[str, Any]:
         assert self._images is not None
         service = self.config.services[instance.service]
-        proxy = f"http://127.0.0.1:{OUTBOUND_PORT}"
-        env = {k: str(v) for k, v in service.env.items()}
-        env.update({"PORT": str(instance.ports["app"]), "HTTP_PROXY": proxy, "http_proxy": proxy,
-                    "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-                    "MESH_SERVICE": instance.service, "MESH_INSTANCE": str(instance.index)})
+        env = self.app_environment(instance, OUTBOUND_PORT)
         spec: dict[str, Any] = dict(
             image=self._images.services[instance.service],
             name=instance.details["containers"]["app"]["name"],
@@ -817,41 +788,12 @@ class DockerRuntime(Runtime):
                     await slot.firewall.wait()
 
     async def _wait_ready(self, slot: _Slot, deadline: float, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        instance = slot.instance
-        ready = {"sidecar": False, "app": False}
-        probe: asyncio.Future[tuple[bool, str]] | None = None
-        last = ""
-        try:
-            while True:
-                await self._check_alive(slot)
-                if not ready["sidecar"]:
-                    ready["sidecar"] = await http_status(instance.ports["admin"], "/readyz") == 200
-                if not ready["app"]:
-                    if probe is None:
-                        # In rounds of a few seconds: a round outlives its start if the app dies meanwhile.
-                        left = min(3.0, max(0.5, deadline - loop.time()))
-                        probe = asyncio.ensure_future(self._ask(self._probe, slot, instance.health, left))
-                    elif probe.done():
-                        ready["app"], last = probe.result()
-                        probe = None
-                if all(ready.values()):
-                    return
-                if loop.time() >= deadline:
-                    waiting = [r for r, ok in ready.items() if not ok]
-                    if "app" in waiting:
-                        what = (f"GET {instance.health} answering 200" if instance.health
-                                else "the app listening")
-                        why = f"{what} on port {instance.ports['app']} ($PORT) in its container"
-                        why += f" (last: {last})" if last else ""
-                    else:
-                        why = "its sidecar's /readyz"
-                    tail = [line for role in waiting for line in self.tail(instance, role)]
-                    raise StartFailed(instance.label, f"not ready after {timeout:g}s: waited for {why}", tail)
-                await asyncio.sleep(0.1)
-        finally:
-            if probe is not None:
-                probe.cancel()
+        async def app_ready(wait: float) -> tuple[bool, str]:
+            ready: tuple[bool, str] = await self._ask(self._probe, slot, slot.instance.health, wait)
+            return ready
+
+        await self.wait_ready(slot.instance, deadline, timeout, alive=lambda: self._check_alive(slot),
+                              app_ready=app_ready, where=" in its container", pause=0.1)
 
     def _probe(self, slot: _Slot, path: str | None, wait: float) -> tuple[bool, str]:
         """Whether the app answers (200 on ``path``; a connection without one) within ``wait`` seconds,

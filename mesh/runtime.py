@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -142,13 +142,6 @@ class Runtime(ABC):
         return []
 
     @abstractmethod
-    def plan(self) -> list[Instance]:
-        """Every instance of every service, with its addresses chosen; nothing started.
-
-        Raise `StartFailed` when the mesh cannot start here (a port to expose is taken).
-        """
-
-    @abstractmethod
     async def start_instance(self, instance: Instance, registry: Path, timeout: float) -> None:
         """Start the instance's sidecar and app and return once both are ready.
 
@@ -259,6 +252,93 @@ class Runtime(ABC):
 
     async def build(self) -> None:
         """Build what instances need before they can start (images). Nothing, by default."""
+
+    # shared by the runtimes
+
+    def plan(self) -> list[Instance]:
+        """Every instance of every service, with its addresses chosen; nothing started.
+
+        Raise `StartFailed` when the mesh cannot start here (a port to expose is taken).
+        Built on `plan_one`; the first instance of an exposed service publishes on ``expose``.
+        """
+        for name, service in self.config.services.items():
+            if service.expose is not None and port_in_use(service.expose):
+                raise StartFailed(name, f"cannot expose it on 127.0.0.1:{service.expose}: "
+                                  f"the port is in use (services.{name}.expose)")
+        instances = []
+        for name, service in self.config.services.items():
+            count = instance_count(service)
+            for index in range(1, count + 1):
+                instance = self.plan_one(name, index)
+                instance.label = instance_label(name, service, index, count)
+                if service.expose is not None and index == 1:
+                    instance.ports["public"] = service.expose
+                instances.append(instance)
+        return instances
+
+    def app_environment(self, instance: Instance, outbound: int) -> dict[str, str]:
+        """What every app finds in its environment: the service's ``env``, then ``PORT``,
+        ``HTTP_PROXY`` (its sidecar's outbound listener on loopback port ``outbound``),
+        ``NO_PROXY``, ``MESH_SERVICE`` and ``MESH_INSTANCE``."""
+        service = self.config.services[instance.service]
+        env = {k: str(v) for k, v in service.env.items()}
+        proxy = f"http://127.0.0.1:{outbound}"
+        env.update({
+            "PORT": str(instance.ports["app"]),
+            "HTTP_PROXY": proxy, "http_proxy": proxy,
+            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+            "MESH_SERVICE": instance.service,
+            "MESH_INSTANCE": str(instance.index),
+        })
+        return env
+
+    async def wait_ready(self, instance: Instance, deadline: float, timeout: float, *,
+                         alive: Callable[[], Awaitable[None]],
+                         app_ready: Callable[[float], Awaitable[tuple[bool, str]]],
+                         where: str = "", pause: float = 0.05) -> None:
+        """Return once the instance's sidecar answers ``/readyz`` and its app is ready; raise
+        `StartFailed` at ``deadline`` (event loop time) saying what it waited for, with the output.
+
+        ``alive()`` raises `StartFailed` if a part of the instance exited. ``app_ready(wait)``
+        asks the app once, in at most about ``wait`` seconds: whether it is ready (200 on its
+        ``health`` path; without one, listening) and what it said. It runs beside the loop, in
+        rounds, so an app that dies meanwhile is seen at once. ``where``: said after the app's
+        port in the message.
+        """
+        loop = asyncio.get_running_loop()
+        ready = {"sidecar": False, "app": False}
+        probe: asyncio.Future[tuple[bool, str]] | None = None
+        last = ""
+        try:
+            while True:
+                await alive()
+                if not ready["sidecar"]:
+                    ready["sidecar"] = await http_status(instance.ports["admin"], "/readyz") == 200
+                if not ready["app"]:
+                    if probe is None:
+                        # In rounds of a few seconds: a round outlives its start if the app dies meanwhile.
+                        left = min(3.0, max(0.5, deadline - loop.time()))
+                        probe = asyncio.ensure_future(app_ready(left))
+                    elif probe.done():
+                        ready["app"], last = probe.result()
+                        probe = None
+                if all(ready.values()):
+                    return
+                if loop.time() >= deadline:
+                    waiting = [r for r, ok in ready.items() if not ok]
+                    if "app" in waiting:
+                        what = (f"GET {instance.health} answering 200" if instance.health
+                                else "the app listening")
+                        why = f"{what} on port {instance.ports['app']} ($PORT){where}"
+                        why += f" (last: {last})" if last else ""
+                    else:
+                        why = "its sidecar's /readyz"
+                    tail = [line for role in waiting for line in self.tail(instance, role)]
+                    raise StartFailed(instance.label, f"not ready after {timeout:g}s: waited for {why}", tail)
+                await asyncio.sleep(pause)
+        finally:
+            if probe is not None:
+                probe.cancel()
 
     # other processes reading a mesh's files: `mesh up -d`, `mesh ps`, `mesh down`
 
@@ -431,15 +511,21 @@ def run_processes(run_id: str) -> list[int]:
     return found
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports. All stay bound until all are chosen, so none repeats."""
+def free_ports(count: int, avoid: Iterable[int] = ()) -> list[int]:
+    """``count`` distinct free loopback ports, none of ``avoid``. All stay bound until all are
+    chosen, so none repeats."""
     sockets = []
+    avoided = set(avoid)
+    chosen: list[int] = []
     try:
-        for _ in range(count):
+        while len(chosen) < count:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind(("127.0.0.1", 0))
             sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
+            port = sock.getsockname()[1]
+            if port not in avoided:
+                chosen.append(port)
+        return chosen
     finally:
         for sock in sockets:
             sock.close()
@@ -598,6 +684,7 @@ class ProcessRuntime(Runtime):
         self._stopped: set[str] = set()
         self._spawning: set[asyncio.Future[None]] = set()
         self._tasks: set[asyncio.Future[None]] = set()
+        self._planned: set[int] = set()  # loopback ports given to instances
 
     def problems(self) -> list[str]:
         found = []
@@ -607,29 +694,12 @@ class ProcessRuntime(Runtime):
                              f"(it has only 'build'/'image': use --runtime docker)")
         return found
 
-    def plan(self) -> list[Instance]:
-        for name, service in self.config.services.items():
-            if service.expose is not None and port_in_use(service.expose):
-                raise StartFailed(name, f"cannot expose it on 127.0.0.1:{service.expose}: "
-                                  f"the port is in use (services.{name}.expose)")
-        counts = {name: instance_count(s) for name, s in self.config.services.items()}
-        extra = sum(c - 1 for n, c in counts.items() if self.config.services[n].expose is not None)
-        ports = iter(free_ports(4 * sum(counts.values()) + extra))
-        instances = []
-        for name, count in counts.items():
-            service = self.config.services[name]
-            for index in range(1, count + 1):
-                assigned = {role: next(ports) for role in ("app", "mesh", "outbound", "admin")}
-                if service.expose is not None:
-                    assigned["public"] = service.expose if index == 1 else next(ports)
-                label = instance_label(name, service, index, count)
-                instances.append(Instance(name, index, label, "127.0.0.1", assigned, service.health))
-        return instances
-
     def plan_one(self, service: str, index: int) -> Instance:
         config = self.config.services[service]
         roles = ["app", "mesh", "outbound", "admin"] + (["public"] if config.expose is not None else [])
-        assigned = dict(zip(roles, free_ports(len(roles)), strict=True))
+        ports = free_ports(len(roles), avoid=self._planned)  # none given to another instance
+        self._planned.update(ports)
+        assigned = dict(zip(roles, ports, strict=True))
         return Instance(service, index, instance_label(service, config, index, 2), "127.0.0.1",
                         assigned, config.health)
 
@@ -642,27 +712,19 @@ class ProcessRuntime(Runtime):
     def replan(self, instance: Instance) -> None:
         # Fresh loopback ports for every boot; the front serves `expose`.
         instance.ports = dict(zip(("app", "mesh", "outbound", "admin"), free_ports(4), strict=True))
+        self._planned.update(instance.ports.values())
 
     async def cpu_seconds(self, instance: Instance) -> float | None:
         pgid = instance.details.get("pgids", {}).get("app")
         return process_group_cpu(pgid) if pgid else None
 
     def _app_env(self, instance: Instance) -> dict[str, str]:
-        service = self.config.services[instance.service]
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(self._shims()), str(Path(sys.executable).parent),
                                        env.get("PATH", os.defpath)])
         env.setdefault("PYTHONUNBUFFERED", "1")  # app output is piped; show it as it happens
-        env.update({k: str(v) for k, v in service.env.items()})
-        proxy = f"http://127.0.0.1:{instance.ports['outbound']}"
-        env.update({
-            "PORT": str(instance.ports["app"]),
-            "HTTP_PROXY": proxy, "http_proxy": proxy,
-            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-            "MESH_SERVICE": instance.service,
-            "MESH_INSTANCE": str(instance.index),
-            RUN_VARIABLE: self.run_id,
-        })
+        env.update(self.app_environment(instance, instance.ports["outbound"]))
+        env[RUN_VARIABLE] = self.run_id
         # An app of this mesh never proxies HTTPS through the sidecar.
         for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
             env.pop(key, None)
@@ -763,36 +825,21 @@ class ProcessRuntime(Runtime):
         await asyncio.shield(task)
 
     async def _wait_ready(self, instance: Instance, procs: dict[str, _Process], timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        ready = {"sidecar": False, "app": False}
-        while True:
+        async def alive() -> None:
             for role, proc in procs.items():
                 if proc.returncode is not None:
                     await proc.drained()
                     who = "the app" if role == "app" else "its sidecar"
                     raise StartFailed(instance.label, f"{who} exited with code {proc.returncode} "
                                       f"before it was ready", [f"{proc.label} | {t}" for t in proc.tail])
-            if not ready["sidecar"]:
-                ready["sidecar"] = await http_status(instance.ports["admin"], "/readyz") == 200
-            if not ready["app"]:
-                if instance.health:
-                    ready["app"] = await http_status(instance.ports["app"], instance.health) == 200
-                else:
-                    ready["app"] = await _port_open(instance.ports["app"])
-            if all(ready.values()):
-                return
-            if loop.time() >= deadline:
-                waiting = [r for r, ok in ready.items() if not ok]
-                if "app" in waiting:
-                    what = (f"GET {instance.health} answering 200" if instance.health
-                            else "the app listening")
-                    why = f"{what} on port {instance.ports['app']} ($PORT)"
-                else:
-                    why = "its sidecar's /readyz"
-                tail = [f"{p.label} | {t}" for r, p in procs.items() if r in waiting for t in p.tail]
-                raise StartFailed(instance.label, f"not ready after {timeout:g}s: waited for {why}", tail)
-            await asyncio.sleep(0.05)
+
+        async def app_ready(wait: float) -> tuple[bool, str]:
+            if instance.health:
+                return await http_status(instance.ports["app"], instance.health) == 200, ""
+            return await _port_open(instance.ports["app"]), ""
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        await self.wait_ready(instance, deadline, timeout, alive=lambda: alive(), app_ready=app_ready)
 
     async def _watch(self, instance: Instance, role: str, proc: _Process) -> None:
         # Not proc.wait(): it also waits for the output pipe to close, which a child of a
