@@ -290,13 +290,21 @@ def _inside(path: Path, root: Path) -> bool:
 
 # --- the runtime ----------------------------------------------------------------------------------
 
+@dataclass
 class ContainerInstance(Instance):
     """An `Instance` whose mesh listener is on the mesh network, by its alias there (`mesh_alias`).
 
     ``ports``: ``app`` and ``outbound`` inside the instance's namespace, ``mesh``
     on the mesh network, ``admin`` and ``public`` on the host's 127.0.0.1 (0 until
-    published).
+    published). ``containers``: role -> its container's ``name`` and ``id`` (None until
+    created); ``mesh_ip``: its IP on the mesh network once started.
     """
+
+    containers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mesh_ip: str | None = None
+
+    def state_fields(self) -> dict[str, Any]:
+        return {**super().state_fields(), "containers": self.containers}
 
     def addresses(self) -> dict[str, str]:
         found = {"app": f"127.0.0.1:{self.ports['app']}", "mesh": self.mesh_address,
@@ -306,11 +314,18 @@ class ContainerInstance(Instance):
         return found
 
 
+def _containers(instance: Instance) -> ContainerInstance:
+    """``instance`` as this runtime planned it."""
+    if not isinstance(instance, ContainerInstance):
+        raise TypeError(f"{instance.label} was not planned by the docker runtime")
+    return instance
+
+
 @dataclass
 class _Slot:
     """What runs for one instance: container ids by role, their output, what happened to them."""
 
-    instance: Instance
+    instance: ContainerInstance
     ids: dict[str, str] = field(default_factory=dict)
     tails: dict[str, collections.deque[str]] = field(default_factory=dict)
     firewall: asyncio.Event = field(default_factory=asyncio.Event)
@@ -418,7 +433,7 @@ class DockerRuntime(Runtime):
             labels.update({LABEL_SERVICE: instance.service, LABEL_INSTANCE: str(instance.index)})
         if role:
             labels[LABEL_ROLE] = role
-        if instance is not None and "key" in instance.details:
+        if instance is not None and instance.key is not None:
             labels[LABEL_KEY] = instance.label
         return labels
 
@@ -479,7 +494,7 @@ class DockerRuntime(Runtime):
             ports["public"] = 0
         instance = ContainerInstance(service, index, instance_label(service, config, index, 2),
                                      mesh_alias(self.config.name, service, index), ports, config.health)
-        instance.details["containers"] = {
+        instance.containers = {
             role: {"name": container_name(self.config.name, service, index, role), "id": None}
             for role in ("sidecar", "app")}
         return instance
@@ -517,11 +532,12 @@ class DockerRuntime(Runtime):
         self.front_ports.append(port)
 
     def replan(self, instance: Instance) -> None:
+        instance = _containers(instance)
         # The front serves `expose`; the admin port is published anew at every start.
         instance.ports.pop("public", None)
         instance.ports["admin"] = 0
-        instance.details.pop("mesh_ip", None)
-        for container in instance.details["containers"].values():
+        instance.mesh_ip = None
+        for container in instance.containers.values():
             container["id"] = None
 
     async def cpu_seconds(self, instance: Instance) -> float | None:
@@ -533,7 +549,7 @@ class DockerRuntime(Runtime):
             return None
 
     def _cpu(self, instance: Instance) -> float | None:
-        container = instance.details.get("containers", {}).get("app", {}).get("id")
+        container = _containers(instance).containers.get("app", {}).get("id")
         if not container:
             return None
         api = self.client().api
@@ -547,7 +563,7 @@ class DockerRuntime(Runtime):
     def reach(self, instance: Instance) -> tuple[str, int]:
         """Where the host reaches a started instance's mesh listener: its IP on the mesh network
         (its alias resolves only inside the network)."""
-        ip = instance.details.get("mesh_ip")
+        ip = _containers(instance).mesh_ip
         if not ip:
             raise StartFailed(instance.label, "its IP on the mesh network is not known")
         return str(ip), MESH_PORT
@@ -609,7 +625,7 @@ class DockerRuntime(Runtime):
             gateway = ipam[0].get("Gateway") or str(next(ipaddress.ip_network(subnet).hosts()))
             self._networks[role] = _Network(network.id, name, subnet, gateway.split("/")[0])
 
-    def _sidecar_spec(self, instance: Instance, registry: Path) -> dict[str, Any]:
+    def _sidecar_spec(self, instance: ContainerInstance, registry: Path) -> dict[str, Any]:
         from docker.types import Mount
 
         assert self._images is not None
@@ -637,7 +653,7 @@ class DockerRuntime(Runtime):
             image=self._images.base,
             entrypoint=["sh", "-c", _ENTRYPOINT, "mesh-firewall"],
             command=command,
-            name=instance.details["containers"]["sidecar"]["name"],
+            name=instance.containers["sidecar"]["name"],
             labels=self._labels(instance, "sidecar"),
             environment={"MESH_FIREWALL": v4, "MESH_FIREWALL6": v6, "PYTHONUNBUFFERED": "1"},
             network=mesh.id,
@@ -655,13 +671,13 @@ class DockerRuntime(Runtime):
             detach=True,
         )
 
-    def _app_spec(self, instance: Instance, sidecar_id: str) -> dict[str, Any]:
+    def _app_spec(self, instance: ContainerInstance, sidecar_id: str) -> dict[str, Any]:
         assert self._images is not None
         service = self.config.services[instance.service]
         env = self.app_environment(instance, OUTBOUND_PORT)
         spec: dict[str, Any] = dict(
             image=self._images.services[instance.service],
-            name=instance.details["containers"]["app"]["name"],
+            name=instance.containers["app"]["name"],
             labels=self._labels(instance, "app"),
             environment=env,
             network_mode=f"container:{sidecar_id}",
@@ -691,7 +707,7 @@ class DockerRuntime(Runtime):
             raise StartFailed(label, f"cannot create its {role} container: {reason}") from None
         # Recorded here, on the thread: even a start cancelled meanwhile leaves it known.
         slot.ids[role] = container.id
-        slot.instance.details["containers"][role]["id"] = container.id
+        slot.instance.containers[role]["id"] = container.id
         return str(container.id)
 
     def _start(self, slot: _Slot, role: str, follow: Callable[[str], None],
@@ -720,15 +736,15 @@ class DockerRuntime(Runtime):
         await self._prepare()
         deadline = loop.time() + timeout
         self._stopping.discard(instance.label)  # started again (a restart)
-        slot = self._slots[instance.label] = _Slot(instance)
-        sidecar_id = await self._call(self._create, slot, "sidecar", self._sidecar_spec(instance, registry))
+        slot = self._slots[instance.label] = _Slot(_containers(instance))
+        sidecar_id = await self._call(self._create, slot, "sidecar", self._sidecar_spec(slot.instance, registry))
         # Connected before it starts: its published ports go out through this network.
         await self._call(self._connect, sidecar_id, self._networks["edge"].id)
         await self._call(self._start, slot, "sidecar", lambda t: self._line(slot, "sidecar", t), loop)
         # The app starts only once the firewall is in: never a moment with its port open.
         await self._until(slot, deadline, timeout, lambda: slot.firewall.is_set(), "its firewall")
         await self._call(self._published, slot)
-        await self._call(self._create, slot, "app", self._app_spec(instance, sidecar_id))
+        await self._call(self._create, slot, "app", self._app_spec(slot.instance, sidecar_id))
         await self._call(self._start, slot, "app", lambda t: self._line(slot, "app", t), loop)
         await self._wait_ready(slot, deadline, timeout)
         self._ready.add(instance.label)
@@ -738,12 +754,12 @@ class DockerRuntime(Runtime):
 
     def _published(self, slot: _Slot) -> None:
         """Read the host ports Docker chose for the admin (and public) listener, and the sidecar's IP
-        on the mesh network (``details["mesh_ip"]``)."""
+        on the mesh network (``mesh_ip``)."""
         attrs = self.client().api.inspect_container(slot.ids["sidecar"])
         bindings = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
         networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
         mesh = networks.get(self._networks["mesh"].name) or {}
-        slot.instance.details["mesh_ip"] = mesh.get("IPAddress") or None
+        slot.instance.mesh_ip = mesh.get("IPAddress") or None
         for role, port in (("admin", ADMIN_PORT), ("public", PUBLIC_PORT)):
             if role in slot.instance.ports:
                 found = bindings.get(f"{port}/tcp") or []

@@ -361,7 +361,7 @@ class KeyedServices:
     the service's own (so its instances' sidecars trust the ``x-mesh-peer``
     it names); the registry lists the service at the front's address. The
     front's ``start(key)`` plans an instance for the key (label
-    `key_label`, ``details["key"]``), issues its certificate and starts it
+    `key_label`, ``instance.key``), issues its certificate and starts it
     through the controller, so it is in ``controller.instances`` (state.json,
     certificate renewal, registry pushes, stopping at the end) like any
     other; ``stop(key)`` stops it and the key is remembered as sleeping.
@@ -430,19 +430,18 @@ class KeyedServices:
     def _plan_one(self, service: str, key: str) -> Any:
         label = key_label(service, key)
         instance = self.keyed.get(label)
-        if instance is not None and instance.details.get("key") != key:
+        if instance is not None and instance.key != key:
             raise UpstreamError(503, f"two keys of '{service}' share the label {label}")
         runtime = self.controller.runtime
         if instance is None:
             index = self._serial[service] = self._serial.get(service, 0) + 1
             # Named as the runtime names instances (by index); the label by key.
             instance = runtime.plan_key(service, index, label)
-            instance.details["key"] = key
+            instance.key = key
             self.keyed[label] = instance
             self.controller.instances.add(instance)
         runtime.replan(instance)  # the last addresses may be taken by now
-        for what in ("pids", "pgids"):
-            instance.details.pop(what, None)
+        instance.forget_processes()
         return instance
 
     def _starter(self, service: str) -> StartInstance:
@@ -487,8 +486,7 @@ class KeyedServices:
                 return
             await self.controller.instances.stop(instance)
             self.states[instance.label] = "sleeping"
-            for what in ("pids", "pgids"):  # gone: never signal a pid that may be reused
-                instance.details.pop(what, None)
+            instance.forget_processes()
             self.controller.instances.save()
 
         return stop
@@ -507,7 +505,7 @@ class KeyedServices:
         """Extra fields of a keyed instance in state.json: its ``key``, and its state."""
         if instance.label not in self.keyed:
             return {}
-        found = {"key": instance.details.get("key")}
+        found = {"key": instance.key}
         state = self.states.get(instance.label)
         if state in ("starting", "sleeping", "stopped"):
             found["state"] = state

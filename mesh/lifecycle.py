@@ -28,7 +28,8 @@ the defaults, and subclassing it is the easy way::
             ...
 
 ``instance`` is the runtime's `mesh.runtime.Instance` (``service``,
-``index``, ``label``, ``ports``, ``details`` with pids or container ids).
+``index``, ``label``, ``ports``, ``key`` for a keyed instance, ``pids`` on
+the process runtime, ``containers`` on docker).
 A hook runs as its own task, bounded by `HOOK_TIMEOUT`; one that raises or
 hangs is logged and changes nothing else: the mesh keeps running.
 

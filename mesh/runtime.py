@@ -74,6 +74,9 @@ class Instance:
     ``mesh``, ``outbound``, ``admin`` and, when exposed, ``public``. ``tls``
     is the folder of its certificate (``cert.pem``, ``key.pem``, ``ca.pem``)
     for mutual TLS between sidecars; None runs its mesh listener on plain HTTP.
+    ``key``: the key a keyed service's instance serves (`mesh.keyed`). ``pids`` and
+    ``pgids``: role (``sidecar``, ``app``) -> the process (group) running it, while
+    it runs on this machine.
     """
 
     service: str
@@ -83,7 +86,9 @@ class Instance:
     ports: dict[str, int]
     health: str | None = None
     tls: Path | None = None
-    details: dict[str, Any] = field(default_factory=dict)  # runtime-specific: pids, container ids
+    key: str | None = None
+    pids: dict[str, int] = field(default_factory=dict)
+    pgids: dict[str, int] = field(default_factory=dict)
 
     @property
     def mesh_address(self) -> str:
@@ -96,6 +101,15 @@ class Instance:
     def public_url(self) -> str | None:
         port = self.ports.get("public")
         return f"http://127.0.0.1:{port}" if port else None
+
+    def state_fields(self) -> dict[str, Any]:
+        """What state.json shows of it beyond addresses: its pids and process groups, by role."""
+        return {"pids": dict(self.pids), "pgids": dict(self.pgids)}
+
+    def forget_processes(self) -> None:
+        """It stopped: never signal a pid that may since be reused."""
+        self.pids.clear()
+        self.pgids.clear()
 
 
 def instance_count(service: ServiceConfig) -> int:
@@ -715,7 +729,7 @@ class ProcessRuntime(Runtime):
         self._planned.update(instance.ports.values())
 
     async def cpu_seconds(self, instance: Instance) -> float | None:
-        pgid = instance.details.get("pgids", {}).get("app")
+        pgid = instance.pgids.get("app")
         return process_group_cpu(pgid) if pgid else None
 
     def _app_env(self, instance: Instance) -> dict[str, str]:
@@ -814,8 +828,8 @@ class ProcessRuntime(Runtime):
             except OSError as exc:
                 raise StartFailed(instance.label, f"cannot start {label}: {exc}") from exc
             self._procs.setdefault(instance.label, {})[role] = proc
-            instance.details.setdefault("pids", {})[role] = proc.pid
-            instance.details.setdefault("pgids", {})[role] = proc.pgid
+            instance.pids[role] = proc.pid
+            instance.pgids[role] = proc.pgid
 
         # Shielded and tracked: a start cancelled mid-spawn still records the
         # process it created, so stopping finds it.

@@ -249,7 +249,7 @@ port = 9000
         assert "public" not in api.ports
         assert api.addresses() == {"app": "127.0.0.1:9000", "mesh": "api-1.shop:15001",
                                    "outbound": "127.0.0.1:15002"}  # admin: once published
-        assert api.details["containers"] == {"sidecar": {"name": "mesh-shop-api-1", "id": None},
+        assert api.containers == {"sidecar": {"name": "mesh-shop-api-1", "id": None},
                                              "app": {"name": "mesh-shop-api-1-app", "id": None}}
         with pytest.raises(StartFailed, match="the port is in use"):
             _runtime(tmp_path, toml.format(expose=busy.getsockname()[1])).plan()
