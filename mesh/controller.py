@@ -29,6 +29,12 @@ each state checked against live pids and ``controller.running`` added::
                     "public": "http://127.0.0.1:8080" | null,
                     "pids": {"sidecar": 124, "app": 125}, "pgids": {...}}]}
 
+Instances: ``controller.instances`` is a `mesh.instances.InstanceSet`, the one
+API through which the controller, its autoscaler (`mesh.autoscale`), keyed
+services (`mesh.keyed`) and supervisor (`mesh.lifecycle`) add, start,
+restart, stop and remove instances, issue certificates and save state. What
+differs between runtimes is a method of `mesh.runtime.Runtime`.
+
 Discovery: the controller keeps the registry (service -> mesh addresses of
 its instances in rotation: running, and passing health checks if the
 service has a ``health`` path) and pushes it to every running sidecar
@@ -195,6 +201,7 @@ class Controller:
         self.run_id = secrets.token_hex(8)
         # Written once this controller holds the mesh's lock (`run`), before any sidecar starts.
         self.admin_token = AdminToken.new(self.files.path)
+        self.runtime_name = runtime  # in state.json, for `mesh ps` and `mesh down`
         self.runtime: Runtime = get_runtime(runtime, config, output=self.console.line,
                                             on_exit=self._exited, run_id=self.run_id,
                                             admin_token=self.admin_token)
@@ -226,7 +233,7 @@ class Controller:
         return {
             "mesh": self.config.name,
             "config": str(self.config.path),
-            "runtime": self.runtime.name,
+            "runtime": self.runtime_name,
             "phase": self.phase,
             "error": self.error,
             "controller": {"pid": os.getpid()},
@@ -353,14 +360,11 @@ class Controller:
 
     async def _rotate_ca_now(self) -> str | None:
         """Rotate; what went wrong, if anything."""
-        from .identity import rotate_ca
-
         fronts = {f"{name} (front)": front for name, front in self.keyed.fronts.items()}
         # Every instance's files, running or not: one that starts later reads them then.
         known = {inst.label: inst for inst in self.instances if inst.tls is not None}
-        targets = {label: (inst.service, inst.tls) for label, inst in known.items() if inst.tls is not None}
-        targets.update({label: (front.service, front.identity.folder)
-                        for label, front in fronts.items() if front.identity is not None})
+        front_files = {label: (front.service, front.identity.folder)
+                       for label, front in fronts.items() if front.identity is not None}
         missed: set[str] = set()
 
         async def reload(label: str) -> None:
@@ -371,9 +375,9 @@ class Controller:
                     log.warning("%s: its sidecar did not reload during the CA rotation", label)
                     missed.add(label)
 
-        log.info("rotating the mesh CA: %d sidecars and fronts trust the new CA first", len(targets))
+        log.info("rotating the mesh CA: %d sidecars and fronts trust the new CA first", len(known) + len(front_files))
         try:
-            await rotate_ca(self.files.path / "ca", self.config.name, targets, self.cert_lifetime, reload)
+            await self.instances.rotate_ca(front_files, reload)
         except OSError as exc:
             log.error("rotating the mesh CA failed: %s", exc)
             return f"rotating the mesh CA failed: {exc}"
@@ -443,7 +447,7 @@ class Controller:
                 self._started = True
                 self.registry_changed()
                 self._save()
-                print(f"mesh '{self.config.name}' is up ({self.runtime.name} runtime):\n"
+                print(f"mesh '{self.config.name}' is up ({self.runtime_name} runtime):\n"
                       f"{format_table(self.state()['instances'])}", flush=True)
                 renewing = asyncio.ensure_future(self._renew_every(self.cert_lifetime / 2))
                 self.autoscaler.start()

@@ -31,10 +31,10 @@ Per mesh, two networks, both labelled and made by the first instance to start:
   namespace firewall refuses new connections out of it anyway.
 
 Keyed services (`mesh.keyed`): the controller runs each one's front on the
-mesh network's gateway IP (the host's side of the bridge; `prepare` makes the
-networks before any instance starts), the registry lists it there, and the
+mesh network's gateway IP (the host's side of the bridge; `front_host` makes
+the networks before any instance starts), the registry lists it there, and the
 firewall lets sidecars out to the gateway on the fronts' ports only
-(``front_ports``); the front reaches a key's instance at its IP on the mesh
+(`allow_front`); the front reaches a key's instance at its IP on the mesh
 network (`reach`), which the mesh listener takes since the gateway is in the subnet.
 
 The admin listener stays on the namespace's loopback; the firewall forwards

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,17 @@ class InstanceSet:
         folder = self.state_dir / "certs" / label
         ca.write_instance(folder, service, self.cert_lifetime)
         return folder
+
+    async def rotate_ca(self, fronts: dict[str, tuple[str, Path]],
+                        reload: Callable[[str], Awaitable[None]]) -> None:
+        """A new mesh CA for every instance with certificate files and each of ``fronts`` (label ->
+        (service, folder)): trusted everywhere first, then issuing every certificate, then the only
+        one trusted; ``reload(label)`` after each step (`mesh.identity.rotate_ca`). Raises `OSError`."""
+        from .identity import rotate_ca
+
+        targets = {inst.label: (inst.service, inst.tls) for inst in self._items if inst.tls is not None}
+        targets.update(fronts)
+        await rotate_ca(self.state_dir / "ca", self.config.name, targets, self.cert_lifetime, reload)
 
     def issue(self, *instances: Instance) -> None:
         """A fresh certificate for each of ``instances`` (``instance.tls``)."""

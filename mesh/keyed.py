@@ -46,6 +46,7 @@ from .upstream import Endpoint, Pool
 
 if TYPE_CHECKING:
     from .controller import Controller
+    from .runtime import Instance
 
 __all__ = ["KeyedFront", "KeyedServices", "key_label", "key_of"]
 
@@ -381,7 +382,7 @@ class KeyedServices:
         self.config: MeshConfig = controller.config
         self.services = [n for n, s in self.config.services.items() if s.instances is not None]
         self.fronts: dict[str, KeyedFront] = {}
-        self.keyed: dict[str, Any] = {}  # label -> its Instance
+        self.keyed: dict[str, Instance] = {}  # label -> its instance
         self.states: dict[str, str] = {}  # label -> starting | running | sleeping | stopped
         self._serial: dict[str, int] = {}
 
@@ -390,7 +391,7 @@ class KeyedServices:
 
     # planning and starting
 
-    async def plan(self, planned: list[Any]) -> list[Any]:
+    async def plan(self, planned: list[Instance]) -> list[Instance]:
         """The runtime's plan without keyed services' instances; their fronts started."""
         if not self.services:
             return planned
@@ -427,7 +428,7 @@ class KeyedServices:
             self.controller.instances.certificate(f"{name}.front", name)
             await front.reload_certificates()
 
-    def _plan_one(self, service: str, key: str) -> Any:
+    def _plan_one(self, service: str, key: str) -> Instance:
         label = key_label(service, key)
         instance = self.keyed.get(label)
         if instance is not None and instance.key != key:
@@ -501,7 +502,7 @@ class KeyedServices:
 
     # what `mesh ps` shows
 
-    def describe(self, instance: Any) -> dict[str, Any]:
+    def describe(self, instance: Instance) -> dict[str, Any]:
         """Extra fields of a keyed instance in state.json: its ``key``, and its state."""
         if instance.label not in self.keyed:
             return {}
