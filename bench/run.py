@@ -225,8 +225,7 @@ plugins = [{stamps}]
 [services.gateway]
 command = "true"
 plugins = [
-  {{ use = "jwt", jwks = "keys/jwks.json", issuer = "https://id.example", audience = "shop",
-     forward_claims = {{ sub = "x-user" }} }},
+  {{ use = "jwt", jwks = "keys/jwks.json", issuer = "https://id.example", audience = "shop", forward_claims = {{ sub = "x-user" }} }},
   {{ use = "ratelimit", limit = "100000000/second", key = "claim:sub" }},
   {{ use = "cache", ttl = "10s" }},
   {{ use = "router", rules = [ {{ path = "/*", set_headers = {{ x-routed = "1" }} }} ] }},
