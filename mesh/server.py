@@ -8,7 +8,7 @@ bodies with flow control both ways. Requests on a connection are served one
 at a time and in order (keep-alive, pipelining). A WebSocket handshake is
 checked here; once the handler's upstream answered it with a 101, the 101
 goes to the client and the two connections become one byte tunnel
-(`mesh.upstream.Tunnel`). Interim responses (103 Early Hints, ...) that
+(`mesh.websocket.Tunnel`). Interim responses (103 Early Hints, ...) that
 arrive before the final one are written to HTTP/1.1 clients as they come.
 
 Limits that keep a slow or hostile client from holding a connection
@@ -34,7 +34,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from email.utils import formatdate
 from typing import Any
 
 from aiohttp import http_parser
@@ -43,6 +42,7 @@ from multidict import CIMultiDict
 from . import websocket
 from .chain import short_error
 from .errors import ClientTimeout
+from .framing import HIGH_WATER, LOW_WATER, NO_BODY_STATUS, date_line, encode_head
 from .messages import Request, Response, new_request_id
 from .paths import BadPath, split_target
 
@@ -58,8 +58,6 @@ log = logging.getLogger("mesh.server")
 # The handler gets the Request and the connection (whose ``.transport`` gives the peer certificate).
 RequestHandler = Callable[[Request, Any], Awaitable[Response]]
 
-_HIGH_WATER = 256 * 1024  # buffered request body (or WebSocket input) above which reading pauses
-_LOW_WATER = 64 * 1024  # ... and below which it resumes
 _INLINE_BODY = 64 * 1024  # response bodies up to this size go out in the same write as the head
 _LINGER = 2.0  # seconds to read and drop what a client still sends after the response that ends it
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -73,7 +71,6 @@ _SINGLETONS = ("Host", "Content-Length", "Transfer-Encoding", "Content-Type", "C
                "Content-Range", "ETag", "Max-Forwards", "Server", "User-Agent")
 # A 101's headers the listener writes itself; the app's subprotocol and extensions pass as they are.
 _WS_OWN = frozenset({"content-length", "transfer-encoding", "connection", "upgrade", "sec-websocket-accept"})
-_NO_BODY_STATUS = frozenset({204, 304})
 _SCHEMES = frozenset({"http", "https", "ws", "wss"})
 _UNDERSCORE = ord("_")  # `int in bytes` is a memchr; `b"_" in bytes` first fails to read b"_" as an int
 # RFC 3986 §3.2.2-3: an IP-literal or a reg-name (unreserved, %-escapes, sub-delims), then an optional
@@ -138,35 +135,6 @@ class _Refused(Exception):
 
 
 
-# Date header: formatting it costs more than a whole head, so once a second.
-_date_second = 0
-_date_line = ""
-
-
-def _date() -> str:
-    global _date_second, _date_line
-    now = int(time.time())
-    if now != _date_second:
-        _date_second = now
-        _date_line = "Date: " + formatdate(now, usegmt=True)
-    return _date_line
-
-
-def _encode_head(status: int, reason: str, items: Any, extra: list[str]) -> bytes:
-    """A response head: the status line, ``items`` (name, value) as given, then our ``extra`` lines."""
-    head = f"HTTP/1.1 {status} {reason}\r\n"
-    if items:
-        head += "\r\n".join(map(": ".join, items)) + "\r\n"
-    if extra:
-        head += "\r\n".join(extra) + "\r\n"
-    lines = 1 + len(items) + len(extra)
-    # SECURITY: a CR or LF inside a reason, name or value would split the response (header injection).
-    if head.count("\n") != lines or head.count("\r") != lines or "\x00" in head:
-        raise ValueError("a response header or reason holds CR, LF or NUL")
-    # Values came from our parsers as UTF-8 with surrogate escapes: send the original bytes.
-    return (head + "\r\n").encode("utf-8", "surrogateescape")
-
-
 class _Exchange:
     """One request on a connection, from its parsed head to the end of its response."""
 
@@ -221,7 +189,7 @@ class _RequestBody:
         self._waiter: asyncio.Future[None] | None = None
         self.received = 0  # bytes in all
         self.waited = 0.0  # seconds spent waiting for the client
-        self.high_water = _HIGH_WATER
+        self.high_water = HIGH_WATER
         self.slow = False  # the current wait is bounded by the minimum rate, not the body timeout
 
     def __aiter__(self) -> _RequestBody:
@@ -233,7 +201,7 @@ class _RequestBody:
             if self.chunks:
                 chunk = self.chunks.popleft()
                 self.buffered -= len(chunk)
-                if conn.reading_paused and self.buffered <= _LOW_WATER:
+                if conn.reading_paused and self.buffered <= LOW_WATER:
                     conn.maybe_resume()
                 return chunk
             if self.error is not None:
@@ -247,7 +215,7 @@ class _RequestBody:
 
         What was read stays queued for the iterator when the body turns out larger.
         """
-        self.high_water = max(_HIGH_WATER, limit + 1)  # read on while it may still fit
+        self.high_water = max(HIGH_WATER, limit + 1)  # read on while it may still fit
         try:
             while True:
                 if self.error is not None:
@@ -258,7 +226,7 @@ class _RequestBody:
                     break
                 await self._wait()
         finally:
-            self.high_water = _HIGH_WATER
+            self.high_water = HIGH_WATER
         data = b"".join(self.chunks)
         self.chunks.clear()
         self.buffered = 0
@@ -410,7 +378,7 @@ class _Connection(asyncio.Protocol):
         if buffer is not None:
             # After a WebSocket handshake, until the tunnel takes over this connection (or it is refused).
             buffer += data
-            if len(buffer) > _HIGH_WATER:
+            if len(buffer) > HIGH_WATER:
                 self._pause()
             return
         parser = self.parser
@@ -761,7 +729,7 @@ class _Connection(asyncio.Protocol):
         if not self.handling or self.closed:
             return  # the final response is on its way: too late for a hint
         try:
-            head = _encode_head(status, reason, headers, [])
+            head = encode_head(f"HTTP/1.1 {status} {reason}", headers)
         except ValueError as exc:
             log.warning("%s listener: dropped an interim %d response: %s", self.listener.name, status, exc)
             return
@@ -789,7 +757,7 @@ class _Connection(asyncio.Protocol):
         body_in = exchange.body
         keep = (exchange.keep_alive and status != 408 and not self.listener.stopping
                 and (body_in is None or body_in.complete) and exchange.websocket_key is None)
-        no_body = exchange.method == "HEAD" or status in _NO_BODY_STATUS
+        no_body = exchange.method == "HEAD" or status in NO_BODY_STATUS
         given = headers.get("Content-Length")
         extra: list[str] = []
         # SECURITY: framing is ours: a handler's Transfer-Encoding or Connection never goes out as is.
@@ -836,20 +804,20 @@ class _Connection(asyncio.Protocol):
         elif exchange.version == "1.0":
             extra.append("Connection: keep-alive")
         if "Date" not in headers:
-            extra.append(_date())
+            extra.append(date_line())
         if "Server" not in headers:
             extra.append("Server: mesh")
         items = headers.items() if drop is None else [
             (name, value) for name, value in headers.items() if name.lower() not in drop]
         try:
-            head = _encode_head(status, response.reason, items, extra)
+            head = encode_head(f"HTTP/1.1 {status} {response.reason}", items, extra)
         except ValueError as exc:
             rid = exchange.request_id
             log.error("request %s: refused to send the response: %s", rid, exc)
             await response.aclose()
             error = short_error(500, "internal error", rid)
-            head = _encode_head(500, error.reason, error.headers.items(),
-                                [f"Content-Length: {len(error.body)}", "Connection: close", _date(),  # type: ignore[arg-type]
+            head = encode_head(f"HTTP/1.1 500 {error.reason}", error.headers.items(),
+                                [f"Content-Length: {len(error.body)}", "Connection: close", date_line(),  # type: ignore[arg-type]
                                  "Server: mesh"])
             payload, stream, keep = error.body, None, False  # type: ignore[assignment]
         transport = self.transport
@@ -963,7 +931,7 @@ class _Connection(asyncio.Protocol):
         if self.queue or self.parser is None:
             return
         exchange = self.receiving
-        if exchange is not None and exchange.body.buffered > _LOW_WATER:  # type: ignore[union-attr]
+        if exchange is not None and exchange.body.buffered > LOW_WATER:  # type: ignore[union-attr]
             return
         self._resume()
 
@@ -1018,7 +986,7 @@ class _Connection(asyncio.Protocol):
         """Send the upstream's 101 on, then carry the connection as a byte tunnel until it ends.
 
         The 101 is ours to write (its accept answers this client's key); the app's subprotocol,
-        extensions and other headers pass. From then on `mesh.upstream.Tunnel` moves bytes both
+        extensions and other headers pass. From then on `mesh.websocket.Tunnel` moves bytes both
         ways: frames, pings and close codes with their reasons reach each end as they were sent.
         """
         tunnel = response._upgrade
@@ -1032,12 +1000,12 @@ class _Connection(asyncio.Protocol):
             return await self._respond(exchange, short_error(500, "internal error", rid))
         extra = ["Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Accept: {websocket.accept(key)}"]
         if "Date" not in response.headers:
-            extra.append(_date())
+            extra.append(date_line())
         if "Server" not in response.headers:
             extra.append("Server: mesh")
         items = [(k, v) for k, v in response.headers.items() if k.lower() not in _WS_OWN]
         try:
-            head = _encode_head(101, response.reason or "Switching Protocols", items, extra)
+            head = encode_head(f"HTTP/1.1 101 {response.reason or 'Switching Protocols'}", items, extra)
         except ValueError as exc:
             rid = exchange.request_id
             log.error("request %s: refused to send the response: %s", rid, exc)

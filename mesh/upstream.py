@@ -57,23 +57,18 @@ from typing import Any, NamedTuple
 
 import httptools
 
-from . import websocket
 from .errors import UpstreamError
+from .framing import HIGH_WATER, LOW_WATER, NO_BODY_STATUS, encode_head
 from .headers import HOP_BY_HOP
 from .messages import Body, Response
+from .websocket import Tunnel, check_switch
 
-__all__ = ["ConnectFailed", "Endpoint", "IDEMPOTENT", "Informational", "Limits", "Pool", "Tunnel",
-           "UpstreamTimeout"]
+__all__ = ["ConnectFailed", "Endpoint", "IDEMPOTENT", "Informational", "Limits", "Pool", "UpstreamTimeout"]
 
 log = logging.getLogger("mesh.upstream")
 
-_HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
 _INLINE_BODY = 16 * 1024  # bodies up to this size go out in the same write as the head
-_NO_BODY_STATUS = frozenset({204, 304})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_CLOSE_GRACE = 5.0  # seconds a closing tunnel may take to flush before it is cut
-_monotonic = time.monotonic
 
 # RFC 9110 §9.2.2: a request with one of these may be sent again with the same effect.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -283,7 +278,7 @@ class _Connection(asyncio.Protocol):
             self.complete = True
             self.keep_alive = self._keeps_alive(parser.get_http_version())
             self.parser = httptools.HttpResponseParser(self)
-        elif status not in _NO_BODY_STATUS:
+        elif status not in NO_BODY_STATUS:
             names = {n.lower() for n, _ in self.headers}
             self.until_eof = b"content-length" not in names and b"transfer-encoding" not in names
         if not self.head.done():
@@ -292,7 +287,7 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > _HIGH_WATER and not self.reading_paused and self.transport:
+        if self.buffered > HIGH_WATER and not self.reading_paused and self.transport:
             self.reading_paused = True
             self.transport.pause_reading()
         self._wake()
@@ -365,7 +360,7 @@ class _Connection(asyncio.Protocol):
     def take(self) -> bytes:
         chunk = self.chunks.popleft()
         self.buffered -= len(chunk)
-        if self.reading_paused and self.buffered < _LOW_WATER and self.transport:
+        if self.reading_paused and self.buffered < LOW_WATER and self.transport:
             self.reading_paused = False
             self.transport.resume_reading()
         return chunk
@@ -425,19 +420,6 @@ class _BodyStream:
         if not self._done:
             self._done = True
             self._conn.close()
-
-
-def _encode_head(method: str, target: str, headers: Any) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1"]
-    for name, value in headers.items():
-        lines.append(f"{name}: {value}")
-    lines.append("\r\n")
-    head = "\r\n".join(lines)
-    # SECURITY: a CR or LF inside a name or value would split the request (header injection).
-    if head.count("\n") != len(lines) or head.count("\r") != len(lines) or "\x00" in head:
-        raise ValueError("header names and values may not contain CR, LF or NUL")
-    # Values came from the server's parser as UTF-8 with surrogate escapes: send the original bytes.
-    return head.encode("utf-8", "surrogateescape")
 
 
 def _may_send_again(exc: UpstreamError, conn: _Connection, method: str, body: Body) -> bool:
@@ -549,7 +531,7 @@ class Pool:
                 headers["Content-Length"] = str(len(body))
         elif "Content-Length" not in headers:
             headers["Transfer-Encoding"] = "chunked"
-        head = _encode_head(method, target, headers)
+        head = encode_head(f"{method} {target} HTTP/1.1", headers.items())
         limits = self.limits
         if timeout is None:
             timeout = limits.response_timeout
@@ -662,7 +644,7 @@ class Pool:
         if conn.status != 101:
             return self._response(conn, endpoint, idle)
         tunnel = conn.tunnel
-        problem = _check_switch(conn.headers, headers.get("Sec-WebSocket-Key"))
+        problem = check_switch(conn.headers, headers.get("Sec-WebSocket-Key"))
         if tunnel is None or conn.error is not None:
             problem = problem or "upstream switched protocols and closed"
         if problem:
@@ -683,202 +665,3 @@ class Pool:
         """Close every idle connection; connections in use close when released."""
         self._closing = True
         self.close_idle()
-
-
-def _check_switch(raw: list[tuple[bytes, bytes]], key: str | None) -> str | None:
-    """What is wrong with a 101 that answers a WebSocket handshake with ``key``, or None.
-
-    SECURITY: the connection becomes raw bytes both ways only when the upstream really took
-    the handshake (RFC 6455 §4.1): a 101 that does not answer *this* key could come from a
-    server that never meant to switch, and what follows would pass unparsed.
-    """
-    upgrade = accept = b""
-    tokens: set[bytes] = set()
-    for name, value in raw:
-        lower = name.lower()
-        if lower == b"upgrade":
-            upgrade = value.strip().lower()
-        elif lower == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-        elif lower == b"sec-websocket-accept":
-            accept = value.strip()
-    if upgrade != b"websocket" or b"upgrade" not in tokens:
-        return "upstream switched to a protocol other than WebSocket"
-    if key is None or accept != websocket.accept(key).encode("ascii"):
-        return "upstream's 101 does not answer the WebSocket handshake (Sec-WebSocket-Accept)"
-    return None
-
-
-class _Side(asyncio.Protocol):
-    """One connection of a `Tunnel`: what it receives is written to the other side."""
-
-    def __init__(self, tunnel: Tunnel, transport: asyncio.Transport,
-                 on_lost: Callable[[Exception | None], None] | None = None) -> None:
-        self.tunnel = tunnel
-        self.transport = transport
-        self.on_lost = on_lost
-        self.other: _Side | None = None
-        self.pending: bytearray | None = None  # input before the other side is there
-        self.eof = False  # its input ended
-        self.lost = False
-        # A half-close passes on only where both transports can keep the other direction open.
-        self.half_close = transport.can_write_eof() and transport.get_extra_info("sslcontext") is None
-
-    def data_received(self, data: bytes) -> None:
-        self.tunnel.last = _monotonic()
-        other = self.other
-        if other is not None:
-            other.transport.write(data)
-            return
-        pending = self.pending
-        if pending is None:
-            pending = self.pending = bytearray()
-        pending += data
-        if len(pending) > _HIGH_WATER:
-            self.transport.pause_reading()  # until the listener's side is there to take it
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        other = self.other
-        if other is None:
-            return self.half_close  # passed on when the other side comes
-        if other.eof or not (self.half_close and other.half_close):
-            other.transport.close()  # both directions are done, or one cannot stay open alone
-            return False
-        other.transport.write_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        # This side's write buffer is full: stop reading what would go into it.
-        other = self.other
-        if other is not None and not other.eof and not other.lost:
-            other.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        other = self.other
-        if other is not None and not other.eof and not other.lost:
-            other.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        other = self.other
-        if other is not None and not other.lost:
-            if exc is None:
-                other.transport.close()  # what is still buffered goes out first
-            else:
-                other.transport.abort()  # a reset passes on as one
-        if self.on_lost is not None:
-            self.on_lost(exc)
-        self.tunnel._lost()
-
-
-class Tunnel:
-    """Two connections spliced after a 101: bytes both ways, as they come, and nothing else.
-
-    The upstream connection is taken over the moment its 101 has been
-    parsed (what came with or after it waits here); the listener hands
-    over its client's connection with `splice` once it has sent the 101 on.
-    From then on each side's input is written to the other as it arrives,
-    with no task and no copy beyond the transports' own buffers: when one
-    side's write buffer fills, reading from the other pauses until it
-    drains. An EOF passes on as a half-close where both transports allow
-    it (plain TCP, not TLS: then the other side closes), a close as a close
-    once what is buffered went out, a reset as a reset.
-
-    The tunnel ends when both connections are closed (``done``), after
-    ``idle_timeout`` seconds without a byte either way, or on `close` (a
-    refused upgrade, the listener stopping). Its one timer is per tunnel,
-    checked lazily: none per chunk.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, upstream: asyncio.Transport, rest: bytes,
-                 idle_timeout: float) -> None:
-        self.loop = loop
-        self.idle_timeout = idle_timeout
-        self.last = _monotonic()
-        self.done: asyncio.Future[None] = loop.create_future()  # set once both connections are closed
-        self.ended = False
-        self.closing = False
-        self.upstream = _Side(self, upstream)
-        self.client: _Side | None = None
-        if rest:
-            self.upstream.pending = bytearray(rest)
-        upstream.set_protocol(self.upstream)
-        self._timer: asyncio.TimerHandle | None = None
-        if idle_timeout > 0:
-            self._timer = loop.call_later(idle_timeout, self._check)
-
-    def splice(self, transport: asyncio.Transport, pending: bytes,
-               on_lost: Callable[[Exception | None], None] | None = None, write_paused: bool = False) -> None:
-        """Join the client's ``transport`` (after the 101 went to it) to the upstream.
-
-        ``pending``: what the client sent after its handshake; ``on_lost``: called when the
-        client's connection is lost (the listener's own bookkeeping); ``write_paused``: the
-        client's write buffer is full already.
-        """
-        upstream = self.upstream
-        client = self.client = _Side(self, transport, on_lost)
-        client.other, upstream.other = upstream, client
-        transport.set_protocol(client)
-        self.last = _monotonic()
-        if pending and not upstream.lost:
-            upstream.transport.write(pending)
-        if upstream.pending:
-            transport.write(bytes(upstream.pending))
-        upstream.pending = None
-        if upstream.lost:
-            transport.close()
-        elif upstream.eof:
-            if upstream.half_close and client.half_close:
-                transport.write_eof()
-            else:
-                transport.close()
-        elif write_paused:
-            upstream.transport.pause_reading()
-        else:
-            upstream.transport.resume_reading()
-        if not transport.is_closing():
-            transport.resume_reading()
-
-    def close(self) -> None:
-        """End the tunnel: both connections close (cut if they have not within a few seconds)."""
-        if self.ended or self.closing:
-            return
-        self.closing = True
-        for side in (self.upstream, self.client):
-            if side is not None and not side.lost:
-                side.transport.close()
-        self._arm(_CLOSE_GRACE)
-
-    def _arm(self, delay: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(delay, self._check)
-
-    def _check(self) -> None:
-        self._timer = None
-        if self.ended:
-            return
-        if self.closing:
-            for side in (self.upstream, self.client):
-                if side is not None and not side.lost:
-                    side.transport.abort()
-            return
-        if self.idle_timeout <= 0:
-            return
-        left = self.last + self.idle_timeout - _monotonic()
-        if left > 0:
-            self._arm(left)
-            return
-        log.debug("a tunnel was quiet for %gs: closing it", self.idle_timeout)
-        self.close()
-
-    def _lost(self) -> None:
-        client = self.client
-        if self.upstream.lost and (client is None or client.lost) and not self.ended:
-            self.ended = True
-            if not self.done.done():
-                self.done.set_result(None)
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
