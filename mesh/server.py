@@ -42,9 +42,11 @@ from multidict import CIMultiDict
 from . import websocket
 from .chain import short_error
 from .errors import ClientTimeout
-from .framing import HIGH_WATER, LOW_WATER, NO_BODY_STATUS, date_line, encode_head
+from .exchange import BODY, HEAD, IDLE, LINGERING, WRITE, Exchange, Reframed, RequestBody
+from .framing import HIGH_WATER, LOW_WATER
 from .messages import Request, Response, new_request_id
 from .paths import BadPath, split_target
+from .respond import ResponseWriter
 
 try:
     import httptools
@@ -58,19 +60,13 @@ log = logging.getLogger("mesh.server")
 # The handler gets the Request and the connection (whose ``.transport`` gives the peer certificate).
 RequestHandler = Callable[[Request, Any], Awaitable[Response]]
 
-_INLINE_BODY = 64 * 1024  # response bodies up to this size go out in the same write as the head
 _LINGER = 2.0  # seconds to read and drop what a client still sends after the response that ends it
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _monotonic = time.monotonic  # deadlines, in seconds
 
-# What a connection's deadline means when it passes.
-_HEAD, _IDLE, _BODY, _WRITE, _LINGERING = 1, 2, 3, 4, 5
 
 # SECURITY: two of these in one request are two readings of it (aiohttp refuses the same list).
 _SINGLETONS = ("Host", "Content-Length", "Transfer-Encoding", "Content-Type", "Content-Location",
                "Content-Range", "ETag", "Max-Forwards", "Server", "User-Agent")
-# A 101's headers the listener writes itself; the app's subprotocol and extensions pass as they are.
-_WS_OWN = frozenset({"content-length", "transfer-encoding", "connection", "upgrade", "sec-websocket-accept"})
 _SCHEMES = frozenset({"http", "https", "ws", "wss"})
 _UNDERSCORE = ord("_")  # `int in bytes` is a memchr; `b"_" in bytes` first fails to read b"_" as an int
 # RFC 3986 §3.2.2-3: an IP-literal or a reg-name (unreserved, %-escapes, sub-delims), then an optional
@@ -135,185 +131,7 @@ class _Refused(Exception):
 
 
 
-class _Exchange:
-    """One request on a connection, from its parsed head to the end of its response."""
-
-    __slots__ = ("request", "method", "version", "keep_alive", "body", "refusal", "websocket_key",
-                 "upgrade", "framing", "responding", "bad_body")
-
-    def __init__(self, method: str, version: str, keep_alive: bool) -> None:
-        self.request: Request | None = None
-        self.method = method  # as the client sent it: HEAD decides the framing, whatever plugins do
-        self.version = version
-        self.keep_alive = keep_alive
-        self.body: _RequestBody | None = None
-        self.refusal: tuple[int, str] | None = None  # answer with this short error, then close
-        self.websocket_key: str | None = None  # a valid WebSocket handshake
-        self.upgrade = False  # llhttp stopped after this head (Connection: upgrade)
-        self.framing = b""  # for an upgrade with a body: a head with the same framing (see _after_upgrade)
-        self.responding = False
-        self.bad_body = False  # the body broke llhttp's framing: 400, whatever the handler said
-
-    @property
-    def request_id(self) -> str | None:
-        return self.request.id if self.request is not None else None
-
-
-class _RequestBody:
-    """A request body as it arrives: an async iterator of chunks, with flow control.
-
-    llhttp's chunks are buffered; reading from the socket pauses while more
-    than the high-water mark waits, and resumes below the low one. Waiting
-    longer than the body timeout for the next chunk raises `ClientTimeout`
-    (the chain answers 408, the connection closes), and so does a client
-    slower than the listener's minimum rate: past a grace period, the time
-    spent waiting for it may not exceed ``received / request_min_rate`` (the
-    time the handler spends elsewhere is not the client's). A client that
-    leaves or breaks framing mid-body raises `ClientGone`. ``Expect:
-    100-continue`` is answered when the body is first waited for, so a
-    request refused without reading its body never has it sent.
-    """
-
-    __slots__ = ("_conn", "_exchange", "chunks", "buffered", "complete", "error", "closed",
-                 "expect_continue", "_waiter", "received", "waited", "high_water", "slow")
-
-    def __init__(self, conn: _Connection, exchange: _Exchange) -> None:
-        self._conn = conn
-        self._exchange = exchange
-        self.chunks: deque[bytes] = deque()
-        self.buffered = 0
-        self.complete = False
-        self.error: BaseException | None = None
-        self.closed = False
-        self.expect_continue = False
-        self._waiter: asyncio.Future[None] | None = None
-        self.received = 0  # bytes in all
-        self.waited = 0.0  # seconds spent waiting for the client
-        self.high_water = HIGH_WATER
-        self.slow = False  # the current wait is bounded by the minimum rate, not the body timeout
-
-    def __aiter__(self) -> _RequestBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        conn = self._conn
-        while True:
-            if self.chunks:
-                chunk = self.chunks.popleft()
-                self.buffered -= len(chunk)
-                if conn.reading_paused and self.buffered <= LOW_WATER:
-                    conn.maybe_resume()
-                return chunk
-            if self.error is not None:
-                raise self.error
-            if self.complete or self.closed:
-                raise StopAsyncIteration
-            await self._wait()
-
-    async def fill(self, limit: int) -> bytes | None:
-        """Read the whole body if it is at most ``limit`` bytes: its bytes, else None (it streams on).
-
-        What was read stays queued for the iterator when the body turns out larger.
-        """
-        self.high_water = max(HIGH_WATER, limit + 1)  # read on while it may still fit
-        try:
-            while True:
-                if self.error is not None:
-                    raise self.error
-                if self.buffered > limit or self.closed:
-                    return None
-                if self.complete:
-                    break
-                await self._wait()
-        finally:
-            self.high_water = HIGH_WATER
-        data = b"".join(self.chunks)
-        self.chunks.clear()
-        self.buffered = 0
-        return data
-
-    async def _wait(self) -> None:
-        """Wait for the next chunk, bounded by the body timeout and the minimum rate."""
-        conn = self._conn
-        if self.expect_continue:
-            self.expect_continue = False
-            if not self._exchange.responding and not conn.closed:
-                conn.transport.write(_CONTINUE)
-        if conn.reading_paused:
-            conn.maybe_resume()
-        limits = conn.limits
-        timeout = limits.body_timeout
-        self.slow = False
-        if limits.request_min_rate:
-            allowed = limits.body_grace + self.received / limits.request_min_rate - self.waited
-            if allowed < timeout:
-                timeout = max(allowed, 0.0)
-                self.slow = True
-        waiter = self._waiter = conn.loop.create_future()
-        conn.body_waiting = self
-        conn.arm(_BODY, timeout)
-        started = _monotonic()
-        try:
-            await waiter
-        finally:
-            self.waited += _monotonic() - started
-            self._waiter = None
-            conn.body_waiting = None
-            conn.disarm(_BODY)
-
-    def wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def fail(self, exc: BaseException) -> None:
-        if self.error is None and not self.complete:
-            self.error = exc
-            self.wake()
-
-    async def aclose(self) -> None:
-        """Drop what is buffered and what still arrives (the connection closes after the response)."""
-        self.closed = True
-        self.chunks.clear()
-        self.buffered = 0
-
-
-class _Reframed:
-    """Parser callbacks after an Upgrade request that carries a body (see `_Connection._after_upgrade`).
-
-    The fresh parser is first fed a synthetic head with the request's own
-    framing; its callbacks are swallowed here. Then the body goes to the
-    request, and later requests parse as on any connection.
-    """
-
-    __slots__ = ("conn", "priming")
-
-    def __init__(self, conn: _Connection) -> None:
-        self.conn = conn
-        self.priming = True
-
-    def on_url(self, url: bytes) -> None:
-        if not self.priming:
-            self.conn.on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.priming:
-            self.conn.on_header(name, value)
-
-    def on_headers_complete(self) -> None:
-        if self.priming:
-            self.priming = False
-        else:
-            self.conn.on_headers_complete()
-
-    def on_body(self, body: bytes) -> None:
-        self.conn.on_body(body)
-
-    def on_message_complete(self) -> None:
-        self.conn.on_message_complete()
-
-
-class _Connection(asyncio.Protocol):
+class _Connection(ResponseWriter, asyncio.Protocol):
     """One client connection: llhttp parses, the handler serves requests in order, one at a time.
 
     Parsing runs ahead of serving: a pipelined request is parsed while the
@@ -345,15 +163,15 @@ class _Connection(asyncio.Protocol):
         self.head_size = 0
         self.head_pending = 0
         self.refusal: tuple[int, str] | None = None
-        self.receiving: _Exchange | None = None  # whose body llhttp is delivering
-        self.last: _Exchange | None = None
+        self.receiving: Exchange | None = None  # whose body llhttp is delivering
+        self.last: Exchange | None = None
         # serving
-        self.queue: deque[_Exchange] = deque()
+        self.queue: deque[Exchange] = deque()
         self.task: asyncio.Task[None] | None = None  # the serving task, from the first request on
         self.wakeup: asyncio.Future[None] | None = None  # what that task waits on between requests
         self.busy = False  # a request is being served (or waits its turn)
         self.handling = False  # ... and its handler is running
-        self.body_waiting: _RequestBody | None = None
+        self.body_waiting: RequestBody | None = None
         self.reading_paused = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
@@ -368,7 +186,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)  # SECURITY: strict llhttp: no leniencies set
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if isinstance(peer, tuple) else ""
-        self.arm(_HEAD, self.limits.header_timeout)  # also for a connection that never sends a byte
+        self.arm(HEAD, self.limits.header_timeout)  # also for a connection that never sends a byte
         self.listener._opened(self)
         if self.listener.stopping:
             transport.close()  # accepted just as the listener stopped
@@ -405,9 +223,9 @@ class _Connection(asyncio.Protocol):
             self._refuse(*refusal)
             return
         if self.in_head:
-            if self.deadline_kind == _IDLE:
+            if self.deadline_kind == IDLE:
                 # A request began and its head is still coming (most heads come whole, in one read).
-                self.arm(_HEAD, self.limits.header_timeout)
+                self.arm(HEAD, self.limits.header_timeout)
             # llhttp hands us a header only once its line ends: bound a head that never ends by
             # counting the reads it spans (from the one after it began: that one may hold more).
             if self.head_pending < 0:
@@ -515,12 +333,12 @@ class _Connection(asyncio.Protocol):
                     self._stop(400, "no Host header")
             elif not _HOST.match(host):
                 self._stop(400, "invalid Host header")
-        exchange = _Exchange(method, version, parser.should_keep_alive())
+        exchange = Exchange(method, version, parser.should_keep_alive())
         length = headers.get("Content-Length")
         chunked = "Transfer-Encoding" in headers  # llhttp admits only a final "chunked" in a request
         body = None
         if chunked or (length is not None and int(length) > 0):
-            body = exchange.body = _RequestBody(self, exchange)
+            body = exchange.body = RequestBody(self, exchange)
         expect = headers.get("Expect")
         if expect is not None and expect.lower() == "100-continue":
             del headers["Expect"]  # we answer it; the app sees a plain request
@@ -602,7 +420,7 @@ class _Connection(asyncio.Protocol):
                 # The handler already has it: whatever it answers, this request gets the 400.
                 exchange.bad_body = True
                 exchange.body.fail(ClientGone("malformed request body"))  # type: ignore[union-attr]
-        refusal = _Exchange("GET", "1.1", False)
+        refusal = Exchange("GET", "1.1", False)
         refusal.refusal = (status, reason)
         self._dispatch(refusal)
 
@@ -621,7 +439,7 @@ class _Connection(asyncio.Protocol):
             # Another protocol (h2c, ...): served as a plain request, but llhttp left its body
             # unparsed. SECURITY: never parse that body as requests. A fresh parser, primed with a
             # head of the same framing, reads the body into this request, then the requests after it.
-            self.parser = httptools.HttpRequestParser(_Reframed(self))
+            self.parser = httptools.HttpRequestParser(Reframed(self))
             self.parser.feed_data(exchange.framing)
             self.receiving = exchange
         if rest:
@@ -629,7 +447,7 @@ class _Connection(asyncio.Protocol):
 
     # serving
 
-    def _dispatch(self, exchange: _Exchange) -> None:
+    def _dispatch(self, exchange: Exchange) -> None:
         self.queue.append(exchange)
         if self.busy:
             self._pause()  # one request at a time: hold the next ones (and the socket) until it is done
@@ -664,9 +482,9 @@ class _Connection(asyncio.Protocol):
                     self.transport.close()
                     return
                 if self.in_head:
-                    self.arm(_HEAD, self.limits.header_timeout)
+                    self.arm(HEAD, self.limits.header_timeout)
                 else:
-                    self.arm(_IDLE, self.limits.idle_timeout)
+                    self.arm(IDLE, self.limits.idle_timeout)
                 waiter = self.wakeup = self.loop.create_future()
                 await waiter  # _dispatch, or connection_lost
                 self.wakeup = None
@@ -680,7 +498,7 @@ class _Connection(asyncio.Protocol):
         finally:
             self.busy = False
 
-    async def _run(self, exchange: _Exchange) -> bool:
+    async def _run(self, exchange: Exchange) -> bool:
         """Serve one request; True to keep the connection for the next."""
         if exchange.refusal is not None:
             return await self._respond(exchange, short_error(*exchange.refusal))
@@ -720,171 +538,6 @@ class _Connection(asyncio.Protocol):
             if not isinstance(request.body, bytes):
                 await request.aclose()
 
-    def _interim(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
-        """Write an interim (1xx) response now, ahead of the final one (RFC 9110 §15.2).
-
-        Offered to the handler as ``request._interim`` for HTTP/1.1 clients; the pool calls it
-        for each 1xx but 100 Continue (``Expect`` is answered here) while the head is awaited.
-        """
-        if not self.handling or self.closed:
-            return  # the final response is on its way: too late for a hint
-        try:
-            head = encode_head(f"HTTP/1.1 {status} {reason}", headers)
-        except ValueError as exc:
-            log.warning("%s listener: dropped an interim %d response: %s", self.listener.name, status, exc)
-            return
-        self.transport.write(head)
-
-    async def _respond(self, exchange: _Exchange, response: Response) -> bool:
-        """Write ``response``; True if the connection may carry another request."""
-        exchange.responding = True
-        status = response.status
-        if response._upgrade is not None:
-            if status == 101:
-                return await self._websocket(exchange, response)
-            response._upgrade.close()  # a plugin turned it down: let it go
-        if self.closed:
-            await response.aclose()
-            return False
-        if not isinstance(status, int) or not 200 <= status <= 599:
-            rid = exchange.request_id
-            log.error("request %s: the handler answered with status %r", rid, status)
-            await response.aclose()
-            response = short_error(500, "internal error", rid)
-            status = 500
-        headers = response.headers
-        body = response.body
-        body_in = exchange.body
-        keep = (exchange.keep_alive and status != 408 and not self.listener.stopping
-                and (body_in is None or body_in.complete) and exchange.websocket_key is None)
-        no_body = exchange.method == "HEAD" or status in NO_BODY_STATUS
-        given = headers.get("Content-Length")
-        extra: list[str] = []
-        # SECURITY: framing is ours: a handler's Transfer-Encoding or Connection never goes out as is.
-        drop: set[str] | None = {"transfer-encoding"} if "Transfer-Encoding" in headers else None
-        payload = b""
-        stream = None
-        chunked = False
-        length = None
-        if isinstance(body, bytes):
-            if status == 204:
-                if given is not None:
-                    drop = (drop or set()) | {"content-length"}
-            elif no_body:
-                # HEAD and 304 keep the length the handler gave (what a GET would get).
-                if given is None and body and exchange.method == "HEAD":
-                    extra.append(f"Content-Length: {len(body)}")
-            else:
-                payload = body
-                size = str(len(body))
-                if given != size:
-                    if given is not None:
-                        drop = (drop or set()) | {"content-length"}
-                    extra.append("Content-Length: " + size)
-        elif no_body:
-            await response.aclose()
-            if status == 204 and given is not None:
-                drop = (drop or set()) | {"content-length"}
-        else:
-            stream = response
-            if given is not None and given.isdigit():
-                length = int(given)
-            else:
-                if given is not None:
-                    drop = (drop or set()) | {"content-length"}
-                if exchange.version == "1.1":
-                    chunked = True
-                    extra.append("Transfer-Encoding: chunked")
-                else:
-                    keep = False  # HTTP/1.0 knows no chunks: the body ends where the connection does
-        if "Connection" in headers:
-            drop = (drop or set()) | {"connection"}
-        if not keep:
-            extra.append("Connection: close")
-        elif exchange.version == "1.0":
-            extra.append("Connection: keep-alive")
-        if "Date" not in headers:
-            extra.append(date_line())
-        if "Server" not in headers:
-            extra.append("Server: mesh")
-        items = headers.items() if drop is None else [
-            (name, value) for name, value in headers.items() if name.lower() not in drop]
-        try:
-            head = encode_head(f"HTTP/1.1 {status} {response.reason}", items, extra)
-        except ValueError as exc:
-            rid = exchange.request_id
-            log.error("request %s: refused to send the response: %s", rid, exc)
-            await response.aclose()
-            error = short_error(500, "internal error", rid)
-            head = encode_head(f"HTTP/1.1 500 {error.reason}", error.headers.items(),
-                                [f"Content-Length: {len(error.body)}", "Connection: close", date_line(),  # type: ignore[arg-type]
-                                 "Server: mesh"])
-            payload, stream, keep = error.body, None, False  # type: ignore[assignment]
-        transport = self.transport
-        if stream is None:
-            if len(payload) <= _INLINE_BODY:
-                transport.write(head + payload)
-            else:
-                transport.write(head)
-                transport.write(payload)
-            if self.write_paused:
-                try:
-                    await self._drain()
-                except ConnectionError:
-                    return False
-            return keep
-        transport.write(head)
-        return await self._stream(exchange, stream, chunked, length) and keep
-
-    async def _stream(self, exchange: _Exchange, response: Response, chunked: bool, length: int | None) -> bool:
-        """Write a streamed body; False (with the connection aborted) when it broke off."""
-        transport = self.transport
-        chunks = response.stream()  # an async generator: aclose() ends it
-        sent = 0
-        try:
-            async for chunk in chunks:
-                if self.closed:
-                    raise ConnectionResetError("the client closed the connection")
-                if chunked:
-                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                else:
-                    sent += len(chunk)
-                    # SECURITY: never more than the Content-Length we sent: the rest would be a next response.
-                    if length is not None and sent > length:
-                        raise ValueError("the body is longer than its Content-Length")
-                    transport.write(chunk)
-                if self.write_paused:
-                    await self._drain()
-            if chunked:
-                transport.write(b"0\r\n\r\n")
-            elif length is not None and sent != length:
-                raise ValueError("the body is shorter than its Content-Length")
-        except Exception as exc:
-            # The head is out: the only honest signal left is to cut the connection.
-            if not self.closed:
-                log.warning("request %s: response body broke off: %s", exchange.request_id,
-                            exc or type(exc).__name__)
-            transport.abort()
-            return False
-        finally:
-            try:
-                await chunks.aclose()  # type: ignore[attr-defined]
-            except Exception:
-                log.debug("closing a response body failed", exc_info=True)
-        return True
-
-    async def _drain(self) -> None:
-        """Wait until the client has read enough of what we wrote (bounded by the body timeout)."""
-        if self.closed:
-            raise ConnectionResetError("the client closed the connection")
-        waiter = self.drain_waiter = self.loop.create_future()
-        self.arm(_WRITE, self.limits.body_timeout)
-        try:
-            await waiter
-        finally:
-            self.drain_waiter = None
-            self.disarm(_WRITE)
-
     def _hang_up(self) -> None:
         """Close after the last response, lingering if the client may still be sending.
 
@@ -906,7 +559,7 @@ class _Connection(asyncio.Protocol):
         self.queue.clear()
         if transport.can_write_eof():
             transport.write_eof()
-        self.arm(_LINGERING, _LINGER)
+        self.arm(LINGERING, _LINGER)
         self._resume()
 
     def _abort(self) -> None:
@@ -949,7 +602,7 @@ class _Connection(asyncio.Protocol):
         kind = self.deadline_kind
         self.deadline = 0.0
         self.deadline_kind = 0
-        if kind == _BODY:
+        if kind == BODY:
             body = self.body_waiting
             if body is not None:
                 limits = self.limits
@@ -958,12 +611,12 @@ class _Connection(asyncio.Protocol):
                                             f"{limits.request_min_rate} bytes/s"))
                 else:
                     body.fail(ClientTimeout(f"no request body data for {limits.body_timeout:g}s"))
-        elif kind == _WRITE:
+        elif kind == WRITE:
             log.debug("%s listener: a client read nothing for %gs: closing", self.listener.name,
                       self.limits.body_timeout)
             self.transport.abort()
         else:
-            if kind == _HEAD:
+            if kind == HEAD:
                 log.debug("%s listener: no complete request head in %gs: closing", self.listener.name,
                           self.limits.header_timeout)
             self.transport.close()
@@ -981,49 +634,6 @@ class _Connection(asyncio.Protocol):
         self._abort()
 
     # WebSocket
-
-    async def _websocket(self, exchange: _Exchange, response: Response) -> bool:
-        """Send the upstream's 101 on, then carry the connection as a byte tunnel until it ends.
-
-        The 101 is ours to write (its accept answers this client's key); the app's subprotocol,
-        extensions and other headers pass. From then on `mesh.websocket.Tunnel` moves bytes both
-        ways: frames, pings and close codes with their reasons reach each end as they were sent.
-        """
-        tunnel = response._upgrade
-        key = exchange.websocket_key
-        if key is None or self.closed:
-            tunnel.close()
-            if self.closed:
-                return False
-            rid = exchange.request_id
-            log.error("request %s: the handler opened a WebSocket for a request that is no handshake", rid)
-            return await self._respond(exchange, short_error(500, "internal error", rid))
-        extra = ["Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Accept: {websocket.accept(key)}"]
-        if "Date" not in response.headers:
-            extra.append(date_line())
-        if "Server" not in response.headers:
-            extra.append("Server: mesh")
-        items = [(k, v) for k, v in response.headers.items() if k.lower() not in _WS_OWN]
-        try:
-            head = encode_head(f"HTTP/1.1 101 {response.reason or 'Switching Protocols'}", items, extra)
-        except ValueError as exc:
-            rid = exchange.request_id
-            log.error("request %s: refused to send the response: %s", rid, exc)
-            tunnel.close()
-            return await self._respond(exchange, short_error(500, "internal error", rid))
-        self.transport.write(head)
-        self.websocket = True
-        pending = bytes(self.ws_buffer or b"")  # what the client sent after its handshake
-        self.ws_buffer = None
-        self.reading_paused = False  # the tunnel resumes reading and does its own flow control now
-        # The tunnel becomes this transport's protocol; this connection still hears of its end.
-        tunnel.splice(self.transport, pending, self.connection_lost, self.write_paused)
-        try:
-            await tunnel.done
-        finally:
-            tunnel.close()  # the listener stops (or the tunnel ended: then nothing to do)
-        return False
-
 
 # What a handler gets as its second argument: ``.transport`` has the peer certificate.
 Connection = _Connection
