@@ -76,12 +76,11 @@ from .runtime import (
     Runtime,
     RuntimeUnavailable,
     StartFailed,
-    get_runtime,
     group_alive,
     pid_alive,
     run_processes,
-    runtime_class,
 )
+from .runtimes import get_runtime, runtime_class
 
 __all__ = ["Controller", "Console", "StateDir", "detach", "down", "format_table", "status"]
 
@@ -224,7 +223,7 @@ class Controller:
 
         self.keyed = KeyedServices(self)  # keyed services: their fronts and per-key instances
         from .autoscale import Autoscaler
-        from .lifecycle import Supervisor
+        from .supervisor import Supervisor
 
         self.supervisor = Supervisor(self)  # restarts, exits, lifecycle hooks (mesh.lifecycle)
         self.autoscaler = Autoscaler(self)  # pools scaled on CPU (mesh.autoscale)

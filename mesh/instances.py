@@ -3,7 +3,7 @@
 `InstanceSet` is the one way to add, start, restart, stop and remove an
 instance of a running mesh. The controller owns it (``controller.instances``);
 its helpers (`mesh.autoscale.Autoscaler`, `mesh.keyed.KeyedServices`,
-`mesh.lifecycle.Supervisor`) call it and nothing else of the controller's.
+`mesh.supervisor.Supervisor`) call it and nothing else of the controller's.
 It keeps, per instance label:
 
 - its ``problem`` (shown by `mesh ps`) and whether it fails its health

@@ -5,7 +5,7 @@ addresses) into a running app plus its sidecar, reports how it is doing,
 and stops it. The controller (`mesh.controller`) decides *what* runs; a
 runtime only knows *how*::
 
-    runtime = get_runtime("process", config, output=print_line, on_exit=report)
+    runtime = get_runtime("process", config, output=print_line, on_exit=report)  # mesh.runtimes
     instances = runtime.plan()                 # addresses chosen, nothing started
     await runtime.start_instance(instance, registry_file, timeout=30)   # ready, or StartFailed
     runtime.instance_state(instance)           # "starting" | "running" | "stopped"
@@ -36,8 +36,8 @@ from .config import MeshConfig, ServiceConfig
 
 __all__ = [
     "RUN_VARIABLE", "Instance", "ProcessRuntime", "Runtime", "RuntimeUnavailable", "StartFailed",
-    "free_ports", "get_runtime", "group_alive", "http_status", "instance_count", "instance_label",
-    "pid_alive", "port_in_use", "process_group_cpu", "run_processes", "runtime_class",
+    "free_ports", "group_alive", "http_status", "instance_count", "instance_label",
+    "pid_alive", "port_in_use", "process_group_cpu", "run_processes",
 ]
 
 TAIL_LINES = 20
@@ -392,23 +392,6 @@ class Runtime(ABC):
 
         Nothing, by default.
         """
-
-
-def runtime_class(name: str) -> type[Runtime]:
-    """The runtime called ``name``, or raise `RuntimeUnavailable` saying why not."""
-    if name == "process":
-        return ProcessRuntime
-    if name == "docker":
-        from .docker_runtime import DockerRuntime  # here: the process runtime needs no docker SDK
-
-        return DockerRuntime
-    raise RuntimeUnavailable(f"unknown runtime {name!r} (expected 'process' or 'docker')")
-
-
-def get_runtime(name: str, config: MeshConfig, *, output: Output, on_exit: OnExit,
-                run_id: str = "", admin_token: admin.AdminToken | None = None) -> Runtime:
-    """The runtime called ``name`` for one run, or raise `RuntimeUnavailable` saying why not."""
-    return runtime_class(name)(config, output=output, on_exit=on_exit, run_id=run_id, admin_token=admin_token)
 
 
 # Process helpers, also used by `mesh ps`, `mesh down` and the tests.

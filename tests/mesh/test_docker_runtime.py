@@ -41,7 +41,8 @@ from mesh.docker_runtime import (
     mesh_alias,
     network_names,
 )
-from mesh.runtime import StartFailed, get_runtime
+from mesh.runtime import StartFailed
+from mesh.runtimes import get_runtime
 
 from ..docker_support import Leftovers, base_image, docker_engine  # noqa: F401
 

@@ -23,8 +23,9 @@ import pytest
 from mesh import config
 from mesh.controller import Console, Controller
 from mesh.errors import ConfigError
-from mesh.lifecycle import Lifecycle, Supervisor, load_lifecycle
+from mesh.lifecycle import Lifecycle, load_lifecycle
 from mesh.runtime import group_alive, pid_alive, run_processes
+from mesh.supervisor import Supervisor
 
 APP = '''
 import os, threading
@@ -324,7 +325,8 @@ lifecycle = "record.py:Broken"
 async def test_on_idle_decides_sleep_or_keep_and_a_broken_hook_means_sleep(caplog):
     from types import SimpleNamespace
 
-    from mesh.lifecycle import Lifecycle, Supervisor
+    from mesh.lifecycle import Lifecycle
+    from mesh.supervisor import Supervisor
 
     class Keep(Lifecycle):
         async def on_idle(self, instance):
