@@ -59,7 +59,7 @@ from .errors import UpstreamError
 from .messages import Request, Response
 from .options import Duration
 from .plugin import CallNext, Context, Plugin
-from .routes import _Rule
+from .routes import Rule
 from .upstream import IDEMPOTENT, ConnectFailed, UpstreamTimeout
 
 __all__ = ["BUILTIN", "CircuitBreaker", "DEADLINE", "DEADLINE_HEADER", "Deadline", "Outbound", "Retry",
@@ -104,7 +104,7 @@ class Outbound:
         defaults = config.defaults if config is not None else Defaults()
         retries = defaults.retries.over(RETRIES_DEFAULT)
         self.default = RouteSettings("", defaults.timeout, retries, defaults.max_pending)
-        self._targets: dict[str, tuple[list[tuple[_Rule, RouteSettings]], RouteSettings]] = {}
+        self._targets: dict[str, tuple[list[tuple[Rule, RouteSettings]], RouteSettings]] = {}
         if config is None:
             return
         for target, service in config.services.items():
@@ -113,7 +113,7 @@ class Outbound:
             rules = []
             for route in config.routes:
                 if route.source == source and route.to == target:
-                    rules.append((_Rule(route), RouteSettings(
+                    rules.append((Rule(route), RouteSettings(
                         target,
                         route.timeout if route.timeout is not None else timeout,
                         route.retries.over(retries) if route.retries is not None else retries,

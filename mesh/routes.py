@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .config import RouteConfig
 
-__all__ = ["Decision", "Policy"]
+__all__ = ["Decision", "Policy", "Rule"]
 
 log = logging.getLogger("mesh.policy")
 
@@ -36,7 +36,7 @@ class Decision:
 _SELF = Decision(True, "")
 
 
-class _Rule:
+class Rule:
     __slots__ = ("route", "paths", "methods")
 
     def __init__(self, route: RouteConfig) -> None:
@@ -53,9 +53,9 @@ class _Rule:
 class Policy:
     def __init__(self, routes: list[RouteConfig], mode: str = "enforce") -> None:
         self.mode = mode
-        self._rules: dict[tuple[str, str], list[_Rule]] = {}
+        self._rules: dict[tuple[str, str], list[Rule]] = {}
         for route in routes:
-            self._rules.setdefault((route.source, route.to), []).append(_Rule(route))
+            self._rules.setdefault((route.source, route.to), []).append(Rule(route))
 
     def check(self, source: str | None, target: str, method: str, path: str) -> Decision:
         if source == target:
