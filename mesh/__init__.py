@@ -4,18 +4,10 @@ The public API, for plugin authors::
 
     from mesh import Plugin, Request, Response
 
-and the typed keys of ``request.state`` that mesh's layers and plugins
-hand each other (`mesh.keys`: ``UPSTREAM``, ``DEADLINE``, ...). Besides
-what ``__all__`` lists, the documented submodules are public:
-`mesh.testing` (a plugin tested alone), `mesh.inbound` and
-`mesh.resilience` (the built-in layers, to subclass) and `mesh.lifecycle`
-(the lifecycle hooks' base class). Everything else in the package is
-internal and may change.
+Everything else in the package is internal and may change.
 """
 
-from .config import Retries
 from .errors import BodyTooLarge, ConfigError, MeshError, PluginError, UpstreamError
-from .keys import AVOID, BACKEND, CLAIMS, DEADLINE, LISTENER, RETRIES, TIMEOUT, TRY_TIMEOUT, UPSTREAM, StateKey
 from .messages import Headers, Request, Response
 from .options import Duration, Rate
 from .plugin import CallNext, Context, Handler, Plugin
@@ -23,29 +15,18 @@ from .plugin import CallNext, Context, Handler, Plugin
 __version__ = "0.1.0"
 
 __all__ = [
-    "AVOID",
-    "BACKEND",
     "BodyTooLarge",
-    "CLAIMS",
     "CallNext",
     "ConfigError",
     "Context",
-    "DEADLINE",
     "Duration",
     "Handler",
     "Headers",
-    "LISTENER",
     "MeshError",
     "Plugin",
     "PluginError",
-    "RETRIES",
     "Rate",
     "Request",
     "Response",
-    "Retries",
-    "StateKey",
-    "TIMEOUT",
-    "TRY_TIMEOUT",
-    "UPSTREAM",
     "UpstreamError",
 ]

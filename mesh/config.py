@@ -65,13 +65,9 @@ __all__ = ["BUILTIN_PLUGINS", "Defaults", "HealthCheck", "MeshConfig", "Outlier"
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _RETRY_WORDS = ("connect-failure", "reset", "timeout", "5xx")
 
-# The built-in layers by the short names mesh.toml uses, inbound (`mesh.inbound`) and outbound
-# (`mesh.resilience`): ``outbound = [{ use = "retry", attempts = 5 }]`` replaces the default retry
-# layer, ``plugins = [{ use = "policy", mode = "audit" }]`` the default route policy layer.
+# The built-in outbound layers (`mesh.resilience`) by the short names mesh.toml uses:
+# ``outbound = [{ use = "retry", attempts = 5 }]`` replaces the default retry layer.
 BUILTIN_PLUGINS = {
-    "identity": "mesh.inbound:PeerIdentity",
-    "policy": "mesh.inbound:RoutePolicy",
-    "caller-deadline": "mesh.inbound:CallerDeadline",
     "deadline": "mesh.resilience:Deadline",
     "breaker": "mesh.resilience:CircuitBreaker",
     "retry": "mesh.resilience:Retry",
