@@ -3,10 +3,10 @@
 
 The sidecar's CPU per request (bench/run.py) is roughly the sum of
 
-- an HTTP server: aiohttp's low-level ``web.Server``, which `mesh.server`
+- an HTTP server: aiohttp's low-level ``web.Server``, which `mesh.http.server`
   builds on; measured here answering ``hello world`` itself, next to a bare
   asyncio protocol on httptools doing the same (the floor for Python);
-- the upstream client: `mesh.upstream.Pool.request` against the backend,
+- the upstream client: `mesh.http.client.Pool.request` against the backend,
   32 requests in flight, in one process without any server;
 - mesh's own work between the two (Request/Response objects, header rules,
   request ids, path checks, the chain): the sidecar's total minus the above;
@@ -77,7 +77,7 @@ uvloop.run(main())
 CLIENT = r'''
 import asyncio, os, sys, uvloop
 from multidict import CIMultiDict
-from mesh.upstream import Endpoint, Pool
+from mesh.http.client import Endpoint, Pool
 
 endpoint, total, concurrency = Endpoint("127.0.0.1", int(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3])
 
@@ -175,7 +175,7 @@ def main() -> int:
             client.wait(120)
             procs.started.remove(("client", client))
             total, system = (float(x) for x in (tmp / "client.log").read_text().split())
-            results.setdefault("mesh.upstream.Pool.request, 32 in flight", []).append((total, system))
+            results.setdefault("mesh.http.client.Pool.request, 32 in flight", []).append((total, system))
             chain = procs.start("chain", [args.python, str(tmp / "chain.py"), str(bench.HERE / "plugins"),
                                           "200000"])
             chain.wait(120)

@@ -7,10 +7,10 @@ The public API, for plugin authors::
 Everything else in the package is internal and may change.
 """
 
-from .errors import BodyTooLarge, ConfigError, MeshError, PluginError, UpstreamError
-from .messages import Headers, Request, Response
-from .options import Duration, Rate
-from .plugin import CallNext, Context, Handler, Plugin
+from mesh.errors import BodyTooLarge, ConfigError, MeshError, PluginError, UpstreamError
+from mesh.messages import Headers, Request, Response
+from mesh.options import Duration, Rate
+from mesh.plugin import CallNext, Context, Handler, Plugin
 
 __version__ = "0.1.0"
 

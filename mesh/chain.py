@@ -16,9 +16,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .errors import BodyTooLarge, ClientTimeout, PluginError, UpstreamError
-from .messages import Request, Response
-from .plugin import CallNext, Context, Handler, Plugin
+from mesh.errors import BodyTooLarge, ClientTimeout, PluginError, UpstreamError
+from mesh.messages import Request, Response
+from mesh.plugin import CallNext, Context, Handler, Plugin
 
 __all__ = ["Chain", "build_chain", "error_response"]
 

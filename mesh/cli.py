@@ -13,11 +13,11 @@ import os
 import sys
 from typing import Any
 
-from . import __version__
-from . import config as config_mod
-from .config import MeshConfig
-from .errors import ConfigError
-from .runner import run, setup_logging
+from mesh import __version__
+from mesh import config as config_mod
+from mesh.config import MeshConfig
+from mesh.errors import ConfigError
+from mesh.runner import run, setup_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -117,7 +117,7 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
                        "a container or a pod runs it the same way. Stops on SIGTERM or Ctrl-C after "
                        "draining.")
     if sidecar_options:
-        from .sidecar import add_arguments
+        from mesh.sidecar.sidecar import add_arguments
 
         add_arguments(sidecar)
     sidecar.set_defaults(handler=_sidecar)
@@ -149,8 +149,8 @@ def _load(path: str | None) -> MeshConfig | None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from .controller import Controller, detach
-    from .runtime import RuntimeUnavailable
+    from mesh.control.controller import Controller, detach
+    from mesh.control.runtimes.base import RuntimeUnavailable
 
     config = _load(args.path)
     if config is None:
@@ -171,14 +171,14 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from .controller import down
+    from mesh.control.controller import down
 
     config = _load(args.path)
     return 2 if config is None else down(config)
 
 
 def _ps(args: argparse.Namespace) -> int:
-    from .controller import format_table, status
+    from mesh.control.controller import format_table, status
 
     config = _load(args.path)
     if config is None:
@@ -287,7 +287,7 @@ def _certs(args: argparse.Namespace) -> int:
     config = _load(args.path)
     if config is None:
         return 2
-    from .identity import describe as describe_cert
+    from mesh.sidecar.identity import describe as describe_cert
 
     if args.rotate_ca:
         return _rotate_ca(config)
@@ -322,8 +322,8 @@ def _rotate_ca(config: MeshConfig, timeout: float = 300.0) -> int:
     import signal
     import time
 
-    from .controller import StateDir
-    from .identity import rotate_ca
+    from mesh.control.controller import StateDir
+    from mesh.sidecar.identity import rotate_ca
 
     files = StateDir(config.state_dir)
     if files.running():
@@ -358,7 +358,7 @@ def _rotate_ca(config: MeshConfig, timeout: float = 300.0) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from . import images
+    from mesh.control.docker import images
 
     config = _load(args.path)
     if config is None:
@@ -376,6 +376,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _sidecar(args: argparse.Namespace) -> int:
-    from .sidecar import main as sidecar_main
+    from mesh.sidecar.sidecar import main as sidecar_main
 
     return int(sidecar_main(args))

@@ -6,8 +6,8 @@
   - `PluginError`: a plugin could not be loaded or started.
   - `UpstreamError`: forwarding failed; carries the HTTP status the client
     gets (502 unreachable or broken, 503 no instance, 504 timed out).
-    - `mesh.upstream.ConnectFailed` (502 or 504): nothing was sent, any method may retry.
-    - `mesh.upstream.UpstreamTimeout` (504): no response head in time.
+    - `mesh.http.client.ConnectFailed` (502 or 504): nothing was sent, any method may retry.
+    - `mesh.http.client.UpstreamTimeout` (504): no response head in time.
   - `BodyTooLarge`: a buffered read passed its limit (413 for requests).
   - `ClientTimeout`: the client stopped sending its request body (408).
 """

@@ -1,6 +1,6 @@
 """Lifecycle hooks: the user's code the controller and the sidecars call (public API).
 
-What calls them: the controller's `mesh.supervisor.Supervisor` (on_start, on_stop, on_error),
+What calls them: the controller's `mesh.control.supervisor.Supervisor` (on_start, on_stop, on_error),
 keyed services (on_idle) and every sidecar's balancer (choose_instance).
 
 Hooks: ``[services.X] lifecycle = "file.py:Class"`` (a file on the mesh's
@@ -18,23 +18,23 @@ the defaults, and subclassing it is the easy way::
         async def on_error(self, instance, error):             # error: a message (str)
             ...
 
-``instance`` is the runtime's `mesh.runtime.Instance` (``service``,
+``instance`` is the runtime's `mesh.control.runtimes.base.Instance` (``service``,
 ``index``, ``label``, ``ports``, ``key`` for a keyed instance, ``pids`` on
 the process runtime, ``containers`` on docker).
-A hook runs as its own task, bounded by `mesh.supervisor.HOOK_TIMEOUT`; one that raises or
+A hook runs as its own task, bounded by `mesh.control.supervisor.HOOK_TIMEOUT`; one that raises or
 hangs is logged and changes nothing else: the mesh keeps running.
 
 Two more hooks decide rather than observe:
 
-- ``on_idle(instance)``: asked by the controller (`mesh.keyed`) when a keyed
+- ``on_idle(instance)``: asked by the controller (`mesh.control.keyed`) when a keyed
   instance has been idle for ``sleep_after``; returning ``"sleep"`` (the
   default) stops it, ``"keep"`` keeps it (it is asked again after another
   ``sleep_after``). A hook that raises, answers anything else or takes over
-  `mesh.supervisor.IDLE_HOOK_TIMEOUT` (5 s) puts the instance to sleep.
+  `mesh.control.supervisor.IDLE_HOOK_TIMEOUT` (5 s) puts the instance to sleep.
 - ``choose_instance(request, instances)``: custom scheduling. Every sidecar
-  loads the hooks of each service that overrides it (`mesh.sidecar`) and
+  loads the hooks of each service that overrides it (`mesh.sidecar.sidecar`) and
   asks it before its balancer picks an instance for a call to that service
-  (`mesh.balancer`): ``instances`` are the ones in rotation (less those a
+  (`mesh.sidecar.balancer`): ``instances`` are the ones in rotation (less those a
   retry already tried, when others remain), each with ``address``,
   ``host``, ``port`` and ``outstanding`` (requests in flight from this
   sidecar). Returning None (the default), an instance not
@@ -49,10 +49,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import PluginError
+from mesh.errors import PluginError
 
 if TYPE_CHECKING:
-    from .runtime import Instance
+    from mesh.control.runtimes.base import Instance
 
 __all__ = ["HOOKS", "Lifecycle", "check_lifecycle", "load_lifecycle"]
 
@@ -83,7 +83,7 @@ class Lifecycle:
 
 def load_lifecycle(use: str, plugin_path: Sequence[Path] = ()) -> type:
     """The class ``use`` names (``file.py:Class`` on plugin_path, or ``module:Class``); PluginError if not."""
-    from .loader import load_object
+    from mesh.loader import load_object
 
     cls = load_object(use, plugin_path)
     if not isinstance(cls, type):

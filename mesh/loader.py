@@ -22,8 +22,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from .errors import PluginError
-from .plugin import Plugin
+from mesh.errors import PluginError
+from mesh.plugin import Plugin
 
 __all__ = ["FIRST_PARTY", "known_names", "load_class", "load_object"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from .errors import BodyTooLarge
+from mesh.errors import BodyTooLarge
 
 __all__ = ["Body", "Headers", "Request", "Response"]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .messages import Request, Response
+from mesh.messages import Request, Response
 
 __all__ = ["CallNext", "Context", "Handler", "Plugin"]
 

@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from .chain import Chain
-from .messages import Body, Request, Response
-from .plugin import Context, Handler, Plugin
+from mesh.chain import Chain
+from mesh.messages import Body, Request, Response
+from mesh.plugin import Context, Handler, Plugin
 
 __all__ = ["TestMesh", "echo", "make_request", "ok", "run_chain", "run_mesh", "run_plugin", "started", "stream"]
 
@@ -103,7 +103,7 @@ class TestMesh:
         self.admin_token = admin_token
 
     def admin_headers(self) -> dict[str, str]:
-        """What the sidecars' admin listeners want, as the controller sends it (`mesh.admin`)."""
+        """What the sidecars' admin listeners want, as the controller sends it (`mesh.sidecar.admin`)."""
         return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
 
     def url(self, service: str, listener: str = "public") -> str:
@@ -134,10 +134,10 @@ async def run_mesh(toml: str, apps: dict[str, int], root: Any = None, *, tls: bo
     import tempfile
     from pathlib import Path
 
-    from . import config as config_mod
-    from .identity import CA, Identity
-    from .registry import Registry
-    from .sidecar import Ports, Sidecar
+    from mesh import config as config_mod
+    from mesh.sidecar.identity import CA, Identity
+    from mesh.sidecar.registry import Registry
+    from mesh.sidecar.sidecar import Ports, Sidecar
 
     folder = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="mesh-test-"))
     (folder / "mesh.toml").write_text(toml)

@@ -52,7 +52,7 @@ def docker_engine():
 @pytest.fixture(scope="session")
 def base_image(docker_engine):
     """``mesh/base:<version>``, built (or found up to date) once per test session."""
-    from mesh import images
+    from mesh.control.docker import images
 
     lines: list[str] = []
     started = time.monotonic()

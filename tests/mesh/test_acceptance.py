@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from mesh.runtime import group_alive, pid_alive
+from mesh.control.runtimes.base import group_alive, pid_alive
 
-from .test_up import Runs, free_port, runs, state_of, wait_phase  # noqa: F401
+from ..control.test_up import Runs, free_port, runs, state_of, wait_phase  # noqa: F401
 
 ECHO = '''
 import hashlib, os, sys, urllib.request

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from mesh.config import RouteConfig, parse
 from mesh.errors import ConfigError
-from mesh.paths import BadPath, normalize
-from mesh.routes import Policy
+from mesh.http.paths import BadPath, normalize
+from mesh.sidecar.routes import Policy
 
 UNRESERVED = string.ascii_letters + string.digits + "-._~"
 # What may appear raw in a path, and a few escapes that matter: dots, slashes, NUL, %, unreserved.

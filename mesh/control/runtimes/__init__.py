@@ -1,0 +1,30 @@
+"""The runtimes a mesh runs on, by the name ``mesh up --runtime`` takes.
+
+The process runtime is always there; the Docker runtime is imported only
+when asked for, so a mesh on local processes never loads the Docker SDK.
+"""
+
+from __future__ import annotations
+
+from mesh.config import MeshConfig
+from mesh.control.runtimes.base import OnExit, Output, ProcessRuntime, Runtime, RuntimeUnavailable
+from mesh.sidecar import admin
+
+__all__ = ["get_runtime", "runtime_class"]
+
+
+def runtime_class(name: str) -> type[Runtime]:
+    """The runtime called ``name``, or raise `RuntimeUnavailable` saying why not."""
+    if name == "process":
+        return ProcessRuntime
+    if name == "docker":
+        from mesh.control.runtimes.docker import DockerRuntime  # here: the process runtime needs no docker SDK
+
+        return DockerRuntime
+    raise RuntimeUnavailable(f"unknown runtime {name!r} (expected 'process' or 'docker')")
+
+
+def get_runtime(name: str, config: MeshConfig, *, output: Output, on_exit: OnExit,
+                run_id: str = "", admin_token: admin.AdminToken | None = None) -> Runtime:
+    """The runtime called ``name`` for one run, or raise `RuntimeUnavailable` saying why not."""
+    return runtime_class(name)(config, output=output, on_exit=on_exit, run_id=run_id, admin_token=admin_token)

@@ -1,0 +1,400 @@
+"""The sidecar beside one service instance: its listeners and the way a request flows.
+
+::
+
+    other sidecars ──▶ mesh listener ─┐ (identity, route policy)
+    outside (expose) ▶ public listener ┴▶ inbound chain ──▶ app (loopback)
+    app ─────────────▶ outbound listener ▶ outbound chain ─▶ route check ─▶ peer's mesh listener
+    operator ────────▶ admin listener (loopback): /healthz /readyz /config /registry
+
+Between sidecars it is mutual TLS: the receiving sidecar takes the caller's
+service from its verified certificate as ``request.peer``, checks route
+policy on it, and passes it to the app as ``x-mesh-peer`` (an
+``x-mesh-peer`` from anywhere else is removed first). The calling side
+checks that the certificate it reached names the service it called.
+
+Without an `Identity` (``mesh sidecar`` with no ``--tls``) the mesh
+listener is plain HTTP and trusts the caller's ``x-mesh-peer``: for a
+single machine in development only, and said so in the log.
+
+On the way out, a service's outbound chain ends with the built-in layers
+of `mesh.sidecar.resilience` (deadline, circuit breaker, retry), then the terminal
+checks the route, lets the `mesh.sidecar.balancer.Balancer` pick an instance (power
+of two choices, outlier ejection) and sends the request over a pooled
+connection keyed by that instance and its identity. The registry of
+instances comes from ``--registry FILE`` at start and from ``PUT /registry``
+on the admin listener (the controller pushes every change). A deadline
+that arrives in ``x-mesh-deadline-ms`` bounds the call to the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mesh import config as config_mod
+from mesh.chain import Chain, short_error
+from mesh.config import MeshConfig, build_plugins
+from mesh.errors import UpstreamError
+from mesh.http.client import Endpoint, Limits, Pool
+from mesh.http.headers import PEER_HEADER, request_id, set_forwarded, strip_keeping_upgrade
+from mesh.http.server import Connection, Listener, ServerLimits
+from mesh.messages import Request, Response
+from mesh.plugin import Context
+from mesh.sidecar.admin import AdminToken, SidecarAdmin
+from mesh.sidecar.balancer import Balancer
+from mesh.sidecar.identity import Identity
+from mesh.sidecar.registry import Registry
+from mesh.sidecar.resilience import (
+    AVOID,
+    BACKEND,
+    DEADLINE,
+    DEADLINE_HEADER,
+    OUTBOUND,
+    TRY_TIMEOUT,
+    Outbound,
+    deadline_from,
+    with_defaults,
+)
+from mesh.sidecar.routes import Policy
+
+__all__ = ["Ports", "Sidecar", "main"]
+
+log = logging.getLogger("mesh.sidecar")
+
+
+@dataclass
+class Ports:
+    """Where a sidecar listens (0: any free port) and where its app listens."""
+
+    app: int
+    mesh: int = 0
+    outbound: int = 0
+    admin: int = 0
+    public: int | None = None
+
+
+def _choosers(config: MeshConfig) -> dict[str, Any]:
+    """Each service whose lifecycle hooks override ``choose_instance``: that method."""
+    from mesh.lifecycle import Lifecycle, load_lifecycle
+
+    choosers = {}
+    for name, spec in config.services.items():
+        if spec.lifecycle:
+            hooks = load_lifecycle(spec.lifecycle, config.plugin_path)()
+            method = getattr(type(hooks), "choose_instance", None)
+            if method is not None and method is not Lifecycle.choose_instance:
+                choosers[name] = hooks.choose_instance
+    return choosers
+
+
+class Sidecar:
+    def __init__(self, config: MeshConfig, service: str, ports: Ports, *,
+                 registry: Registry | None = None, host: str = "127.0.0.1",
+                 app_host: str = "127.0.0.1", public_host: str = "127.0.0.1",
+                 limits: ServerLimits | None = None, upstream_limits: Limits | None = None,
+                 identity: Identity | None = None, admin_token: str | None = None) -> None:
+        """``admin_token``: what the admin listener wants in ``Authorization: Bearer ...``
+        (`mesh.sidecar.admin`); without one it answers only /healthz, /readyz and /metrics."""
+        self.config = config
+        self.service = service
+        self.spec = config.services[service]
+        self.ports = ports
+        self.registry = registry or Registry()
+        self.policy = Policy(config.routes, config.mode)
+        self.identity = identity
+        self.pool = Pool(upstream_limits, verify_peer=self._verify_peer)
+        self.app = Endpoint(app_host, ports.app)
+        self.timeout = self.spec.timeout
+        self.balancer = Balancer(self.registry, config.defaults.lb, config.defaults.outlier,
+                                 endpoint=self._endpoint, choosers=_choosers(config))
+        self.outbound_settings = Outbound(config, service)
+        self.inbound = Chain(build_plugins(self.spec.plugin_specs), self._to_app)
+        self.outbound = Chain(with_defaults(build_plugins(self.spec.outbound_specs)), self._to_peer)
+        limits = replace(limits or ServerLimits(), underscores_in_headers=self.spec.underscores_in_headers)
+        # What protects the app from slow clients applies where requests come in for it.
+        inbound = replace(limits, request_buffer=self.spec.request_buffer,
+                          request_min_rate=self.spec.request_min_rate)
+        self.listeners = {
+            "mesh": Listener(self._from_mesh, name="mesh", host=host, port=ports.mesh, limits=inbound,
+                             tls=identity.server if identity else None),
+            "outbound": Listener(self._from_app, name="outbound", host="127.0.0.1",
+                                 port=ports.outbound, limits=limits),
+            "admin": Listener(self._admin, name="admin", host="127.0.0.1", port=ports.admin, limits=limits),
+        }
+        if ports.public is not None:
+            self.listeners["public"] = Listener(self._from_outside, name="public", host=public_host,
+                                                port=ports.public, limits=inbound)
+        self.ready = False
+        self.admin = SidecarAdmin(self, admin_token)
+
+    # lifecycle
+
+    async def start(self) -> None:
+        ctx = Context(service=self.service, mesh=self.config.name, root=self.config.root)
+        ctx.state[OUTBOUND] = self.outbound_settings
+        await self.inbound.start(ctx)
+        try:
+            await self.outbound.start(ctx)
+            for listener in self.listeners.values():
+                await listener.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        for listener in self.listeners.values():
+            await listener.stop()
+        await self.outbound.stop()
+        await self.inbound.stop()
+        await self.pool.close()
+
+    def addresses(self) -> dict[str, str]:
+        return {name: listener.address for name, listener in self.listeners.items()}
+
+    # inbound
+
+    def _prepare(self, request: Request) -> None:
+        strip_keeping_upgrade(request.headers)
+        request.id = request_id(request.headers, request.id)
+        request.service = self.service
+
+    async def _from_outside(self, request: Request, raw: Connection) -> Response:
+        request.headers.popall(PEER_HEADER, None)  # SECURITY: only the mesh says who a peer is
+        self._prepare(request)
+        set_forwarded(request.headers, request.client, request.scheme)
+        return await self.inbound(request)
+
+    async def _from_mesh(self, request: Request, raw: Connection) -> Response:
+        if self.identity is not None:
+            peer = self.identity.peer(raw.transport)
+            named = request.headers.popall(PEER_HEADER, None)  # SECURITY: the certificate says who calls
+            if peer == self.service and self.spec.instances is not None and named:
+                # The front of this keyed service checked the caller and names it.
+                peer = named[0]
+        else:
+            peer = request.headers.get(PEER_HEADER)
+        self._prepare(request)
+        set_forwarded(request.headers, request.client, request.scheme)
+        decision = self.policy.check(peer, self.service, request.method, request.path)
+        if not decision.allowed:
+            return short_error(403, decision.reason, request.id)
+        deadline = request.headers.get(DEADLINE_HEADER)
+        if deadline is not None and (deadline := deadline_from(deadline, time.monotonic())) is not None:
+            request.state[DEADLINE] = deadline
+        request.peer = peer
+        if peer:
+            request.headers[PEER_HEADER] = peer
+        return await self.inbound(request)
+
+    async def _to_app(self, request: Request) -> Response:
+        upstream = request.state.get("upstream")
+        if upstream and upstream != self.service:
+            return await self._to_peer(request)
+        timeout = self.timeout
+        deadline = request.state.get(DEADLINE)
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamError(504, "the caller's deadline passed before the app was called")
+            if timeout is None or remaining < timeout:
+                timeout = remaining
+            request.headers[DEADLINE_HEADER] = str(int(remaining * 1000) or 1)
+        # How long the app's response body (or a WebSocket) may go quiet: this service's own setting.
+        return await self._forward(self.app, request, timeout, self.spec.stream_idle_timeout)
+
+    async def _forward(self, endpoint: Endpoint, request: Request, timeout: float | None,
+                       idle: float) -> Response:
+        """Send ``request`` to ``endpoint``: its head within ``timeout``, quiet in its body at most ``idle``.
+
+        A WebSocket handshake goes the same way (the pool sends it as it is and, on a valid
+        101, returns a tunnel); interim responses go straight to the client (``request._interim``).
+        """
+        return await self.pool.request(endpoint, request.method, request.target, request.headers,
+                                       request.body, timeout=timeout, idle_timeout=idle,
+                                       informational=request._interim)
+
+    # outbound
+
+    async def _from_app(self, request: Request, raw: Connection) -> Response:
+        host = request.headers.get("Host", "")
+        target = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        target = target.lower()
+        if not target:
+            return short_error(400, "no service named: send Host: <service> or http://<service>/...")
+        if target not in self.config.services:
+            return short_error(502, f"unknown service '{target}'")
+        request.headers.popall(PEER_HEADER, None)
+        self._prepare(request)
+        request.peer = self.service
+        request.state["upstream"] = target
+        return await self.outbound(request)
+
+    async def _to_peer(self, request: Request) -> Response:
+        state = request.state
+        target = state.get("upstream") or ""
+        if target not in self.config.services:
+            raise UpstreamError(502, f"unknown service '{target}'")
+        decision = self.policy.check(self.service, target, request.method, request.path)
+        if not decision.allowed:
+            return short_error(403, decision.reason, request.id)
+        backend = self.balancer.pick(target, state.get(AVOID), request)
+        if backend is None:
+            raise UpstreamError(503, f"service '{target}' has no instance running")
+        # The bound of this try: the retry layer's per-try timeout, else the route's; never past the deadline.
+        timeout = state.get(TRY_TIMEOUT) or decision.timeout or self.config.services[target].timeout
+        idle = decision.stream_idle_timeout  # the route's, else the target service's own
+        if idle is None:
+            idle = self.config.services[target].stream_idle_timeout
+        deadline = state.get(DEADLINE)
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamError(504, f"the deadline passed before '{target}' was called")
+            if timeout is None or remaining < timeout:
+                timeout = remaining
+        headers = request.headers
+        if timeout:
+            headers[DEADLINE_HEADER] = str(int(timeout * 1000) or 1)
+        if self.identity is not None:
+            headers.popall(PEER_HEADER, None)
+        else:
+            headers[PEER_HEADER] = self.service
+        state[BACKEND] = backend
+        backend.outstanding += 1
+        try:
+            response = await self._forward(backend.endpoint, request, timeout, idle)
+        except UpstreamError:
+            self.balancer.failed(backend)
+            raise
+        finally:
+            backend.outstanding -= 1
+        if 502 <= response.status <= 504:
+            self.balancer.failed(backend)
+        else:
+            self.balancer.succeeded(backend)
+        return response
+
+    def _endpoint(self, service: str, host: str, port: int) -> Endpoint:
+        """How to reach an instance of ``service``: the key of its connection pool."""
+        if self.identity is not None:
+            return Endpoint(host, port, self.identity.client, service)
+        return Endpoint(host, port)
+
+    def _verify_peer(self, endpoint: Endpoint, transport: Any) -> str | None:
+        assert self.identity is not None
+        found = self.identity.peer(transport)
+        if found != endpoint.peer:
+            return (f"{endpoint.host}:{endpoint.port} presented the identity of "
+                    f"{found or 'no mesh service'!r}, not {endpoint.peer!r}")
+        return None
+
+    # admin
+
+    async def _admin(self, request: Request, raw: Connection) -> Response:
+        return await self.admin(request)
+
+
+# `mesh sidecar`: run one sidecar alone, as a container or a pod does.
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--config", required=True, help="mesh.toml (or its folder)")
+    parser.add_argument("--service", required=True, help="the service this sidecar belongs to")
+    parser.add_argument("--app-port", type=int, help="where the app listens (default: the service's port)")
+    parser.add_argument("--app-host", default="127.0.0.1", help="address of the app (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address of the mesh listener, where other sidecars call (default: %(default)s)")
+    parser.add_argument("--mesh-port", type=int, default=15001, metavar="PORT",
+                        help="port of the mesh listener (default: %(default)s)")
+    parser.add_argument("--outbound-port", type=int, default=15002, metavar="PORT",
+                        help="port of the outbound listener on 127.0.0.1, the app's HTTP_PROXY "
+                             "(default: %(default)s)")
+    parser.add_argument("--admin-port", type=int, default=15000, metavar="PORT",
+                        help="port of the admin listener on 127.0.0.1: /healthz, /readyz, /metrics "
+                             "and the operator's endpoints (default: %(default)s)")
+    parser.add_argument("--public-port", type=int, help="serve outside traffic here (default: the service's expose)")
+    parser.add_argument("--public-host", default="127.0.0.1",
+                        help="address of the public listener (default: %(default)s)")
+    parser.add_argument("--registry", help="JSON file: {\"services\": {name: [\"host:port\", ...]}}")
+    parser.add_argument("--tls", metavar="DIR",
+                        help="folder with cert.pem, key.pem and ca.pem: mutual TLS between sidecars "
+                             "(without it the mesh listener is plain HTTP: development only)")
+    parser.add_argument("--admin-token-file", metavar="FILE",
+                        help="file holding the token the admin listener wants (Authorization: Bearer); "
+                             "without it only /healthz, /readyz and /metrics answer")
+
+
+async def serve(sidecar: Sidecar) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await sidecar.start()
+    log.info("sidecar %s ready: %s", sidecar.service,
+             " ".join(f"{k}={v}" for k, v in sidecar.addresses().items()))
+    try:
+        await stopping.wait()
+    finally:
+        log.info("sidecar %s draining", sidecar.service)
+        await sidecar.stop()
+
+
+def main(args: Any) -> int:
+    from mesh.errors import ConfigError, PluginError
+
+    try:
+        config = config_mod.load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return 2
+    if args.service not in config.services:
+        print(f"--service: unknown service {args.service!r} (known: {', '.join(config.services)})")
+        return 2
+    spec = config.services[args.service]
+    app_port = args.app_port or spec.port
+    if app_port is None:
+        print(f"--app-port: services.{args.service} has no 'port'; give --app-port")
+        return 2
+    public = args.public_port if args.public_port is not None else spec.expose
+    if args.public_port is None and spec.instances is not None:
+        public = None  # a keyed service's front serves its expose port, not its instances
+    ports = Ports(app=app_port, mesh=args.mesh_port, outbound=args.outbound_port,
+                  admin=args.admin_port, public=public)
+    registry = Registry.read(args.registry) if args.registry else Registry()
+    try:
+        identity = Identity(args.tls, config.name) if args.tls else None
+    except (OSError, ValueError) as exc:
+        print(f"--tls {args.tls}: cannot load cert.pem, key.pem and ca.pem: {exc}")
+        return 2
+    if identity is None:
+        log.warning("no --tls: the mesh listener is plain HTTP and trusts x-mesh-peer (development only)")
+    token = None
+    if args.admin_token_file:
+        try:
+            token = AdminToken.read(args.admin_token_file).value
+        except (OSError, ValueError) as exc:
+            print(f"--admin-token-file {args.admin_token_file}: cannot read the admin token: {exc}")
+            return 2
+    else:
+        log.warning("no --admin-token-file: the admin listener refuses everything but /healthz, "
+                    "/readyz and /metrics (it has no token to check callers against)")
+    sidecar = Sidecar(config, args.service, ports, registry=registry, host=args.host,
+                      app_host=args.app_host, public_host=args.public_host, identity=identity,
+                      admin_token=token)
+    from mesh.runner import run
+
+    try:
+        run(serve(sidecar))
+    except (PluginError, OSError, RuntimeError) as exc:
+        print(f"sidecar {args.service}: {exc}")
+        return 1
+    return 0
