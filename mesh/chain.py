@@ -8,21 +8,57 @@ response last. For ``plugins = [A, B]``::
 Each layer is a plain ``await``: no task per layer, so context variables and
 cancellation flow through unchanged. The chain is built once, when the
 sidecar starts, and never changes after.
+
+A `RequestLayer` (mesh's built-in inbound layers) acts only on the way in:
+the chain calls its ``before(request)`` and then the next layer directly,
+so it costs a function call, not a coroutine of its own.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import replace
 
 from mesh.errors import BodyTooLarge, ClientTimeout, PluginError, UpstreamError
 from mesh.messages import Request, Response
 from mesh.plugin import CallNext, Context, Handler, Plugin
 
-__all__ = ["Chain", "build_chain", "error_response"]
+__all__ = ["Chain", "RequestLayer", "build_chain", "error_response"]
 
 log = logging.getLogger("mesh.chain")
+
+
+def _name(exc: Exception, name: str) -> None:
+    # The innermost plugin that saw the exception names it.
+    if getattr(exc, "mesh_plugin", None) is None:
+        try:
+            exc.mesh_plugin = name  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+
+
+class RequestLayer(Plugin):
+    """A plugin that acts only on the request, on its way in, and never on the response.
+
+    Override `before`: change the request, or return a `Response` to answer
+    it there (a 403, say); None passes it on. The chain then calls the next
+    layer itself, without an ``await`` of this layer's own. A subclass that
+    overrides `handle` instead is an ordinary plugin.
+    """
+
+    def before(self, request: Request) -> Response | None:
+        return None
+
+    async def handle(self, request: Request, call_next: CallNext) -> Response:
+        answer = self.before(request)
+        if answer is not None:
+            return answer
+        return await call_next(request)
+
+
+async def _answered(response: Response) -> Response:
+    return response
 
 
 def _layer(name: str, plugin: Plugin, call_next: CallNext) -> Handler:
@@ -32,22 +68,45 @@ def _layer(name: str, plugin: Plugin, call_next: CallNext) -> Handler:
         try:
             return await handle(request, call_next)
         except Exception as exc:
-            # The innermost plugin that saw the exception names it.
-            if getattr(exc, "mesh_plugin", None) is None:
-                try:
-                    exc.mesh_plugin = name  # type: ignore[attr-defined]
-                except AttributeError:
-                    pass
+            _name(exc, name)
             raise
 
     return layer
 
 
+def _enter(layers: Sequence[tuple[str, RequestLayer]], call_next: CallNext) -> Handler:
+    """Request layers next to each other, in one call: each one's ``before``, then ``call_next``."""
+    befores = tuple((name, layer.before) for name, layer in layers)
+
+    def enter(request: Request) -> Awaitable[Response]:
+        entry = befores[0]
+        try:
+            for entry in befores:
+                answer = entry[1](request)
+                if answer is not None:
+                    return _answered(answer)
+        except Exception as exc:
+            _name(exc, entry[0])
+            raise
+        return call_next(request)
+
+    return enter
+
+
 def build_chain(plugins: Sequence[tuple[str, Plugin]], terminal: Handler) -> Handler:
     """Wrap ``terminal`` in ``plugins`` (``(name, plugin)`` pairs), first one outermost."""
     handler = terminal
+    run: list[tuple[str, RequestLayer]] = []  # request layers next to each other, innermost first
     for name, plugin in reversed(plugins):
+        if isinstance(plugin, RequestLayer) and type(plugin).handle is RequestLayer.handle:
+            run.append((name, plugin))
+            continue
+        if run:
+            handler = _enter(run[::-1], handler)
+            run = []
         handler = _layer(name, plugin, handler)
+    if run:
+        handler = _enter(run[::-1], handler)
     return handler
 
 

@@ -133,10 +133,12 @@ class Request(_Message):
     ``path`` is the normalized path: exactly what route policy checks and
     what is forwarded (dot-segments resolved, encoded slashes and NULs
     refused before any plugin runs). ``query`` is the raw query string
-    without ``?``. ``state`` is a dict that travels down the chain
-    (``claims``, ``upstream``, ...); ``peer`` is the calling service's name
-    when the caller is a mesh service, ``service`` the name of the service
-    this sidecar belongs to, and ``id`` the request id (``x-request-id``).
+    without ``?``. ``state`` is a dict that travels down the chain, with
+    what mesh's layers and plugins hand each other under the typed keys
+    of `mesh.keys` (``CLAIMS``, ``UPSTREAM``, ``DEADLINE``, ...); ``peer``
+    is the calling service's name when the caller is a mesh service,
+    ``service`` the name of the service this sidecar belongs to, and ``id``
+    the request id (``x-request-id``).
     """
 
     __slots__ = ("method", "path", "query", "state", "peer", "service", "id",

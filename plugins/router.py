@@ -44,14 +44,33 @@ after the rewrites below):
 - ``respond = { status = 410, body = "gone", headers = { ... } }``: answer
   directly.
 - ``timeout = "2s"``: the longest wait for the response's head, all tries
-  included; past it the client gets a 504.
-- ``retries = 2``: for GET, HEAD, OPTIONS, PUT and DELETE only, try again
-  (after 25 ms, 50 ms, ... of back-off) when a try times out, fails to reach
-  the service, or gets 502, 503 or 504. ``per_try_timeout = "500ms"`` bounds
-  each try. A request body is buffered first so it can be sent again.
+  included; past it the client gets a 504. It takes the place of the
+  route's ``timeout`` (or ``[mesh.defaults]``') for this request; a
+  caller's earlier deadline still wins.
+- ``retries = 2``: try again, at most twice, when a try fails to reach the
+  service, is reset, times out, or gets 502, 503 or 504: for GET, HEAD,
+  OPTIONS, TRACE, PUT and DELETE (and for every method when it could not
+  connect, since nothing was sent), after a back-off drawn at random up to
+  25 ms, doubling per retry up to the route's ``max_backoff``, and while the
+  route's retry budget allows. ``per_try_timeout = "500ms"`` bounds each
+  try. A request body is sent again only if it is known: up to 64 KiB with
+  a ``Content-Length`` (kept for that), or already read. ``retries = 0``:
+  never retry.
 
-The chosen service is put in ``request.state["upstream"]``; the sidecar's
-terminal forwards the request there.
+A request a rule sends to another service (``to``, ``split``) goes there
+as this service's own calls do, through its outbound chain: its
+``outbound`` plugins, then the built-in deadline, circuit breaker and retry
+layers and the balancer. Without ``timeout`` or ``retries`` the route's
+settings apply (the ``[[routes]]`` entry from this service to that one,
+then ``[mesh.defaults]``): by default such a call is retried as the app's
+calls are. A rule's ``timeout`` and ``retries`` reach those layers as this
+request's own settings, ``request.state[mesh.TIMEOUT]`` and
+``request.state[mesh.RETRIES]``; on a rule that leaves the request for the
+own app they bound and retry the call to the app the same way (without
+``retries`` the app never gets a request twice).
+
+The chosen service is put in ``request.state[mesh.UPSTREAM]``; the
+sidecar sends the request there.
 
 Example::
 
@@ -62,19 +81,18 @@ Example::
     ] } ]
 """
 
-import asyncio
 import hashlib
 import random
 import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
-from mesh import CallNext, Duration, Plugin, Request, Response, UpstreamError
+from mesh import RETRIES, TIMEOUT, UPSTREAM, CallNext, Duration, Plugin, Request, Response, Retries
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-RETRY_STATUSES = frozenset({502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-BACKOFF = 0.025  # seconds before the first retry, doubled for each next one
+# What a rule's `retries` retries, and the back-off it starts from (doubled per retry).
+RETRY_ON: list[str | int] = ["connect-failure", "reset", "timeout", "502", "503", "504"]
+BACKOFF = Duration(0.025)
 
 
 @dataclass
@@ -123,7 +141,7 @@ class Rule:
     redirect_status: int = 302
     respond: Respond | None = None
     timeout: Duration | None = None
-    retries: int = 0
+    retries: int | None = None
     per_try_timeout: Duration | None = None
 
     def __post_init__(self) -> None:
@@ -142,6 +160,10 @@ class Rule:
         for name, weight in self.split.items():
             total += weight
             self._cumulative.append((total, name))
+        # What this rule asks of the retry layer, made once: every matching request carries it.
+        self._retry_table = None if self.retries is None else Retries(
+            attempts=self.retries + 1, per_try_timeout=self.per_try_timeout, on=list(RETRY_ON),
+            idempotent_only=True, backoff=BACKOFF)
 
     def _check_paths(self) -> list[tuple[str, bool]]:
         paths = [self.path] if isinstance(self.path, str) else list(self.path or [])
@@ -191,7 +213,7 @@ class Rule:
             raise ValueError("split weights must not be negative")
         if self.split and sum(self.split.values()) == 0:
             raise ValueError("split weights add up to 0: give at least one a positive weight")
-        if self.retries < 0:
+        if self.retries is not None and self.retries < 0:
             raise ValueError(f"retries must not be negative, got {self.retries}")
         if self.per_try_timeout is not None and not self.retries:
             raise ValueError("per_try_timeout needs retries (use timeout for a single try)")
@@ -278,13 +300,17 @@ class Router(Plugin):
             request.headers.popall(name, None)
         for name, value in rule.set_headers.items():
             request.headers[name] = value
+        state = request.state
         if rule.to:
-            request.state["upstream"] = rule.to
+            state[UPSTREAM] = rule.to
         elif rule.split:
-            request.state["upstream"] = rule.pick(request)
-        if rule.timeout is None and not rule.retries:
-            return await call_next(request)
-        return await _forward(rule, request, call_next)
+            state[UPSTREAM] = rule.pick(request)
+        # The sidecar's deadline and retry layers apply them, on the way to a service or to the own app.
+        if rule.timeout is not None:
+            state[TIMEOUT] = rule.timeout
+        if rule._retry_table is not None:
+            state[RETRIES] = rule._retry_table
+        return await call_next(request)
 
 
 def _strip(path: str, prefix: str) -> str:
@@ -295,47 +321,3 @@ def _strip(path: str, prefix: str) -> str:
     if path.startswith(prefix + "/"):
         return path[len(prefix):]
     return path
-
-
-async def _forward(rule: Rule, request: Request, call_next: CallNext) -> Response:
-    """``call_next`` under the rule's timeout, retried as the rule allows."""
-    loop = asyncio.get_running_loop()
-    deadline = None if rule.timeout is None else loop.time() + rule.timeout
-    tries = 1 + (rule.retries if request.method in IDEMPOTENT else 0)
-    if tries > 1:
-        await request.read()  # a stream can be sent only once; bytes can be sent again
-    for attempt in range(tries):
-        last = attempt == tries - 1
-        until = deadline
-        if rule.per_try_timeout is not None:
-            try_deadline = loop.time() + rule.per_try_timeout
-            until = try_deadline if until is None else min(until, try_deadline)
-        try:
-            async with asyncio.timeout_at(until) as scope:
-                response = await call_next(request)
-        except TimeoutError:
-            if not scope.expired():
-                raise  # not our timeout: someone further down gave up
-            if last or (deadline is not None and loop.time() >= deadline):
-                return _timed_out(request, rule)
-        except UpstreamError:
-            if last:
-                raise
-        else:
-            if last or response.status not in RETRY_STATUSES:
-                return response
-            await response.aclose()
-        pause = BACKOFF * 2 ** attempt * random.uniform(0.5, 1.5)
-        if deadline is not None:
-            pause = min(pause, deadline - loop.time())
-            if pause <= 0:
-                return _timed_out(request, rule)
-        await asyncio.sleep(pause)
-    raise AssertionError("unreachable: the last try always returns or raises")
-
-
-def _timed_out(request: Request, rule: Rule) -> Response:
-    """The short 504 a client gets when the rule's time ran out."""
-    where = request.state.get("upstream") or "the app"
-    text = f"504 Gateway Timeout: {where} did not answer in time\nrequest id: {request.id}\n"
-    return Response(504, text, {"x-request-id": request.id})

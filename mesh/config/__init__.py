@@ -65,9 +65,13 @@ __all__ = ["BUILTIN_PLUGINS", "Defaults", "HealthCheck", "MeshConfig", "Outlier"
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _RETRY_WORDS = ("connect-failure", "reset", "timeout", "5xx")
 
-# The built-in outbound layers (`mesh.sidecar.resilience`) by the short names mesh.toml uses:
-# ``outbound = [{ use = "retry", attempts = 5 }]`` replaces the default retry layer.
+# The built-in layers by the short names mesh.toml uses, inbound (`mesh.sidecar.inbound`) and outbound
+# (`mesh.sidecar.resilience`): ``outbound = [{ use = "retry", attempts = 5 }]`` replaces the default retry
+# layer, ``plugins = [{ use = "policy", mode = "audit" }]`` the default route policy layer.
 BUILTIN_PLUGINS = {
+    "identity": "mesh.sidecar.inbound:PeerIdentity",
+    "policy": "mesh.sidecar.inbound:RoutePolicy",
+    "caller-deadline": "mesh.sidecar.inbound:CallerDeadline",
     "deadline": "mesh.sidecar.resilience:Deadline",
     "breaker": "mesh.sidecar.resilience:CircuitBreaker",
     "retry": "mesh.sidecar.resilience:Retry",

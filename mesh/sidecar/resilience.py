@@ -19,14 +19,26 @@ route's keys, which win over ``[mesh.defaults]`` (see `mesh.config`); the
 options it leaves out still come from them. To turn retries off, set
 ``retries = { attempts = 1 }`` on a route or in ``[mesh.defaults]``.
 
-The layers talk to the terminal through ``request.state``, so a try costs
-no task and no ``asyncio.wait_for``: the timeouts are handed to the
-connection pool, which already waits for the response head under one.
+One request may carry its own settings, which win over all of those: a
+timeout in ``request.state[TIMEOUT]`` (read by `Deadline`, in place of
+the route's) and a `Retries` table in ``request.state[RETRIES]`` (read by
+`Retry`, over the route's). That is how the ``router`` plugin's
+``timeout`` and ``retries`` reach the calls it sends to other services.
 
-- ``request.state["deadline"]``: when the whole call must have its response
+The layers talk to the terminal through ``request.state``, under the typed
+keys of `mesh.keys`, so a try costs no task and no ``asyncio.wait_for``:
+the timeouts are handed to the connection pool, which already waits for
+the response head under one.
+
+- ``request.state[DEADLINE]``: when the whole call must have its response
   head, in `time.monotonic` seconds. Set by `Deadline` from the route's
   ``timeout`` and from an incoming ``x-mesh-deadline-ms`` header (the
-  earlier wins); the receiving sidecar sets it from that header too.
+  earlier wins); the receiving sidecar's `mesh.sidecar.inbound.CallerDeadline`
+  sets it from that header too.
+- ``request.state[TRY_TIMEOUT]``, ``[BACKEND]``, ``[AVOID]``: the bound of
+  one try (`Retry` to the terminal), the instance the try went to (the
+  terminal to `Retry`) and the instances earlier tries went to (`Retry`
+  to the balancer, which picks another one if it can).
 - ``x-mesh-deadline-ms``: the header that carries a deadline to the next
   hop, as the *milliseconds left* (relative: no clocks to agree on). The
   terminal sets it on every try to what that try will wait; the receiving
@@ -57,25 +69,21 @@ from mesh.chain import short_error
 from mesh.config import RETRIES_DEFAULT, Defaults, MeshConfig, Retries
 from mesh.errors import UpstreamError
 from mesh.http.client import IDEMPOTENT, ConnectFailed, UpstreamTimeout
+from mesh.keys import AVOID, BACKEND, DEADLINE, RETRIES, TIMEOUT, TRY_TIMEOUT, UPSTREAM, StateKey
 from mesh.messages import Request, Response
 from mesh.options import Duration
 from mesh.plugin import CallNext, Context, Plugin
 from mesh.sidecar.routes import Rule
 
-__all__ = ["BUILTIN", "CircuitBreaker", "DEADLINE", "DEADLINE_HEADER", "Deadline", "Outbound", "Retry",
-           "RetryBudget", "RouteSettings", "deadline_from", "with_defaults"]
+__all__ = ["AVOID", "BACKEND", "BUILTIN", "CircuitBreaker", "DEADLINE", "DEADLINE_HEADER", "Deadline",
+           "OUTBOUND", "Outbound", "Retry", "RetryBudget", "RouteSettings", "TRY_TIMEOUT", "deadline_from",
+           "with_defaults"]
 
 log = logging.getLogger("mesh.resilience")
 
 DEADLINE_HEADER = "x-mesh-deadline-ms"
-DEADLINE = "deadline"  # request.state key: monotonic time by which the response head is due
-TRY_TIMEOUT = "mesh.try_timeout"  # request.state: the bound of one try (Retry -> terminal)
-BACKEND = "mesh.backend"  # request.state: the instance the terminal sent this try to
-AVOID = "mesh.avoid"  # request.state: instances earlier tries went to (Retry -> terminal)
-OUTBOUND = "mesh.outbound"  # Context.state: this sidecar's `Outbound`
 
 BUFFER_LIMIT = 64 * 1024  # a request body up to this size (with a Content-Length) is kept to replay
-_SETTINGS = "mesh.route"
 
 
 class RouteSettings:
@@ -131,6 +139,10 @@ class Outbound:
         return fallback
 
 
+OUTBOUND: StateKey[Outbound] = StateKey("mesh.outbound")  # Context.state: this sidecar's `Outbound`
+# request.state: the route a request takes, worked out by the first layer that needs it, with what it
+# was worked out from (target, path, method).
+_ROUTE: StateKey[tuple[str, str, str, RouteSettings]] = StateKey("mesh.route")
 _NO_CONFIG = Outbound()
 
 
@@ -145,14 +157,14 @@ class _Layer(Plugin):
     def settings(self, request: Request) -> RouteSettings:
         """The settings of the route this request takes (worked out once per request)."""
         state = request.state
-        target = state.get("upstream") or ""
-        cached = state.get(_SETTINGS)
+        target = state.get(UPSTREAM) or ""
+        cached = state.get(_ROUTE)
         # The same objects unless a plugin between two layers rewrote the request: then look again.
         if (cached is not None and cached[0] is target and cached[1] is request.path
                 and cached[2] is request.method):
             return cached[3]
         settings = self._outbound.lookup(target, request.method, request.path)
-        state[_SETTINGS] = (target, request.path, request.method, settings)
+        state[_ROUTE] = (target, request.path, request.method, settings)
         return settings
 
 
@@ -169,8 +181,9 @@ def deadline_from(value: str | None, now: float) -> float | None:
 class Deadline(_Layer):
     """Set the call's deadline: the route's ``timeout`` and the caller's ``x-mesh-deadline-ms``, the earlier.
 
-    ``timeout`` (this layer's option) replaces the route's; ``"0s"`` means
-    none. A call whose deadline has already passed gets 504 at once.
+    ``timeout`` (this layer's option) replaces the route's, and the
+    request's own ``request.state[TIMEOUT]`` replaces both; ``"0s"`` (0)
+    means none. A call whose deadline has already passed gets 504 at once.
     """
 
     def __init__(self, timeout: Duration | None = None) -> None:
@@ -178,7 +191,9 @@ class Deadline(_Layer):
 
     async def handle(self, request: Request, call_next: CallNext) -> Response:
         state = request.state
-        timeout = self.timeout if self.timeout is not None else self.settings(request).timeout
+        timeout = state.get(TIMEOUT)
+        if timeout is None:
+            timeout = self.timeout if self.timeout is not None else self.settings(request).timeout
         now = time.monotonic()
         deadline = state.get(DEADLINE)
         incoming = deadline_from(request.headers.popone(DEADLINE_HEADER, None), now)
@@ -311,7 +326,9 @@ class Retry(_Layer):
     ``Content-Length`` up to 64 KiB is read whole before it is passed on
     (it almost always came with its head anyway), so one that breaks off
     mid-body counts as a ``reset`` and is tried again instead of reaching
-    the app cut short. Each option left None comes from the route.
+    the app cut short. Each option left None comes from the route; a
+    `Retries` table in ``request.state[RETRIES]`` goes over both, for that
+    request only (its keys left None come from this layer and the route).
     """
 
     def __init__(self, attempts: int | None = None, per_try_timeout: Duration | None = None,
@@ -323,6 +340,7 @@ class Retry(_Layer):
                                  idempotent_only=idempotent_only, backoff=backoff,
                                  max_backoff=max_backoff, budget=budget, min_per_second=min_per_second)
         self._policies: dict[int, tuple[RouteSettings, _Policy]] = {}
+        self._request_policies: dict[tuple[int, int], tuple[RouteSettings, Retries, _Policy]] = {}
         self.budgets: dict[str, RetryBudget] = {}
         self.retries = 0  # retries made
         self.refused = 0  # retries the budget refused
@@ -335,6 +353,17 @@ class Retry(_Layer):
             self._policies[id(settings)] = cached
         return cached[1]
 
+    def request_policy(self, settings: RouteSettings, retries: Retries) -> _Policy:
+        """The policy of a request that carries its own `Retries` (``request.state[RETRIES]``)."""
+        key = (id(settings), id(retries))
+        cached = self._request_policies.get(key)
+        if cached is None or cached[0] is not settings or cached[1] is not retries:
+            if len(self._request_policies) >= 256:
+                self._request_policies.clear()  # tables made per request: keep the cache bounded
+            cached = (settings, retries, _Policy(retries.over(self.overrides.over(settings.retries))))
+            self._request_policies[key] = cached
+        return cached[2]
+
     def delay(self, policy: _Policy, retry: int) -> float:
         """How long to wait before retry number ``retry`` (1, 2, ...): full jitter."""
         cap = min(policy.max_backoff, policy.backoff * (1 << min(retry - 1, 30)))
@@ -342,8 +371,13 @@ class Retry(_Layer):
 
     async def handle(self, request: Request, call_next: CallNext) -> Response:
         settings = self.settings(request)
-        cached = self._policies.get(id(settings))
-        policy = cached[1] if cached is not None and cached[0] is settings else self.policy(settings)
+        state = request.state
+        retries = state.get(RETRIES)
+        if retries is not None:
+            policy = self.request_policy(settings, retries)
+        else:
+            cached = self._policies.get(id(settings))
+            policy = cached[1] if cached is not None and cached[0] is settings else self.policy(settings)
         budget = self.budgets.get(settings.target)
         if budget is None:
             budget = self.budgets[settings.target] = RetryBudget()
@@ -359,7 +393,6 @@ class Retry(_Layer):
                 replayable = False
         if not replayable and not policy.connect:
             return await call_next(request)
-        state = request.state
         if policy.per_try_timeout:
             state[TRY_TIMEOUT] = policy.per_try_timeout
         attempt = 1

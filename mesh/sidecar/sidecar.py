@@ -2,10 +2,18 @@
 
 ::
 
-    other sidecars ──▶ mesh listener ─┐ (identity, route policy)
+    other sidecars ──▶ mesh listener ─┐ (the certificate's peer)
     outside (expose) ▶ public listener ┴▶ inbound chain ──▶ app (loopback)
+                                           └ a plugin's UPSTREAM ──▶ outbound chain
     app ─────────────▶ outbound listener ▶ outbound chain ─▶ route check ─▶ peer's mesh listener
     operator ────────▶ admin listener (loopback): /healthz /readyz /config /registry
+
+A service's inbound chain starts with the built-in layers of
+`mesh.sidecar.inbound` (identity, route policy, the caller's deadline), then its
+``plugins``; its outbound chain is its ``outbound`` plugins, then the
+built-in layers of `mesh.sidecar.resilience` (deadline, circuit breaker, retry).
+The listeners only record what the connection says (`mesh.sidecar.inbound`):
+the layers decide.
 
 Between sidecars it is mutual TLS: the receiving sidecar takes the caller's
 service from its verified certificate as ``request.peer``, checks route
@@ -17,14 +25,15 @@ Without an `Identity` (``mesh sidecar`` with no ``--tls``) the mesh
 listener is plain HTTP and trusts the caller's ``x-mesh-peer``: for a
 single machine in development only, and said so in the log.
 
-On the way out, a service's outbound chain ends with the built-in layers
-of `mesh.sidecar.resilience` (deadline, circuit breaker, retry), then the terminal
-checks the route, lets the `mesh.sidecar.balancer.Balancer` pick an instance (power
-of two choices, outlier ejection) and sends the request over a pooled
-connection keyed by that instance and its identity. The registry of
-instances comes from ``--registry FILE`` at start and from ``PUT /registry``
-on the admin listener (the controller pushes every change). A deadline
-that arrives in ``x-mesh-deadline-ms`` bounds the call to the app.
+At the end of the outbound chain the terminal checks the route, lets the
+`mesh.sidecar.balancer.Balancer` pick an instance (power of two choices, outlier
+ejection) and sends the request over a pooled connection keyed by that
+instance and its identity. A request an inbound plugin sends to another
+service (``request.state[UPSTREAM]``, as ``router`` does) takes the same
+outbound chain as the app's own calls. The registry of instances comes
+from ``--registry FILE`` at start and from ``PUT /registry`` on the admin
+listener (the controller pushes every change). A deadline that arrives in
+``x-mesh-deadline-ms`` bounds the call to the app.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,23 +53,17 @@ from mesh.errors import UpstreamError
 from mesh.http.client import Endpoint, Limits, Pool
 from mesh.http.headers import PEER_HEADER, request_id, set_forwarded, strip_keeping_upgrade
 from mesh.http.server import Connection, Listener, ServerLimits
+from mesh.keys import AVOID, BACKEND, DEADLINE, LISTENER, RETRIES, TIMEOUT, TRY_TIMEOUT, UPSTREAM
 from mesh.messages import Request, Response
 from mesh.plugin import Context
 from mesh.sidecar.admin import AdminToken, SidecarAdmin
-from mesh.sidecar.balancer import Balancer
+from mesh.sidecar.balancer import Backend, Balancer
 from mesh.sidecar.identity import Identity
+from mesh.sidecar.inbound import INBOUND, Inbound
+from mesh.sidecar.inbound import with_defaults as with_inbound_defaults
 from mesh.sidecar.registry import Registry
-from mesh.sidecar.resilience import (
-    AVOID,
-    BACKEND,
-    DEADLINE,
-    DEADLINE_HEADER,
-    OUTBOUND,
-    TRY_TIMEOUT,
-    Outbound,
-    deadline_from,
-    with_defaults,
-)
+from mesh.sidecar.resilience import DEADLINE_HEADER, OUTBOUND, Outbound, Retry
+from mesh.sidecar.resilience import with_defaults as with_outbound_defaults
 from mesh.sidecar.routes import Policy
 
 __all__ = ["Ports", "Sidecar", "main"]
@@ -113,8 +117,13 @@ class Sidecar:
         self.balancer = Balancer(self.registry, config.defaults.lb, config.defaults.outlier,
                                  endpoint=self._endpoint, choosers=_choosers(config))
         self.outbound_settings = Outbound(config, service)
-        self.inbound = Chain(build_plugins(self.spec.plugin_specs), self._to_app)
-        self.outbound = Chain(with_defaults(build_plugins(self.spec.outbound_specs)), self._to_peer)
+        self.inbound_settings = Inbound(config, service, self.policy)
+        self.inbound = Chain(with_inbound_defaults(build_plugins(self.spec.plugin_specs)), self._to_app)
+        self.outbound = Chain(with_outbound_defaults(build_plugins(self.spec.outbound_specs)), self._to_peer)
+        # A call to the own app that a plugin asked to have retried (request.state[RETRIES]) is retried
+        # by the same layer as outbound calls; by default (no RETRIES) it is never sent twice.
+        self._app_retry = Chain([("mesh.app (retry)", Retry(attempts=1))], self._try_app)
+        self._app_backend = Backend(service, app_host, ports.app, self.app)
         limits = replace(limits or ServerLimits(), underscores_in_headers=self.spec.underscores_in_headers)
         # What protects the app from slow clients applies where requests come in for it.
         inbound = replace(limits, request_buffer=self.spec.request_buffer,
@@ -137,9 +146,11 @@ class Sidecar:
     async def start(self) -> None:
         ctx = Context(service=self.service, mesh=self.config.name, root=self.config.root)
         ctx.state[OUTBOUND] = self.outbound_settings
+        ctx.state[INBOUND] = self.inbound_settings
         await self.inbound.start(ctx)
         try:
             await self.outbound.start(ctx)
+            await self._app_retry.start(ctx)
             for listener in self.listeners.values():
                 await listener.start()
         except BaseException:
@@ -151,6 +162,7 @@ class Sidecar:
         self.ready = False
         for listener in self.listeners.values():
             await listener.stop()
+        await self._app_retry.stop()
         await self.outbound.stop()
         await self.inbound.stop()
         await self.pool.close()
@@ -165,39 +177,49 @@ class Sidecar:
         request.id = request_id(request.headers, request.id)
         request.service = self.service
 
+    # The listeners record what only the connection knows; the inbound chain's layers decide (mesh.sidecar.inbound).
+
     async def _from_outside(self, request: Request, raw: Connection) -> Response:
         request.headers.popall(PEER_HEADER, None)  # SECURITY: only the mesh says who a peer is
+        request.state[LISTENER] = "public"
         self._prepare(request)
         set_forwarded(request.headers, request.client, request.scheme)
         return await self.inbound(request)
 
     async def _from_mesh(self, request: Request, raw: Connection) -> Response:
         if self.identity is not None:
-            peer = self.identity.peer(raw.transport)
-            named = request.headers.popall(PEER_HEADER, None)  # SECURITY: the certificate says who calls
-            if peer == self.service and self.spec.instances is not None and named:
-                # The front of this keyed service checked the caller and names it.
-                peer = named[0]
+            request.peer = self.identity.peer(raw.transport)  # SECURITY: the certificate says who calls
         else:
-            peer = request.headers.get(PEER_HEADER)
+            request.peer = request.headers.get(PEER_HEADER)  # development only: the caller says
+        request.state[LISTENER] = "mesh"
         self._prepare(request)
         set_forwarded(request.headers, request.client, request.scheme)
-        decision = self.policy.check(peer, self.service, request.method, request.path)
-        if not decision.allowed:
-            return short_error(403, decision.reason, request.id)
-        deadline = request.headers.get(DEADLINE_HEADER)
-        if deadline is not None and (deadline := deadline_from(deadline, time.monotonic())) is not None:
-            request.state[DEADLINE] = deadline
-        request.peer = peer
-        if peer:
-            request.headers[PEER_HEADER] = peer
         return await self.inbound(request)
 
-    async def _to_app(self, request: Request) -> Response:
-        upstream = request.state.get("upstream")
+    # The terminals and what they call are plain functions that hand back the pool's coroutine:
+    # the one await on the way to the app or a peer is the caller's.
+
+    def _to_app(self, request: Request) -> Awaitable[Response]:
+        state = request.state
+        upstream = state.get(UPSTREAM)
         if upstream and upstream != self.service:
-            return await self._to_peer(request)
-        timeout = self.timeout
+            # A plugin sends it to another service (router's `to`): a call this service makes, through
+            # its outbound chain (deadline, breaker, retry, balancer) like the app's own calls.
+            return self.outbound.handler(request)
+        if TIMEOUT in state or RETRIES in state:
+            # A plugin bounds or retries this request: the timeout counts from now, all tries included.
+            timeout = state.get(TIMEOUT)
+            if timeout:
+                deadline = time.monotonic() + timeout
+                current = state.get(DEADLINE)
+                if current is None or deadline < current:
+                    state[DEADLINE] = deadline
+            if RETRIES in state:
+                return self._app_retry.handler(request)
+        return self._call_app(request, self.timeout)
+
+    def _call_app(self, request: Request, timeout: float | None) -> Awaitable[Response]:
+        """One call to the app: its head within ``timeout``, and before the request's deadline."""
         deadline = request.state.get(DEADLINE)
         if deadline is not None:
             remaining = deadline - time.monotonic()
@@ -207,18 +229,24 @@ class Sidecar:
                 timeout = remaining
             request.headers[DEADLINE_HEADER] = str(int(remaining * 1000) or 1)
         # How long the app's response body (or a WebSocket) may go quiet: this service's own setting.
-        return await self._forward(self.app, request, timeout, self.spec.stream_idle_timeout)
+        return self._forward(self.app, request, timeout, self.spec.stream_idle_timeout)
 
-    async def _forward(self, endpoint: Endpoint, request: Request, timeout: float | None,
-                       idle: float) -> Response:
+    async def _try_app(self, request: Request) -> Response:
+        """One try of a call to the app that the `Retry` layer may send again (``self._app_retry``)."""
+        state = request.state
+        state[BACKEND] = self._app_backend  # it reached the app: a failure now may be worth a retry
+        return await self._call_app(request, state.get(TRY_TIMEOUT) or self.timeout)
+
+    def _forward(self, endpoint: Endpoint, request: Request, timeout: float | None,
+                 idle: float) -> Awaitable[Response]:
         """Send ``request`` to ``endpoint``: its head within ``timeout``, quiet in its body at most ``idle``.
 
         A WebSocket handshake goes the same way (the pool sends it as it is and, on a valid
         101, returns a tunnel); interim responses go straight to the client (``request._interim``).
         """
-        return await self.pool.request(endpoint, request.method, request.target, request.headers,
-                                       request.body, timeout=timeout, idle_timeout=idle,
-                                       informational=request._interim)
+        return self.pool.request(endpoint, request.method, request.target, request.headers,
+                                 request.body, timeout=timeout, idle_timeout=idle,
+                                 informational=request._interim)
 
     # outbound
 
@@ -233,12 +261,14 @@ class Sidecar:
         request.headers.popall(PEER_HEADER, None)
         self._prepare(request)
         request.peer = self.service
-        request.state["upstream"] = target
+        state = request.state
+        state[LISTENER] = "outbound"
+        state[UPSTREAM] = target
         return await self.outbound(request)
 
     async def _to_peer(self, request: Request) -> Response:
         state = request.state
-        target = state.get("upstream") or ""
+        target = state.get(UPSTREAM) or ""
         if target not in self.config.services:
             raise UpstreamError(502, f"unknown service '{target}'")
         decision = self.policy.check(self.service, target, request.method, request.path)

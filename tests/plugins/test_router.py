@@ -1,13 +1,17 @@
 """The `router` plugin: which rule matches, what it does to the request, where it goes."""
 
 import asyncio
+import time
 from collections import Counter
+from contextlib import asynccontextmanager
 
+import aiohttp
 import pytest
+from aiohttp import web
 
-from mesh import Response, UpstreamError
+from mesh import RETRIES, TIMEOUT, UPSTREAM, Response
 from mesh.options import bind
-from mesh.testing import make_request, run_plugin, stream
+from mesh.testing import make_request, run_mesh, run_plugin, stream
 from mesh_plugins.router import Router, Rule
 
 TOML_EXAMPLE = {"rules": [
@@ -19,7 +23,7 @@ TOML_EXAMPLE = {"rules": [
 
 async def where(request):
     """An upstream that answers with where the request went: service, path and query."""
-    upstream = request.state.get("upstream", "self")
+    upstream = request.state.get(UPSTREAM, "self")
     return Response(200, f"{upstream} {request.target}")
 
 
@@ -168,89 +172,210 @@ async def test_respond_answers_with_status_body_and_headers():
 
 
 # -- timeouts and retries ----------------------------------------------------------
+#
+# The router only says what a request may take: the sidecar's deadline and retry layers
+# (mesh.sidecar.resilience) do it, on the way to another service or to the own app. So these
+# tests go through real sidecars: gateway (the router) and orders.
 
 
-class Flaky:
-    """Answers with ``outcomes`` in turn: a status, ``"hang"``, or an exception."""
+async def test_a_rule_puts_its_timeout_and_retries_on_the_request():
+    seen = {}
+
+    async def upstream(request):
+        seen.update(request.state)
+        return Response(200)
+
+    router = configured({"rules": [{"path": "/*", "to": "orders", "timeout": "2s", "retries": 3,
+                                    "per_try_timeout": "500ms"}]})
+    await run_plugin(router, make_request("GET", "/x"), upstream)
+    assert (seen[UPSTREAM], seen[TIMEOUT]) == ("orders", 2.0)
+    retries = seen[RETRIES]
+    assert (retries.attempts, retries.per_try_timeout, retries.idempotent_only) == (4, 0.5, True)
+    assert retries.on == ["connect-failure", "reset", "timeout", "502", "503", "504"]
+    assert retries.backoff == 0.025 and retries.budget is None  # the rest from the route
+
+    # A rule that sets neither leaves the route's settings alone; `retries = 0` asks for none.
+    seen.clear()
+    await run_plugin(Router([Rule(path="/*", to="orders")]), make_request("GET", "/x"), upstream)
+    assert TIMEOUT not in seen and RETRIES not in seen
+    await run_plugin(Router([Rule(path="/*", to="orders", retries=0)]), make_request("GET", "/x"), upstream)
+    assert seen[RETRIES].attempts == 1
+
+
+class Backend:
+    """An app that answers with ``outcomes`` in turn (a status or ``"hang"``), then 200."""
 
     def __init__(self, *outcomes) -> None:
         self.outcomes = list(outcomes)
         self.bodies = []
-
-    async def __call__(self, request):
-        # Consume the body as a forwarder does: chunk by chunk, once.
-        self.bodies.append(b"".join([chunk async for chunk in request.stream()]))
-        outcome = self.outcomes.pop(0) if self.outcomes else 200
-        if outcome == "hang":
-            await asyncio.sleep(3600)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return Response(outcome, f"try {len(self.bodies)}")
+        self.delay = 0.0
 
     @property
     def calls(self) -> int:
         return len(self.bodies)
 
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            self.bodies.append(await request.read())
+            outcome = self.outcomes.pop(0) if self.outcomes else 200
+            await asyncio.sleep(self.delay)
+            if outcome == "hang":
+                await asyncio.sleep(30)
+                outcome = 200
+            return web.Response(status=outcome, text=f"try {self.calls}")
 
-async def test_timeout_gives_a_short_504():
-    router = Router([Rule(path="/*", to="slow", timeout=0.05)])
-    request = make_request("GET", "/x")
-    response = await run_plugin(router, request, upstream=Flaky("hang"))
-    assert response.status == 504
-    assert request.id in (await response.read()).decode()
-
-
-async def test_idempotent_requests_are_retried_on_502_503_504_and_upstream_errors():
-    router = Router([Rule(path="/*", to="orders", retries=3)])
-    app = Flaky(503, UpstreamError(502, "reset"), 504)
-    response = await run_plugin(router, make_request("GET", "/x"), upstream=app)
-    assert response.status == 200 and app.calls == 4
-
-
-async def test_retries_give_up_with_the_last_answer():
-    router = Router([Rule(path="/*", to="orders", retries=1)])
-    app = Flaky(503, 503, 200)
-    response = await run_plugin(router, make_request("GET", "/x"), upstream=app)
-    assert response.status == 503 and app.calls == 2
-    with pytest.raises(UpstreamError):
-        await run_plugin(router, make_request("GET", "/x"),
-                         upstream=Flaky(UpstreamError(502, "a"), UpstreamError(502, "b")))
+        application = web.Application()
+        application.router.add_route("*", "/{tail:.*}", handle)
+        return application
 
 
-async def test_non_idempotent_requests_are_not_retried():
-    router = Router([Rule(path="/*", to="orders", retries=3)])
-    app = Flaky(503)
-    response = await run_plugin(router, make_request("POST", "/x", body=b"pay"), upstream=app)
-    assert response.status == 503 and app.calls == 1
+ROUTED = """
+[mesh]
+name = "routing"
+{defaults}
+
+[services.gateway]
+command = "x"
+{gateway}
+plugins = [ {{ use = "router", rules = [ {rules} ] }} ]
+
+[services.orders]
+command = "x"
+
+[[routes]]
+from = "gateway"
+to = "orders"
+"""
 
 
-async def test_a_retried_request_sends_its_streamed_body_again():
-    router = Router([Rule(path="/*", to="orders", retries=1)])
-    app = Flaky(503)
-    request = make_request("PUT", "/x", body=stream([b"he", b"llo"]))
-    response = await run_plugin(router, request, upstream=app)
-    assert response.status == 200 and app.bodies == [b"hello", b"hello"]
+@asynccontextmanager
+async def routed(aiohttp_server, rules: str, orders: Backend, own: Backend | None = None, gateway: str = "",
+                 defaults: str = ""):
+    """A gateway whose router has ``rules`` (TOML), in front of ``orders``; yields (url, mesh)."""
+    ports = {"orders": (await aiohttp_server(orders.app())).port,
+             "gateway": (await aiohttp_server((own or Backend()).app())).port}
+    async with run_mesh(ROUTED.format(rules=rules, gateway=gateway, defaults=defaults), ports) as mesh:
+        yield mesh.url("gateway"), mesh
 
 
-async def test_per_try_timeout_retries_a_hanging_try():
-    router = Router([Rule(path="/*", to="orders", retries=2, per_try_timeout=0.05)])
-    app = Flaky("hang", 200)
-    response = await run_plugin(router, make_request("GET", "/x"), upstream=app)
-    assert response.status == 200 and app.calls == 2
+async def fetch(url: str, method: str = "GET", **kwargs) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, url, **kwargs) as response:
+            return response.status, await response.text()
 
 
-async def test_the_overall_timeout_bounds_all_tries():
-    router = Router([Rule(path="/*", to="orders", timeout=0.15, retries=10,
-                          per_try_timeout=0.05)])
-    app = Flaky(*["hang"] * 11)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    response = await run_plugin(router, make_request("GET", "/x"), upstream=app)
-    assert response.status == 504
-    assert app.calls < 11
-    # Eleven tries and their back-off would take over 10 s; a slow machine
-    # may be late to cut them at 0.15 s, but not this late.
-    assert loop.time() - started < 5.0
+async def test_timeout_gives_a_short_504(aiohttp_server):
+    orders = Backend("hang")
+    async with routed(aiohttp_server, '{ path = "/*", to = "orders", timeout = "300ms" }', orders) as (url, _):
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url + "/x", headers={"x-request-id": "req-7"}) as response:
+                status, text = response.status, await response.text()
+        took = time.monotonic() - started
+    assert status == 504 and "request id: req-7" in text
+    assert took < 2.0 and orders.calls == 1  # no time left for a second try
+
+
+async def test_idempotent_requests_are_retried_on_502_503_504(aiohttp_server):
+    orders = Backend(503, 502, 504)
+    async with routed(aiohttp_server, '{ path = "/*", to = "orders", retries = 3 }', orders) as (url, mesh):
+        assert await fetch(url + "/x") == (200, "try 4")
+        retry = dict(mesh.sidecars["gateway"].outbound.plugins)["mesh.defaults (retry)"]
+    assert orders.calls == 4 and retry.retries == 3  # the gateway's outbound retry layer retried
+
+
+async def test_a_failed_connect_is_tried_again_on_another_instance(aiohttp_server, unused_tcp_port):
+    orders = Backend()
+    async with routed(aiohttp_server, '{ path = "/*", to = "orders", retries = 1 }', orders) as (url, mesh):
+        registry = mesh.sidecars["gateway"].registry
+        live = registry.as_dict()["orders"][0]
+        registry.update({**registry.as_dict(), "orders": [f"127.0.0.1:{unused_tcp_port}", live]})
+        results = [await fetch(url + "/x", "POST", data=b"order") for _ in range(10)]
+    # Nothing reached the dead address, so even a POST goes again, to the instance that answers.
+    assert {status for status, _ in results} == {200} and orders.bodies == [b"order"] * 10
+
+
+async def test_retries_give_up_with_the_last_answer(aiohttp_server):
+    orders = Backend(503, 503, 200)
+    async with routed(aiohttp_server, '{ path = "/*", to = "orders", retries = 1 }', orders) as (url, _):
+        assert await fetch(url + "/x") == (503, "try 2")
+    assert orders.calls == 2
+
+
+async def test_non_idempotent_requests_are_not_retried(aiohttp_server):
+    orders = Backend(503)
+    async with routed(aiohttp_server, '{ path = "/*", to = "orders", retries = 3 }', orders) as (url, _):
+        assert (await fetch(url + "/x", "POST", data=b"pay"))[0] == 503
+    assert orders.bodies == [b"pay"]
+
+
+async def test_a_retried_request_sends_its_streamed_body_again(aiohttp_server):
+    orders = Backend(503)
+    async with routed(aiohttp_server, '{ path = "/*", to = "orders", retries = 1 }', orders) as (url, _):
+        status, _ = await fetch(url + "/x", "PUT", data=stream([b"he", b"llo"]), headers={"Content-Length": "5"})
+    assert status == 200 and orders.bodies == [b"hello", b"hello"]
+
+
+async def test_per_try_timeout_retries_a_hanging_try(aiohttp_server):
+    orders = Backend("hang", 200)
+    rule = '{ path = "/*", to = "orders", retries = 2, per_try_timeout = "300ms" }'
+    async with routed(aiohttp_server, rule, orders) as (url, _):
+        assert await fetch(url + "/x") == (200, "try 2")
+
+
+async def test_the_overall_timeout_bounds_all_tries(aiohttp_server):
+    orders = Backend(*["hang"] * 11)
+    rule = '{ path = "/*", to = "orders", timeout = "800ms", retries = 10, per_try_timeout = "200ms" }'
+    async with routed(aiohttp_server, rule, orders) as (url, _):
+        started = time.monotonic()
+        status, _ = await fetch(url + "/x")
+        took = time.monotonic() - started
+    assert status == 504 and 2 <= orders.calls < 11
+    # Eleven tries and their back-off would take over 2 s; a slow machine may be late to cut
+    # them at 0.8 s, but not this late.
+    assert took < 2.5
+
+
+async def test_the_rule_timeout_takes_the_place_of_the_mesh_default(aiohttp_server):
+    orders = Backend()
+    orders.delay = 0.4
+    defaults = 'defaults = { timeout = "100ms", retries = { attempts = 1 } }'
+    rules = '{ path = "/patient", to = "orders", timeout = "5s" }, { path = "/*", to = "orders" }'
+    async with routed(aiohttp_server, rules, orders, defaults=defaults) as (url, _):
+        assert (await fetch(url + "/hasty"))[0] == 504  # [mesh.defaults] timeout: 100ms
+        assert await fetch(url + "/patient") == (200, "try 2")
+
+
+async def test_rules_for_the_own_app_bound_and_retry_the_call_to_it(aiohttp_server):
+    own = Backend(503)
+    rules = '{ path = "/again", retries = 1 }, { path = "/quick", timeout = "300ms" }'
+    async with routed(aiohttp_server, rules, Backend(), own) as (url, _):
+        assert await fetch(url + "/again") == (200, "try 2")
+        own.outcomes = ["hang"]
+        started = time.monotonic()
+        assert (await fetch(url + "/quick"))[0] == 504
+        assert time.monotonic() - started < 2.0
+        own.outcomes = [503]
+        assert await fetch(url + "/plain") == (503, "try 4")  # no rule: the app never gets it twice
+    assert own.calls == 4
+
+
+async def test_calls_to_other_services_take_the_outbound_chain(aiohttp_server):
+    # The gateway's outbound plugins, and the route's retries (attempts = 3 by default), apply.
+    orders = Backend(503)
+    gateway = 'outbound = [ { use = "stamp", value = "out" } ]'
+    async with routed(aiohttp_server, '{ path = "/*", to = "orders" }', orders, gateway=gateway) as (url, mesh):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url + "/x") as response:
+                assert (response.status, await response.text()) == (200, "try 2")
+                assert response.headers["X-Stamp"] == "out"
+        config = mesh.sidecars["gateway"].outbound.plugins
+    assert [name for name, _ in config][0] == "services.gateway.outbound[0] (stamp)"
+    # `retries = 0`: this rule's calls are never retried, whatever the route says.
+    orders = Backend(503)
+    async with routed(aiohttp_server, '{ path = "/*", to = "orders", retries = 0 }', orders) as (url, _):
+        assert (await fetch(url + "/x"))[0] == 503
+    assert orders.calls == 1
 
 
 # -- configuration -----------------------------------------------------------------

@@ -15,10 +15,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from mesh import DEADLINE, RETRIES, TIMEOUT, UPSTREAM, Response, Retries
 from mesh import config as config_mod
 from mesh.errors import ConfigError
 from mesh.options import Duration
-from mesh.sidecar.resilience import DEADLINE, DEADLINE_HEADER, Deadline, Outbound, Retry, RetryBudget
+from mesh.sidecar.resilience import DEADLINE_HEADER, Deadline, Outbound, Retry, RetryBudget
 from mesh.testing import make_request, run_mesh, run_plugin
 
 from .test_balancer import cluster
@@ -312,13 +313,12 @@ async def test_deadline_travels_through_an_app_that_passes_it_on(aiohttp_server)
 
 
 async def test_deadline_layer_takes_the_earlier_of_timeout_and_header():
-    request = make_request(headers={DEADLINE_HEADER: "200"}, state={"upstream": "api"})
+    request = make_request(headers={DEADLINE_HEADER: "200"}, state={UPSTREAM: "api"})
     seen: dict[str, float] = {}
 
     async def upstream(req):
         seen["left"] = req.state[DEADLINE] - time.monotonic()
         seen["header"] = DEADLINE_HEADER in req.headers
-        from mesh import Response
         return Response(200)
 
     await run_plugin(Deadline(timeout=Duration(5)), request, upstream)
@@ -327,6 +327,47 @@ async def test_deadline_layer_takes_the_earlier_of_timeout_and_header():
     assert seen["left"] <= 0.05
     late = await run_plugin(Deadline(), make_request(headers={DEADLINE_HEADER: "0"}), upstream)
     assert late.status == 504
+
+
+async def test_a_requests_own_timeout_wins_over_the_layers_and_the_routes():
+    seen: dict[str, Any] = {}
+
+    async def upstream(req):
+        seen["deadline"] = req.state.get(DEADLINE)
+        return Response(200)
+
+    started = time.monotonic()
+    await run_plugin(Deadline(timeout=Duration(0.05)), make_request(state={UPSTREAM: "api", TIMEOUT: 5.0}), upstream)
+    assert 4.9 < seen["deadline"] - started <= 5.1
+    await run_plugin(Deadline(timeout=Duration(5)), make_request(state={UPSTREAM: "api", TIMEOUT: 0.0}), upstream)
+    assert seen["deadline"] is None  # 0: no timeout at all
+    late = await run_plugin(Deadline(), make_request(headers={DEADLINE_HEADER: "0"}, state={TIMEOUT: 5.0}), upstream)
+    assert late.status == 504  # the caller's earlier deadline still wins
+
+
+async def test_a_requests_own_retries_go_over_the_layers_and_the_routes():
+    tries: list[str] = []
+
+    async def unavailable(req):
+        tries.append(req.method)
+        return Response(503)
+
+    retry = Retry(attempts=2, backoff=Duration(0))
+
+    async def run(method: str = "GET", **state: Any) -> int:
+        tries.clear()
+        await run_plugin(retry, make_request(method, state={UPSTREAM: "api", **state}), unavailable)
+        return len(tries)
+
+    assert await run() == 2  # the layer's option
+    assert await run(**{RETRIES: Retries(attempts=4)}) == 4
+    assert await run(**{RETRIES: Retries(attempts=1)}) == 1
+    assert await run("POST", **{RETRIES: Retries(attempts=4)}) == 1  # idempotent_only, from the route
+    assert await run("POST", **{RETRIES: Retries(attempts=4, idempotent_only=False)}) == 4
+    # Tables made per request do not pile up in the layer's cache.
+    for _ in range(300):
+        await run(**{RETRIES: Retries(attempts=1)})
+    assert len(retry._request_policies) <= 256
 
 
 # a timeout fires once, at its value
