@@ -2,32 +2,38 @@
 
 `Exchange` follows a request from its parsed head to the end of its
 response; `RequestBody` hands its body to the handler chunk by chunk with
-flow control, a minimum rate and ``Expect: 100-continue``; `Reframed`
-parses the body of an upgrade request llhttp stopped at. The connection
-(`mesh.http.server`) owns the socket and its one deadline; the deadline kinds
-below say what a deadline means when it passes.
+flow control (`mesh.http.framing.BodyBuffer`), a minimum rate and
+``Expect: 100-continue``; `Reframed` parses the body of an upgrade request
+llhttp stopped at. The connection (`mesh.http.server`) owns the socket and
+its one deadline (`mesh.http.limits`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
-from mesh.http.framing import HIGH_WATER, LOW_WATER
+from mesh.errors import ClientTimeout
+from mesh.http.framing import HIGH_WATER, BodyBuffer
+from mesh.http.limits import BODY
 from mesh.messages import Request
 
 if TYPE_CHECKING:
+    from mesh.http.receive import RequestReader
     from mesh.http.server import Connection
 
-__all__ = ["BODY", "CONTINUE", "HEAD", "IDLE", "LINGERING", "WRITE", "Exchange", "Reframed", "RequestBody"]
-
-# What a connection's deadline means when it passes.
-HEAD, IDLE, BODY, WRITE, LINGERING = 1, 2, 3, 4, 5
+__all__ = ["CONTINUE", "ClientGone", "Exchange", "Reframed", "RequestBody"]
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _monotonic = time.monotonic
+
+
+class ClientGone(ClientTimeout):
+    """The client went away, or broke its framing, before the end of its request body.
+
+    A `ClientTimeout`, so the chain answers it as one (408, no error log):
+    nobody is left to read the answer anyway.
+    """
 
 
 class Exchange:
@@ -54,7 +60,7 @@ class Exchange:
         return self.request.id if self.request is not None else None
 
 
-class RequestBody:
+class RequestBody(BodyBuffer):
     """A request body as it arrives: an async iterator of chunks, with flow control.
 
     llhttp's chunks are buffered; reading from the socket pauses while more
@@ -69,41 +75,15 @@ class RequestBody:
     request refused without reading its body never has it sent.
     """
 
-    __slots__ = ("_conn", "_exchange", "chunks", "buffered", "complete", "error", "closed",
-                 "expect_continue", "_waiter", "received", "waited", "high_water", "slow")
+    __slots__ = ("_conn", "_exchange", "expect_continue", "waited", "slow")
 
     def __init__(self, conn: Connection, exchange: Exchange) -> None:
+        BodyBuffer.__init__(self)  # (cheaper than super(): one of these per request with a body)
         self._conn = conn
         self._exchange = exchange
-        self.chunks: deque[bytes] = deque()
-        self.buffered = 0
-        self.complete = False
-        self.error: BaseException | None = None
-        self.closed = False
         self.expect_continue = False
-        self._waiter: asyncio.Future[None] | None = None
-        self.received = 0  # bytes in all
         self.waited = 0.0  # seconds spent waiting for the client
-        self.high_water = HIGH_WATER
         self.slow = False  # the current wait is bounded by the minimum rate, not the body timeout
-
-    def __aiter__(self) -> RequestBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        conn = self._conn
-        while True:
-            if self.chunks:
-                chunk = self.chunks.popleft()
-                self.buffered -= len(chunk)
-                if conn.reading_paused and self.buffered <= LOW_WATER:
-                    conn.maybe_resume()
-                return chunk
-            if self.error is not None:
-                raise self.error
-            if self.complete or self.closed:
-                raise StopAsyncIteration
-            await self._wait()
 
     async def fill(self, limit: int) -> bytes | None:
         """Read the whole body if it is at most ``limit`` bytes: its bytes, else None (it streams on).
@@ -115,19 +95,24 @@ class RequestBody:
             while True:
                 if self.error is not None:
                     raise self.error
-                if self.buffered > limit or self.closed:
+                if self.buffered > limit or self.discarded:
                     return None
                 if self.complete:
                     break
-                await self._wait()
+                await self.wait_chunk()
         finally:
             self.high_water = HIGH_WATER
-        data = b"".join(self.chunks)
-        self.chunks.clear()
-        self.buffered = 0
-        return data
+        return self.take_all()
 
-    async def _wait(self) -> None:
+    def pause_sender(self) -> None:
+        self._conn.pause()
+
+    def resume_sender(self) -> None:
+        conn = self._conn
+        if conn.reading_paused:
+            conn.maybe_resume()
+
+    async def wait_chunk(self) -> None:
         """Wait for the next chunk, bounded by the body timeout and the minimum rate."""
         conn = self._conn
         if self.expect_continue:
@@ -144,7 +129,7 @@ class RequestBody:
             if allowed < timeout:
                 timeout = max(allowed, 0.0)
                 self.slow = True
-        waiter = self._waiter = conn.loop.create_future()
+        waiter = self.waiter = conn.loop.create_future()
         conn.body_waiting = self
         conn.arm(BODY, timeout)
         started = _monotonic()
@@ -152,14 +137,9 @@ class RequestBody:
             await waiter
         finally:
             self.waited += _monotonic() - started
-            self._waiter = None
+            self.waiter = None
             conn.body_waiting = None
             conn.disarm(BODY)
-
-    def wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None and not self.complete:
@@ -168,13 +148,13 @@ class RequestBody:
 
     async def aclose(self) -> None:
         """Drop what is buffered and what still arrives (the connection closes after the response)."""
-        self.closed = True
+        self.discarded = True
         self.chunks.clear()
         self.buffered = 0
 
 
 class Reframed:
-    """Parser callbacks after an Upgrade request that carries a body (see `Connection._after_upgrade`).
+    """Parser callbacks after an Upgrade request that carries a body (see `mesh.http.receive`).
 
     The fresh parser is first fed a synthetic head with the request's own
     framing; its callbacks are swallowed here. Then the body goes to the
@@ -183,7 +163,7 @@ class Reframed:
 
     __slots__ = ("conn", "priming")
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: RequestReader) -> None:
         self.conn = conn
         self.priming = True
 

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING
 
 from mesh.chain import short_error
 from mesh.http import websocket
-from mesh.http.exchange import WRITE, Exchange
-from mesh.http.framing import NO_BODY_STATUS, date_line, encode_head
+from mesh.http.exchange import Exchange
+from mesh.http.framing import NO_BODY_STATUS, WriteFlow, date_line, encode_head, write_body
+from mesh.http.limits import WRITE
 from mesh.messages import Response
 
 if TYPE_CHECKING:
-    from mesh.http.server import Listener, ServerLimits
+    from mesh.http.limits import ServerLimits
+    from mesh.http.server import Listener
 
 __all__ = ["ResponseWriter"]
 
@@ -32,7 +34,7 @@ _INLINE_BODY = 64 * 1024  # response bodies up to this size go out in the same w
 _WS_OWN = frozenset({"content-length", "transfer-encoding", "connection", "upgrade", "sec-websocket-accept"})
 
 
-class ResponseWriter:
+class ResponseWriter(WriteFlow):
     """What a listener connection does to answer; the connection supplies the state below."""
 
     listener: Listener
@@ -41,9 +43,7 @@ class ResponseWriter:
     transport: asyncio.Transport
     closed: bool
     handling: bool
-    write_paused: bool
     reading_paused: bool
-    drain_waiter: asyncio.Future[None] | None
     ws_buffer: bytearray | None
     websocket: bool
 
@@ -165,7 +165,7 @@ class ResponseWriter:
                 transport.write(payload)
             if self.write_paused:
                 try:
-                    await self._drain()
+                    await self.drain()
                 except ConnectionError:
                     return False
             return keep
@@ -174,33 +174,15 @@ class ResponseWriter:
 
     async def _stream(self, exchange: Exchange, response: Response, chunked: bool, length: int | None) -> bool:
         """Write a streamed body; False (with the connection aborted) when it broke off."""
-        transport = self.transport
         chunks = response.stream()  # an async generator: aclose() ends it
-        sent = 0
         try:
-            async for chunk in chunks:
-                if self.closed:
-                    raise ConnectionResetError("the client closed the connection")
-                if chunked:
-                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                else:
-                    sent += len(chunk)
-                    # SECURITY: never more than the Content-Length we sent: the rest would be a next response.
-                    if length is not None and sent > length:
-                        raise ValueError("the body is longer than its Content-Length")
-                    transport.write(chunk)
-                if self.write_paused:
-                    await self._drain()
-            if chunked:
-                transport.write(b"0\r\n\r\n")
-            elif length is not None and sent != length:
-                raise ValueError("the body is shorter than its Content-Length")
+            await write_body(self.transport, self, chunks, chunked, length)
         except Exception as exc:
             # The head is out: the only honest signal left is to cut the connection.
             if not self.closed:
                 log.warning("request %s: response body broke off: %s", exchange.request_id,
                             exc or type(exc).__name__)
-            transport.abort()
+            self.transport.abort()
             return False
         finally:
             try:
@@ -209,7 +191,7 @@ class ResponseWriter:
                 log.debug("closing a response body failed", exc_info=True)
         return True
 
-    async def _drain(self) -> None:
+    async def drain(self) -> None:
         """Wait until the client has read enough of what we wrote (bounded by the body timeout)."""
         if self.closed:
             raise ConnectionResetError("the client closed the connection")

@@ -3,22 +3,20 @@
 A `Listener` accepts connections; each is one `_Connection`, an
 ``asyncio.Protocol`` that parses requests with llhttp in its strict default
 mode (no leniency flags), refuses what a proxy must not pass on, builds a
-`Request`, awaits the handler and writes its `Response` back, streaming
-bodies with flow control both ways. Requests on a connection are served one
-at a time and in order (keep-alive, pipelining). A WebSocket handshake is
-checked here; once the handler's upstream answered it with a 101, the 101
-goes to the client and the two connections become one byte tunnel
-(`mesh.http.websocket.Tunnel`). Interim responses (103 Early Hints, ...) that
-arrive before the final one are written to HTTP/1.1 clients as they come.
+`Request` (`mesh.http.receive`), awaits the handler and writes its
+`Response` back (`mesh.http.respond`), streaming bodies with flow control
+both ways. Requests on a connection are served one at a time and in order
+(keep-alive, pipelining). A WebSocket handshake is checked here; once the
+handler's upstream answered it with a 101, the 101 goes to the client and
+the two connections become one byte tunnel (`mesh.http.websocket.Tunnel`).
+Interim responses (103 Early Hints, ...) that arrive before the final one
+are written to HTTP/1.1 clients as they come.
 
-Limits that keep a slow or hostile client from holding a connection
-(`ServerLimits`): a header timeout (from the connection, or from a later
-request's first bytes, to the end of its head), an idle timeout between
-keep-alive requests, a body timeout between chunks of a request body and
-while a client does not read what we write, and caps on the request head
-(414, 431). A timeout is one deadline per connection, set on state changes
-and checked by one sweep per listener a few times a second: no timer and no
-``asyncio.timeout()`` per request.
+Limits keep a slow or hostile client from holding a connection
+(`ServerLimits`, `mesh.http.limits`): header, idle and body timeouts, a
+minimum body rate and caps on the request head. A timeout is one deadline
+per connection, set on state changes and checked by one sweep per listener
+a few times a second: no timer and no ``asyncio.timeout()`` per request.
 
 Errors are our own short plain-text bodies (`mesh.chain.short_error`): no
 library banner, no echo of the request.
@@ -28,25 +26,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import http_parser
-from multidict import CIMultiDict
 
 from mesh.chain import short_error
 from mesh.errors import ClientTimeout
-from mesh.http import websocket
-from mesh.http.exchange import BODY, HEAD, IDLE, LINGERING, WRITE, Exchange, Reframed, RequestBody
-from mesh.http.framing import HIGH_WATER, LOW_WATER
-from mesh.http.paths import BadPath, split_target
+from mesh.http.exchange import ClientGone, Exchange, RequestBody
+from mesh.http.framing import LOW_WATER
+from mesh.http.limits import HEAD, IDLE, LINGERING, Deadline, ServerLimits, Sweep
+from mesh.http.receive import RequestReader
 from mesh.http.respond import ResponseWriter
-from mesh.messages import Request, Response, new_request_id
+from mesh.messages import Request, Response
 
 try:
     import httptools
@@ -61,50 +55,6 @@ log = logging.getLogger("mesh.server")
 RequestHandler = Callable[[Request, Any], Awaitable[Response]]
 
 _LINGER = 2.0  # seconds to read and drop what a client still sends after the response that ends it
-_monotonic = time.monotonic  # deadlines, in seconds
-
-
-# SECURITY: two of these in one request are two readings of it (aiohttp refuses the same list).
-_SINGLETONS = ("Host", "Content-Length", "Transfer-Encoding", "Content-Type", "Content-Location",
-               "Content-Range", "ETag", "Max-Forwards", "Server", "User-Agent")
-_SCHEMES = frozenset({"http", "https", "ws", "wss"})
-_UNDERSCORE = ord("_")  # `int in bytes` is a memchr; `b"_" in bytes` first fails to read b"_" as an int
-# RFC 3986 §3.2.2-3: an IP-literal or a reg-name (unreserved, %-escapes, sub-delims), then an optional
-# port. No userinfo ("a@b"), no whitespace, nothing a later parser could split differently.
-_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?\Z")
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """Per-listener limits (sizes in bytes, times in seconds).
-
-    ``body_timeout`` bounds both the wait for the next chunk of a request
-    body and the wait for a client to read what we write to it. Request
-    bodies up to ``request_buffer`` bytes are read in full before the
-    handler runs; a body still streaming after ``body_grace`` seconds of
-    waiting for it must keep ``request_min_rate`` bytes per second (408
-    otherwise). Header names with ``_`` are dropped unless
-    ``underscores_in_headers`` (spellings of ``x-mesh-*`` always are).
-    """
-
-    max_header_bytes: int = 32 * 1024
-    max_headers: int = 100
-    header_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    body_timeout: float = 60.0
-    drain_timeout: float = 10.0
-    underscores_in_headers: bool = False
-    request_buffer: int = 0  # bodies up to this size are read in full before the handler runs
-    request_min_rate: int = 0  # bytes/s a request body must keep once body_grace has passed (0: none)
-    body_grace: float = 10.0
-
-
-class ClientGone(ClientTimeout):
-    """The client went away, or broke its framing, before the end of its request body.
-
-    A `ClientTimeout`, so the chain answers it as one (408, no error log):
-    nobody is left to read the answer anyway.
-    """
 
 
 def check_parser() -> None:
@@ -125,14 +75,11 @@ def check_parser() -> None:
         raise RuntimeError("httptools (llhttp) is not installed; the sidecar has no HTTP parser to serve with")
 
 
-class _Refused(Exception):
-    """Raised from a parser callback to stop parsing; the status is in ``_Connection.refusal``."""
-
-
-
-
-class _Connection(ResponseWriter, asyncio.Protocol):
+class _Connection(Deadline, ResponseWriter, RequestReader, asyncio.Protocol):
     """One client connection: llhttp parses, the handler serves requests in order, one at a time.
+
+    Its parts are mixins over this one state: `RequestReader` reads,
+    `ResponseWriter` answers, `Deadline` holds its one timeout.
 
     Parsing runs ahead of serving: a pipelined request is parsed while the
     one before it is served, then waits in ``queue`` with reading paused. One
@@ -191,50 +138,6 @@ class _Connection(ResponseWriter, asyncio.Protocol):
         if self.listener.stopping:
             transport.close()  # accepted just as the listener stopped
 
-    def data_received(self, data: bytes) -> None:
-        buffer = self.ws_buffer
-        if buffer is not None:
-            # After a WebSocket handshake, until the tunnel takes over this connection (or it is refused).
-            buffer += data
-            if len(buffer) > HIGH_WATER:
-                self._pause()
-            return
-        parser = self.parser
-        if parser is None:
-            return  # refused or lingering: what the client still sends is dropped
-        # One search per read, not one per header: may a head in these bytes have a name with '_'?
-        # (A head that began in an earlier read keeps that read's answer.)
-        self.underscored = _UNDERSCORE in data or (self.underscored and self.in_head)
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._after_upgrade(data[exc.args[0]:])
-            return
-        except httptools.HttpParserError as exc:
-            refusal, self.refusal = self.refusal, None
-            if refusal is None:
-                if isinstance(exc, httptools.HttpParserCallbackError):
-                    log.error("%s listener: parsing a request failed", self.listener.name,
-                              exc_info=exc.__context__ or exc)
-                    refusal = (500, "internal error")
-                else:
-                    log.debug("%s listener: malformed request: %s", self.listener.name, exc)
-                    refusal = (400, "malformed request")
-            self._refuse(*refusal)
-            return
-        if self.in_head:
-            if self.deadline_kind == IDLE:
-                # A request began and its head is still coming (most heads come whole, in one read).
-                self.arm(HEAD, self.limits.header_timeout)
-            # llhttp hands us a header only once its line ends: bound a head that never ends by
-            # counting the reads it spans (from the one after it began: that one may hold more).
-            if self.head_pending < 0:
-                self.head_pending = 0
-            else:
-                self.head_pending += len(data)
-                if self.head_pending > self.max_head:
-                    self._refuse(431, "request headers too large")
-
     # (No eof_received: as in nginx, a client's EOF means it left. The transport closes and
     # connection_lost cancels the work in flight; a half-closed client gets no answer.)
 
@@ -243,214 +146,18 @@ class _Connection(ResponseWriter, asyncio.Protocol):
         self.listener._closed(self)
         if self.receiving is not None and self.receiving.body is not None:
             self.receiving.body.fail(ClientGone("the client closed the connection before the end of its body"))
-        if self.drain_waiter is not None and not self.drain_waiter.done():
-            self.drain_waiter.set_exception(ConnectionResetError("the client closed the connection"))
+        self.drain_lost("the client closed the connection")
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)  # the idle serving task ends
         if self.task is not None and self.handling:
             self.task.cancel()  # nobody is waiting for this answer: stop the work behind it
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        waiter = self.drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    # llhttp callbacks (no on_message_begin: one callback fewer per request; on_url starts a head)
-
-    def on_url(self, url: bytes) -> None:
-        if not self.in_head:
-            self.in_head = True
-            self.head_pending = -1
-        self.url += url
-        self.head_size += len(url)
-        if self.head_size > self.max_head:
-            self._stop(414, "request line too long")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        raw = self.raw_headers
-        raw.append((name, value))
-        # llhttp has no limit of its own on a head's size: count as we go.
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.max_head:
-            self._stop(431, "request headers too large")
-        if len(raw) > self.max_headers:
-            self._stop(431, "too many request headers")
-
-    def on_headers_complete(self) -> None:
-        url, raw = self.url, self.raw_headers
-        self.in_head = False
-        self.url = b""
-        self.raw_headers = []
-        self.head_size = 0
-        parser = self.parser
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            self._stop(400, "unsupported HTTP version")
-        method = parser.get_method().decode("ascii")
-        if method == "CONNECT":
-            self._stop(405, "CONNECT tunnels are not supported; call http://<service>/")
-        target = url.decode("latin-1")  # llhttp admits ASCII only in a request-target
-        authority = None
-        if target[0] == "/":
-            try:
-                path, query = split_target(target)
-            except BadPath as exc:
-                self._stop(400, str(exc))
-        elif target == "*" and method == "OPTIONS":
-            path, query = "*", ""  # asterisk-form: for the app to answer (RFC 9112 §3.2.4)
-        else:
-            # Absolute-form (RFC 9112 §3.2.2): what a client sends through a proxy (HTTP_PROXY),
-            # accepted by every server. The authority replaces any Host header.
-            scheme, sep, rest = target.partition("://")
-            if not sep or scheme.lower() not in _SCHEMES:
-                self._stop(400, "bad request-target")
-            authority, target = _split_absolute(rest)
-            if not authority or not _HOST.match(authority):
-                self._stop(400, "bad request-target")
-            try:
-                path, query = split_target(target)
-            except BadPath as exc:
-                self._stop(400, str(exc))
-        if self.underscored:
-            raw = self._without_underscores(raw)
-        headers = CIMultiDict([(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw])
-        if len(raw) > 1 and len({n.lower() for n, _ in raw}) < len(raw):
-            for name in _SINGLETONS:
-                if len(headers.getall(name, ())) > 1:
-                    self._stop(400, f"more than one {name} header")
-        if authority is not None:
-            headers["Host"] = authority
-        else:
-            # SECURITY: RFC 9112 §3.2: no Host, or an invalid one, is 400; which host a request
-            # names must never be a matter of interpretation (two Hosts were refused above).
-            host = headers.get("Host")
-            if host is None:
-                if version == "1.1":
-                    self._stop(400, "no Host header")
-            elif not _HOST.match(host):
-                self._stop(400, "invalid Host header")
-        exchange = Exchange(method, version, parser.should_keep_alive())
-        length = headers.get("Content-Length")
-        chunked = "Transfer-Encoding" in headers  # llhttp admits only a final "chunked" in a request
-        body = None
-        if chunked or (length is not None and int(length) > 0):
-            body = exchange.body = RequestBody(self, exchange)
-        expect = headers.get("Expect")
-        if expect is not None and expect.lower() == "100-continue":
-            del headers["Expect"]  # we answer it; the app sees a plain request
-            if body is not None and version == "1.1":
-                body.expect_continue = True
-        if parser.should_upgrade():
-            exchange.upgrade = True
-            if headers.get("Upgrade", "").strip().lower() == "websocket":
-                key = headers.get("Sec-WebSocket-Key")
-                if (method != "GET" or body is not None or not websocket.valid_key(key)
-                        or headers.get("Sec-WebSocket-Version", "").strip() != "13"):
-                    self._stop(400, "bad WebSocket handshake")
-                exchange.websocket_key = key
-            elif body is not None:
-                exchange.framing = (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" if chunked else
-                                    b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % int(length))  # type: ignore[arg-type]
-        exchange.request = Request(
-            method, path, query=query, headers=headers, body=b"" if body is None else body,
-            client=self.client, scheme=self.scheme, id=new_request_id(), version=version)
-        self.last = exchange if exchange.upgrade else None
-        # llhttp ends an upgrade request at its head: its body, if any, comes through _after_upgrade.
-        self.receiving = exchange if body is not None and not exchange.upgrade else None
-        self._dispatch(exchange)
-
-    def on_body(self, chunk: bytes) -> None:
-        body = self.receiving.body  # type: ignore[union-attr]
-        assert body is not None  # llhttp calls on_body only for a request it framed with a body
-        if body.closed:
-            return
-        body.chunks.append(chunk)
-        body.buffered += len(chunk)
-        body.received += len(chunk)
-        if body.buffered > body.high_water:
-            self._pause()
-        body.wake()
-
-    def on_message_complete(self) -> None:
-        exchange = self.receiving
-        if exchange is not None:
-            self.receiving = None
-            exchange.body.complete = True  # type: ignore[union-attr]
-            exchange.body.wake()  # type: ignore[union-attr]
-
-    # parsing helpers
-
-    def _without_underscores(self, raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """Drop header names with '_' (unless allowed); never a spelling of a header the mesh sets.
-
-        SECURITY: CGI and WSGI stacks read ``X_Mesh_Peer`` and ``X-Mesh-Peer`` as the same
-        ``HTTP_X_MESH_PEER``: a client could forge what the mesh vouches for. nginx drops them too.
-        """
-        allow = self.limits.underscores_in_headers
-        kept = []
-        for name, value in raw:
-            if _UNDERSCORE in name:
-                if not allow or name.replace(b"_", b"-").lower().startswith(b"x-mesh-"):
-                    log.debug("%s listener: dropped header %r (underscore)", self.listener.name, name)
-                    continue
-            kept.append((name, value))
-        return kept
-
-    def _stop(self, status: int, reason: str) -> None:
-        """From a parser callback: stop parsing and answer ``status``."""
-        self.refusal = (status, reason)
-        raise _Refused(reason)
-
-    def _refuse(self, status: int, reason: str) -> None:
-        """Parse no more: answer with a short error in this request's turn, then close."""
-        log.debug("%s listener: refused a request: %d %s", self.listener.name, status, reason)
-        self.parser = None
-        self.in_head = False
-        self._pause()
-        exchange = self.receiving
-        if exchange is not None:
-            self.receiving = None
-            if exchange in self.queue:
-                self.queue.remove(exchange)  # its framing broke before its turn: no handler sees it
-            else:
-                # The handler already has it: whatever it answers, this request gets the 400.
-                exchange.bad_body = True
-                exchange.body.fail(ClientGone("malformed request body"))  # type: ignore[union-attr]
-        refusal = Exchange("GET", "1.1", False)
-        refusal.refusal = (status, reason)
-        self._dispatch(refusal)
-
-    def _after_upgrade(self, rest: bytes) -> None:
-        """llhttp stopped at the end of an Upgrade request's head; ``rest`` is what followed it."""
-        exchange = self.last
-        if self.parser is None or exchange is None or not exchange.upgrade:
-            return
-        if exchange.websocket_key is not None:
-            # SECURITY: what follows a WebSocket handshake is frames, never HTTP: kept for the
-            # WebSocket, dropped with the connection if the upgrade is refused.
-            self.parser = None
-            self.ws_buffer = bytearray(rest)
-            return
-        if exchange.body is not None:
-            # Another protocol (h2c, ...): served as a plain request, but llhttp left its body
-            # unparsed. SECURITY: never parse that body as requests. A fresh parser, primed with a
-            # head of the same framing, reads the body into this request, then the requests after it.
-            self.parser = httptools.HttpRequestParser(Reframed(self))
-            self.parser.feed_data(exchange.framing)
-            self.receiving = exchange
-        if rest:
-            self.data_received(rest)
-
     # serving
 
-    def _dispatch(self, exchange: Exchange) -> None:
+    def dispatch(self, exchange: Exchange) -> None:
         self.queue.append(exchange)
         if self.busy:
-            self._pause()  # one request at a time: hold the next ones (and the socket) until it is done
+            self.pause()  # one request at a time: hold the next ones (and the socket) until it is done
             return
         self.busy = True
         self.deadline = 0.0
@@ -486,7 +193,7 @@ class _Connection(ResponseWriter, asyncio.Protocol):
                 else:
                     self.arm(IDLE, self.limits.idle_timeout)
                 waiter = self.wakeup = self.loop.create_future()
-                await waiter  # _dispatch, or connection_lost
+                await waiter  # dispatch, or connection_lost
                 self.wakeup = None
                 if self.closed:
                     return
@@ -567,9 +274,9 @@ class _Connection(ResponseWriter, asyncio.Protocol):
         if self.transport is not None and not self.closed and not self.transport.is_closing():
             self.transport.abort()
 
-    # flow control and deadlines
+    # flow control
 
-    def _pause(self) -> None:
+    def pause(self) -> None:
         if not self.reading_paused and not self.closed:
             self.reading_paused = True
             self.transport.pause_reading()
@@ -588,39 +295,6 @@ class _Connection(ResponseWriter, asyncio.Protocol):
             return
         self._resume()
 
-    def arm(self, kind: int, seconds: float) -> None:
-        self.deadline = _monotonic() + seconds
-        self.deadline_kind = kind
-
-    def disarm(self, kind: int) -> None:
-        if self.deadline_kind == kind:
-            self.deadline = 0.0
-            self.deadline_kind = 0
-
-    def timed_out(self) -> None:
-        """The deadline passed (called by the listener's sweep)."""
-        kind = self.deadline_kind
-        self.deadline = 0.0
-        self.deadline_kind = 0
-        if kind == BODY:
-            body = self.body_waiting
-            if body is not None:
-                limits = self.limits
-                if body.slow:
-                    body.fail(ClientTimeout(f"the request body came slower than "
-                                            f"{limits.request_min_rate} bytes/s"))
-                else:
-                    body.fail(ClientTimeout(f"no request body data for {limits.body_timeout:g}s"))
-        elif kind == WRITE:
-            log.debug("%s listener: a client read nothing for %gs: closing", self.listener.name,
-                      self.limits.body_timeout)
-            self.transport.abort()
-        else:
-            if kind == HEAD:
-                log.debug("%s listener: no complete request head in %gs: closing", self.listener.name,
-                          self.limits.header_timeout)
-            self.transport.close()
-
     def shutdown(self) -> None:
         """The listener stops: close now if idle, else after the response in flight."""
         if not self.busy:
@@ -633,23 +307,9 @@ class _Connection(ResponseWriter, asyncio.Protocol):
             self.task.cancel()
         self._abort()
 
-    # WebSocket
 
 # What a handler gets as its second argument: ``.transport`` has the peer certificate.
 Connection = _Connection
-
-
-def _split_absolute(rest: str) -> tuple[str, str]:
-    """``svc:80/p?q`` (an absolute-form target after ``http://``) -> (``svc:80``, ``/p?q``)."""
-    end = len(rest)
-    for sep in "/?":
-        i = rest.find(sep)
-        if 0 <= i < end:
-            end = i
-    target = rest[end:]
-    if not target.startswith("/"):
-        target = "/" + target
-    return rest[:end], target
 
 
 class Listener:
@@ -674,12 +334,8 @@ class Listener:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_Connection] = set()
-        self._sweeper: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None
-        limits = self.limits
-        # Deadlines are checked this often: a timeout fires at most a tick late.
-        self._tick = max(0.05, min(0.5, limits.header_timeout / 4, limits.idle_timeout / 4,
-                                   limits.body_timeout / 4))
+        self._sweep = Sweep(name, self.limits, self._connections)
 
     async def start(self) -> None:
         check_parser()
@@ -721,9 +377,7 @@ class Listener:
                 await server.wait_closed()
         except TimeoutError:
             pass
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        self._sweep.cancel()
 
     @property
     def address(self) -> str:
@@ -731,22 +385,9 @@ class Listener:
 
     def _opened(self, conn: _Connection) -> None:
         self._connections.add(conn)
-        if self._sweeper is None:
-            self._sweeper = self.loop.call_later(self._tick, self._sweep)
+        self._sweep.start(self.loop)
 
     def _closed(self, conn: _Connection) -> None:
         self._connections.discard(conn)
         if not self._connections and self._all_closed is not None:
             self._all_closed.set()
-
-    def _sweep(self) -> None:
-        """Act on every connection whose deadline passed; runs while there are connections."""
-        now = _monotonic()
-        for conn in list(self._connections):
-            if conn.deadline and conn.deadline <= now:
-                try:
-                    conn.timed_out()
-                except Exception:
-                    log.exception("%s listener: a connection's timeout failed", self.name)
-                    conn.abort()
-        self._sweeper = self.loop.call_later(self._tick, self._sweep) if self._connections else None
