@@ -2,15 +2,20 @@
 
 The process runtime is always there; the Docker runtime is imported only
 when asked for, so a mesh on local processes never loads the Docker SDK.
+A new runtime (`mesh.control.runtimes.base` says what it implements) is one
+more name here.
 """
 
 from __future__ import annotations
 
 from mesh.config import MeshConfig
-from mesh.control.runtimes.base import OnExit, Output, ProcessRuntime, Runtime, RuntimeUnavailable
+from mesh.control.runtimes.base import OnExit, Output, Runtime, RuntimeUnavailable
+from mesh.control.runtimes.process import ProcessRuntime
 from mesh.sidecar import admin
 
-__all__ = ["get_runtime", "runtime_class"]
+__all__ = ["RUNTIMES", "get_runtime", "runtime_class"]
+
+RUNTIMES = ("process", "docker")
 
 
 def runtime_class(name: str) -> type[Runtime]:
@@ -21,7 +26,7 @@ def runtime_class(name: str) -> type[Runtime]:
         from mesh.control.runtimes.docker import DockerRuntime  # here: the process runtime needs no docker SDK
 
         return DockerRuntime
-    raise RuntimeUnavailable(f"unknown runtime {name!r} (expected 'process' or 'docker')")
+    raise RuntimeUnavailable(f"unknown runtime {name!r} (expected {' or '.join(map(repr, RUNTIMES))})")
 
 
 def get_runtime(name: str, config: MeshConfig, *, output: Output, on_exit: OnExit,

@@ -18,17 +18,10 @@
     │  other sidecars' mesh listeners.                                              │
     └────────────────────────────────────────────────────────────────────────────────┘
 
-Per mesh, two networks, both labelled and made by the first instance to start:
-
-- ``mesh-<name>`` (``internal``): sidecars reach each other here, by an alias
-  each has on this network only (``<service>-<index>.<name>:15001`` is an
-  instance's address in the registry). Nothing on it reaches outside.
-- ``mesh-<name>-edge``: Docker publishes ports only from a network that is not
-  internal, so every sidecar is attached here too, only so that its admin
-  listener (an ephemeral port) and, when exposed, its public listener
-  (``expose``) are published on the host's 127.0.0.1. Containers on it cannot
-  reach each other (``enable_icc=false``) nor, un-masqueraded, the outside; the
-  namespace firewall refuses new connections out of it anyway.
+Per mesh, two networks (`mesh.control.docker.networks`), both labelled and made
+by the first instance to start: ``mesh-<name>`` (internal), where sidecars reach
+each other by an alias each has there only, and ``mesh-<name>-edge``, only so
+that Docker publishes the admin and public listeners on the host's 127.0.0.1.
 
 Keyed services (`mesh.control.keyed`): the controller runs each one's front on the
 mesh network's gateway IP (the host's side of the bridge; `front_host` makes
@@ -37,30 +30,11 @@ firewall lets sidecars out to the gateway on the fronts' ports only
 (`allow_front`); the front reaches a key's instance at its IP on the mesh
 network (`reach`), which the mesh listener takes since the gateway is in the subnet.
 
-The admin listener stays on the namespace's loopback; the firewall forwards
-(DNAT) what arrives from the edge network's gateway (the host's side of the
-published port) to it, which needs ``route_localnet`` in the namespace; packets
-that claim a loopback destination from outside are dropped first (the
-CVE-2020-8558 rule). The app's health is checked from inside the namespace, by
-a short ``docker exec`` of Python in the sidecar container, so the app's port is
-never published anywhere.
-
-The sidecar container mounts, read-only: the folder of mesh.toml at
-``/mesh/config`` (plugins, files that options name; its ``.mesh`` state folder
-hidden under an empty tmpfs, since it holds the mesh CA key), the instance's
-certificate folder at ``/mesh/tls``, registry.json at ``/mesh/registry.json``
-and the run's admin token (`mesh.sidecar.admin`) at ``/mesh/admin.token``.
-The app container mounts none of these; it gets ``PORT``, ``HTTP_PROXY``/``NO_PROXY``,
-``MESH_SERVICE``, ``MESH_INSTANCE`` and the service's ``env``, the service's
-``cpus`` and ``memory`` as limits, and no ``NET_RAW`` (no raw sockets in the
-namespace it shares).
-
-Every container and network carries labels (`LABEL_MESH`, `LABEL_STATE`: the
-state folder of the mesh, `LABEL_RUN`, `LABEL_SERVICE`, `LABEL_INSTANCE`,
-`LABEL_ROLE`), so `mesh ps` (`refresh_status`) and `mesh down` (`sweep`) find
-them without the controller, after a crash too, and touch nothing else.
-Images carry ``mesh.mesh`` too, and containers inherit image labels, so a
-container is this mesh's only with this mesh's `LABEL_STATE` and a `LABEL_ROLE`.
+The namespace's firewall is `mesh.control.docker.firewall`; the containers'
+mounts, environment, limits and health probe `mesh.control.docker.containers`;
+their names and labels `mesh.control.docker.layout`; what `mesh ps` and
+`mesh down` ask of the engine without a controller `mesh.control.docker.status`;
+the images `mesh.control.docker.images`.
 """
 
 from __future__ import annotations
@@ -68,19 +42,43 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import logging
-import re
-import sys
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mesh.config import MeshConfig
 from mesh.control.docker import images
+from mesh.control.docker.containers import (
+    ContainerInstance,
+    LogFollower,
+    app_spec,
+    config_problems,
+    probe_command,
+    sidecar_spec,
+)
+from mesh.control.docker.firewall import FIREWALL_MARKER
+from mesh.control.docker.layout import (
+    ADMIN_PORT,
+    APP_GRACE,
+    DEFAULT_APP_PORT,
+    LABEL_INSTANCE,
+    LABEL_KEY,
+    LABEL_MESH,
+    LABEL_ROLE,
+    LABEL_RUN,
+    LABEL_SERVICE,
+    LABEL_STATE,
+    MESH_PORT,
+    OUTBOUND_PORT,
+    PUBLIC_PORT,
+    SIDECAR_GRACE,
+    container_name,
+    mesh_alias,
+)
+from mesh.control.docker.networks import Network, create_networks
+from mesh.control.docker.status import print_line, refresh_status, remove_owned, sweep
 from mesh.control.runtimes.base import (
     TAIL_LINES,
     Instance,
@@ -89,230 +87,16 @@ from mesh.control.runtimes.base import (
     Runtime,
     StartFailed,
     instance_label,
+    output_label,
 )
 from mesh.sidecar import admin
 
 if TYPE_CHECKING:
     import docker
 
-__all__ = [
-    "ADMIN_PORT", "DockerRuntime", "MESH_PORT", "OUTBOUND_PORT", "PUBLIC_PORT", "build_images",
-    "container_name", "firewall_rules", "memory_bytes", "mesh_alias", "network_names", "refresh_status",
-    "sweep",
-]
+__all__ = ["DockerRuntime", "build_images"]
 
 log = logging.getLogger("mesh.docker")
-
-# Where the sidecar listens inside an instance; the app may use any other port.
-ADMIN_PORT = 15000
-MESH_PORT = 15001
-OUTBOUND_PORT = 15002
-PUBLIC_PORT = 15080
-SIDECAR_PORTS = (ADMIN_PORT, MESH_PORT, OUTBOUND_PORT, PUBLIC_PORT)
-DEFAULT_APP_PORT = 8000
-
-CONFIG_MOUNT = "/mesh/config"
-TLS_MOUNT = "/mesh/tls"
-REGISTRY_MOUNT = "/mesh/registry.json"
-ADMIN_TOKEN_MOUNT = "/mesh/admin.token"
-
-LABEL_MESH = images.LABEL_MESH      # mesh.mesh: the mesh's name
-LABEL_STATE = "mesh.state"          # the mesh's state folder: which mesh.toml's mesh this is
-LABEL_RUN = "mesh.run"              # the `mesh up` run that made it
-LABEL_SERVICE = images.LABEL_SERVICE
-LABEL_INSTANCE = "mesh.instance"    # the instance's number
-LABEL_ROLE = "mesh.role"            # sidecar | app (containers), mesh | edge (networks)
-LABEL_KEY = "mesh.key"              # a keyed instance's label (`keyed.key_label`: a hash, never the key)
-
-SIDECAR_GRACE = 15.0  # a sidecar drains requests in flight for up to 10s
-APP_GRACE = 5.0
-
-FIREWALL_MARKER = "mesh-firewall: installed"
-
-# The sidecar container's entrypoint: the firewall first, then the sidecar without NET_ADMIN.
-# iptables-restore --noflush: Docker's embedded DNS keeps its own nat rules in the namespace.
-_ENTRYPOINT = r"""set -e
-restore() {  # restore FAMILY RULES: the nf_tables backend, else the legacy one
-  printf '%s' "$2" | "$1-restore" --noflush 2>/tmp/mesh-firewall.err \
-    || printf '%s' "$2" | "$1-legacy-restore" --noflush \
-    || { cat /tmp/mesh-firewall.err >&2; echo "mesh-firewall: $1 refused the rules" >&2; exit 70; }
-}
-restore iptables "$MESH_FIREWALL"
-if [ "$(cat /proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null || echo 1)" = 0 ]; then
-  restore ip6tables "$MESH_FIREWALL6"
-fi
-echo "mesh-firewall: installed; from outside this instance only the sidecar's listeners answer" >&2
-exec setpriv --inh-caps=-net_admin --bounding-set=-net_admin -- "$@"
-"""
-
-# Run with `python3 -I -S -c` in the sidecar container (it shares the app's loopback):
-# argv: port, health path ("-": a TCP connect is enough), seconds to keep trying.
-_PROBE = r"""
-import socket, sys, time
-port, path, wait = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
-deadline = time.monotonic() + wait
-last = "nothing answered"
-while True:
-    try:
-        left = max(0.2, min(2.0, deadline - time.monotonic()))
-        with socket.create_connection(("127.0.0.1", port), timeout=left) as sock:
-            if path == "-":
-                sys.exit(0)
-            sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n"
-                          % (path, port)).encode())
-            line = sock.makefile("rb").readline(8192).decode("latin-1").strip()
-            if line.split()[1:2] == ["200"]:
-                sys.exit(0)
-            last = "GET %s answered %r" % (path, line)
-    except OSError as exc:
-        last = "%s: %s" % (type(exc).__name__, exc)
-    if time.monotonic() >= deadline:
-        print(last)
-        sys.exit(1)
-    time.sleep(0.1)
-"""
-
-
-# --- names, limits, rules: pure helpers -----------------------------------------------------------
-
-def container_name(mesh: str, service: str, index: int, role: str = "sidecar") -> str:
-    """``mesh-<mesh>-<service>-<index>`` for a sidecar (also its name on the mesh network),
-    with ``-app`` for its app. The index ends in digits, so no two instances share a name."""
-    base = f"mesh-{mesh}-{service}-{index}"
-    return base if role == "sidecar" else f"{base}-{role}"
-
-
-def mesh_alias(mesh: str, service: str, index: int) -> str:
-    """An instance's name on the mesh network only (``<service>-<index>.<mesh>``), its host in the registry.
-
-    Not the container's name: that one resolves on the edge network too, to an
-    address the namespace firewall rightly refuses to call.
-    """
-    return f"{service}-{index}.{mesh}"
-
-
-def network_names(mesh: str) -> dict[str, str]:
-    """The two networks of a mesh: ``mesh`` (internal, between sidecars) and ``edge`` (publishing)."""
-    return {"mesh": f"mesh-{mesh}", "edge": f"mesh-{mesh}-edge"}
-
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-MIN_MEMORY = 6 << 20  # Docker refuses less
-
-
-def memory_bytes(text: str | int) -> int:
-    """``"512m"``, ``"512MB"``, ``"512MiB"``, ``"1.5g"`` or a number of bytes, in bytes (binary units,
-    as Docker counts them). Raises ValueError saying what it expected."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        match = _MEMORY.match(str(text))
-        if not match:
-            raise ValueError(f"expected a size like '256m', '1g' or '512MiB', found {text!r}")
-        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if value < MIN_MEMORY:
-        raise ValueError(f"expected at least 6m (Docker's minimum), found {text!r}")
-    return value
-
-
-def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *,
-                   public: bool, fronts: Sequence[int] = ()) -> tuple[str, str]:
-    """The iptables-restore input (IPv4, IPv6) installed in an instance's network namespace.
-
-    In: loopback; replies; the mesh listener from the mesh network; the admin
-    listener and (``public``) the public listener from the edge gateway, that is
-    through their ports published on the host. Everything else is refused, the
-    app's port first of all. Out: loopback, replies, other sidecars' mesh
-    listeners and, on the mesh network's gateway (the host's side of it), only
-    the ``fronts`` ports: the keyed services' fronts, which the controller runs
-    there. Nothing inside reaches the admin port: it is the controller's, from
-    the host, and the app shares this namespace. IPv6 (when the namespace has
-    it at all): loopback (but the admin port) and replies only.
-    """
-    admin = f"{ADMIN_PORT}"
-    v4 = [
-        "*raw",
-        # SECURITY: route_localnet is on (for the admin DNAT below), so a packet from another
-        # container addressed to 127.0.0.1 would otherwise reach loopback-only listeners.
-        "-A PREROUTING ! -i lo -d 127.0.0.0/8 -j DROP",
-        "COMMIT",
-        "*nat",
-        f"-A PREROUTING -s {edge_gateway}/32 -p tcp --dport {admin} "
-        f"-j DNAT --to-destination 127.0.0.1:{admin}",
-        "COMMIT",
-        "*filter",
-        "-A INPUT -i lo -j ACCEPT",
-        "-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-        f"-A INPUT -d 127.0.0.1/32 -p tcp --dport {admin} -m conntrack --ctstate DNAT -j ACCEPT",
-        f"-A INPUT -s {mesh_subnet} -p tcp --dport {MESH_PORT} -j ACCEPT",
-    ]
-    if public:
-        v4.append(f"-A INPUT -s {edge_gateway}/32 -p tcp --dport {PUBLIC_PORT} -j ACCEPT")
-    v4 += [
-        # SECURITY: the app's port (and any other) is refused, however the app binds.
-        "-A INPUT -p tcp -j REJECT --reject-with tcp-reset",
-        "-A INPUT -j DROP",
-        # SECURITY: nothing in the namespace (the app, whatever its uid) opens a connection to the
-        # admin port; the controller's come in from the edge gateway (DNAT above), not from here.
-        f"-A OUTPUT -o lo -p tcp --dport {admin} -j REJECT --reject-with tcp-reset",
-        "-A OUTPUT -o lo -j ACCEPT",
-        "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-        *(f"-A OUTPUT -d {mesh_gateway}/32 -p tcp --dport {int(port)} -j ACCEPT" for port in fronts),
-        f"-A OUTPUT -d {mesh_gateway}/32 -j REJECT",
-        f"-A OUTPUT -d {mesh_subnet} -p tcp --dport {MESH_PORT} -j ACCEPT",
-        "-A OUTPUT -p tcp -j REJECT --reject-with tcp-reset",
-        "-A OUTPUT -j REJECT",
-        "COMMIT",
-    ]
-    v6 = [
-        "*filter",
-        "-A INPUT -i lo -j ACCEPT",
-        "-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-        "-A INPUT -p ipv6-icmp -j ACCEPT",
-        "-A INPUT -j DROP",
-        f"-A OUTPUT -o lo -p tcp --dport {admin} -j REJECT --reject-with tcp-reset",
-        "-A OUTPUT -o lo -j ACCEPT",
-        "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-        "-A OUTPUT -p ipv6-icmp -j ACCEPT",
-        "-A OUTPUT -j REJECT",
-        "COMMIT",
-    ]
-    return "\n".join(v4) + "\n", "\n".join(v6) + "\n"
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-# --- the runtime ----------------------------------------------------------------------------------
-
-@dataclass
-class ContainerInstance(Instance):
-    """An `Instance` whose mesh listener is on the mesh network, by its alias there (`mesh_alias`).
-
-    ``ports``: ``app`` and ``outbound`` inside the instance's namespace, ``mesh``
-    on the mesh network, ``admin`` and ``public`` on the host's 127.0.0.1 (0 until
-    published). ``containers``: role -> its container's ``name`` and ``id`` (None until
-    created); ``mesh_ip``: its IP on the mesh network once started.
-    """
-
-    containers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    mesh_ip: str | None = None
-
-    def state_fields(self) -> dict[str, Any]:
-        return {**super().state_fields(), "containers": self.containers}
-
-    def addresses(self) -> dict[str, str]:
-        found = {"app": f"127.0.0.1:{self.ports['app']}", "mesh": self.mesh_address,
-                 "outbound": f"127.0.0.1:{self.ports['outbound']}"}
-        if self.ports.get("admin"):
-            found["admin"] = f"127.0.0.1:{self.ports['admin']}"
-        return found
 
 
 def _containers(instance: Instance) -> ContainerInstance:
@@ -335,62 +119,10 @@ class _Slot:
     removed: bool = False
 
 
-@dataclass
-class _Network:
-    id: str
-    name: str
-    subnet: str
-    gateway: str
-
-
-class _LogFollower(threading.Thread):
-    """Follows one container's output on a thread of its own (a stream blocks until the container ends)."""
-
-    def __init__(self, client: docker.DockerClient, container_id: str,
-                 on_line: Callable[[str], None], loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(name=f"mesh-logs-{container_id[:12]}", daemon=True)
-        self.client = client
-        self.container_id = container_id
-        self.on_line = on_line
-        self.loop = loop
-        self.stream: Any = None
-        self.closed = False
-
-    def run(self) -> None:
-        pending = b""
-        try:
-            self.stream = self.client.api.logs(self.container_id, stream=True, follow=True,
-                                               stdout=True, stderr=True)
-            if self.closed:
-                return
-            for chunk in self.stream:
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    self._emit(line)
-        except Exception:  # noqa: BLE001 - the container went away, or the engine did: output ends
-            pass
-        finally:
-            if pending:
-                self._emit(pending)
-
-    def _emit(self, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip("\r")
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more
-            self.loop.call_soon_threadsafe(self.on_line, text)
-
-    def close(self) -> None:
-        self.closed = True
-        stream = self.stream
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.close()
-
-
 class DockerRuntime(Runtime):
     """Instances as a sidecar container plus an app container sharing its network namespace.
 
-    See the module docstring for the networks, the firewall and the mounts.
+    See the module docstring for the networks, the firewall and the containers.
     The first instance of an exposed service publishes on 127.0.0.1:``expose``;
     the others on ephemeral ports of 127.0.0.1.
     """
@@ -403,13 +135,10 @@ class DockerRuntime(Runtime):
         self.state_label = str(config.state_dir.resolve())
         self._client: docker.DockerClient | None = None
         self._images: images.BuiltImages | None = None
-        self._networks: dict[str, _Network] = {}
+        self._networks: dict[str, Network] = {}
         self._prepared: asyncio.Lock | None = None
         self._slots: dict[str, _Slot] = {}
-        self._ready: set[str] = set()
-        self._stopping: set[str] = set()
-        self._pending: set[asyncio.Future[Any]] = set()
-        self._followers: list[_LogFollower] = []
+        self._followers: list[LogFollower] = []
         self._watcher: asyncio.Future[None] | None = None
         self._closed = False
         # Ports of the keyed services' fronts on the mesh network's gateway: the sidecars' firewall
@@ -439,27 +168,7 @@ class DockerRuntime(Runtime):
         return labels
 
     def problems(self) -> list[str]:
-        found = []
-        for name, service in self.config.services.items():
-            where = f"services.{name}"
-            if not (service.build or service.image):
-                found.append(f"{where}: no 'build' or 'image' to run on the docker runtime (it has only "
-                             f"'command': use --runtime process, or add build = \"folder\" with a Dockerfile)")
-            port = service.port or DEFAULT_APP_PORT
-            if port in SIDECAR_PORTS:
-                found.append(f"{where}.port: {port} is the sidecar's inside the instance (it uses "
-                             f"{', '.join(map(str, SIDECAR_PORTS))}); give the app another port")
-            if service.memory is not None:
-                try:
-                    memory_bytes(service.memory)
-                except ValueError as exc:
-                    found.append(f"{where}.memory: {exc}")
-            if service.cpus is not None and service.cpus <= 0:
-                found.append(f"{where}.cpus: expected more than 0, found {service.cpus:g}")
-        for folder in self.config.plugin_path:
-            if not _inside(folder, self.config.root):
-                found.append(f"mesh.plugin_path: {folder} is outside {self.config.root}; the docker "
-                             f"runtime mounts only the folder of mesh.toml into sidecars")
+        found = config_problems(self.config)
         if not found:
             try:
                 self.client()
@@ -475,15 +184,15 @@ class DockerRuntime(Runtime):
     def _build(self) -> None:
         try:
             client = self.client()
-            self._images = build_images(self.config, _say, client=client)
+            self._images = build_images(self.config, print_line, client=client)
         except (images.ImageError, images.DockerUnavailable) as exc:
             raise StartFailed("images", str(exc)) from None
         # This controller holds the mesh's lock: anything of this mesh still in the engine was left by
         # one that died (and holds its `expose` ports, which `plan` is about to check).
-        removed = _remove_owned(client, self.config.name, self.state_label, grace=False)
+        removed = remove_owned(client, self.config.name, self.state_label, grace=False)
         if any(removed):
-            _say(f"mesh up: removed {removed[0]} containers and {removed[1]} networks an earlier "
-                 f"`mesh up` of '{self.config.name}' left behind")
+            print_line(f"mesh up: removed {removed[0]} containers and {removed[1]} networks an earlier "
+                       f"`mesh up` of '{self.config.name}' left behind")
 
     # planning
 
@@ -550,7 +259,8 @@ class DockerRuntime(Runtime):
             return None
 
     def _cpu(self, instance: Instance) -> float | None:
-        container = _containers(instance).containers.get("app", {}).get("id")
+        app = _containers(instance).containers.get("app")
+        container = app["id"] if app is not None else None
         if not container:
             return None
         api = self.client().api
@@ -572,18 +282,11 @@ class DockerRuntime(Runtime):
     # blocking engine calls, on threads; tracked, so a cancelled start leaves nothing unknown
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
-        return await asyncio.shield(future)
+        return await self._shielded(asyncio.get_running_loop().run_in_executor(None, fn, *args))
 
     async def _ask(self, fn: Callable[..., Any], *args: Any) -> Any:
         """A blocking call that creates nothing (a probe, a listing): not waited for by `_settle`."""
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-    async def _settle(self) -> None:
-        if self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
 
     # starting
 
@@ -600,99 +303,21 @@ class DockerRuntime(Runtime):
                     self._watcher = asyncio.ensure_future(self._watch())
 
     def _make_networks(self) -> None:
-        import docker
-
-        client = self.client()
-        names = network_names(self.config.name)
-        settings: dict[str, dict[str, Any]] = {
-            "mesh": {"internal": True},
-            "edge": {"options": {"com.docker.network.bridge.enable_icc": "false",
-                                 "com.docker.network.bridge.enable_ip_masquerade": "false"}},
-        }
-        for role, name in names.items():
-            try:
-                network = client.networks.create(name, driver="bridge", check_duplicate=True,
-                                                 labels=self._labels(role=role), **settings[role])
-            except docker.errors.APIError as exc:
-                raise StartFailed(name, f"cannot create the Docker network {name}: "
-                                  f"{exc.explanation or exc} (a network of that name that is not this "
-                                  f"mesh's: another mesh named '{self.config.name}'? `docker network "
-                                  f"inspect {name}` shows whose)") from None
-            network.reload()
-            ipam = (network.attrs.get("IPAM") or {}).get("Config") or [{}]
-            subnet = ipam[0].get("Subnet")
-            if not subnet:
-                raise StartFailed(name, f"the Docker network {name} has no IPv4 subnet")
-            gateway = ipam[0].get("Gateway") or str(next(ipaddress.ip_network(subnet).hosts()))
-            self._networks[role] = _Network(network.id, name, subnet, gateway.split("/")[0])
+        create_networks(self.client(), self.config.name, lambda role: self._labels(role=role), self._networks)
 
     def _sidecar_spec(self, instance: ContainerInstance, registry: Path) -> dict[str, Any]:
-        from docker.types import Mount
-
         assert self._images is not None
-        mesh, edge = self._networks["mesh"], self._networks["edge"]
-        public = "public" in instance.ports
-        v4, v6 = firewall_rules(mesh.subnet, mesh.gateway, edge.gateway, public=public,
-                                fronts=self.front_ports)
-        command = ["mesh", "sidecar", "--config", f"{CONFIG_MOUNT}/{self.config.path.name}",
-                   "--service", instance.service, "--app-port", str(instance.ports["app"]),
-                   "--host", "0.0.0.0", "--mesh-port", str(MESH_PORT),
-                   "--outbound-port", str(OUTBOUND_PORT), "--admin-port", str(ADMIN_PORT),
-                   "--registry", REGISTRY_MOUNT, "--admin-token-file", ADMIN_TOKEN_MOUNT]
-        ports: dict[str, Any] = {f"{ADMIN_PORT}/tcp": ("127.0.0.1", None)}
-        if public:
-            command += ["--public-port", str(PUBLIC_PORT), "--public-host", "0.0.0.0"]
-            ports[f"{PUBLIC_PORT}/tcp"] = ("127.0.0.1", instance.ports["public"] or None)
-        mounts = [Mount(CONFIG_MOUNT, str(self.config.root.resolve()), type="bind", read_only=True),
-                  Mount(REGISTRY_MOUNT, str(registry.resolve()), type="bind", read_only=True),
-                  # SECURITY: the sidecar's container only; the app's mounts nothing of the state folder.
-                  Mount(ADMIN_TOKEN_MOUNT, str(self.admin_token.path.resolve()), type="bind", read_only=True)]
-        if instance.tls is not None:
-            command += ["--tls", TLS_MOUNT]
-            mounts.append(Mount(TLS_MOUNT, str(instance.tls.resolve()), type="bind", read_only=True))
-        return dict(
-            image=self._images.base,
-            entrypoint=["sh", "-c", _ENTRYPOINT, "mesh-firewall"],
-            command=command,
-            name=instance.containers["sidecar"]["name"],
-            labels=self._labels(instance, "sidecar"),
-            environment={"MESH_FIREWALL": v4, "MESH_FIREWALL6": v6, "PYTHONUNBUFFERED": "1"},
-            network=mesh.id,
-            networking_config={mesh.id: self.client().api.create_endpoint_config(aliases=[instance.host])},
-            ports=ports,
-            mounts=mounts,
-            # SECURITY: the state folder (the mesh CA's key, every sidecar's key) is under the
-            # mounted folder of mesh.toml: hide it.
-            tmpfs={f"{CONFIG_MOUNT}/.mesh": "ro,size=4k"},
-            working_dir=CONFIG_MOUNT,
-            cap_add=["NET_ADMIN"],  # for the firewall; the entrypoint drops it before the sidecar runs
-            sysctls={"net.ipv4.conf.all.route_localnet": "1"},
-            security_opt=["no-new-privileges"],
-            init=True,
-            detach=True,
-        )
+        endpoint = self.client().api.create_endpoint_config(aliases=[instance.host])
+        return sidecar_spec(self.config, instance, image=self._images.base, registry=registry,
+                            admin_token=self.admin_token.path, networks=self._networks,
+                            fronts=self.front_ports, labels=self._labels(instance, "sidecar"),
+                            endpoint=endpoint)
 
     def _app_spec(self, instance: ContainerInstance, sidecar_id: str) -> dict[str, Any]:
         assert self._images is not None
-        service = self.config.services[instance.service]
-        env = self.app_environment(instance, OUTBOUND_PORT)
-        spec: dict[str, Any] = dict(
-            image=self._images.services[instance.service],
-            name=instance.containers["app"]["name"],
-            labels=self._labels(instance, "app"),
-            environment=env,
-            network_mode=f"container:{sidecar_id}",
-            # SECURITY: it shares the sidecar's namespace: no raw sockets to read the controller's
-            # admin requests off the edge interface or to forge packets past the firewall.
-            cap_drop=["NET_RAW"],
-            init=True,
-            detach=True,
-        )
-        if service.cpus is not None:
-            spec["nano_cpus"] = int(round(service.cpus * 1e9))
-        if service.memory is not None:
-            spec["mem_limit"] = memory_bytes(service.memory)
-        return spec
+        return app_spec(self.config, instance, image=self._images.services[instance.service],
+                        sidecar_id=sidecar_id, labels=self._labels(instance, "app"),
+                        environment=self.app_environment(instance, OUTBOUND_PORT))
 
     def _create(self, slot: _Slot, role: str, spec: dict[str, Any]) -> str:
         import docker
@@ -716,7 +341,7 @@ class DockerRuntime(Runtime):
         import docker
 
         container_id = slot.ids[role]
-        follower = _LogFollower(self.client(), container_id, follow, loop)
+        follower = LogFollower(self.client(), container_id, follow, loop)
         try:
             self.client().api.start(container_id)
         except docker.errors.APIError as exc:
@@ -726,7 +351,7 @@ class DockerRuntime(Runtime):
         follower.start()
 
     def _line(self, slot: _Slot, role: str, text: str) -> None:
-        label = slot.instance.label if role == "app" else f"{slot.instance.label}.{role}"
+        label = output_label(slot.instance, role)
         slot.tails.setdefault(role, collections.deque(maxlen=TAIL_LINES)).append(text)
         if role == "sidecar" and text.startswith(FIREWALL_MARKER):
             slot.firewall.set()
@@ -736,7 +361,7 @@ class DockerRuntime(Runtime):
         loop = asyncio.get_running_loop()
         await self._prepare()
         deadline = loop.time() + timeout
-        self._stopping.discard(instance.label)  # started again (a restart)
+        self._mark_starting(instance)  # maybe again (a restart)
         slot = self._slots[instance.label] = _Slot(_containers(instance))
         sidecar_id = await self._call(self._create, slot, "sidecar", self._sidecar_spec(slot.instance, registry))
         # Connected before it starts: its published ports go out through this network.
@@ -748,7 +373,7 @@ class DockerRuntime(Runtime):
         await self._call(self._create, slot, "app", self._app_spec(slot.instance, sidecar_id))
         await self._call(self._start, slot, "app", lambda t: self._line(slot, "app", t), loop)
         await self._wait_ready(slot, deadline, timeout)
-        self._ready.add(instance.label)
+        self._mark_ready(instance)
 
     def _connect(self, container_id: str, network_id: str) -> None:
         self.client().api.connect_container_to_network(container_id, network_id)
@@ -817,8 +442,7 @@ class DockerRuntime(Runtime):
         asked from inside its namespace by Python in the sidecar container; and what it said last."""
         import docker
 
-        command = ["python3", "-I", "-S", "-c", _PROBE, str(slot.instance.ports["app"]), path or "-",
-                   f"{wait:.3f}"]
+        command = probe_command(slot.instance.ports["app"], path, wait)
         try:
             result = self.client().containers.get(slot.ids["sidecar"]).exec_run(command, user="65534:65534")
         except docker.errors.APIError as exc:
@@ -876,25 +500,18 @@ class DockerRuntime(Runtime):
         slot = self._slots.get(instance.label)
         if slot is None:
             return []
-        label = instance.label if role == "app" else f"{instance.label}.{role}"
+        label = output_label(instance, role)
         return [f"{label} | {line}" for line in slot.tails.get(role, ())]
 
     def exit_code(self, instance: Instance, role: str) -> int | None:
         slot = self._slots.get(instance.label)
         return slot.exited.get(role) if slot is not None else None
 
-    def instance_state(self, instance: Instance) -> str:
-        slot = self._slots.get(instance.label)
-        if instance.label in self._stopping or (slot is not None and slot.exited):
-            return "stopped"
-        return "running" if instance.label in self._ready else "starting"
-
     # stopping
 
     async def stop_role(self, instance: Instance, role: str) -> None:
         await self._settle()
-        self._stopping.add(instance.label)
-        self._ready.discard(instance.label)
+        self._mark_stopping(instance)
         slot = self._slots.get(instance.label)
         if slot is None:
             return
@@ -963,125 +580,9 @@ class DockerRuntime(Runtime):
         self._networks.clear()
 
 
-# --- without a controller: `mesh build` before detaching, `mesh ps`, `mesh down` ------------------
-
-def _say(line: str) -> None:
-    print(line, flush=True)
-
-
-def build_images(config: MeshConfig, say: Callable[[str], None] = _say, *,
+def build_images(config: MeshConfig, say: Callable[[str], None] = print_line, *,
                  client: docker.DockerClient | None = None) -> images.BuiltImages:
     """What `mesh up --runtime docker` builds before it starts anything (`images.ensure_images`)."""
     say(f"mesh up: checking the images of '{config.name}' (building what is missing, as `mesh build` does)")
     return images.ensure_images(config, client or images.docker_client(), log=say)
 
-
-def _owned(client: docker.DockerClient, mesh: str, state: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(containers, networks) of the mesh whose state folder is ``state``: its labels, and a role."""
-    where = {"label": [f"{LABEL_MESH}={mesh}", f"{LABEL_STATE}={state}"]}
-    containers = [c for c in client.api.containers(all=True, filters=where)
-                  if (c.get("Labels") or {}).get(LABEL_ROLE) in ("sidecar", "app")]
-    networks = [n for n in client.api.networks(filters=where)
-                if (n.get("Labels") or {}).get(LABEL_ROLE) in ("mesh", "edge")]
-    return containers, networks
-
-
-def _remove_owned(client: docker.DockerClient, mesh: str, state: str, *, grace: bool) -> tuple[int, int]:
-    """Stop (sidecars first, with ``grace``) and remove the mesh's containers, then its networks."""
-    import docker
-
-    containers, networks = _owned(client, mesh, state)
-    api = client.api
-    if grace:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            for role, seconds in (("sidecar", SIDECAR_GRACE), ("app", APP_GRACE)):
-                ids = [c["Id"] for c in containers if c["Labels"][LABEL_ROLE] == role and c["State"] == "running"]
-                list(pool.map(lambda cid, s=seconds: _quietly(api.stop, cid, timeout=int(s)), ids))
-    for container in sorted(containers, key=lambda c: c["Labels"][LABEL_ROLE] != "app"):
-        with contextlib.suppress(docker.errors.NotFound):
-            api.remove_container(container["Id"], force=True, v=True)
-    for network in networks:
-        with contextlib.suppress(docker.errors.NotFound):
-            api.remove_network(network["Id"])
-    return len(containers), len(networks)
-
-
-def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-    import docker
-
-    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-        fn(*args, **kwargs)
-
-
-def sweep(config: MeshConfig, say: Callable[[str], None] = _say) -> tuple[int, int] | None:
-    """`mesh down`'s last step: stop and remove every container and network of this mesh (its labels,
-    found without a controller, so also after one crashed); nothing else. (containers, networks) removed,
-    or None when no engine answers (said on stderr).
-    """
-    try:
-        client = images.docker_client(timeout=60)
-    except images.DockerUnavailable as exc:
-        print(f"mesh '{config.name}': cannot remove its containers: {exc}", file=sys.stderr)
-        return None
-    try:
-        removed = _remove_owned(client, config.name, str(config.state_dir.resolve()), grace=True)
-    finally:
-        client.close()
-    if any(removed):
-        say(f"mesh '{config.name}': removed {removed[0]} containers and {removed[1]} networks")
-    return removed
-
-
-def refresh_status(config: MeshConfig, state: dict[str, Any]) -> None:
-    """`mesh ps` for the docker runtime: each instance's containers as the engine sees them.
-
-    Adds ``status`` (``running``, ``exited (137)``, ``missing``...) to each of an
-    instance's ``containers``; an instance with one not running is ``stopped``,
-    with a ``problem`` saying which if the controller did not say already.
-    """
-    import docker
-
-    instances = state.get("instances", [])
-    try:
-        client = images.docker_client(timeout=30)
-    except images.DockerUnavailable as exc:
-        for inst in instances:
-            inst["state"] = "stopped" if not state["controller"]["running"] else inst["state"]
-            inst.setdefault("problem", None)
-            inst["problem"] = inst["problem"] or f"cannot ask the Docker engine: {exc}"
-        return
-    try:
-        seen = {c["Id"]: c for c in client.api.containers(all=True, filters={"label": [
-            f"{LABEL_STATE}={config.state_dir.resolve()}", f"{LABEL_RUN}={state.get('run', '')}"]})}
-        for inst in instances:
-            if inst.get("role") == "front":  # in the controller's process: up while it runs
-                if not state["controller"]["running"]:
-                    inst["state"] = "stopped"
-                continue
-            if (inst.get("key") is not None and inst.get("state") in ("sleeping", "starting")
-                    and state["controller"]["running"]):
-                continue  # a keyed instance asleep (its containers removed, by design) or booting
-            containers = inst.get("containers") or {}
-            down = []
-            for role, info in containers.items():
-                found = seen.get(info.get("id") or "")
-                if found is None:
-                    info["status"] = "missing"
-                    down.append(f"{role} container is gone")
-                elif found["State"] == "running":
-                    info["status"] = "running"
-                else:
-                    code = None
-                    with contextlib.suppress(docker.errors.NotFound):
-                        code = client.api.inspect_container(found["Id"])["State"].get("ExitCode")
-                    info["status"] = f"{found['State']} ({code})" if code is not None else found["State"]
-                    # in the controller's words, which it will write within a second
-                    down.append(f"{role} exited with code {code}" if code is not None
-                                else f"{role} container {found['State']}")
-            if down or not containers:
-                if inst.get("state") != "stopped":
-                    inst["state"] = "stopped"
-                if down and not inst.get("problem") and state["controller"]["running"]:
-                    inst["problem"] = ", ".join(down)
-    finally:
-        client.close()

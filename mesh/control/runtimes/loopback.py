@@ -1,0 +1,83 @@
+"""Loopback ports on this machine: free ones, taken ones, and what answers on one.
+
+The process runtime gives instances free ports; every runtime checks an
+``expose`` port is free before it starts, and asks a sidecar's admin listener
+(published on 127.0.0.1 by the docker runtime) over plain HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterable
+
+__all__ = ["free_ports", "http_status", "port_in_use", "port_open"]
+
+
+def free_ports(count: int, avoid: Iterable[int] = ()) -> list[int]:
+    """``count`` distinct free loopback ports, none of ``avoid``. All stay bound until all are
+    chosen, so none repeats."""
+    sockets = []
+    avoided = set(avoid)
+    chosen: list[int] = []
+    try:
+        while len(chosen) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+            port = sock.getsockname()[1]
+            if port not in avoided:
+                chosen.append(port)
+        return chosen
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+async def http_status(port: int, path: str, timeout: float = 1.0, method: str = "GET",
+                       body: bytes = b"", headers: dict[str, str] | None = None) -> int | None:
+    """Status of ``METHOD path`` (with ``body`` and ``headers``) on 127.0.0.1:port, or None if it does not answer."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                length = f"Content-Length: {len(body)}\r\n" if method != "GET" else ""
+                writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{length}{extra}"
+                             f"Connection: close\r\n\r\n".encode() + body)
+                await writer.drain()
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError):
+        return None
+    parts = line.split()
+    if len(parts) >= 2 and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+async def port_open(port: int, timeout: float = 1.0) -> bool:
+    """Whether something accepts a connection on 127.0.0.1:port within ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True

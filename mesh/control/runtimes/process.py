@@ -1,0 +1,345 @@
+"""The process runtime: each instance is a sidecar process and an app process on loopback ports.
+
+Each sidecar runs as ``python -m mesh sidecar ...``; each app runs its service's
+``command`` through the shell in mesh.toml's folder. Both run in sessions of
+their own, so a stop reaches whole process groups, and both inherit ``MESH_RUN``
+(`mesh.control.runtimes.procfs`), so `mesh down` finds what a dead controller
+left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from mesh.config import MeshConfig
+from mesh.control.runtimes.base import (
+    TAIL_LINES,
+    Instance,
+    OnExit,
+    Output,
+    Runtime,
+    StartFailed,
+    instance_label,
+    output_label,
+)
+from mesh.control.runtimes.loopback import free_ports, http_status, port_open
+from mesh.control.runtimes.procfs import RUN_VARIABLE, group_alive, pid_alive, process_group_cpu
+from mesh.sidecar import admin
+
+__all__ = ["ProcessRuntime"]
+
+MAX_LINE = 64 * 1024  # longer output without a newline is cut into lines of this size
+
+
+class _Process:
+    """One child process in its own session: its output prefixed and kept, its exit watched."""
+
+    def __init__(self, label: str, proc: asyncio.subprocess.Process, output: Output) -> None:
+        self.label = label
+        self.proc = proc
+        self.pid = proc.pid
+        self.pgid = proc.pid  # start_new_session: the child leads its own group
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.stopping = False
+        self._output = output
+        self._pump = asyncio.ensure_future(self._read(proc.stdout))
+
+    @classmethod
+    async def spawn(cls, label: str, command: str | list[str], *, cwd: Path,
+                    env: dict[str, str], output: Output) -> _Process:
+        common: dict[str, Any] = dict(cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                      stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                      # A session of its own: a terminal's Ctrl-C reaches only the
+                                      # controller, which stops children in order, and a stop can
+                                      # signal the whole group (a shell and what it started).
+                                      start_new_session=True)
+        if isinstance(command, str):
+            proc = await asyncio.create_subprocess_shell(command, **common)
+        else:
+            proc = await asyncio.create_subprocess_exec(*command, **common)
+        return cls(label, proc, output)
+
+    async def _read(self, stream: asyncio.StreamReader | None) -> None:
+        if stream is None:
+            return
+        pending = b""
+        while chunk := await stream.read(65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            while len(pending) > MAX_LINE:
+                lines.append(pending[:MAX_LINE])
+                pending = pending[MAX_LINE:]
+            for line in lines:
+                self._line(line)
+        if pending:
+            self._line(pending)
+
+    def _line(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        self.tail.append(text)
+        self._output(self.label, text)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def drained(self, timeout: float = 1.0) -> None:
+        """Wait for the last output; a grandchild holding the pipe open must not hold us up."""
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._pump), timeout)
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, sig)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM the group, wait up to ``grace`` seconds, then SIGKILL whatever is left of it."""
+        self.stopping = True
+        if self.returncode is None or group_alive(self.pgid):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            self.signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), grace)
+            # The leader may be gone while processes it started linger in the group.
+            while group_alive(self.pgid) and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            if self.returncode is None or group_alive(self.pgid):
+                self.signal(signal.SIGKILL)
+        await self.proc.wait()
+        await self.drained()
+
+
+class ProcessRuntime(Runtime):
+    """Apps and sidecars as local processes on free loopback ports.
+
+    Each sidecar runs as ``python -m mesh sidecar ...``; each app runs its
+    ``command`` through the shell in mesh.toml's folder, with ``PORT``,
+    ``HTTP_PROXY``/``NO_PROXY`` (to reach other services by name through its
+    sidecar), ``MESH_SERVICE``, ``MESH_INSTANCE`` and the service's ``env``;
+    ``python`` (and ``python3``) in a command is the Python running mesh.
+    Both run in sessions of their own, so a stop reaches whole process groups.
+
+    The first instance of an exposed service publishes on its ``expose``
+    port (one port has one listener); the others each publish on a free
+    loopback port of their own.
+    """
+
+    name = "process"
+    app_grace = 5.0
+    sidecar_grace = 15.0  # a sidecar drains requests in flight for up to 10s
+
+    def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "",
+                 admin_token: admin.AdminToken | None = None) -> None:
+        super().__init__(config, output=output, on_exit=on_exit, run_id=run_id, admin_token=admin_token)
+        self._procs: dict[str, dict[str, _Process]] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._planned: set[int] = set()  # loopback ports given to instances
+
+    def problems(self) -> list[str]:
+        found = []
+        for name, service in self.config.services.items():
+            if not service.command:
+                found.append(f"services.{name}: no 'command' to run on the process runtime "
+                             f"(it has only 'build'/'image': use --runtime docker)")
+        return found
+
+    def plan_one(self, service: str, index: int) -> Instance:
+        config = self.config.services[service]
+        roles = ["app", "mesh", "outbound", "admin"] + (["public"] if config.expose is not None else [])
+        ports = free_ports(len(roles), avoid=self._planned)  # none given to another instance
+        self._planned.update(ports)
+        assigned = dict(zip(roles, ports, strict=True))
+        return Instance(service, index, instance_label(service, config, index, 2), "127.0.0.1",
+                        assigned, config.health)
+
+    async def front_host(self) -> str:
+        return "127.0.0.1"
+
+    def plan_key(self, service: str, index: int, label: str) -> Instance:
+        return Instance(service, index, label, "127.0.0.1", {}, self.config.services[service].health)
+
+    def replan(self, instance: Instance) -> None:
+        # Fresh loopback ports for every boot; the front serves `expose`.
+        instance.ports = dict(zip(("app", "mesh", "outbound", "admin"), free_ports(4), strict=True))
+        self._planned.update(instance.ports.values())
+
+    async def cpu_seconds(self, instance: Instance) -> float | None:
+        pgid = instance.pgids.get("app")
+        return process_group_cpu(pgid) if pgid else None
+
+    def _app_env(self, instance: Instance) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(self._shims()), str(Path(sys.executable).parent),
+                                       env.get("PATH", os.defpath)])
+        env.setdefault("PYTHONUNBUFFERED", "1")  # app output is piped; show it as it happens
+        env.update(self.app_environment(instance, instance.ports["outbound"]))
+        env[RUN_VARIABLE] = self.run_id
+        # An app of this mesh never proxies HTTPS through the sidecar.
+        for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+            env.pop(key, None)
+        return env
+
+    def _shims(self) -> Path:
+        """A folder whose ``python`` and ``python3`` run the Python running mesh.
+
+        So ``command = "python app.py"`` means this Python (and its packages)
+        in a venv, and also where the system has only ``python3``.
+        """
+        folder = self.config.state_dir / "bin"
+        folder.mkdir(parents=True, exist_ok=True)
+        script = f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n'
+        for name in ("python", "python3"):
+            shim = folder / name
+            if not shim.is_file() or shim.read_text() != script:
+                tmp = folder / f".{name}.{os.getpid()}"
+                tmp.write_text(script)
+                tmp.chmod(0o755)
+                os.replace(tmp, shim)
+        return folder
+
+    def _sidecar_command(self, instance: Instance, registry: Path) -> list[str]:
+        ports = instance.ports
+        command = [sys.executable, "-m", "mesh", "sidecar", "--config", str(self.config.path),
+                   "--service", instance.service, "--app-port", str(ports["app"]),
+                   "--mesh-port", str(ports["mesh"]), "--outbound-port", str(ports["outbound"]),
+                   "--admin-port", str(ports["admin"]), "--registry", str(registry),
+                   "--admin-token-file", str(self.admin_token.path)]
+        if "public" in ports:
+            command += ["--public-port", str(ports["public"])]
+        if instance.tls is not None:
+            command += ["--tls", str(instance.tls)]
+        return command
+
+    async def start_instance(self, instance: Instance, registry: Path, timeout: float) -> None:
+        service = self.config.services[instance.service]
+        assert service.command is not None  # problems() refuses services without one
+        self._mark_starting(instance)  # maybe again (a restart)
+        sidecar_env = dict(os.environ, **{RUN_VARIABLE: self.run_id})
+        sidecar_env.setdefault("PYTHONUNBUFFERED", "1")
+        await self._spawn(instance, "sidecar", self._sidecar_command(instance, registry), sidecar_env)
+        await self._spawn(instance, "app", service.command, self._app_env(instance))
+        procs = self._procs[instance.label]
+        await self._wait_ready(instance, procs, timeout)
+        self._mark_ready(instance)
+        for role, proc in procs.items():
+            self._watch_later(instance, role, proc)
+
+    def _watch_later(self, instance: Instance, role: str, proc: _Process) -> None:
+        task = asyncio.ensure_future(self._watch(instance, role, proc))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def restart_app(self, instance: Instance, registry: Path, timeout: float) -> None:
+        """Only the app: its sidecar keeps running (and keeps its connections and registry)."""
+        procs = self._procs.get(instance.label, {})
+        sidecar = procs.get("sidecar")
+        if sidecar is None or sidecar.returncode is not None or instance.label in self._stopping:
+            await super().restart_app(instance, registry, timeout)
+            return
+        service = self.config.services[instance.service]
+        assert service.command is not None
+        self._mark_starting(instance)
+        old = procs.get("app")
+        if old is not None:  # what the old app started may linger in its group: not on its port
+            await old.stop(self.app_grace)
+        await self._spawn(instance, "app", service.command, self._app_env(instance))
+        procs = self._procs[instance.label]
+        await self._wait_ready(instance, procs, timeout)
+        self._mark_ready(instance)
+        self._watch_later(instance, "app", procs["app"])
+
+    def exit_code(self, instance: Instance, role: str) -> int | None:
+        proc = self._procs.get(instance.label, {}).get(role)
+        return proc.returncode if proc is not None else None
+
+    async def _spawn(self, instance: Instance, role: str, command: str | list[str],
+                     env: dict[str, str]) -> None:
+        label = output_label(instance, role)
+
+        async def spawn() -> None:
+            try:
+                proc = await _Process.spawn(label, command, cwd=self.config.root, env=env,
+                                            output=self.output)
+            except OSError as exc:
+                raise StartFailed(instance.label, f"cannot start {label}: {exc}") from exc
+            self._procs.setdefault(instance.label, {})[role] = proc
+            instance.pids[role] = proc.pid
+            instance.pgids[role] = proc.pgid
+
+        # A start cancelled mid-spawn still records the process it created, so stopping finds it.
+        await self._shielded(spawn())
+
+    async def _wait_ready(self, instance: Instance, procs: dict[str, _Process], timeout: float) -> None:
+        async def alive() -> None:
+            for role, proc in procs.items():
+                if proc.returncode is not None:
+                    await proc.drained()
+                    who = "the app" if role == "app" else "its sidecar"
+                    raise StartFailed(instance.label, f"{who} exited with code {proc.returncode} "
+                                      f"before it was ready", [f"{proc.label} | {t}" for t in proc.tail])
+
+        async def app_ready(wait: float) -> tuple[bool, str]:
+            if instance.health:
+                return await http_status(instance.ports["app"], instance.health) == 200, ""
+            return await port_open(instance.ports["app"]), ""
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        await self.wait_ready(instance, deadline, timeout, alive=lambda: alive(), app_ready=app_ready)
+
+    async def _watch(self, instance: Instance, role: str, proc: _Process) -> None:
+        # Not proc.wait(): it also waits for the output pipe to close, which a child of a
+        # killed shell (``sh -c "python app.py"``) keeps open. The exit code is known at once.
+        while proc.returncode is None:
+            await asyncio.sleep(0.1)
+        code = proc.returncode
+        await proc.drained()
+        if not proc.stopping:
+            self.on_exit(instance, role, code)
+
+    def tail(self, instance: Instance, role: str) -> list[str]:
+        proc = self._procs.get(instance.label, {}).get(role)
+        return [f"{proc.label} | {t}" for t in proc.tail] if proc else []
+
+    async def stop_role(self, instance: Instance, role: str) -> None:
+        await self._settle()
+        self._mark_stopping(instance)
+        proc = self._procs.get(instance.label, {}).get(role)
+        if proc is not None:
+            await proc.stop(self.sidecar_grace if role == "sidecar" else self.app_grace)
+
+    async def kill_all(self) -> None:
+        await self._settle()
+        for procs in self._procs.values():
+            for proc in procs.values():
+                proc.stopping = True
+                proc.signal(signal.SIGKILL)
+
+    # without a controller: `mesh ps`, `mesh down`
+
+    @classmethod
+    def refresh_state(cls, config: MeshConfig, state: dict[str, Any]) -> None:
+        """An instance whose recorded processes are gone is ``stopped`` (a sleeping keyed instance
+        while its controller runs, and one that exited on purpose, have none by design)."""
+        running = state["controller"]["running"]
+        for inst in state.get("instances", []):
+            if running and inst.get("state") == "sleeping":
+                continue
+            if inst.get("state") == "exited":
+                continue
+            pids = inst.get("pids", {})
+            if not pids or not all(pid_alive(p) for p in pids.values()):
+                inst["state"] = "stopped"
+
+    @classmethod
+    def remove_leftovers(cls, config: MeshConfig) -> tuple[int, int] | None:
+        """Nothing beyond processes (`mesh down` stops those by ``MESH_RUN``)."""
+        return (0, 0)
