@@ -257,9 +257,9 @@ def gateway_token() -> str:
 def issue_certs(folder: Path) -> Path:
     """A throwaway mesh CA and certificates for services a and b (``folder/a``, ``folder/b``)."""
     try:
-        from mesh.sidecar.identity import CA
+        from mesh.control.ca import CA
     except ImportError as exc:
-        raise SystemExit(f"--mesh-tls needs mesh.sidecar.identity: {exc}") from None
+        raise SystemExit(f"--mesh-tls needs mesh.control.ca: {exc}") from None
     ca = CA.load_or_create(folder, "bench")
     for service in ("a", "b"):
         ca.write_instance(folder / service, service, lifetime=3600)

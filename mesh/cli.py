@@ -16,6 +16,7 @@ from typing import Any
 from mesh import __version__
 from mesh import config as config_mod
 from mesh.config import MeshConfig
+from mesh.control.runtimes import RUNTIMES
 from mesh.errors import ConfigError
 from mesh.runner import run, setup_logging
 
@@ -52,7 +53,7 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
                   "`mesh ps` shows it and `mesh down` stops it. A mesh.toml with problems starts "
                   "nothing.")
     _path_argument(up)
-    up.add_argument("--runtime", choices=("process", "docker"), default="process",
+    up.add_argument("--runtime", choices=RUNTIMES, default="process",
                     help="where services run: process (the default: local processes on loopback) "
                          "or docker (a sidecar and an app container per instance)")
     up.add_argument("-d", "--detach", action="store_true",
@@ -149,8 +150,9 @@ def _load(path: str | None) -> MeshConfig | None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from mesh.control.controller import Controller, detach
+    from mesh.control.controller import Controller
     from mesh.control.runtimes.base import RuntimeUnavailable
+    from mesh.control.state import detach
 
     config = _load(args.path)
     if config is None:
@@ -171,14 +173,14 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from mesh.control.controller import down
+    from mesh.control.state import down
 
     config = _load(args.path)
     return 2 if config is None else down(config)
 
 
 def _ps(args: argparse.Namespace) -> int:
-    from mesh.control.controller import format_table, status
+    from mesh.control.state import format_table, status
 
     config = _load(args.path)
     if config is None:
@@ -322,8 +324,8 @@ def _rotate_ca(config: MeshConfig, timeout: float = 300.0) -> int:
     import signal
     import time
 
-    from mesh.control.controller import StateDir
-    from mesh.sidecar.identity import rotate_ca
+    from mesh.control.ca import rotate_ca
+    from mesh.control.state import StateDir
 
     files = StateDir(config.state_dir)
     if files.running():

@@ -135,7 +135,8 @@ async def run_mesh(toml: str, apps: dict[str, int], root: Any = None, *, tls: bo
     from pathlib import Path
 
     from mesh import config as config_mod
-    from mesh.sidecar.identity import CA, Identity
+    from mesh.control.ca import CA
+    from mesh.sidecar.identity import Identity
     from mesh.sidecar.registry import Registry
     from mesh.sidecar.sidecar import Ports, Sidecar
 

@@ -40,18 +40,15 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from mesh.control.runtimes.base import Instance, Runtime, StartFailed, process_group_cpu
+from mesh.control.runtimes.base import Instance, StartFailed
+from mesh.control.runtimes.procfs import process_group_cpu
 
 if TYPE_CHECKING:
     from mesh.control.controller import Controller
 
-__all__ = ["Autoscaler", "cpu_seconds", "process_group_cpu"]
+__all__ = ["Autoscaler", "process_group_cpu"]
 
 log = logging.getLogger("mesh.autoscale")
-
-async def cpu_seconds(runtime: Runtime, instance: Instance) -> float | None:
-    """Cumulative CPU seconds of the instance's app, or None if it cannot be told now."""
-    return await runtime.cpu_seconds(instance)
 
 
 class Autoscaler:
@@ -82,14 +79,14 @@ class Autoscaler:
     def members(self, service: str) -> list[Instance]:
         """The pool's instances that count: running, in rotation."""
         c = self.controller
-        return [i for i in c.instances.running() if i.service == service and c.supervisor.in_rotation(i)]
+        return [i for i in c.instances.running() if i.service == service and c.in_rotation(i)]
 
     async def sample(self, service: str) -> dict[str, float]:
         """Take one CPU sample of each member; return each member's average over the window (cores)."""
         now = time.monotonic()
         rates: dict[str, float] = {}
         for inst in self.members(service):
-            used = await cpu_seconds(self.controller.runtime, inst)
+            used = await self.controller.instances.cpu_seconds(inst)
             if used is None:
                 continue
             history = self.samples.setdefault(inst.label, collections.deque())
@@ -117,9 +114,7 @@ class Autoscaler:
             now = time.monotonic()
             if not rates or self._changes:
                 continue
-            count = len([i for i in self.controller.instances.of(service)
-                         if i.label not in self.controller.supervisor.draining
-                         and i.label not in self.controller.supervisor.exited])
+            count = len([i for i in self.controller.instances.of(service) if self.controller.in_rotation(i)])
             average = sum(rates.values()) / len(rates)
             if average < low_mark:
                 low_since = now if low_since is None else low_since
@@ -153,7 +148,7 @@ class Autoscaler:
     def _spawn(self, service: str, why: str) -> str:
         c = self.controller
         index = max((i.index for i in c.instances.of(service)), default=0) + 1
-        instance = c.runtime.plan_one(service, index)
+        instance = c.instances.plan(service, index)
         log.info("%s: adding %s", why, instance.label)
         self._track(self._add(instance))
         return instance.label
@@ -167,20 +162,18 @@ class Autoscaler:
             await c.instances.start(instance)
         except StartFailed as exc:
             log.error("%s: did not start: %s; removing it", instance.label, exc.reason)
-            c.supervisor.hook(instance, "on_error", instance, f"start failed: {exc.reason}")
+            c.hook(instance, "on_error", instance, f"start failed: {exc.reason}")
             await self._forget(instance)
             return
         log.info("%s: ready after %.1fs: in rotation", instance.label, time.monotonic() - started)
 
     async def _remove(self, instance: Instance) -> None:
         c = self.controller
-        c.supervisor.draining.add(instance.label)
-        c.instances.changed()
-        c.instances.save()
+        c.drain(instance)  # out of the registry first
         await asyncio.sleep(self.drain)
         await c.instances.stop(instance)
-        code = c.runtime.exit_code(instance, "app")
-        c.supervisor.hook(instance, "on_stop", instance, code, "scaled down")
+        code = c.instances.exit_code(instance, "app")
+        c.hook(instance, "on_stop", instance, code, "scaled down")
         log.info("%s: stopped (scaled down)", instance.label)
         await self._forget(instance)
 
@@ -188,4 +181,4 @@ class Autoscaler:
         await self.controller.instances.remove(instance)
         self.samples.pop(instance.label, None)
         self.cpu.pop(instance.label, None)
-        self.controller.supervisor.forget(instance)
+        self.controller.forget(instance)

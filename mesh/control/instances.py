@@ -1,10 +1,12 @@
 """The controller's instances, and everything done to one of them.
 
-`InstanceSet` is the one way to add, start, restart, stop and remove an
-instance of a running mesh. The controller owns it (``controller.instances``);
-its helpers (`mesh.control.autoscale.Autoscaler`, `mesh.control.keyed.KeyedServices`,
-`mesh.control.supervisor.Supervisor`) call it and nothing else of the controller's.
-It keeps, per instance label:
+`InstanceSet` is the one way to plan, add, start, restart, stop and remove
+an instance of a running mesh, and to ask the runtime about one. The
+controller owns it (``controller.instances``); its helpers
+(`mesh.control.autoscale.Autoscaler`, `mesh.control.keyed.KeyedServices`,
+`mesh.control.supervisor.Supervisor`) go through it, never to the runtime,
+and reach each other only through the controller's public methods. It
+keeps, per instance label:
 
 - its ``problem`` (shown by `mesh ps`) and whether it fails its health
   checks (``unhealthy``: out of rotation),
@@ -13,7 +15,7 @@ It keeps, per instance label:
 - the task checking its health.
 
 Certificates come from here too, and only from here: `certificate` writes
-one from the mesh CA (``.mesh/<name>/ca``, made on first use) into
+one from the mesh CA (`mesh.control.ca`; ``.mesh/<name>/ca``, made on first use) into
 ``.mesh/<name>/certs/<label>/``. A start takes a fresh one (`starting`), and
 a renewal or a CA rotation (`certificate_work`) waits for the starts under
 way to finish and lets none begin meanwhile, so no sidecar is left with a
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.config import HealthCheck, MeshConfig
+from mesh.control.ca import CA, rotate_ca
 from mesh.control.runtimes.base import Instance, Runtime
 
 __all__ = ["InstanceSet"]
@@ -106,6 +109,44 @@ class InstanceSet:
 
     def running(self) -> list[Instance]:
         return [i for i in self._items if self.runtime.instance_state(i) == "running"]
+
+    # planning, and what the runtime tells of an instance
+
+    def plan(self, service: str, index: int) -> Instance:
+        """One more instance of ``service`` (a pool growing), addresses chosen; `add` makes it known."""
+        return self.runtime.plan_one(service, index)
+
+    def plan_key(self, service: str, index: int, label: str) -> Instance:
+        """An instance of a keyed service for one key, named ``label``; `replan` gives it addresses."""
+        return self.runtime.plan_key(service, index, label)
+
+    def replan(self, instance: Instance) -> None:
+        """Fresh addresses for a new start of a keyed instance, and none of its old processes."""
+        self.runtime.replan(instance)  # the last addresses may be taken by now
+        instance.forget_processes()
+
+    def reach(self, instance: Instance) -> tuple[str, int]:
+        """Where the controller's host reaches a started instance's mesh listener."""
+        return self.runtime.reach(instance)
+
+    async def cpu_seconds(self, instance: Instance) -> float | None:
+        """Cumulative CPU seconds of the instance's app, or None if it cannot be told now."""
+        return await self.runtime.cpu_seconds(instance)
+
+    def exit_code(self, instance: Instance, role: str) -> int | None:
+        return self.runtime.exit_code(instance, role)
+
+    def tail(self, instance: Instance, role: str) -> list[str]:
+        """The last lines ``role`` (app or sidecar) of ``instance`` printed."""
+        return self.runtime.tail(instance, role)
+
+    async def front_host(self) -> str:
+        """Where keyed services' fronts listen, reachable from every sidecar (`Runtime.front_host`)."""
+        return await self.runtime.front_host()
+
+    def allow_front(self, port: int) -> None:
+        """Let sidecars reach a keyed service's front on ``port`` of `front_host`."""
+        self.runtime.allow_front(port)
 
     # starting and stopping
 
@@ -187,8 +228,6 @@ class InstanceSet:
 
     def certificate(self, label: str, service: str) -> Path:
         """A fresh certificate for ``service`` in certs/<label>/ (cert.pem, key.pem, ca.pem); the folder."""
-        from mesh.sidecar.identity import CA  # here: `mesh ps` and `mesh down` need no cryptography
-
         ca = CA.load_or_create(self.state_dir / "ca", self.config.name)
         folder = self.state_dir / "certs" / label
         ca.write_instance(folder, service, self.cert_lifetime)
@@ -198,9 +237,7 @@ class InstanceSet:
                         reload: Callable[[str], Awaitable[None]]) -> None:
         """A new mesh CA for every instance with certificate files and each of ``fronts`` (label ->
         (service, folder)): trusted everywhere first, then issuing every certificate, then the only
-        one trusted; ``reload(label)`` after each step (`mesh.sidecar.identity.rotate_ca`). Raises `OSError`."""
-        from mesh.sidecar.identity import rotate_ca
-
+        one trusted; ``reload(label)`` after each step (`mesh.control.ca.rotate_ca`). Raises `OSError`."""
         targets = {inst.label: (inst.service, inst.tls) for inst in self._items if inst.tls is not None}
         targets.update(fronts)
         await rotate_ca(self.state_dir / "ca", self.config.name, targets, self.cert_lifetime, reload)

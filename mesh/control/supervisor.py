@@ -98,6 +98,10 @@ class Supervisor:
         self._up_since[instance.label] = time.monotonic()
         self.hook(instance, "on_start", instance)
 
+    def drain(self, instance: Instance) -> None:
+        """Out of rotation from now on: it is on its way out (exits are no longer restarts)."""
+        self.draining.add(instance.label)
+
     def forget(self, instance: Instance) -> None:
         for table in (self.restarts, self.exited, self._crashes, self._up_since):
             table.pop(instance.label, None)
@@ -163,7 +167,7 @@ class Supervisor:
             self._track(instance, self._finish(instance))
             c.instances.save()
             return
-        tail = "\n".join(f"  {line}" for line in c.runtime.tail(instance, role))
+        tail = "\n".join(f"  {line}" for line in c.instances.tail(instance, role))
         error = f"{who} exited with {describe_exit(code)}"
         c.instances.problems[instance.label] = f"{error}; restarting"
         log.error("%s: the %s%s", instance.label, error,
@@ -247,6 +251,6 @@ class Supervisor:
             if instance.label in self.exited:
                 continue
             self.hook(instance, "on_stop", instance,
-                      self.controller.runtime.exit_code(instance, "app"), "shutdown")
+                      self.controller.instances.exit_code(instance, "app"), "shutdown")
         if self._hook_tasks:
             await asyncio.wait(set(self._hook_tasks), timeout=timeout)
