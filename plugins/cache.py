@@ -112,77 +112,34 @@ import dataclasses
 import itertools
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from cachetools import LRUCache, TLRUCache
 
 from mesh import CallNext, Context, Duration, Headers, Plugin, Request, Response
+from mesh_plugins.http_caching import (
+    BYPASS_HEADERS,
+    NOT_MODIFIED_HEADERS,
+    UNSAFE_METHODS,
+    StoredResponse,
+    StoreRules,
+    delta_seconds,
+    etag_matches,
+    invalidated_targets,
+    request_directives,
+    updated_headers,
+    usable,
+    vary_names,
+)
 
-# RFC 9110 §15.1: may be stored with a heuristic lifetime (only with `heuristic = true`).
-HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
-# Understood, but stored only when the response names a lifetime or says `public`.
-EXPLICIT_STATUSES = frozenset({302, 307})
-UNSAFE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
-# Request headers the cache does not answer itself: such requests go straight through.
-BYPASS_HEADERS = ("Range", "If-Match", "If-Unmodified-Since", "If-Range")
-# Never part of a stored copy: per-connection, or ours to set on each hit.
-NOT_STORED = frozenset({
-    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
-    "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "age", "x-cache",
-})
-# What a 304 carries over from the stored 200 (RFC 9110 §15.4.5).
-NOT_MODIFIED_HEADERS = frozenset({
-    "cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified",
-})
-# Response directives that let a shared cache keep the answer to an authenticated request.
-SHARED_DIRECTIVES = frozenset({"public", "s-maxage"})
 # How many times a request waits for someone else's miss before going itself.
 MAX_WAITS = 3
-# RFC 9111 §4.2.2: a typical heuristic lifetime is 10% of the time since Last-Modified.
-HEURISTIC_FRACTION = 0.1
 
-_DIRECTIVE = re.compile(r"""([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?:\s*=\s*(?:"([^"]*)"|([^,\s]*)))?""")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-
-
-def cache_control(values: Iterable[str]) -> dict[str, str | None]:
-    """Parse ``Cache-Control`` values into ``{directive: argument or None}``; first one wins."""
-    directives: dict[str, str | None] = {}
-    for value in values:
-        for match in _DIRECTIVE.finditer(value):
-            argument = match.group(2) if match.group(2) is not None else match.group(3)
-            directives.setdefault(match.group(1).lower(), argument)
-    return directives
-
-
-def delta_seconds(value: str | None) -> int | None:
-    """A directive's seconds argument, or None when missing or not a number."""
-    if value is None or not value.strip().isdigit():
-        return None
-    return int(value)
-
-
-def http_date(value: str | None) -> float | None:
-    """An HTTP date as a POSIX timestamp, or None when missing or invalid."""
-    if not value:
-        return None
-    try:
-        return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-
-
-def etag_matches(if_none_match: str, etag: str) -> bool:
-    """Weak comparison of an ``If-None-Match`` list against one ``ETag`` (RFC 9110 §13.1.2)."""
-    tags = [tag.strip() for tag in if_none_match.split(",")]
-    return "*" in tags or etag.removeprefix("W/") in {tag.removeprefix("W/") for tag in tags}
 
 
 def parse_key(parts: Iterable[str]) -> tuple[tuple[str, str], ...]:
@@ -203,40 +160,6 @@ def parse_key(parts: Iterable[str]) -> tuple[tuple[str, str], ...]:
         if item not in parsed:
             parsed.append(item)
     return tuple(parsed)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One stored response and what decides when it may be used."""
-
-    status: int
-    reason: str
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-    stored_at: float        # Cache.clock() when it arrived (or was last revalidated)
-    initial_age: float      # the Age it already had then
-    lifetime: float         # freshness lifetime, seconds
-    stale_window: float     # seconds past `lifetime` it may be served while refreshing
-    no_stale: bool          # must-revalidate & co: never served stale, even on max-stale
-    revalidate: bool        # response no-cache: validate before every use
-    shared: bool            # public or s-maxage: may answer authenticated requests too
-    etag: str | None
-    last_modified: str | None
-    generation: int = 0     # must equal its URL's marker generation to be found
-
-    @property
-    def size(self) -> int:
-        return 256 + len(self.body) + sum(len(k) + len(v) for k, v in self.headers)
-
-    @property
-    def expires(self) -> float:
-        """When (on `Cache.clock`) the entry is useless and may be dropped."""
-        if self.etag or self.last_modified:
-            return math.inf  # still worth a conditional request; LRU drops it under pressure
-        return self.stored_at + self.lifetime - self.initial_age + self.stale_window
-
-    def age(self, now: float) -> float:
-        return self.initial_age + max(0.0, now - self.stored_at)
 
 
 @dataclass(frozen=True)
@@ -294,6 +217,8 @@ class Cache(Plugin):
         self.clock: Callable[[], float] = time.monotonic
         # Wall-clock seconds, for dates without a Date header to count from.
         self.wall_clock: Callable[[], float] = time.time
+        self._rules = StoreRules(self.ttl, heuristic, self.stale_while_revalidate,
+                                 wall_clock=lambda: self.wall_clock())
         self._store: TLRUCache = TLRUCache(
             maxsize=max_bytes, ttu=lambda _key, entry, _now: entry.expires,
             timer=lambda: self.clock(), getsizeof=lambda entry: entry.size)
@@ -321,14 +246,12 @@ class Cache(Plugin):
             if request.method in UNSAFE_METHODS and response.status < 400:
                 self._invalidate(request, response)
             return _mark(response, "MISS")
-        directives = cache_control(request.headers.getall("Cache-Control", ()))
-        if not directives and "no-cache" in request.headers.get("Pragma", "").lower():
-            directives = {"no-cache": None}  # HTTP/1.0 clients (RFC 9111 §5.4)
+        directives = request_directives(request.headers)
         if "no-store" in directives or any(h in request.headers for h in BYPASS_HEADERS):
             return _mark(await call_next(request), "MISS")
         reload = "no-cache" in directives or delta_seconds(directives.get("max-age")) == 0
         scope = self._scope(request)
-        stale: _Entry | None = None
+        stale: StoredResponse | None = None
         waits = 0
         while True:
             now = self.clock()
@@ -337,10 +260,10 @@ class Cache(Plugin):
                 stale = entry  # the client wants the app asked: validate our copy if we can
                 break
             if entry is not None:
-                usable = self._usable(entry, directives, now)
-                if usable == "fresh":
+                use = usable(entry, directives, now)
+                if use == "fresh":
                     return self._serve(entry, request, now)
-                if usable == "stale":
+                if use == "stale":
                     self._refresh_in_background(scope, request, entry, call_next)
                     return self._serve(entry, request, now)
                 stale = entry
@@ -402,7 +325,7 @@ class Cache(Plugin):
     def _entry_key(self, scope: _Scope, headers: Headers, vary: tuple[str, ...]) -> tuple:
         return scope.base + (_values(headers, vary),)
 
-    def _lookup(self, scope: _Scope, request: Request) -> _Entry | None:
+    def _lookup(self, scope: _Scope, request: Request) -> StoredResponse | None:
         marker = self._markers.get(scope.url)
         if marker is None:
             return None
@@ -416,7 +339,7 @@ class Cache(Plugin):
             return None
         return entry
 
-    def _put(self, scope: _Scope, headers: Headers, vary: tuple[str, ...], entry: _Entry) -> None:
+    def _put(self, scope: _Scope, headers: Headers, vary: tuple[str, ...], entry: StoredResponse) -> None:
         marker = self._markers.get(scope.url)
         if marker is None or marker[0] != vary:
             marker = (vary, next(self._generations))
@@ -432,41 +355,13 @@ class Cache(Plugin):
     def _invalidate(self, request: Request, response: Response) -> None:
         """Forget the URL an unsafe request changed (RFC 9111 §4.4)."""
         host = request.host.lower()
-        targets = {request.target}
-        for name in ("Location", "Content-Location"):
-            url = urlsplit(response.headers.get(name, ""))
-            if url.path.startswith("/") and (not url.netloc or url.netloc.lower() == host):
-                targets.add(f"{url.path}?{url.query}" if url.query else url.path)
-        for target in targets:
+        for target in invalidated_targets(host, request.target, response.headers):
             for method in ("GET", "HEAD"):
                 self._markers.pop((method, host, target), None)
 
     # -- using an entry -------------------------------------------------------
 
-    def _usable(self, entry: _Entry, directives: dict[str, str | None], now: float) -> str | None:
-        """``"fresh"`` to serve, ``"stale"`` to serve and refresh, None to go upstream."""
-        if entry.revalidate:
-            return None
-        age = entry.age(now)
-        if "max-age" in directives:
-            limit = delta_seconds(directives["max-age"])
-            if limit is None or age > limit:
-                return None
-        left = entry.lifetime - age
-        if "min-fresh" in directives and left < (delta_seconds(directives["min-fresh"]) or 0):
-            return None
-        if left > 0:
-            return "fresh"
-        if "max-stale" in directives and not entry.no_stale:
-            allowed = directives["max-stale"]
-            limit = math.inf if allowed is None else (delta_seconds(allowed) or 0)
-            if -left <= limit:
-                return "fresh"  # the client accepts it as is: nothing to refresh for it
-        if -left <= entry.stale_window and not {"max-age", "min-fresh"} & directives.keys():
-            return "stale"
-        return None
-
-    def _serve(self, entry: _Entry, request: Request, now: float) -> Response:
+    def _serve(self, entry: StoredResponse, request: Request, now: float) -> Response:
         """A hit: a new Response from the entry, or a 304 if the client's ETag matches."""
         if_none_match = request.headers.get("If-None-Match")
         if if_none_match and entry.etag and entry.status == 200 and etag_matches(if_none_match, entry.etag):
@@ -481,7 +376,7 @@ class Cache(Plugin):
     # -- going upstream -------------------------------------------------------
 
     async def _lead(self, scope: _Scope, request: Request, call_next: CallNext,
-                    stale: _Entry | None) -> Response:
+                    stale: StoredResponse | None) -> Response:
         """Fetch for ``request``, letting later requests with the same key wait for it."""
         flight = None
         if scope.flight not in self._flights:
@@ -496,7 +391,7 @@ class Cache(Plugin):
                 del self._flights[scope.flight]
                 flight.done.set()
 
-    def _refresh_in_background(self, scope: _Scope, request: Request, entry: _Entry,
+    def _refresh_in_background(self, scope: _Scope, request: Request, entry: StoredResponse,
                                call_next: CallNext) -> None:
         # Refreshes asked with credentials outside the key share one slot: only
         # a public or s-maxage answer to them is stored, and no miss waits on it.
@@ -518,7 +413,7 @@ class Cache(Plugin):
         task.add_done_callback(self._tasks.discard)
 
     async def _refresh(self, key: tuple, flight: _Flight, scope: _Scope, request: Request,
-                       call_next: CallNext, entry: _Entry) -> None:
+                       call_next: CallNext, entry: StoredResponse) -> None:
         try:
             response, flight.stored = await self._fetch(scope, request, call_next, entry)
             await response.aclose()
@@ -530,7 +425,7 @@ class Cache(Plugin):
             flight.done.set()
 
     async def _fetch(self, scope: _Scope, request: Request, call_next: CallNext,
-                     stale: _Entry | None) -> tuple[Response, bool]:
+                     stale: StoredResponse | None) -> tuple[Response, bool]:
         """Forward ``request``; store the response if allowed. Returns (response, stored)."""
         added = []
         if stale is not None and "If-None-Match" not in request.headers \
@@ -558,7 +453,7 @@ class Cache(Plugin):
         if response.status == 304 and added and stale is not None:
             await response.aclose()
             return self._revalidated(scope, asked, shared_only, stale, response, now)
-        entry = self._admit(shared_only, response.status, response.reason,
+        entry = self._rules.admit(shared_only, response.status, response.reason,
                             response.headers.items(), now)
         if entry is None:
             return _mark(response, "MISS"), False
@@ -568,97 +463,25 @@ class Cache(Plugin):
         body = await _read_upto(response, self.max_body)
         if body is None:
             return _mark(response, "MISS"), False
-        self._put(scope, asked.headers, _vary(response.headers.getall("Vary", ())),
+        self._put(scope, asked.headers, vary_names(response.headers.getall("Vary", ())),
                   dataclasses.replace(entry, body=body))
         return _mark(response, "MISS"), True
 
-    def _revalidated(self, scope: _Scope, request: Request, shared_only: bool, stale: _Entry,
+    def _revalidated(self, scope: _Scope, request: Request, shared_only: bool, stale: StoredResponse,
                      response: Response, now: float) -> tuple[Response, bool]:
         """Update ``stale`` with a 304's headers (RFC 9111 §4.3.4), store and serve it."""
-        fresh = {k.lower() for k in response.headers if k.lower() not in NOT_STORED}
-        fresh.discard("content-length")
-        headers = [(k, v) for k, v in stale.headers if k.lower() not in fresh]
-        headers += [(k, v) for k, v in response.headers.items() if k.lower() in fresh]
-        entry = self._admit(shared_only, stale.status, stale.reason, headers, now)
+        headers = updated_headers(stale.headers, response.headers.items())
+        entry = self._rules.admit(shared_only, stale.status, stale.reason, headers, now)
         if entry is None:
             # The 304 changed its mind (no-store, a Set-Cookie for this client):
             # this client gets the updated answer, and the old copy is dropped.
-            vary = _vary(v for k, v in stale.headers if k.lower() == "vary")
+            vary = vary_names(v for k, v in stale.headers if k.lower() == "vary")
             self._store.pop(self._entry_key(scope, request.headers, vary), None)
             body = b"" if request.method == "HEAD" else stale.body
             return _mark(Response(stale.status, body, headers, reason=stale.reason), "HIT"), False
         entry = dataclasses.replace(entry, body=stale.body)
-        self._put(scope, request.headers, _vary(v for k, v in headers if k.lower() == "vary"), entry)
+        self._put(scope, request.headers, vary_names(v for k, v in headers if k.lower() == "vary"), entry)
         return self._serve(entry, request, now), True
-
-    def _admit(self, shared_only: bool, status: int, reason: str,
-               headers: Iterable[tuple[str, str]], now: float) -> _Entry | None:
-        """An entry (without body) for a response a shared cache may store, else None."""
-        headers = list(headers)
-        lower = {k.lower(): v for k, v in reversed(headers)}  # first value of each name
-        cc = cache_control(v for k, v in headers if k.lower() == "cache-control")
-        if status not in HEURISTIC_STATUSES | EXPLICIT_STATUSES:
-            return None
-        if "no-store" in cc or "private" in cc:
-            return None
-        # SECURITY: a Set-Cookie starts or changes someone's session: never someone else's.
-        if "set-cookie" in lower:
-            return None
-        if "*" in _vary(v for k, v in headers if k.lower() == "vary"):
-            return None
-        shared = bool(SHARED_DIRECTIVES & cc.keys())
-        # SECURITY: what answered an authenticated request is someone's own data
-        # unless the response says a shared cache may give it to anyone (RFC 9111 §3.5).
-        if shared_only and not shared:
-            return None
-        lifetime = self._lifetime(cc, lower)
-        if lifetime is None:
-            if "public" in cc:
-                lifetime = self.ttl
-            elif self.heuristic and status in HEURISTIC_STATUSES:
-                lifetime = self._heuristic_lifetime(lower)
-            else:
-                return None  # nothing says it may be stored
-        etag, last_modified = lower.get("etag"), lower.get("last-modified")
-        revalidate = "no-cache" in cc
-        if revalidate and not (etag or last_modified):
-            return None
-        no_stale = revalidate or bool({"must-revalidate", "proxy-revalidate", "s-maxage"} & cc.keys())
-        if revalidate:
-            window = 0.0
-        elif "stale-while-revalidate" in cc:
-            window = float(delta_seconds(cc["stale-while-revalidate"]) or 0)
-        else:
-            window = 0.0 if no_stale else self.stale_while_revalidate
-        initial_age = float(delta_seconds(lower.get("age")) or 0)
-        if lifetime + window <= initial_age and not (etag or last_modified):
-            return None  # already useless
-        kept = tuple((k, v) for k, v in headers if k.lower() not in NOT_STORED)
-        return _Entry(status=status, reason=reason, headers=kept, body=b"", stored_at=now,
-                      initial_age=initial_age, lifetime=lifetime, stale_window=window,
-                      no_stale=no_stale, revalidate=revalidate, shared=shared, etag=etag,
-                      last_modified=last_modified)
-
-    def _lifetime(self, cc: dict[str, str | None], headers: dict[str, str]) -> float | None:
-        """The explicit freshness lifetime (RFC 9111 §4.2.1), or None if there is none."""
-        for name in ("s-maxage", "max-age"):
-            if name in cc:
-                return float(delta_seconds(cc[name]) or 0)  # invalid: stale at once
-        if "expires" in headers:
-            expires = http_date(headers["expires"])
-            if expires is None:
-                return 0.0  # "Expires: 0" and other invalid dates mean already expired
-            date = http_date(headers.get("date")) or self.wall_clock()
-            return max(0.0, expires - date)
-        return None
-
-    def _heuristic_lifetime(self, headers: dict[str, str]) -> float:
-        """RFC 9111 §4.2.2: a fraction of the time since Last-Modified, at most ``ttl``."""
-        last_modified = http_date(headers.get("last-modified"))
-        if last_modified is None:
-            return self.ttl
-        date = http_date(headers.get("date")) or self.wall_clock()
-        return max(0.0, min(self.ttl, (date - last_modified) * HEURISTIC_FRACTION))
 
 
 def _mark(response: Response, value: str) -> Response:
@@ -679,13 +502,6 @@ def _claim(claims: Any, name: str) -> str | None:
         return json.dumps(claims[name], sort_keys=True, separators=(",", ":"), default=repr)
     except (TypeError, ValueError):
         return repr(claims[name])
-
-
-def _vary(values: Iterable[str]) -> tuple[str, ...]:
-    """The header names ``Vary`` lists, lowercased, sorted, without duplicates."""
-    names = {name.strip().lower() for value in values for name in value.split(",")}
-    names.discard("")
-    return tuple(sorted(names))
 
 
 async def _read_upto(response: Response, limit: int) -> bytes | None:

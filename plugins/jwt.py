@@ -72,51 +72,42 @@ token or key material. Any other failure raises, and the sidecar answers
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import ipaddress
 import json
 import logging
-import os
 import re
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jwt
 from cachetools import TLRUCache
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from mesh import CallNext, Context, Duration, Plugin, Request, Response
+from mesh_plugins.jwt_keys import (
+    KNOWN_ALGORITHMS,
+    Key,
+    KeySet,
+    check_algorithms,
+    check_url,
+    checked_key,
+    read_public_key,
+    read_secret,
+)
 
 __all__ = ["JWT"]
 
-# Minimum HMAC key length per algorithm (RFC 7518 section 3.2).
-_HMAC = {"HS256": 32, "HS384": 48, "HS512": 64}
-_RSA = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
-_EC = {"secp256r1": ("ES256",), "secp384r1": ("ES384",),
-       "secp521r1": ("ES512", "ES521"), "secp256k1": ("ES256K",)}
-_KNOWN = {*_HMAC, *_RSA, *(a for algs in _EC.values() for a in algs), "EdDSA"}
-
 _MAX_TOKEN = 16 * 1024
-_MAX_JWKS = 1024 * 1024
-_FETCH_TIMEOUT = 5.0
 _NO_EXP_TTL = 300.0  # how long a token without ``exp`` stays cached
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TOKEN_CHARS = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Headers a claim may not be forwarded into: they frame the request or name its sender.
 _RESERVED = {"host", "content-length", "transfer-encoding", "connection", "upgrade",
              "te", "authorization", "x-mesh-peer", "x-request-id"}
-_LOOPBACK_NAMES = {"localhost"}
 
-# The clocks, read through these names so that tests can move time.
-_wall_time = time.time        # seconds since the epoch, as exp and nbf count
-_monotonic = time.monotonic   # intervals between JWKS fetches
+# Seconds since the epoch, as exp and nbf count: read through this name so that tests can move time.
+_wall_time = time.time
 
 
 def _header_key(name: str) -> str:
@@ -139,113 +130,10 @@ class _Rejected(Exception):
 
 
 @dataclass(frozen=True)
-class _Key:
-    key: Any                      # bytes for HMAC, else a cryptography public key
-    algorithms: frozenset[str]    # what this key may verify
-
-
-@dataclass(frozen=True)
 class _Verified:
     claims: dict[str, Any]
     headers: tuple[tuple[str, str], ...]   # forwarded claims
     expires: float                          # wall clock, exp + leeway
-
-
-def _key_algorithms(key: Any) -> frozenset[str]:
-    """The algorithms a key can verify: its type decides, never a token."""
-    if isinstance(key, bytes):
-        return frozenset(alg for alg, size in _HMAC.items() if len(key) >= size)
-    if isinstance(key, rsa.RSAPublicKey):
-        return frozenset(_RSA) if key.key_size >= 2048 else frozenset()
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return frozenset(_EC.get(key.curve.name, ()))
-    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
-        return frozenset({"EdDSA"})
-    return frozenset()
-
-
-def _describe_key(key: Any) -> str:
-    if isinstance(key, bytes):
-        return f"a {len(key)}-byte secret"
-    if isinstance(key, rsa.RSAPublicKey):
-        return f"a {key.key_size}-bit RSA key"
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return f"an EC key on {key.curve.name}"
-    return f"a {type(key).__name__}"
-
-
-def _load_public_key(data: bytes) -> Any:
-    if b"-----BEGIN CERTIFICATE-----" in data:
-        return x509.load_pem_x509_certificate(data).public_key()
-    if b"PRIVATE KEY-----" in data:
-        raise ValueError("it holds a private key; give the public key (the sidecar only verifies)")
-    return serialization.load_pem_public_key(data)
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_url(url: str) -> None:
-    """Raise ValueError unless ``url`` is https, or http to this machine."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return
-    if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
-        return
-    raise ValueError(f"jwks URL must be https:// (http:// only for 127.0.0.1), got {url!r}")
-
-
-class _SafeRedirects(urllib.request.HTTPRedirectHandler):
-    # SECURITY: a redirect must not downgrade the key fetch to plain http.
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> Any:
-        _check_url(newurl)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _fetch_url(url: str) -> bytes:
-    """GET ``url`` (blocking: run it in a thread). Raises on any failure."""
-    handlers: list[Any] = [_SafeRedirects()]
-    if _is_loopback(urllib.parse.urlsplit(url).hostname or ""):
-        handlers.append(urllib.request.ProxyHandler({}))  # never send loopback through a proxy
-    opener = urllib.request.build_opener(*handlers)
-    request = urllib.request.Request(url, headers={"Accept": "application/json",
-                                                   "User-Agent": "mesh-jwt"})
-    with opener.open(request, timeout=_FETCH_TIMEOUT) as response:
-        data = response.read(_MAX_JWKS + 1)
-    if len(data) > _MAX_JWKS:
-        raise ValueError(f"larger than {_MAX_JWKS} bytes")
-    return data
-
-
-def _parse_jwks(data: bytes, allowed: frozenset[str]) -> dict[str | None, list[_Key]]:
-    """Keys by ``kid`` from a JWKS document; raises ValueError if none is usable."""
-    document = json.loads(data)
-    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-        raise ValueError("not a JWK Set (no 'keys' list)")
-    keys: dict[str | None, list[_Key]] = {}
-    for entry in document["keys"]:
-        if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
-            continue
-        try:
-            key = jwt.PyJWK(entry).key
-        except Exception:  # a key this pyjwt can't use (any error): the others still serve
-            continue
-        algorithms = _key_algorithms(key) & allowed
-        if "alg" in entry:  # the set's own pin on this key
-            algorithms &= {entry["alg"]} if isinstance(entry["alg"], str) else set()
-        kid = entry.get("kid")
-        if algorithms and (kid is None or isinstance(kid, str)):
-            keys.setdefault(kid, []).append(_Key(key, frozenset(algorithms)))
-    if not keys:
-        raise ValueError("no usable signing key in the set")
-    return keys
 
 
 def _header_value(value: Any) -> str | None:
@@ -281,95 +169,6 @@ def _quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-class _KeySet:
-    """A JWKS from a file or URL: keys by ``kid``, fetched off the event loop.
-
-    ``refresh`` fetches at most once per ``min_interval`` and shares one fetch
-    among all callers; a failed fetch keeps the last good keys. ``on_change``
-    runs when a fetch brings a different set (so cached verdicts are dropped).
-    """
-
-    def __init__(self, source: str, path: Path | None, allowed: frozenset[str],
-                 max_age: float, min_interval: float, log: logging.Logger,
-                 on_change: Any) -> None:
-        self.source = source
-        self.path = path
-        self.allowed = allowed
-        self.max_age = max_age
-        self.min_interval = min_interval
-        self.log = log
-        self.on_change = on_change
-        self.keys: dict[str | None, list[_Key]] = {}
-        self._raw: bytes | None = None
-        self._last_attempt = float("-inf")
-        self._fetch: asyncio.Task[None] | None = None
-        self._loop_task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._last_attempt = _monotonic()
-        if self.path is not None:
-            # A bad file is a configuration error: refuse to start.
-            data = await asyncio.to_thread(self.path.read_bytes)
-            self._install(data)
-        else:
-            await self._attempt()
-        self._loop_task = asyncio.create_task(self._periodic())
-
-    async def stop(self) -> None:
-        for task in (self._loop_task, self._fetch):
-            if task is not None:
-                task.cancel()
-        for task in (self._loop_task, self._fetch):
-            if task is not None:
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
-
-    def lookup(self, kid: str | None) -> list[_Key]:
-        if kid is None:
-            # No kid: only unambiguous with a single key in the set.
-            only = [k for keys in self.keys.values() for k in keys]
-            return only if len(only) == 1 else []
-        return self.keys.get(kid, [])
-
-    async def refresh(self, *, scheduled: bool = False) -> None:
-        """Fetch again, unless a fetch for a token ran less than ``min_interval`` ago."""
-        if self._fetch is None or self._fetch.done():
-            if not scheduled and _monotonic() - self._last_attempt < self.min_interval:
-                return
-            self._last_attempt = _monotonic()
-            self._fetch = asyncio.create_task(self._attempt())
-        # Shielded: a client hanging up must not cancel a fetch others wait on.
-        await asyncio.shield(self._fetch)
-
-    async def _periodic(self) -> None:
-        while True:
-            await asyncio.sleep(self.max_age)
-            await self.refresh(scheduled=True)
-
-    async def _attempt(self) -> None:
-        try:
-            if self.path is not None:
-                data = await asyncio.to_thread(self.path.read_bytes)
-            else:
-                data = await asyncio.to_thread(_fetch_url, self.source)
-            self._install(data)
-        except Exception as exc:  # any failure: keep serving the last good copy
-            kept = f"keeping the {len(self.keys)} key id(s) from the last good copy" \
-                if self.keys else "no keys yet: every token is refused"
-            self.log.warning("jwks %s: fetch failed (%s: %s); %s",
-                             self.source, type(exc).__name__, exc, kept)
-
-    def _install(self, data: bytes) -> None:
-        keys = _parse_jwks(data, self.allowed)
-        changed = self._raw is not None and data != self._raw
-        self.keys, self._raw = keys, data
-        if changed:
-            self.log.info("jwks %s: key set changed (%d key ids)", self.source, len(keys))
-            self.on_change()
-
-
 class JWT(Plugin):
     """Verifies ``Authorization: Bearer`` JWTs; see the module docstring for options."""
 
@@ -397,22 +196,11 @@ class JWT(Plugin):
             raise ValueError("give exactly one of 'secret', 'public_key' or 'jwks'"
                              + (f" (found {', '.join(given)})" if given else ""))
         if algorithms is not None:
-            unknown = [a for a in algorithms if a not in _KNOWN]
-            if not algorithms or unknown:
-                raise ValueError(f"algorithms: unknown or refused {unknown or algorithms} "
-                                 f"(known: {', '.join(sorted(_KNOWN))}; 'none' is never accepted)")
-            hmac = {a for a in algorithms if a in _HMAC}
-            if secret and hmac != set(algorithms):
-                raise ValueError(f"algorithms: a secret only verifies HS256/HS384/HS512, "
-                                 f"not {', '.join(sorted(set(algorithms) - hmac))}")
-            if public_key and hmac:
-                # SECURITY: the HS/RS confusion attack signs with the public key as HMAC secret.
-                raise ValueError(f"algorithms: {', '.join(sorted(hmac))} needs a secret, "
-                                 "not a public key")
+            check_algorithms(algorithms, secret=bool(secret), public_key=bool(public_key))
         if secret and secret.startswith(("env:", "file:")) and not secret.split(":", 1)[1]:
             raise ValueError(f"secret: {secret!r} names no variable or file")
         if jwks and "://" in jwks:
-            _check_url(jwks)
+            check_url(jwks)
         headers = dict(forward_claims or {})
         for claim, header in headers.items():
             if not _TOKEN_CHARS.match(header) or _header_key(header) in _RESERVED:
@@ -445,8 +233,8 @@ class JWT(Plugin):
         self.jwks_min_interval = float(jwks_min_interval)
 
         self._log = logging.getLogger("mesh.plugin.jwt")
-        self._keys: list[_Key] | None = None      # secret or public_key
-        self._keyset: _KeySet | None = None       # jwks
+        self._keys: list[Key] | None = None      # secret or public_key
+        self._keyset: KeySet | None = None       # jwks
         self._cache: TLRUCache[str, _Verified] | None = (
             TLRUCache(cache_size, lambda _token, verified, _now: verified.expires,
                       timer=lambda: _wall_time()) if cache_size else None)
@@ -457,21 +245,16 @@ class JWT(Plugin):
         if self.realm is None:
             self.realm = ctx.service
         if self.secret:
-            key = self._read_secret(ctx)
-            self._keys = [self._checked_key(key, "secret")]
+            self._keys = [checked_key(read_secret(self.secret, ctx), "secret", self.algorithms)]
         elif self.public_key:
             path = ctx.path(self.public_key)
-            try:
-                key = _load_public_key(path.read_bytes())
-            except (OSError, ValueError, TypeError) as exc:
-                raise ValueError(f"public_key {path}: {exc}") from exc
-            self._keys = [self._checked_key(key, f"public_key {path}")]
+            self._keys = [checked_key(read_public_key(path), f"public_key {path}", self.algorithms)]
         else:
             assert self.jwks is not None
-            path = None if "://" in self.jwks else ctx.path(self.jwks)
-            self._keyset = _KeySet(self.jwks, path, self.algorithms or frozenset(_KNOWN),
-                                   self.jwks_max_age, self.jwks_min_interval,
-                                   self._log, self._forget)
+            jwks_path = None if "://" in self.jwks else ctx.path(self.jwks)
+            self._keyset = KeySet(self.jwks, jwks_path, self.algorithms or KNOWN_ALGORITHMS,
+                                  self.jwks_max_age, self.jwks_min_interval,
+                                  self._log, self._forget)
             await self._keyset.start()
 
     async def stop(self) -> None:
@@ -510,7 +293,7 @@ class JWT(Plugin):
                 pass
         header = _peek_header(token)
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in (self.algorithms or _KNOWN):
+        if not isinstance(alg, str) or alg not in (self.algorithms or KNOWN_ALGORITHMS):
             raise _Rejected("algorithm not allowed", f"alg {alg!r} is not allowed")
         keys = await self._keys_for(header)
         candidates = [k for k in keys if alg in k.algorithms]
@@ -519,7 +302,7 @@ class JWT(Plugin):
         claims = self._decode(token, alg, candidates)
         return self._remember(token, claims)
 
-    async def _keys_for(self, header: dict[str, Any]) -> list[_Key]:
+    async def _keys_for(self, header: dict[str, Any]) -> list[Key]:
         if self._keys is not None:
             return self._keys
         assert self._keyset is not None
@@ -535,7 +318,7 @@ class JWT(Plugin):
                             else "token has no kid and the key set has several keys")
         return keys
 
-    def _decode(self, token: str, alg: str, keys: list[_Key]) -> dict[str, Any]:
+    def _decode(self, token: str, alg: str, keys: list[Key]) -> dict[str, Any]:
         last: jwt.PyJWTError | None = None
         for key in keys:  # usually one; several only for a kid shared by rotated keys
             try:
@@ -572,39 +355,6 @@ class JWT(Plugin):
         """The key set changed: tokens verified with a removed key must be checked again."""
         if self._cache is not None:
             self._cache.clear()
-
-    def _read_secret(self, ctx: Context) -> bytes:
-        assert self.secret is not None
-        kind, _, rest = self.secret.partition(":")
-        if kind == "env":
-            value = os.environ.get(rest, "")
-            if not value:
-                raise ValueError(f"secret: environment variable {rest} is not set or empty")
-            return value.encode()
-        if kind == "file":
-            path = ctx.path(rest)
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise ValueError(f"secret: cannot read {path}: {exc.strerror}") from exc
-            # One trailing newline is the file's, not the secret's (echo, editors).
-            return data[:-2] if data.endswith(b"\r\n") else data.removesuffix(b"\n")
-        self._log.warning("secret is written in mesh.toml; prefer 'env:NAME' or 'file:PATH'")
-        return self.secret.encode()
-
-    def _checked_key(self, key: Any, where: str) -> _Key:
-        usable = _key_algorithms(key)
-        if isinstance(key, bytes) and not usable:
-            raise ValueError(f"{where} is {len(key)} bytes; HS256 needs at least 32")
-        if not usable:
-            raise ValueError(f"{where}: {_describe_key(key)} can't verify tokens safely")
-        wanted = self.algorithms or usable
-        unfit = wanted - usable
-        if unfit:
-            raise ValueError(f"{where}: {_describe_key(key)} can't verify "
-                             f"{', '.join(sorted(unfit))}")
-        return _Key(key, frozenset(wanted))
-
 
 def _peek_header(token: str) -> dict[str, Any]:
     """The token's header, unverified: only to choose the key and algorithm.

@@ -7,7 +7,8 @@ from email.utils import formatdate
 import jwt as pyjwt
 import pytest
 
-from mesh import Response, UpstreamError
+from mesh import PluginError, Response, UpstreamError
+from mesh.loader import load_class
 from mesh.testing import make_request, run_chain, run_plugin, started, stream
 from mesh_plugins.cache import Cache
 from mesh_plugins.jwt import JWT
@@ -871,3 +872,12 @@ async def test_no_cache_request_revalidates_the_stored_copy():
 def test_bad_key_entries_are_refused(key):
     with pytest.raises(ValueError, match="key"):
         Cache(key=key)
+
+
+@pytest.mark.parametrize("use, message", [
+    ("http_caching", "unknown plugin 'http_caching'"),
+    ("mesh_plugins.http_caching:StoreRules", "is not a plugin"),
+])
+def test_the_http_caching_rules_are_not_a_plugin(use, message):
+    with pytest.raises(PluginError, match=message):
+        load_class(use)

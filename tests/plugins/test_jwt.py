@@ -29,7 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 import mesh_plugins.jwt as jwt_plugin
-from mesh import Context, Request, Response
+import mesh_plugins.jwt_keys as jwt_keys
+from mesh import Context, PluginError, Request, Response
+from mesh.loader import load_class
 from mesh.testing import make_request, run_chain, run_plugin, started
 from mesh_plugins.jwt import JWT
 
@@ -131,7 +133,7 @@ class Clock:
                 return datetime.datetime.fromtimestamp(clock.wall, tz)
 
         monkeypatch.setattr(jwt_plugin, "_wall_time", lambda: self.wall)
-        monkeypatch.setattr(jwt_plugin, "_monotonic", lambda: self.monotonic)
+        monkeypatch.setattr(jwt_keys, "_monotonic", lambda: self.monotonic)
         monkeypatch.setattr(jwt.api_jwt, "datetime", MovedDatetime)
 
     def advance(self, seconds: float) -> None:
@@ -147,7 +149,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 @pytest.fixture(autouse=True)
 def patient_fetches(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test here is about a slow key server: a loaded machine may take a while to answer."""
-    monkeypatch.setattr(jwt_plugin, "_FETCH_TIMEOUT", 60.0)
+    monkeypatch.setattr(jwt_keys, "_FETCH_TIMEOUT", 60.0)
 
 
 def secret_plugin(**options: Any) -> JWT:
@@ -157,6 +159,15 @@ def secret_plugin(**options: Any) -> JWT:
 def test_the_module_imports_pyjwt_not_itself():
     assert jwt_plugin.jwt.__name__ == "jwt"
     assert jwt_plugin.jwt.decode is jwt.decode
+
+
+@pytest.mark.parametrize("use, message", [
+    ("jwt_keys", "unknown plugin 'jwt_keys'"),
+    ("mesh_plugins.jwt_keys:KeySet", "is not a plugin"),
+])
+def test_the_key_module_is_not_a_plugin(use, message):
+    with pytest.raises(PluginError, match=message):
+        load_class(use)
 
 
 # --- options -------------------------------------------------------------------
