@@ -1,17 +1,13 @@
-"""Shared fixtures: real local servers and a raw HTTP client for byte-exact requests."""
+"""Shared fixtures: real local servers, a raw HTTP client for byte-exact requests, and the harness's
+meshes under test (tests/harness.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from .harness import eventually, free_port, make_mesh, wait_until  # noqa: F401 - shared here, make_mesh a fixture
 
 
 async def raw_http(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
@@ -24,16 +20,6 @@ async def raw_http(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
             return await reader.read(-1)
     finally:
         writer.close()
-
-
-async def eventually(condition, *, timeout: float = 30.0, every: float = 0.02, what: str = "") -> None:
-    """Wait until ``condition()`` is true: a bound generous enough for a slow, busy machine."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"not true within {timeout:g}s: {what or condition}")
-        await asyncio.sleep(every)
 
 
 def port_of(url: str) -> int:

@@ -89,28 +89,18 @@ class Leftovers:
     def remove_all(self) -> list[str]:
         import docker
 
+        api = self.client.api
         failures = []
-        for container_id in reversed(self.containers):
-            try:
-                self.client.api.remove_container(container_id, force=True, v=True)
-            except docker.errors.NotFound:
-                pass
-            except docker.errors.APIError as exc:
-                failures.append(f"container {container_id[:12]}: {exc}")
-        for network_id in reversed(self.networks):
-            try:
-                self.client.api.remove_network(network_id)
-            except docker.errors.NotFound:
-                pass
-            except docker.errors.APIError as exc:
-                failures.append(f"network {network_id[:12]}: {exc}")
-        for image_id in reversed(self.images):
-            try:
-                self.client.api.remove_image(image_id, force=True, noprune=False)
-            except docker.errors.NotFound:
-                pass
-            except docker.errors.APIError as exc:
-                failures.append(f"image {image_id[:19]}: {exc}")
+        for kind, ids, remove in (("container", self.containers, lambda i: api.remove_container(i, force=True, v=True)),
+                                  ("network", self.networks, api.remove_network),
+                                  ("image", self.images, lambda i: api.remove_image(i, force=True, noprune=False))):
+            for found in reversed(ids):
+                try:
+                    remove(found)
+                except docker.errors.NotFound:
+                    pass
+                except docker.errors.APIError as exc:
+                    failures.append(f"{kind} {found[:19] if kind == 'image' else found[:12]}: {exc}")
         return failures
 
 

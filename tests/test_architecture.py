@@ -34,9 +34,7 @@ PLANES = ["core", "http", "sidecar", "control"]
 ENTRY = {"mesh.cli", "mesh.__main__", "mesh.testing"}
 
 # Modules over ~600 lines, each at most its size today: they are to be split, never to grow.
-OVERSIZED = {"mesh.control.runtimes.docker": 1090, "mesh.control.runtimes.base": 880,
-             "mesh.control.docker.images": 805, "mesh.http.server": 760, "mesh.control.controller": 715,
-             "mesh.http.client": 670}
+OVERSIZED: dict[str, int] = {}
 
 
 def module_name(path: Path) -> str:

@@ -12,14 +12,8 @@ make is recorded by id and removed at the end, whatever happened.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,67 +22,18 @@ from typing import Any
 import pytest
 
 from mesh import config
-from mesh.control.controller import StateDir
+from mesh.control.docker.containers import memory_bytes
+from mesh.control.docker.firewall import firewall_rules
+from mesh.control.docker.layout import ADMIN_PORT, MESH_PORT, PUBLIC_PORT, container_name, mesh_alias, network_names
 from mesh.control.runtimes import get_runtime
 from mesh.control.runtimes.base import StartFailed
-from mesh.control.runtimes.docker import (
-    ADMIN_PORT,
-    MESH_PORT,
-    PUBLIC_PORT,
-    DockerRuntime,
-    container_name,
-    firewall_rules,
-    memory_bytes,
-    mesh_alias,
-    network_names,
-)
+from mesh.control.runtimes.docker import DockerRuntime
 from mesh.sidecar.admin import operator_token
 
-from ..docker_support import Leftovers, base_image, docker_engine  # noqa: F401
-
-APP = '''
-import json, os, sys, urllib.error, urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-KEYS = ["PORT", "HTTP_PROXY", "NO_PROXY", "MESH_SERVICE", "MESH_INSTANCE", "COLOUR"]
-
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        if self.path == "/healthz":
-            return self.reply(200, b"ok")
-        if self.path.startswith("/call/"):  # through this instance's sidecar, by name
-            try:
-                with urllib.request.urlopen("http://back/" + self.path[6:], timeout=10) as response:
-                    return self.reply(response.status, response.read())
-            except urllib.error.HTTPError as error:
-                return self.reply(error.code, error.read())
-        self.reply(200, json.dumps({"path": self.path, "peer": self.headers.get("x-mesh-peer"),
-                                    "env": {k: os.environ.get(k) for k in KEYS}}).encode())
-
-    def reply(self, status, body):
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-if os.environ.get("EXIT_AT_ONCE"):
-    print("boom: this app gives up at once", flush=True)
-    sys.exit(3)
-port = int(os.environ["PORT"])
-print(os.environ["MESH_SERVICE"], "listening on 0.0.0.0:%d" % port, flush=True)
-# Every address, on purpose: the namespace's firewall, not the bind, must keep others out.
-ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
-'''
-
-DOCKERFILE = 'FROM mesh/base\nCOPY app.py /app/\nCMD ["python3", "/app/app.py"]\n'
+from ..docker_support import base_image, docker_engine  # noqa: F401
+from ..harness import ATTACK, DOCKER_APP, Mesh, docker_build, fetch, free_port, unique_name, wait_until
 
 MESH = '''
-[mesh]
-name = "{name}"
-
 [services.front]
 build = "app"
 port = 8000
@@ -109,31 +54,6 @@ to = "back"
 paths = ["/allowed", "/allowed/*"]
 methods = ["GET"]
 '''
-
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    try:
-        with NO_PROXY.open(urllib.request.Request(url, headers=headers or {}), timeout=15) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
-def write_mesh(folder: Path, name: str, toml: str = MESH, **values: Any) -> Path:
-    (folder / "app").mkdir(parents=True, exist_ok=True)
-    (folder / "app" / "Dockerfile").write_text(DOCKERFILE)
-    (folder / "app" / "app.py").write_text(APP)
-    (folder / "mesh.toml").write_text(toml.format(name=name, **values))
-    return folder
-
 
 # --- without an engine ---------------------------------------------------------------------------
 
@@ -263,87 +183,23 @@ port = 9000
 
 # --- against the engine --------------------------------------------------------------------------
 
-class DockerMesh:
-    """One mesh in a temporary folder, and everything of it the engine holds, recorded for removal."""
-
-    def __init__(self, client: Any, folder: Path, name: str, record: Leftovers) -> None:
-        self.client = client
-        self.folder = folder
-        self.name = name
-        self.record = record
-        self.state = str((folder / ".mesh" / name).resolve())
-
-    def mesh(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run([sys.executable, "-m", "mesh", *args, str(self.folder)],
-                                  capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL, cwd=self.folder)
-        finally:
-            self.remember()
-
-    def containers(self) -> list[dict[str, Any]]:
-        return self.client.api.containers(all=True, filters={"label": [f"mesh.state={self.state}"]})
-
-    def networks(self) -> list[dict[str, Any]]:
-        return self.client.api.networks(filters={"label": [f"mesh.state={self.state}"]})
-
-    def remember(self) -> None:
-        """Record by id whatever of this mesh exists now, and the images it built."""
-        known = set(self.record.containers)
-        for container in self.containers():
-            if container["Id"] not in known:
-                self.record.container(container["Id"])
-        for network in self.networks():
-            if network["Id"] not in self.record.networks:
-                self.record.network(network["Id"])
-        for image in self.client.api.images(filters={"label": [f"mesh.mesh={self.name}"]}):
-            self.record.image(image["Id"])
-
-    def state_json(self) -> dict[str, Any]:
-        return json.loads((self.folder / ".mesh" / self.name / "state.json").read_text())
-
-    def ps(self) -> dict[str, Any]:
-        done = self.mesh("ps", "--json", timeout=60)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
-
-    def kill_controller(self) -> None:
-        files = StateDir(self.folder / ".mesh" / self.name)
-        pid = files.controller_pid()
-        if files.running() and pid and pid != os.getpid():
-            os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while files.running() and time.monotonic() < deadline:
-                time.sleep(0.05)
-
-    def cleanup(self) -> list[str]:
-        self.kill_controller()
-        self.remember()
-        return self.record.remove_all()
-
-
-def _start(docker_engine: Any, folder: Path, record: Leftovers, **values: Any) -> tuple[DockerMesh, Any]:
-    name = f"t{uuid.uuid4().hex[:10]}"
-    write_mesh(folder, name, **values)
-    mesh = DockerMesh(docker_engine, folder, name, record)
-    started = time.monotonic()
-    done = mesh.mesh("up", "-d", "--runtime", "docker")
-    return mesh, (done, time.monotonic() - started)
+def docker_mesh(engine: Any, folder: Path, toml: str = MESH, **values: Any) -> Mesh:
+    """The two-service mesh (or ``toml``) under a name of its own, its images FROM mesh/base."""
+    return Mesh(folder, unique_name(), toml.format(**values), None, files=docker_build(DOCKER_APP), engine=engine)
 
 
 @pytest.fixture(scope="module")
-def running(docker_engine: Any, base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerMesh]:
+def running(docker_engine: Any, base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     """The two-service mesh, up in the background (`mesh up -d --runtime docker`)."""
-    record = Leftovers(docker_engine)
-    mesh = None
+    mesh = docker_mesh(docker_engine, tmp_path_factory.mktemp("docker-mesh"), expose=free_port())
     try:
-        mesh, (done, seconds) = _start(docker_engine, tmp_path_factory.mktemp("docker-mesh"), record,
-                                       expose=free_port())
+        started = time.monotonic()
+        done = mesh.run("up", "-d", "--runtime", "docker")
         assert done.returncode == 0, f"mesh up -d failed:\n{done.stdout}\n{done.stderr}"
-        print(f"\nmesh up -d --runtime docker: {seconds:.1f}s")
+        print(f"\nmesh up -d --runtime docker: {time.monotonic() - started:.1f}s")
         yield mesh
     finally:
-        failures = mesh.cleanup() if mesh is not None else record.remove_all()
+        failures = mesh.cleanup()
         assert not failures, f"could not remove what the tests created: {failures}"
 
 
@@ -357,19 +213,19 @@ def _mesh_address(client: Any, container_id: str, network: str) -> str:
 
 
 @pytest.mark.docker
-def test_up_says_what_it_builds_and_where_it_listens(running: DockerMesh) -> None:
-    up = running.mesh("ps")
+def test_up_says_what_it_builds_and_where_it_listens(running: Mesh) -> None:
+    up = running.run("ps")
     assert up.returncode == 0, up.stderr
     assert "running (docker runtime" in up.stdout
-    log = (running.folder / ".mesh" / running.name / "up.log").read_text()
+    log = running.log()
     assert f"checking the images of '{running.name}'" in log
     assert "mesh-firewall: installed" in log
 
 
 @pytest.mark.docker
-def test_calls_go_through_the_mesh(running: DockerMesh) -> None:
-    public = _instance(running.state_json(), "front")["public"]
-    status, body = get(f"{public}/call/allowed/x")
+def test_calls_go_through_the_mesh(running: Mesh) -> None:
+    public = _instance(running.state(), "front")["public"]
+    status, _, body = fetch(f"{public}/call/allowed/x")
     assert status == 200, body
     seen = json.loads(body)
     assert seen["path"] == "/allowed/x"
@@ -377,16 +233,16 @@ def test_calls_go_through_the_mesh(running: DockerMesh) -> None:
     assert seen["env"] == {"PORT": "9000", "HTTP_PROXY": "http://127.0.0.1:15002",
                            "NO_PROXY": "127.0.0.1,localhost", "MESH_SERVICE": "back",
                            "MESH_INSTANCE": "1", "COLOUR": "blue"}
-    status, body = get(f"{public}/call/admin")
+    status, _, body = fetch(f"{public}/call/admin")
     assert status == 403 and b"no route allows 'front' to call GET /admin on 'back'" in body
-    status, body = get(f"{public}/who")  # outside callers have no peer
+    status, _, body = fetch(f"{public}/who")  # outside callers have no peer
     assert status == 200 and json.loads(body)["peer"] is None
 
 
 @pytest.mark.docker
-def test_the_app_is_reachable_only_through_its_sidecar(running: DockerMesh, docker_engine: Any,
+def test_the_app_is_reachable_only_through_its_sidecar(running: Mesh, docker_engine: Any,
                                                        base_image: str) -> None:
-    state = running.state_json()
+    state = running.state()
     mesh_network = network_names(running.name)["mesh"]
     targets = {}
     for service, port in (("back", 9000), ("front", 8000)):
@@ -426,8 +282,8 @@ print(json.dumps(found))
 
 
 @pytest.mark.docker
-def test_containers_networks_and_limits(running: DockerMesh, docker_engine: Any) -> None:
-    state = running.state_json()
+def test_containers_networks_and_limits(running: Mesh, docker_engine: Any) -> None:
+    state = running.state()
     front = _instance(state, "front")["containers"]
     app = docker_engine.api.inspect_container(front["app"]["id"])
     assert app["HostConfig"]["NanoCpus"] == 500_000_000
@@ -466,49 +322,26 @@ def test_containers_networks_and_limits(running: DockerMesh, docker_engine: Any)
 
 
 @pytest.mark.docker
-def test_the_controller_reaches_each_admin_listener_on_the_host(running: DockerMesh) -> None:
-    token = operator_token(Path(running.state))
+def test_the_controller_reaches_each_admin_listener_on_the_host(running: Mesh) -> None:
+    token = operator_token(running.state_dir)
     assert token is not None
-    for inst in running.state_json()["instances"]:
+    for inst in running.state()["instances"]:
         admin = inst["addresses"]["admin"]
         assert admin.startswith("127.0.0.1:")
-        assert get(f"http://{admin}/registry")[0] == 401  # the operator's, with the run's token only
-        assert get(f"http://{admin}/healthz")[0] == 200
-        request = urllib.request.Request(f"http://{admin}/certs/reload", method="POST", headers=token.headers())
-        with NO_PROXY.open(request, timeout=10) as response:  # the mounted certificate folder, read again
-            assert response.status == 204
-        status, body = get(f"http://{admin}/registry", token.headers())
+        assert fetch(f"http://{admin}/registry").status == 401  # the operator's, with the run's token only
+        assert fetch(f"http://{admin}/healthz").status == 200
+        # the mounted certificate folder, read again
+        assert fetch(f"http://{admin}/certs/reload", method="POST", headers=token.headers()).status == 204
+        status, _, body = fetch(f"http://{admin}/registry", headers=token.headers())
         assert status == 200
         assert json.loads(body)["services"] == {"front": [f"front-1.{running.name}:{MESH_PORT}"],
                                                 "back": [f"back-1.{running.name}:{MESH_PORT}"]}
 
 
-# Run in an app container, which shares its sidecar's namespace. argv: the sidecar's other addresses.
-ATTACK = r"""
-import json, os, socket, sys
-found = {"uid": os.getuid(), "token file": os.path.exists("/mesh/admin.token")}
-for host in ["127.0.0.1"] + sys.argv[1:]:
-    for method, path, body in (("GET", "/config", b""), ("PUT", "/registry", b'{"services": {}}')):
-        try:
-            with socket.create_connection((host, 15000), timeout=5) as sock:
-                sock.sendall(("%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                              % (method, path, len(body))).encode() + body)
-                found[f"{method} {host}"] = sock.recv(100).decode("latin-1").split("\r\n")[0] or "closed"
-        except OSError as exc:
-            found[f"{method} {host}"] = type(exc).__name__
-try:
-    socket.socket(socket.AF_PACKET, socket.SOCK_RAW).close()
-    found["raw socket"] = "open"
-except OSError as exc:
-    found["raw socket"] = type(exc).__name__
-print(json.dumps(found))
-"""
-
-
 @pytest.mark.docker
-def test_the_app_can_neither_reach_nor_read_its_sidecars_admin(running: DockerMesh, docker_engine: Any) -> None:
+def test_the_app_can_neither_reach_nor_read_its_sidecars_admin(running: Mesh, docker_engine: Any) -> None:
     for service in ("front", "back"):
-        containers = _instance(running.state_json(), service)["containers"]
+        containers = _instance(running.state(), service)["containers"]
         networks = docker_engine.api.inspect_container(containers["sidecar"]["id"])["NetworkSettings"]["Networks"]
         addresses = sorted(n["IPAddress"] for n in networks.values())
         app = docker_engine.containers.get(containers["app"]["id"])
@@ -524,7 +357,7 @@ def test_the_app_can_neither_reach_nor_read_its_sidecars_admin(running: DockerMe
 
 
 @pytest.mark.docker
-def test_ps_shows_the_containers(running: DockerMesh, docker_engine: Any) -> None:
+def test_ps_shows_the_containers(running: Mesh, docker_engine: Any) -> None:
     state = running.ps()
     assert state["runtime"] == "docker" and state["controller"]["running"] is True
     assert [(i["service"], i["state"]) for i in state["instances"]] == [("front", "running"),
@@ -538,29 +371,24 @@ def test_ps_shows_the_containers(running: DockerMesh, docker_engine: Any) -> Non
 
 
 @pytest.mark.docker
-def test_a_killed_app_container_is_restarted(running: DockerMesh, docker_engine: Any) -> None:
-    back = _instance(running.state_json(), "back")["containers"]["app"]["id"]
+def test_a_killed_app_container_is_restarted(running: Mesh, docker_engine: Any) -> None:
+    back = _instance(running.state(), "back")["containers"]["app"]["id"]
     docker_engine.api.kill(back)
-    log = running.folder / ".mesh" / running.name / "up.log"
-    deadline = time.monotonic() + 60
-    while "back: restarted (restart 1)" not in log.read_text():  # the controller noticed, and restarted it
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
-    text = log.read_text()
+    # the controller noticed, and restarted it
+    wait_until(lambda: "back: restarted (restart 1)" in running.log(), timeout=60, every=0.2, what=running.log)
+    text = running.log()
     assert "back: the app exited with code 137 (killed by SIGKILL?)" in text
     assert "back: restarting its app in 0.5s (restart 1)" in text
     inst = _instance(running.ps(), "back")
     assert (inst["state"], inst["problem"], inst["restarts"]) == ("running", None, 1)
     assert inst["containers"]["app"]["id"] != back
-    public = _instance(running.state_json(), "front")["public"]
-    deadline = time.monotonic() + 15
-    while (answer := get(f"{public}/call/allowed"))[0] != 200:  # back in the registry, serving
-        assert time.monotonic() < deadline, answer
-        time.sleep(0.2)
+    public = _instance(running.state(), "front")["public"]
+    wait_until(lambda: fetch(f"{public}/call/allowed").status == 200, every=0.2,
+               what="back in the registry, serving")
 
 
 @pytest.mark.docker
-def test_down_after_a_crash_removes_this_mesh_and_nothing_else(running: DockerMesh, docker_engine: Any,
+def test_down_after_a_crash_removes_this_mesh_and_nothing_else(running: Mesh, docker_engine: Any,
                                                                base_image: str) -> None:
     # Look-alikes: the same mesh name, but another state folder; and an unlabelled network.
     labels = {"mesh.mesh": running.name, "mesh.state": "/elsewhere/.mesh/x", "mesh.role": "app"}
@@ -574,27 +402,27 @@ def test_down_after_a_crash_removes_this_mesh_and_nothing_else(running: DockerMe
     running.kill_controller()
     assert running.containers() and running.networks()
     assert running.ps()["controller"]["running"] is False
-    up = running.mesh("up", "-d", "--runtime", "docker")
+    up = running.run("up", "-d", "--runtime", "docker")
     assert up.returncode == 0, up.stdout + up.stderr
-    log = (running.folder / ".mesh" / running.name / "up.log").read_text()
+    log = running.log()
     assert "removed 4 containers and 2 networks an earlier `mesh up`" in log
-    assert get(f"{_instance(running.state_json(), 'front')['public']}/call/allowed")[0] == 200
+    assert fetch(f"{_instance(running.state(), 'front')['public']}/call/allowed").status == 200
 
     # And again; now `mesh down` finds what it left by label.
     running.kill_controller()
-    down = running.mesh("down")
+    down = running.run("down")
     assert down.returncode == 0, down.stderr
     assert "removed 4 containers and 2 networks" in down.stdout
     assert running.containers() == [] and running.networks() == []
     docker_engine.api.inspect_container(decoy.id)  # still there
     docker_engine.api.inspect_network(decoy_network.id)
-    assert running.mesh("down").stdout.strip() == f"mesh '{running.name}' is not running"
+    assert running.run("down").stdout.strip() == f"mesh '{running.name}' is not running"
 
     # Up again, and down with its controller alive.
-    up = running.mesh("up", "-d", "--runtime", "docker")
+    up = running.run("up", "-d", "--runtime", "docker")
     assert up.returncode == 0, up.stdout + up.stderr
-    assert get(f"{_instance(running.state_json(), 'front')['public']}/call/allowed")[0] == 200
-    down = running.mesh("down")
+    assert fetch(f"{_instance(running.state(), 'front')['public']}/call/allowed").status == 200
+    down = running.run("down")
     assert down.returncode == 0 and f"mesh '{running.name}' stopped" in down.stdout, down.stderr
     assert running.containers() == [] and running.networks() == []
     assert _instance(running.ps(), "back")["state"] == "stopped"
@@ -603,18 +431,14 @@ def test_down_after_a_crash_removes_this_mesh_and_nothing_else(running: DockerMe
 @pytest.mark.docker
 def test_a_failed_start_shows_the_apps_last_lines_and_leaves_nothing(docker_engine: Any, base_image: str,
                                                                      tmp_path: Path) -> None:
-    record = Leftovers(docker_engine)
-    mesh = None
+    toml = MESH.replace('env = {{ COLOUR = "blue" }}', 'env = {{ EXIT_AT_ONCE = "1" }}')
+    mesh = docker_mesh(docker_engine, tmp_path, toml, expose=free_port())
     try:
-        toml = MESH.replace('env = {{ COLOUR = "blue" }}', 'env = {{ EXIT_AT_ONCE = "1" }}')
-        name = f"t{uuid.uuid4().hex[:10]}"
-        write_mesh(tmp_path, name, toml, expose=free_port())
-        mesh = DockerMesh(docker_engine, tmp_path, name, record)
-        done = mesh.mesh("up", "-d", "--runtime", "docker", "--timeout", "20")
+        done = mesh.run("up", "-d", "--runtime", "docker", "--timeout", "20")
         assert done.returncode == 1
         assert "back failed to start: the app exited with code 3 before it was ready" in done.stderr
         assert "back | boom: this app gives up at once" in done.stderr
         assert mesh.containers() == [] and mesh.networks() == []
     finally:
-        failures = mesh.cleanup() if mesh is not None else record.remove_all()
+        failures = mesh.cleanup()
         assert not failures, failures

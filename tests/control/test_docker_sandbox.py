@@ -11,59 +11,48 @@ from __future__ import annotations
 
 import json
 import shutil
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ..docker_support import Leftovers, base_image, docker_engine  # noqa: F401
-from .test_docker_runtime import ATTACK, NO_PROXY, DockerMesh, free_port
+from ..docker_support import base_image, docker_engine  # noqa: F401
+from ..harness import ATTACK, MeshMaker, fetch, free_port, unique_name
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sandbox"
 
 
 def run(port: int, session: str, code: str) -> dict[str, Any]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/run", data=code.encode(), method="POST",
-                                     headers={"X-Session": session})
-    try:
-        with NO_PROXY.open(request, timeout=120) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        pytest.fail(f"/run answered {error.code}: {error.read()!r}")
+    answer = fetch(f"http://127.0.0.1:{port}/run", method="POST", data=code.encode(),
+                   headers={"X-Session": session}, timeout=120)
+    if answer.status != 200:
+        pytest.fail(f"/run answered {answer.status}: {answer.body!r}")
+    return answer.json()
 
 
 @pytest.mark.docker
 def test_code_run_in_the_sandbox_cannot_reach_its_sidecars_admin(docker_engine: Any, base_image: str,
-                                                                   tmp_path: Path) -> None:
+                                                                   make_mesh: MeshMaker, tmp_path: Path) -> None:
     shutil.copytree(EXAMPLE / "app", tmp_path / "app", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "docker").mkdir()
-    name, port = f"s{uuid.uuid4().hex[:10]}", free_port()
+    name, port = unique_name("s"), free_port()
     toml = (EXAMPLE / "docker" / "mesh.toml").read_text()
     assert 'name = "sandbox-docker"' in toml and "expose = 8083" in toml
     toml = toml.replace('name = "sandbox-docker"', f'name = "{name}"').replace("expose = 8083", f"expose = {port}")
-    (tmp_path / "docker" / "mesh.toml").write_text(toml)
-    mesh = DockerMesh(docker_engine, tmp_path / "docker", name, Leftovers(docker_engine))
-    try:
-        up = mesh.mesh("up", "-d", "--runtime", "docker")
-        assert up.returncode == 0, up.stdout + up.stderr
-        assert run(port, "alice", "print(2 + 2)")["stdout"] == "4\n"  # the example works
+    mesh = make_mesh(None, toml, None, folder=tmp_path / "docker", engine=docker_engine)
+    up = mesh.run("up", "-d", "--runtime", "docker")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert run(port, "alice", "print(2 + 2)")["stdout"] == "4\n"  # the example works
 
-        result = run(port, "mallory", ATTACK)
-        assert result["exit"] == 0, result
-        found = json.loads(result["stdout"].strip().splitlines()[-1])
-        assert found.pop("uid") == 65534  # the example's app runs as nobody
-        assert found.pop("token file") is False
-        assert found.pop("raw socket") == "PermissionError"
-        assert found == {"GET 127.0.0.1": "ConnectionRefusedError",
-                         "PUT 127.0.0.1": "ConnectionRefusedError"}, found
-        assert run(port, "mallory", "print(2 + 2)")["stdout"] == "4\n"  # and its sidecar serves as before
+    result = run(port, "mallory", ATTACK)
+    assert result["exit"] == 0, result
+    found = json.loads(result["stdout"].strip().splitlines()[-1])
+    assert found.pop("uid") == 65534  # the example's app runs as nobody
+    assert found.pop("token file") is False
+    assert found.pop("raw socket") == "PermissionError"
+    assert found == {"GET 127.0.0.1": "ConnectionRefusedError",
+                     "PUT 127.0.0.1": "ConnectionRefusedError"}, found
+    assert run(port, "mallory", "print(2 + 2)")["stdout"] == "4\n"  # and its sidecar serves as before
 
-        down = mesh.mesh("down")
-        assert down.returncode == 0, down.stdout + down.stderr
-        assert mesh.containers() == [] and mesh.networks() == []
-    finally:
-        failures = mesh.cleanup()
-        assert not failures, failures
+    down = mesh.run("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert mesh.containers() == [] and mesh.networks() == []

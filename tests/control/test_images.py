@@ -20,7 +20,7 @@ import pytest
 
 import mesh
 from mesh.config import load
-from mesh.control.docker import images
+from mesh.control.docker import images, rootfs
 
 from ..docker_support import base_image, docker_engine, leftovers, run_container  # noqa: F401
 
@@ -72,9 +72,9 @@ def test_source_hash_follows_the_source(tmp_path):
 
 
 def test_mounts_under(tmp_path):
-    assert images.mounts_under(tmp_path) == []
-    assert "/" in images.mounts_under(Path("/"))
-    assert images._unescape(r"/tmp/a\040b") == "/tmp/a b"
+    assert rootfs.mounts_under(tmp_path) == []
+    assert "/" in rootfs.mounts_under(Path("/"))
+    assert rootfs._unescape(r"/tmp/a\040b") == "/tmp/a b"
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root to mount")
@@ -88,13 +88,13 @@ def test_temporary_trees_are_unmounted_before_removal(tmp_path):
     subprocess.run(["mount", "-t", "proc", "proc", str(tree / "rootfs" / "proc")], check=True)
     subprocess.run(["mount", "--bind", str(precious), str(tree / "rootfs" / "host")], check=True)
     try:
-        assert len(images.mounts_under(tree)) == 2
+        assert len(rootfs.mounts_under(tree)) == 2
         lines: list[str] = []
-        assert images._remove_tree(tree, lines.append)
+        assert rootfs.remove_tree(tree, lines.append)
         assert not tree.exists()
         assert (precious / "keep").read_text() == "host data", "removal reached into a mount"
     finally:
-        for point in images.mounts_under(tree):
+        for point in rootfs.mounts_under(tree):
             subprocess.run(["umount", "-l", point])
 
 

@@ -1,53 +1,26 @@
 """Restarts, exits and lifecycle hooks (mesh.lifecycle), with a controller run in this process
-on the process runtime. Every process a test starts is recorded in the controller's state and
-killed at teardown (by its process group) if it is still there."""
+on the process runtime. Every process a test starts is recorded by its mesh (tests/harness.py)
+and killed at teardown (by its process group) if it is still there."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 import logging
 import os
 import signal
-import socket
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mesh import config
-from mesh.control.controller import Console, Controller
-from mesh.control.runtimes.base import group_alive, pid_alive, run_processes
+from mesh.control.runtimes.procfs import pid_alive
 from mesh.control.supervisor import Supervisor
 from mesh.errors import ConfigError
 from mesh.lifecycle import Lifecycle, load_lifecycle
 
-APP = '''
-import os, threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = f"pid {os.getpid()}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-if os.environ.get("EXIT_AFTER"):
-    code = int(os.environ.get("EXIT_CODE", "4"))
-    threading.Timer(float(os.environ["EXIT_AFTER"]), lambda: os._exit(code)).start()
-print("serving", flush=True)
-ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
-'''
+from ..harness import MeshMaker, eventually, fetch, free_port
 
 HOOKS = '''
 import json, os
@@ -78,106 +51,17 @@ class Broken:
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def get(url: str) -> tuple[int, bytes]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-    except OSError:
-        return 0, b""
-
-
-async def until(check: Any, timeout: float = 20.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
-class Mesh:
-    """A controller run in this process; everything it started is killed at teardown."""
-
-    def __init__(self, folder: Path, toml: str) -> None:
-        (folder / "app.py").write_text(APP)
-        (folder / "mesh.toml").write_text(toml)
-        self.out = io.StringIO()
-        self.controller = Controller(config.load(folder), timeout=20, console=Console(self.out))
-        self.task: asyncio.Future[int] | None = None
-        self.seen: list[dict[str, Any]] = []
-
-    def state(self) -> dict[str, Any]:
-        state = self.controller.state()
-        self.seen.append(state)
-        return state
-
-    def instance(self, label: str) -> dict[str, Any]:
-        return next(i for i in self.state()["instances"] if i["label"] == label)
-
-    async def start(self) -> None:
-        self.task = asyncio.ensure_future(self.controller.run())
-        assert await until(lambda: self.controller.phase != "starting" or self.task.done()), self.out.getvalue()
-        assert self.controller.phase == "running", self.out.getvalue()
-        self.state()
-
-    async def stop(self) -> None:
-        if self.task is not None and not self.task.done():
-            self.controller.stop()
-            assert await asyncio.wait_for(self.task, 40) == 0
-
-    def kill_leftovers(self) -> None:
-        groups = {g for s in self.seen for i in s["instances"] for g in i.get("pgids", {}).values()}
-        for group in groups:
-            if group_alive(group):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(group, signal.SIGKILL)
-        for pid in run_processes(self.controller.run_id):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-async def meshes() -> AsyncIterator[list[Mesh]]:
-    made: list[Mesh] = []
-    try:
-        yield made
-    finally:
-        for mesh in made:
-            with contextlib.suppress(Exception):
-                await mesh.stop()
-            mesh.kill_leftovers()
-
-
-def assert_gone(mesh: Mesh) -> None:
-    pids = {p for s in mesh.seen for i in s["instances"] for p in i.get("pids", {}).values()}
-    assert not [p for p in pids if pid_alive(p)]
-    assert run_processes(mesh.control.controller.run_id) == []
-
-
 # restarts
 
 
 @pytest.mark.slow
-async def test_a_killed_app_is_restarted_and_serves(tmp_path: Path, meshes: list[Mesh],
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_killed_app_is_restarted_and_serves(make_mesh: MeshMaker, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mesh")
     port = free_port()
-    mesh = Mesh(tmp_path, f'[mesh]\nname = "restart"\n\n[services.web]\ncommand = "python app.py"\n'
-                          f'expose = {port}\n')
-    meshes.append(mesh)
+    mesh = make_mesh("restart", f'\n[services.web]\ncommand = "python app.py"\nexpose = {port}\n')
     await mesh.start()
-    status, body = get(f"http://127.0.0.1:{port}/")
-    assert status == 200, body
+    answer = fetch(f"http://127.0.0.1:{port}/")
+    assert answer.status == 200, answer.body
     before = mesh.instance("web")
     assert before["restarts"] == 0
     os.kill(before["pids"]["app"], signal.SIGKILL)
@@ -185,48 +69,47 @@ async def test_a_killed_app_is_restarted_and_serves(tmp_path: Path, meshes: list
     def restarted() -> bool:
         now = mesh.instance("web")
         return now["restarts"] == 1 and now["state"] == "running" and now["problem"] is None
-    assert await until(restarted), caplog.text + mesh.out.getvalue()
+    await eventually(restarted, what=lambda: caplog.text + mesh.out.getvalue())
     after = mesh.instance("web")
     assert after["pids"]["app"] != before["pids"]["app"]
     assert after["pids"]["sidecar"] == before["pids"]["sidecar"]  # the sidecar kept running
     assert not pid_alive(before["pids"]["app"])
-    status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/")
-    assert status == 200, body
+    answer = await asyncio.to_thread(fetch, f"http://127.0.0.1:{port}/")
+    assert answer.status == 200, answer.body
     assert "web: the app exited with code -9 (killed by SIGKILL)" in caplog.text
     assert "web: restarting its app in 0.5s (restart 1)" in caplog.text
     assert "web: restarted (restart 1)" in caplog.text
     await mesh.stop()
-    assert_gone(mesh)
+    mesh.assert_all_gone()
 
 
 @pytest.mark.slow
 async def test_an_app_that_exits_0_is_not_restarted_and_its_sidecar_stops(
-        tmp_path: Path, meshes: list[Mesh], caplog: pytest.LogCaptureFixture) -> None:
+        make_mesh: MeshMaker, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mesh")
-    mesh = Mesh(tmp_path, '[mesh]\nname = "batch"\n\n'
-                          '[services.job]\ncommand = "python app.py"\nenv = { EXIT_AFTER = "2", EXIT_CODE = "0" }\n\n'
-                          '[services.web]\ncommand = "python app.py"\n')
-    meshes.append(mesh)
+    mesh = make_mesh("batch", '[services.job]\ncommand = "python app.py"\n'
+                              'env = { EXIT_AFTER = "2", EXIT_CODE = "0" }\n\n'
+                              '[services.web]\ncommand = "python app.py"\n')
     await mesh.start()
     sidecar = mesh.instance("job")["pids"]["sidecar"]
-    assert await until(lambda: mesh.instance("job")["state"] == "exited")
-    assert await until(lambda: not pid_alive(sidecar))
+    await eventually(lambda: mesh.instance("job")["state"] == "exited", what="job exited")
+    await eventually(lambda: not pid_alive(sidecar), what="job's sidecar stopped")
     job = mesh.instance("job")
     assert job["restarts"] == 0 and job["problem"] == "app exited with code 0"
     await asyncio.sleep(1.0)  # no restart comes
     assert mesh.instance("job")["restarts"] == 0 and not pid_alive(mesh.instance("job")["pids"]["app"])
-    assert mesh.control.controller.registry()["job"] == []
+    assert mesh.controller.registry()["job"] == []
     assert mesh.instance("web")["state"] == "running"
-    assert mesh.control.controller.phase == "running"
+    assert mesh.controller.phase == "running"
     assert "job: the app exited with code 0 (done on purpose): not restarted" in caplog.text
     assert "job: sidecar stopped" in caplog.text
     # `mesh ps` (status) keeps it as exited, not stopped, while the controller runs
-    from mesh.control.controller import status
-    mesh.control.controller.instances.save()
-    listed = {i["label"]: i for i in status(mesh.control.controller.config)["instances"]}
+    from mesh.control.state import status
+    mesh.controller.instances.save()
+    listed = {i["label"]: i for i in status(mesh.controller.config)["instances"]}
     assert listed["job"]["state"] == "exited" and listed["web"]["state"] == "running"
     await mesh.stop()
-    assert_gone(mesh)
+    mesh.assert_all_gone()
 
 
 async def test_backoff_doubles_caps_and_resets() -> None:
@@ -268,15 +151,10 @@ async def test_default_hooks() -> None:
 
 @pytest.mark.slow
 async def test_hooks_are_called_and_a_raising_hook_is_contained(
-        tmp_path: Path, meshes: list[Mesh], caplog: pytest.LogCaptureFixture) -> None:
+        make_mesh: MeshMaker, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mesh")
-    (tmp_path / "hooks").mkdir()
-    (tmp_path / "hooks" / "record.py").write_text(HOOKS)
-    events_file = tmp_path / "hooks" / "events.jsonl"
     port = free_port()
-    mesh = Mesh(tmp_path, f'''[mesh]
-name = "hooks"
-plugin_path = ["hooks"]
+    mesh = make_mesh("hooks", f'''plugin_path = ["hooks"]
 
 [services.job]
 command = "python app.py"
@@ -292,8 +170,8 @@ lifecycle = "record.py:Record"
 command = "python app.py"
 expose = {port}
 lifecycle = "record.py:Broken"
-''')
-    meshes.append(mesh)
+''', files={"hooks/record.py": HOOKS})
+    events_file = mesh.folder / "hooks" / "events.jsonl"
     await mesh.start()
 
     def events() -> list[dict[str, Any]]:
@@ -301,25 +179,27 @@ lifecycle = "record.py:Broken"
             return []
         return [json.loads(line) for line in events_file.read_text().splitlines()]
 
-    assert await until(lambda: {"hook": "on_stop", "label": "job", "code": 0, "reason": "exited"} in events())
-    assert await until(lambda: {"hook": "on_stop", "label": "flaky", "code": 3, "reason": "crashed"} in events())
+    await eventually(lambda: {"hook": "on_stop", "label": "job", "code": 0, "reason": "exited"} in events(),
+                     what=lambda: f"job's on_stop: {events()}")
+    await eventually(lambda: {"hook": "on_stop", "label": "flaky", "code": 3, "reason": "crashed"} in events(),
+                     what=lambda: f"flaky's on_stop: {events()}")
     assert {"hook": "on_error", "label": "flaky", "error": "app exited with code 3"} in events()
     # flaky comes back (and exits again after 1s): on_start again after its restart
-    assert await until(lambda: [e for e in events() if e == {"hook": "on_start", "label": "flaky"}][1:])
+    await eventually(lambda: [e for e in events() if e == {"hook": "on_start", "label": "flaky"}][1:],
+                     what=lambda: f"flaky's second on_start: {events()}")
     assert {"hook": "on_start", "label": "job"} in events()
     # web's hook raised: logged, and the mesh and web keep running
     assert "web: lifecycle hook on_start raised; carrying on" in caplog.text
     assert "hook exploded" in caplog.text
-    assert mesh.control.controller.phase == "running"
-    status, _ = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/")
-    assert status == 200
+    assert mesh.controller.phase == "running"
+    assert (await asyncio.to_thread(fetch, f"http://127.0.0.1:{port}/")).status == 200
     await mesh.stop()
     assert "web: lifecycle hook on_stop raised; carrying on" in caplog.text
     # the shutdown is reported to the hooks of instances that were running
     assert any(e["hook"] == "on_stop" and e["label"] == "flaky" and e["reason"] in ("shutdown", "crashed")
                for e in events())
     assert not [e for e in events() if e["label"] == "job" and e.get("reason") == "shutdown"]
-    assert_gone(mesh)
+    mesh.assert_all_gone()
 
 
 async def test_on_idle_decides_sleep_or_keep_and_a_broken_hook_means_sleep(caplog):

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from mesh import config
-from mesh.control.runtimes.base import group_alive, pid_alive, run_processes
+from mesh.control.runtimes.procfs import group_alive, pid_alive, run_processes
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p for p in (REPO / "examples").iterdir() if p.is_dir() and not p.name.startswith((".", "_")))

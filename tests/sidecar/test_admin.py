@@ -8,7 +8,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 
 import aiohttp
 import pytest
@@ -18,20 +17,12 @@ from mesh.messages import Response
 from mesh.sidecar.admin import PUBLIC, AdminToken, Router, operator_token
 from mesh.testing import make_request, run_mesh
 
+from ..harness import fetch, free_port, routed_toml, wait_until
+
 TOKEN = "s3cret-token-for-this-test"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
-TOML = """
-[mesh]
-name = "shop"
-[services.web]
-command = "x"
-[services.orders]
-command = "x"
-[[routes]]
-from = "web"
-to = "orders"
-"""
+TOML = routed_toml("shop", target="orders")
 
 # Every endpoint but the public ones, as the app would try them.
 GUARDED = [("GET", "/config", None), ("GET", "/registry", None),
@@ -148,8 +139,6 @@ def test_the_token_file_is_private_and_the_token_never_printed(tmp_path):
 
 
 def sidecar_command(folder, admin: int, *extra: str) -> list[str]:
-    from ..control.test_up import free_port
-
     app, mesh_port, outbound = free_port(), free_port(), free_port()
     return [sys.executable, "-m", "mesh", "sidecar", "--config", str(folder), "--service", "web",
             "--app-port", str(app), "--mesh-port", str(mesh_port), "--outbound-port", str(outbound),
@@ -157,31 +146,24 @@ def sidecar_command(folder, admin: int, *extra: str) -> list[str]:
 
 
 def test_mesh_sidecar_by_hand_without_a_token_file_says_its_admin_is_closed(tmp_path):
-    from ..control.test_up import free_port
-
     (tmp_path / "mesh.toml").write_text(TOML)
     admin = free_port()
     proc = subprocess.Popen(sidecar_command(tmp_path, admin), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        lines = []
-        deadline = time.monotonic() + 60
-        while not any("sidecar web ready" in line for line in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, lines
+        lines: list[str] = []
+
+        def ready() -> bool:
+            assert proc.poll() is None, lines
             lines.append(proc.stdout.readline())
+            return "sidecar web ready" in lines[-1]
+
+        wait_until(ready, timeout=60, every=0, what=lambda: f"the sidecar is ready: {lines}")
         assert any("no --admin-token-file: the admin listener refuses everything but /healthz" in line
                    for line in lines), lines
-        import urllib.error
-        import urllib.request
-
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        request = urllib.request.Request(f"http://127.0.0.1:{admin}/registry", method="PUT",
-                                         data=b'{"services": {}}')
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            opener.open(request, timeout=10)
-        assert refused.value.code == 403
-        with opener.open(f"http://127.0.0.1:{admin}/healthz", timeout=10) as response:
-            assert response.status == 200
+        refused = fetch(f"http://127.0.0.1:{admin}/registry", method="PUT", data=b'{"services": {}}')
+        assert refused.status == 403
+        assert fetch(f"http://127.0.0.1:{admin}/healthz").status == 200
     finally:
         proc.terminate()
         proc.wait(30)

@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from mesh.config import Outlier
 from mesh.sidecar.balancer import Balancer
-from mesh.sidecar.identity import Identity
 from mesh.sidecar.registry import Registry
-from mesh.sidecar.sidecar import Ports, Sidecar
-from mesh.testing import run_mesh
+
+from ..harness import App, cluster, routed_toml, serve
 
 
 class Clock:
@@ -173,63 +170,6 @@ def test_outlier_detection_can_be_turned_off():
 # through real sidecars
 
 
-def instance_app(name: str, delay: float = 0.0) -> web.Application:
-    async def handle(request: web.Request) -> web.Response:
-        if delay:
-            await asyncio.sleep(delay)
-        return web.Response(text=name)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
-
-
-@asynccontextmanager
-async def cluster(toml: str, apps: dict[str, list[int]], **options: Any):
-    """`run_mesh` with several instances per service: ``apps`` maps a service to its instances' app ports.
-
-    Yields the mesh and ``{service: [sidecar, ...]}``, every instance registered with every sidecar.
-    """
-    async with run_mesh(toml, {name: ports[0] for name, ports in apps.items()}, **options) as mesh:
-        instances = {name: [mesh.sidecars[name]] for name in mesh.sidecars}
-        extra: list[Sidecar] = []
-        registry = next(iter(mesh.sidecars.values())).registry
-        try:
-            for name, ports in apps.items():
-                for port in ports[1:]:
-                    identity = None
-                    if mesh.ca is not None:
-                        identity = Identity(mesh.config.state_dir / "certs" / name, mesh.config.name)
-                    sidecar = Sidecar(mesh.config, name, Ports(app=port, public=0), registry=registry,
-                                      identity=identity)
-                    await sidecar.start()
-                    extra.append(sidecar)
-                    instances[name].append(sidecar)
-            registry.update({name: [s.listeners["mesh"].address for s in sidecars]
-                             for name, sidecars in instances.items()})
-            yield mesh, instances
-        finally:
-            for sidecar in reversed(extra):
-                await sidecar.stop()
-
-
-TOML = """
-[mesh]
-name = "lb"
-defaults = {{ lb = "{lb}" }}
-
-[services.web]
-command = "x"
-
-[services.api]
-command = "x"
-
-[[routes]]
-from = "web"
-to = "api"
-"""
-
-
 async def spread(url: str, total: int, concurrency: int) -> Counter[str]:
     seen: Counter[str] = Counter()
     queue = iter(range(total))
@@ -245,10 +185,9 @@ async def spread(url: str, total: int, concurrency: int) -> Counter[str]:
 
 @pytest.mark.parametrize("lb", ["p2c", "round-robin"])
 async def test_a_slow_instance_gets_fewer_requests_with_p2c(aiohttp_server, lb):
-    fast = await aiohttp_server(instance_app("fast"))
-    slow = await aiohttp_server(instance_app("slow", delay=0.15))
-    web_app = await aiohttp_server(instance_app("web"))
-    async with cluster(TOML.format(lb=lb), {"web": [web_app.port], "api": [fast.port, slow.port]}) as (mesh, _):
+    fast, slow, web = await serve(aiohttp_server, App("fast"), App("slow", delay=0.15), App("web"))
+    toml = routed_toml("lb", defaults=f'defaults = {{ lb = "{lb}" }}')
+    async with cluster(toml, {"web": [web], "api": [fast, slow]}) as (mesh, _):
         seen = await spread(mesh.url("web", "outbound") + "/", total=160, concurrency=8)
         assert mesh.sidecars["web"].balancer.policy == lb
     if lb == "p2c":

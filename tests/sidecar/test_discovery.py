@@ -3,7 +3,7 @@
 The controller pushes the registry to every sidecar when instances come
 and go or change health; the calling sidecar retries and ejects what
 fails. Every process is started by `mesh up` and recorded in its
-state.json; `Runs` (from test_up) stops them all by pid, process group and
+state.json; the harness's mesh stops them all by pid, process group and
 run id, whatever happens. Also here: the admin ``/registry`` endpoint of
 one sidecar, in process.
 """
@@ -15,68 +15,16 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from mesh.sidecar.admin import operator_token
 from mesh.testing import run_mesh
 
-from ..control.test_up import Runs, output, runs, wait_phase  # noqa: F401 (runs is a fixture)
+from ..harness import HEALTH_APP, MeshMaker, by_label, eventually, routed_toml
 
 pytestmark = pytest.mark.slow
-
-APP = '''
-import os, threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-NAME = f"{os.environ['MESH_SERVICE']}.{os.environ['MESH_INSTANCE']}"
-os.makedirs("pids", exist_ok=True)
-with open(f"pids/{NAME}", "w") as f:
-    f.write(str(os.getpid()))
-sick = threading.Event()
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def send(self, status, text):
-        body = text.encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        if self.path == "/healthz":
-            return self.send(500 if sick.is_set() else 200, "sick" if sick.is_set() else "ok")
-        self.send(200, NAME)
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path == "/sick":
-            sick.set()
-        elif self.path == "/well":
-            sick.clear()
-        self.send(200, NAME)
-
-    def log_message(self, *args):
-        pass
-
-ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
-'''
-
-
-def instances(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {inst["label"]: inst for inst in state["instances"]}
-
-
-def admin_headers(folder: Path) -> dict[str, str]:
-    """The run's admin token, as the operator's `mesh` commands send it."""
-    token = operator_token(next(folder.glob(".mesh/*/admin.token")).parent)
-    assert token is not None
-    return token.headers()
 
 
 async def admin_registry(session: aiohttp.ClientSession, inst: dict[str, Any],
@@ -84,16 +32,6 @@ async def admin_registry(session: aiohttp.ClientSession, inst: dict[str, Any],
     async with session.get(f"http://{inst['addresses']['admin']}/registry", headers=headers) as response:
         assert response.status == 200
         return await response.json()
-
-
-async def wait_for(check: Any, timeout: float) -> float:
-    """Poll the async ``check`` until it is true; return how long that took (fail after ``timeout``)."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"not true after {timeout}s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 async def load(session: aiohttp.ClientSession, outbound: str, count: int, concurrency: int,
@@ -116,9 +54,6 @@ async def load(session: aiohttp.ClientSession, outbound: str, count: int, concur
 
 
 MESH = """
-[mesh]
-name = "disc"
-
 [services.web]
 command = "python app.py"
 
@@ -134,22 +69,22 @@ to = "api"
 
 
 async def test_a_crash_mid_load_loses_no_get_and_is_ejected_and_an_exit_leaves_every_registry(
-        tmp_path: Path, runs: Runs) -> None:  # noqa: F811
+        make_mesh: MeshMaker) -> None:
     # `; sleep` keeps the instance's process alive when its server dies: only the calling
     # sidecar can tell that api.2 is broken, by its failures.
-    folder = runs.folder(tmp_path, MESH.format(api="python app.py; sleep 600", extra=""), app=APP)
-    popen = runs.up(folder)
-    state = instances(wait_phase(folder, popen, "running"))
+    mesh = make_mesh("disc", MESH.format(api="python app.py; sleep 600", extra=""), HEALTH_APP)
+    mesh.up()
+    state = by_label(mesh.wait_phase("running"))
     web, api1, api3 = state["web"], state["api.1"], state["api.3"]
     outbound = web["addresses"]["outbound"]
     mesh_of = {label: state[label]["addresses"]["mesh"] for label in ("api.1", "api.2", "api.3")}
-    auth = admin_headers(folder)
+    auth = mesh.admin_headers()
 
     async with aiohttp.ClientSession() as session:
         assert sorted((await admin_registry(session, web, auth))["services"]["api"]) == sorted(mesh_of.values())
 
         async def crash_api2() -> None:
-            os.kill(int((folder / "pids" / "api.2").read_text()), signal.SIGKILL)
+            os.kill(int((mesh.folder / "pids" / "api.2").read_text()), signal.SIGKILL)
 
         results = await load(session, outbound, 600, 16, at=150, then=crash_api2)
         assert {status for status, _ in results} == {200}, [r for r in results if r[0] != 200][:5]
@@ -158,7 +93,7 @@ async def test_a_crash_mid_load_loses_no_get_and_is_ejected_and_an_exit_leaves_e
         backends = {b["address"]: b for b in seen["backends"]["api"]}
         assert backends[mesh_of["api.2"]]["ejected"], backends
         assert len(seen["services"]["api"]) == 3  # still registered: only its server died
-        assert "ejected api instance " + mesh_of["api.2"] in output(folder)
+        assert "ejected api instance " + mesh_of["api.2"] in mesh.output()
 
         # Now a whole instance goes away: the controller sees it exit and tells every sidecar.
         killed_at: list[float] = []
@@ -175,33 +110,32 @@ async def test_a_crash_mid_load_loses_no_get_and_is_ejected_and_an_exit_leaves_e
             return True
 
         loading = asyncio.ensure_future(load(session, outbound, 300, 8, at=50, then=kill_api3))
-        while not killed_at:
-            await asyncio.sleep(0.01)
-        took = await wait_for(gone_everywhere, timeout=5)
+        await eventually(lambda: killed_at, every=0.01, what="api.3 killed")
+        took = await eventually(gone_everywhere, timeout=5, what="api.3 left every registry")
         results = await loading
     assert took < 3.0, f"the registry took {took:.2f}s to drop api.3"
     assert {status for status, _ in results} == {200}, [r for r in results if r[0] != 200][:5]
-    registry = json.loads(next(folder.glob(".mesh/*/registry.json")).read_text())
+    registry = json.loads(mesh.files.registry.read_text())
     # api.3 left every registry; the controller then restarts a crashed instance (mesh.lifecycle),
     # so by now it may be back.
     assert {mesh_of["api.1"], mesh_of["api.2"]} <= set(registry["services"]["api"])
 
 
 async def test_failing_health_checks_take_an_instance_out_and_passing_ones_bring_it_back(
-        tmp_path: Path, runs: Runs) -> None:  # noqa: F811
+        make_mesh: MeshMaker) -> None:
     extra = ('health = "/healthz"\n'
              'health_check = { interval = "200ms", timeout = "500ms", unhealthy_threshold = 2, '
              'healthy_threshold = 2 }')
-    folder = runs.folder(tmp_path, MESH.format(api="python app.py", extra=extra), app=APP)
-    popen = runs.up(folder)
-    state = instances(wait_phase(folder, popen, "running"))
+    mesh = make_mesh("disc", MESH.format(api="python app.py", extra=extra), HEALTH_APP)
+    mesh.up()
+    state = by_label(mesh.wait_phase("running"))
     web, api2 = state["web"], state["api.2"]
     outbound = web["addresses"]["outbound"]
     address = api2["addresses"]["mesh"]
-    auth = admin_headers(folder)
+    auth = mesh.admin_headers()
 
     def healthy_in_state() -> Any:
-        return instances(json.loads(next(folder.glob(".mesh/*/state.json")).read_text()))["api.2"]["healthy"]
+        return by_label(mesh.files.read_state())["api.2"]["healthy"]
 
     async with aiohttp.ClientSession() as session:
         assert healthy_in_state() is True
@@ -211,7 +145,7 @@ async def test_failing_health_checks_take_an_instance_out_and_passing_ones_bring
         async def out() -> bool:
             return address not in (await admin_registry(session, web, auth))["services"]["api"]
 
-        took = await wait_for(out, timeout=5)
+        took = await eventually(out, timeout=5, what="api.2 out of rotation")
         assert took < 4.0  # two failed checks 200ms apart, then one push (slack for a busy machine)
         assert healthy_in_state() is False
         results = await load(session, outbound, 30, 3)
@@ -223,32 +157,16 @@ async def test_failing_health_checks_take_an_instance_out_and_passing_ones_bring
         async def back() -> bool:
             return address in (await admin_registry(session, web, auth))["services"]["api"]
 
-        took = await wait_for(back, timeout=5)
+        took = await eventually(back, timeout=5, what="api.2 back in rotation")
         assert took < 4.0
         assert healthy_in_state() is True
         results = await load(session, outbound, 60, 3)
     assert {status for status, _ in results} == {200}
     assert (200, "api.2") in results
-    assert "api.2: unhealthy (2 failed checks of /healthz): out of rotation" in output(folder)
+    assert "api.2: unhealthy (2 failed checks of /healthz): out of rotation" in mesh.output()
 
 
 # The admin endpoint itself, in process.
-
-TOML = """
-[mesh]
-name = "reg"
-
-[services.web]
-command = "x"
-
-[services.api]
-command = "x"
-
-[[routes]]
-from = "web"
-to = "api"
-"""
-
 
 async def test_put_registry_takes_effect_on_the_next_request_and_a_bad_one_changes_nothing(aiohttp_server):
     from aiohttp import web as aioweb
@@ -259,7 +177,7 @@ async def test_put_registry_takes_effect_on_the_next_request_and_a_bad_one_chang
     app = aioweb.Application()
     app.router.add_get("/", hello)
     api = await aiohttp_server(app)
-    async with run_mesh(TOML, {"api": api.port, "web": api.port}) as mesh:
+    async with run_mesh(routed_toml("reg"), {"api": api.port, "web": api.port}) as mesh:
         admin = mesh.url("web", "admin") + "/registry"
         auth = mesh.admin_headers()
         outbound = mesh.url("web", "outbound") + "/"

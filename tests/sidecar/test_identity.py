@@ -11,8 +11,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from mesh.control.ca import CA
 from mesh.http.client import Limits
-from mesh.sidecar.identity import CA, Identity, describe
+from mesh.sidecar.identity import Identity, describe
 from mesh.testing import run_mesh
 
 TOML = """
@@ -199,7 +200,7 @@ def test_mesh_certs_lists_identities_and_expiry(tmp_path, capsys):
 async def test_ca_rotation_under_load_trusts_first_then_issues(app):
     from cryptography import x509
 
-    from mesh.sidecar.identity import rotate_ca
+    from mesh.control.ca import rotate_ca
 
     async with run_mesh(TOML, apps(app), upstream_limits=Limits(max_idle_per_endpoint=0)) as mesh:
         state = mesh.config.state_dir
@@ -299,7 +300,7 @@ async def admin_post(url: str) -> int:
 
 
 async def test_a_ca_removed_by_rotation_is_refused_both_ways_without_a_restart(app, tmp_path):
-    from mesh.sidecar.identity import rotate_ca
+    from mesh.control.ca import rotate_ca
 
     async with run_mesh(TOML, apps(app), admin_token=TOKEN) as mesh:
         state = mesh.config.state_dir

@@ -1,14 +1,13 @@
 """`mesh.sidecar.resilience`: retries, retry budget, circuit breaking, deadlines, through real sidecars.
 
 Apps are aiohttp test servers whose behaviour a test changes as it goes;
-services with several instances get extra in-process sidecars (`cluster`).
+services with several instances get extra in-process sidecars (`cluster`, tests/harness.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -22,65 +21,8 @@ from mesh.options import Duration
 from mesh.sidecar.resilience import DEADLINE_HEADER, Deadline, Outbound, Retry, RetryBudget
 from mesh.testing import make_request, run_mesh, run_plugin
 
-from .test_balancer import cluster
-
-
-class App:
-    """One app instance: counts hits, answers ``status`` (after ``fail_first`` 503s), waits ``delay``."""
-
-    def __init__(self, name: str, *, status: int = 200, delay: float = 0.0, fail_first: int = 0) -> None:
-        self.name = name
-        self.status = status
-        self.delay = delay
-        self.fail_first = fail_first
-        self.hits = 0
-        self.bodies: list[bytes] = []
-        self.deadlines: list[int] = []
-        self.extra: Callable[[web.Request], Awaitable[web.Response]] | None = None
-
-    def app(self) -> web.Application:
-        async def handle(request: web.Request) -> web.Response:
-            self.hits += 1
-            self.bodies.append(await request.read())
-            if DEADLINE_HEADER in request.headers:
-                self.deadlines.append(int(request.headers[DEADLINE_HEADER]))
-            if self.extra is not None:
-                return await self.extra(request)
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            if self.fail_first:
-                self.fail_first -= 1
-                return web.Response(status=503, text=f"{self.name} not yet")
-            return web.Response(status=self.status, text=self.name)
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handle)
-        return app
-
-
-async def serve(aiohttp_server: Any, *apps: App) -> list[int]:
-    return [(await aiohttp_server(a.app())).port for a in apps]
-
-
-def toml(route: str = "", defaults: str = "", web: str = "", services: str = "") -> str:
-    return f"""
-[mesh]
-name = "res"
-{defaults}
-
-[services.web]
-command = "x"
-{web}
-
-[services.api]
-command = "x"
-{services}
-
-[[routes]]
-from = "web"
-to = "api"
-{route}
-"""
+from ..harness import App, cluster, serve
+from ..harness import routed_toml as toml
 
 
 async def call(session: aiohttp.ClientSession, mesh: Any, method: str = "GET", path: str = "/",
@@ -373,18 +315,20 @@ async def test_a_requests_own_retries_go_over_the_layers_and_the_routes():
 # a timeout fires once, at its value
 
 
-def hangs_on(path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+def hangs_on(path: str) -> App:
+    """The app of "api": "fast", but no answer (within 30s) on ``path``."""
     async def handler(request: web.Request) -> web.Response:
         if request.path == path:
             await asyncio.sleep(30)
         return web.Response(text="fast")
 
-    return handler
+    api = App("api")
+    api.extra = handler
+    return api
 
 
 async def test_a_route_timeout_answers_504_once_at_its_value_on_reused_connections(aiohttp_server):
-    api = App("api")
-    api.extra = hangs_on("/slow")
+    api = hangs_on("/slow")
     ports = await serve(aiohttp_server, api, App("web"))
     async with run_mesh(toml(route='timeout = "2s"'), {"api": ports[0], "web": ports[1]}) as mesh:
         async with aiohttp.ClientSession() as session:
@@ -398,8 +342,7 @@ async def test_a_route_timeout_answers_504_once_at_its_value_on_reused_connectio
 
 
 async def test_a_services_own_timeout_on_its_app_fires_once(aiohttp_server):
-    api = App("api")
-    api.extra = hangs_on("/slow")
+    api = hangs_on("/slow")
     ports = await serve(aiohttp_server, api, App("web"))
     async with run_mesh(toml(services='timeout = "2s"'), {"api": ports[0], "web": ports[1]}) as mesh:
         async with aiohttp.ClientSession() as session:

@@ -9,8 +9,9 @@ import aiohttp
 from aiohttp import web
 
 from mesh import config
-from mesh.control.keyed import KeyedFront, key_of
-from mesh.sidecar.identity import CA, Identity
+from mesh.control.ca import CA
+from mesh.sidecar.front import KeyedFront, key_of
+from mesh.sidecar.identity import Identity
 from mesh.sidecar.registry import Registry
 from mesh.sidecar.sidecar import Ports, Sidecar
 from mesh.testing import make_request
