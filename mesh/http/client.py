@@ -242,24 +242,32 @@ class Pool:
         `ConnectFailed` when nothing was sent, `UpstreamTimeout` when the
         head did not come in time.
         """
+        length: int | None = None  # of a streamed body: exactly this many bytes go out, else chunked
         if isinstance(body, bytes):
             if body or method in _BODY_METHODS or "Content-Length" in headers:
                 headers["Content-Length"] = str(len(body))
-        elif "Content-Length" not in headers:
-            headers["Transfer-Encoding"] = "chunked"
+        else:
+            given = headers.get("Content-Length")
+            if given is not None and given.isdigit() and given.isascii():
+                length = int(given)
+            else:
+                if given is not None:
+                    del headers["Content-Length"]  # not a length: send the stream chunked instead
+                headers["Transfer-Encoding"] = "chunked"
         head = encode_head(f"{method} {target} HTTP/1.1", headers.items())
         limits = self.limits
         if timeout is None:
             timeout = limits.response_timeout
         idle = limits.stream_idle_timeout if idle_timeout is None else idle_timeout
         if "Upgrade" in headers:
-            return await self._switch_protocols(endpoint, method, head, headers, body, timeout, idle, informational)
+            return await self._switch_protocols(endpoint, method, head, headers, body, length, timeout, idle,
+                                              informational)
         conn = self._acquire_idle(endpoint)
         if conn is not None:
             loop = conn.loop
             deadline = loop.time() + timeout
             try:
-                await self._exchange(conn, method, head, body, deadline, timeout, idle, informational)
+                await self._exchange(conn, method, head, body, length, deadline, timeout, idle, informational)
                 return self._response(conn, endpoint)
             except UpstreamError as exc:
                 if not _may_send_again(exc, conn, method, body):
@@ -268,11 +276,11 @@ class Pool:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
         conn = await self._connect(endpoint, deadline - loop.time())
-        await self._exchange(conn, method, head, body, deadline, timeout, idle, informational)
+        await self._exchange(conn, method, head, body, length, deadline, timeout, idle, informational)
         return self._response(conn, endpoint)
 
-    async def _exchange(self, conn: UpstreamConnection, method: str, head: bytes, body: Body, deadline: float,
-                        timeout: float, idle: float, informational: Informational | None) -> None:
+    async def _exchange(self, conn: UpstreamConnection, method: str, head: bytes, body: Body, length: int | None,
+                        deadline: float, timeout: float, idle: float, informational: Informational | None) -> None:
         """Send the request on ``conn`` and wait for its response head until ``deadline`` (loop time)."""
         conn.head_only = method == "HEAD"
         conn.informational = informational
@@ -287,7 +295,13 @@ class Pool:
                         transport.write(body)
                 else:
                     transport.write(head)
-                    await write_body(transport, conn, body, b"chunked" in head.lower(), None)
+                    try:
+                        await write_body(transport, conn, body, length is None, length)
+                    except ValueError as exc:
+                        # SECURITY: a body longer or shorter than the Content-Length sent would leave the
+                        # upstream reading our next request as part of this one, or this one's rest as
+                        # the next: the connection goes (the BaseException branch below), never reused.
+                        raise UpstreamError(502, f"the request {exc}") from None
             except (ConnectionError, UpstreamError) as exc:
                 # The upstream may have answered early (413, 401) and closed: use its answer.
                 if not conn.head.done() or conn.head.exception() is not None:
@@ -326,14 +340,15 @@ class Pool:
         return Response(status, body, headers, reason=reason)
 
     async def _switch_protocols(self, endpoint: Endpoint, method: str, head: bytes, headers: Any, body: Body,
-                                timeout: float, idle: float, informational: Informational | None) -> Response:
+                                length: int | None, timeout: float, idle: float,
+                                informational: Informational | None) -> Response:
         """An Upgrade request, on a connection of its own: a `Tunnel` on a valid 101, else the answer."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         conn = await self._connect(endpoint, timeout)
         conn.upgrade = True
         conn.reusable = False  # whatever the answer, this connection asked to become something else
-        await self._exchange(conn, method, head, body, deadline, timeout, idle, informational)
+        await self._exchange(conn, method, head, body, length, deadline, timeout, idle, informational)
         if conn.status != 101:
             return self._response(conn, endpoint)
         tunnel = conn.tunnel

@@ -22,7 +22,7 @@ from mesh.errors import UpstreamError
 from mesh.http.client import Endpoint, Limits, Pool, UpstreamTimeout
 from mesh.testing import run_mesh
 
-from ..conftest import port_of, raw_http
+from ..conftest import eventually, port_of, raw_http
 
 Handler = Callable[["Raw", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -468,3 +468,48 @@ async def test_head_requests_through_the_sidecar_share_one_connection_to_the_app
             assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 1234\r\n" in head
         writer.close()
     assert raw.connections == 1
+
+
+# a streamed request body is exactly as long as the Content-Length that goes with it
+
+
+async def record_all(raw: Raw, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Keep every byte the connection carries, in ``raw.requests`` as one raw entry, answering nothing."""
+    raw.requests.append(("raw", "", {}, await reader.read()))
+
+
+async def stream(*chunks: bytes) -> Any:
+    for chunk in chunks:
+        yield chunk
+
+
+@pytest.mark.parametrize("chunks", [(b"12345", b"GET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n"), (b"123",)],
+                         ids=["longer", "shorter"])
+async def test_a_streamed_body_that_does_not_match_its_content_length_never_desyncs_the_upstream(chunks):
+    async with Raw(record_all) as raw:
+        pool = Pool(Limits(response_timeout=10))
+        try:
+            with pytest.raises(UpstreamError) as caught:
+                await pool.request(raw.endpoint, "POST", "/", headers(**{"Content-Length": "5"}), stream(*chunks))
+            assert caught.value.status == 502
+            assert "Content-Length" in caught.value.reason
+            await eventually(lambda: raw.requests)  # the connection was closed, not kept for the next request
+            sent = raw.requests[0][3]
+            head, _, body = sent.partition(b"\r\n\r\n")
+            assert b"content-length: 5" in head.lower()
+            assert len(body) <= 5 and b"smuggled" not in sent
+        finally:
+            await pool.close()
+
+
+async def test_a_streamed_body_with_a_length_goes_as_is():
+    async with Raw(answer_ok) as raw:
+        pool = Pool()
+        try:
+            response = await pool.request(raw.endpoint, "POST", "/", headers(**{"Content-Length": "5"}),
+                                          stream(b"12", b"345"))
+            assert response.status == 200 and await read_all(response) == b"ok"
+            assert raw.requests[-1][3] == b"12345"
+            assert "transfer-encoding" not in raw.requests[-1][2]
+        finally:
+            await pool.close()
