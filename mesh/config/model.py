@@ -1,0 +1,240 @@
+"""The shape of a loaded mesh.toml: one dataclass per table, checked as it is built (`mesh.config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mesh.options import Duration, Size
+from mesh.plugin import Plugin
+
+__all__ = ["Defaults", "HealthCheck", "Instances", "MeshConfig", "MeshSection", "Outlier", "PluginSpec",
+           "RETRIES_DEFAULT", "Retries", "RouteConfig", "Scale", "ServiceConfig"]
+
+_RETRY_WORDS = ("connect-failure", "reset", "timeout", "5xx")
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One entry of a ``plugins`` or ``outbound`` list: which class, which options, where."""
+
+    use: str
+    options: dict[str, Any]
+    where: str
+    cls: type
+
+    @property
+    def label(self) -> str:
+        return f"{self.where} ({self.use})"
+
+    def create(self) -> Plugin:
+        return self.cls(**self.options)
+
+
+@dataclass
+class Scale:
+    min: int = 1
+    max: int = 1
+    cpu: float = 0.75
+    cooldown: Duration = Duration(30)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min <= self.max:
+            raise ValueError(f"expected 0 <= min <= max, found min={self.min}, max={self.max}")
+        if not 0 < self.cpu <= 1:
+            raise ValueError(f"cpu: expected a share of one CPU between 0 and 1, found {self.cpu}")
+
+
+@dataclass
+class Instances:
+    key: str
+    sleep_after: Duration = Duration(60)
+    max: int = 100
+    start_timeout: Duration = Duration(30)
+
+    def __post_init__(self) -> None:
+        kind = self.key.partition(":")[0]
+        if kind not in ("header", "path", "claim") or ":" not in self.key:
+            raise ValueError(f"key: expected 'header:NAME', 'path:N' or 'claim:NAME', "
+                             f"found {self.key!r}")
+        if self.max < 1:
+            raise ValueError(f"max: expected at least 1, found {self.max}")
+
+
+@dataclass
+class HealthCheck:
+    """How the controller checks a service's ``health`` path while it runs."""
+
+    interval: Duration = Duration(1)
+    timeout: Duration = Duration(1)
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 2
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0:
+            raise ValueError(f"interval: expected more than 0s, found {self.interval:g}s")
+        for key in ("unhealthy_threshold", "healthy_threshold"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected at least 1, found {getattr(self, key)}")
+
+
+@dataclass
+class Retries:
+    """A ``retries`` table (route or ``[mesh.defaults]``); a key left out (None) comes from the next level."""
+
+    attempts: int | None = None
+    per_try_timeout: Duration | None = None
+    on: list[str | int] | None = None
+    idempotent_only: bool | None = None
+    backoff: Duration | None = None
+    max_backoff: Duration | None = None
+    budget: float | None = None
+    min_per_second: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.attempts is not None and self.attempts < 1:
+            raise ValueError(f"attempts: expected at least 1 (1: no retries), found {self.attempts}")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget: expected a share of requests (0.2: 20%), found {self.budget}")
+        if self.min_per_second is not None and self.min_per_second < 0:
+            raise ValueError(f"min_per_second: expected 0 or more, found {self.min_per_second}")
+        if self.on is not None:
+            conditions: list[str | int] = []
+            for i, item in enumerate(self.on):
+                word = str(item).strip().lower()
+                if word not in _RETRY_WORDS and not (word.isdigit() and 100 <= int(word) <= 599):
+                    raise ValueError(f"on[{i}]: expected one of {', '.join(_RETRY_WORDS)} or an HTTP "
+                                     f"status like '503', found {item!r}")
+                conditions.append(word)
+            self.on = conditions
+
+    def over(self, base: Retries) -> Retries:
+        """These keys where set, ``base``'s elsewhere."""
+        return Retries(**{k: (v if v is not None else getattr(base, k)) for k, v in vars(self).items()})
+
+
+# What a retries table means where nothing sets a key.
+RETRIES_DEFAULT = Retries(attempts=3, per_try_timeout=Duration(0),
+                          on=["connect-failure", "reset", "502", "503", "504"], idempotent_only=True,
+                          backoff=Duration(0.025), max_backoff=Duration(0.25), budget=0.2,
+                          min_per_second=10.0)
+
+
+@dataclass
+class Outlier:
+    """Passive outlier detection: eject an instance after consecutive failures (0: never)."""
+
+    consecutive_failures: int = 5
+    base_ejection: Duration = Duration(5)
+    max_ejection: Duration = Duration(60)
+    max_ejection_percent: int = 50
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 0:
+            raise ValueError(f"consecutive_failures: expected 0 (off) or more, found {self.consecutive_failures}")
+        if not 0 <= self.max_ejection_percent <= 100:
+            raise ValueError(f"max_ejection_percent: expected 0 to 100, found {self.max_ejection_percent}")
+        if self.max_ejection < self.base_ejection:
+            raise ValueError(f"max_ejection ({self.max_ejection:g}s) is shorter than "
+                             f"base_ejection ({self.base_ejection:g}s)")
+
+
+@dataclass
+class Defaults:
+    """``[mesh.defaults]``: outbound settings for every route that does not set its own."""
+
+    timeout: Duration = Duration(15)
+    max_pending: int = 1024
+    lb: Literal["p2c", "round-robin"] = "p2c"
+    retries: Retries = field(default_factory=Retries)
+    outlier: Outlier = field(default_factory=Outlier)
+
+    def __post_init__(self) -> None:
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending: expected at least 1, found {self.max_pending}")
+
+
+@dataclass
+class ServiceConfig:
+    """One ``[services.NAME]`` table."""
+
+    command: str | None = None
+    build: str | None = None
+    image: str | None = None
+    port: int | None = None
+    expose: int | None = None
+    health: str | None = None
+    health_check: HealthCheck | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    plugins: list[dict[str, Any]] = field(default_factory=list)
+    outbound: list[dict[str, Any]] = field(default_factory=list)
+    scale: Scale | None = None
+    instances: Instances | None = None
+    replicas: int = 1
+    cpus: float | None = None
+    memory: str | None = None
+    lifecycle: str | None = None
+    timeout: Duration | None = None
+    # How long a response body (or a WebSocket tunnel) may go quiet before the sidecar cuts it.
+    stream_idle_timeout: Duration = Duration(300)
+    # Request bodies up to this size are read in full before the app sees the request (0: stream all).
+    request_buffer: Size = Size(1 << 20)
+    # A request body streamed past request_buffer must keep this many bytes per second (0: no minimum).
+    request_min_rate: Size = Size(1024)
+    # Header names with '_' are dropped (as nginx does): CGI/WSGI stacks read X_User as X-User.
+    underscores_in_headers: bool = False
+    name: str = ""
+    plugin_specs: list[PluginSpec] = field(default_factory=list)
+    outbound_specs: list[PluginSpec] = field(default_factory=list)
+
+
+@dataclass
+class RouteConfig:
+    """One ``[[routes]]`` entry: ``source`` may call ``to`` (TOML key ``from``)."""
+
+    source: str
+    to: str
+    paths: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    timeout: Duration | None = None
+    stream_idle_timeout: Duration | None = None
+    mode: Literal["enforce", "audit"] = "enforce"
+    retries: Retries | None = None
+    max_pending: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_pending is not None and self.max_pending < 1:
+            raise ValueError(f"max_pending: expected at least 1, found {self.max_pending}")
+
+
+@dataclass
+class MeshSection:
+    name: str = "mesh"
+    plugin_path: list[str] = field(default_factory=list)
+    mode: Literal["enforce", "audit"] = "enforce"
+    defaults: Defaults = field(default_factory=Defaults)
+
+
+@dataclass
+class MeshConfig:
+    """A loaded, checked mesh.toml."""
+
+    path: Path
+    name: str
+    plugin_path: list[Path]
+    services: dict[str, ServiceConfig]
+    routes: list[RouteConfig]
+    mode: str = "enforce"
+    defaults: Defaults = field(default_factory=Defaults)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def state_dir(self) -> Path:
+        """Where `mesh up` keeps what it runs (pids, ports, certificates)."""
+        return self.root / ".mesh" / self.name
+
+

@@ -1,0 +1,230 @@
+"""Reading mesh.toml: every key checked, every problem reported at once (`mesh.config`)."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from mesh.config.model import (
+    MeshConfig,
+    MeshSection,
+    PluginSpec,
+    RouteConfig,
+    ServiceConfig,
+)
+from mesh.errors import ConfigError, PluginError
+from mesh.loader import load_class
+from mesh.options import bind, check, construct, describe
+from mesh.plugin import Plugin
+
+__all__ = ["BUILTIN_PLUGINS", "build_plugins", "load", "parse", "resolve"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+# The built-in layers by the short names mesh.toml uses, inbound (`mesh.sidecar.inbound`) and outbound
+# (`mesh.sidecar.resilience`): ``outbound = [{ use = "retry", attempts = 5 }]`` replaces the default retry
+# layer, ``plugins = [{ use = "policy", mode = "audit" }]`` the default route policy layer.
+BUILTIN_PLUGINS = {
+    "identity": "mesh.sidecar.inbound:PeerIdentity",
+    "policy": "mesh.sidecar.inbound:RoutePolicy",
+    "caller-deadline": "mesh.sidecar.inbound:CallerDeadline",
+    "deadline": "mesh.sidecar.resilience:Deadline",
+    "breaker": "mesh.sidecar.resilience:CircuitBreaker",
+    "retry": "mesh.sidecar.resilience:Retry",
+}
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+
+
+_TOP = ("mesh", "services", "routes")
+
+
+def _did_you_mean(key: str, known: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f", did you mean '{close[0]}'?" if close else f" (expected one of: {', '.join(known)})"
+
+
+def resolve(path: str | Path | None = None) -> Path:
+    """The mesh.toml that PATH names: a file, or a folder holding mesh.toml."""
+    target = Path(path or "mesh.toml")
+    if target.is_dir():
+        target = target / "mesh.toml"
+    return target.resolve()
+
+
+def load(path: str | Path | None = None) -> MeshConfig:
+    """Read and check a mesh.toml; raise `ConfigError` listing every problem."""
+    file = resolve(path)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: no such file (give a mesh.toml or a folder holding one)"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{file}: cannot read: {exc}"]) from None
+    return parse(data, file)
+
+
+def parse(data: dict[str, Any], file: Path) -> MeshConfig:
+    problems: list[str] = []
+    root = file.parent
+    for key in data:
+        if key not in _TOP:
+            problems.append(f"{key}: unknown top-level key{_did_you_mean(key, _TOP)}")
+
+    mesh_table = data.get("mesh", {})
+    section = MeshSection()
+    if not isinstance(mesh_table, dict):
+        problems.append(f"mesh: expected a table, found {type(mesh_table).__name__}")
+    else:
+        section = bind(MeshSection, mesh_table, where="mesh", root=root, problems=problems) or section
+    if not _NAME.match(section.name):
+        problems.append(f"mesh.name: expected lowercase letters, digits and '-', "
+                        f"starting with a letter, found {section.name!r}")
+    plugin_path = [(root / p).resolve() for p in section.plugin_path]
+    for i, folder in enumerate(plugin_path):
+        if not folder.is_dir():
+            problems.append(f"mesh.plugin_path[{i}]: no such folder: {folder}")
+
+    services: dict[str, ServiceConfig] = {}
+    table = data.get("services", {})
+    if not isinstance(table, dict) or not table:
+        problems.append("services: expected at least one [services.NAME] table")
+        table = {}
+    for name, raw in table.items():
+        where = f"services.{name}"
+        if not _NAME.match(name):
+            problems.append(f"{where}: a service name is lowercase letters, digits and '-', "
+                            f"starting with a letter")
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: expected a table, found {type(raw).__name__}")
+            continue
+        service = bind(ServiceConfig, {k: v for k, v in raw.items() if k not in ("name",)},
+                       where=where, root=root, problems=problems)
+        if "name" in raw or "plugin_specs" in raw or "outbound_specs" in raw:
+            problems.append(f"{where}: unknown option 'name'")
+        # Plugins are checked even when another key of the service is wrong.
+        chains = {}
+        for key in ("plugins", "outbound"):
+            entries = raw.get(key, [])
+            if isinstance(entries, list) and all(isinstance(e, dict) for e in entries):
+                chains[key] = _plugin_specs(entries, f"{where}.{key}", plugin_path, root, problems)
+        if service is None:
+            continue
+        service.name = name
+        _check_service(service, where, problems)
+        if service.lifecycle is not None:  # hooks: loaded like plugins, from plugin_path
+            from mesh.lifecycle import check_lifecycle
+
+            check_lifecycle(service.lifecycle, f"{where}.lifecycle", plugin_path, problems)
+        service.plugin_specs = chains.get("plugins", [])
+        service.outbound_specs = chains.get("outbound", [])
+        services[name] = service
+
+    exposed: dict[int, str] = {}
+    for name, service in services.items():
+        if service.expose is not None:
+            if service.expose in exposed:
+                problems.append(f"services.{name}.expose: port {service.expose} is already "
+                                f"exposed by services.{exposed[service.expose]}")
+            exposed[service.expose] = name
+
+    routes: list[RouteConfig] = []
+    raw_routes = data.get("routes", [])
+    if not isinstance(raw_routes, list):
+        problems.append("routes: expected [[routes]] entries (an array of tables)")
+        raw_routes = []
+    for i, raw in enumerate(raw_routes):
+        where = f"routes[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: expected a table, found {type(raw).__name__}")
+            continue
+        # Unknown keys are named against the keys a mesh.toml uses: `from`, not the field `source`.
+        keys = sorted("from" if name == "source" else name for name in RouteConfig.__dataclass_fields__)
+        for key in raw:
+            if key not in keys:
+                close = ["from"] if key == "source" else difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+                problems.append(f"{where}: unknown option '{key}'" + (
+                    f", did you mean '{close[0]}'?" if close else f" (known: {', '.join(keys)})"))
+        renamed = {("source" if k == "from" else k): v for k, v in raw.items() if k in keys}
+        before = len(problems)
+        route = bind(RouteConfig, renamed, where=where, root=root, problems=problems)
+        for j in range(before, len(problems)):
+            problems[j] = problems[j].replace(f"{where}.source", f"{where}.from")
+        # Names, paths and methods are checked even when another key of the route is wrong.
+        for key in ("from", "to"):
+            service = raw.get(key)
+            if isinstance(service, str) and service not in services and service not in table:
+                problems.append(f"{where}.{key}: unknown service {service!r}"
+                                f"{_did_you_mean(service, tuple(table))}")
+        paths = raw.get("paths", [])
+        for j, pattern in enumerate(paths if isinstance(paths, list) else []):
+            if isinstance(pattern, str) and not pattern.startswith("/"):
+                problems.append(f"{where}.paths[{j}]: expected a path starting with '/', found {pattern!r}")
+        methods = raw.get("methods", [])
+        for j, method in enumerate(methods if isinstance(methods, list) else []):
+            if isinstance(method, str) and method.upper() not in _METHODS:
+                problems.append(f"{where}.methods[{j}]: unknown HTTP method {method!r}")
+        if route is not None:
+            route.methods = [m.upper() for m in route.methods]
+            routes.append(route)
+
+    if problems:
+        raise ConfigError(problems)
+    return MeshConfig(path=file, name=section.name, plugin_path=plugin_path,
+                      services=services, routes=routes, mode=section.mode, defaults=section.defaults)
+
+
+def _check_service(service: ServiceConfig, where: str, problems: list[str]) -> None:
+    if not (service.command or service.build or service.image):
+        problems.append(f"{where}: expected 'command' (process runtime) or 'build'/'image' "
+                        f"(docker runtime), found none")
+    if service.build and service.image:
+        problems.append(f"{where}: give 'build' or 'image', not both")
+    for key in ("port", "expose"):
+        value = getattr(service, key)
+        if value is not None and not 1 <= value <= 65535:
+            problems.append(f"{where}.{key}: expected a port between 1 and 65535, found {value}")
+    if service.health is not None and not service.health.startswith("/"):
+        problems.append(f"{where}.health: expected a path starting with '/', found {service.health!r}")
+    if service.scale is not None and service.instances is not None:
+        problems.append(f"{where}: 'scale' (a pool) and 'instances' (one per key) exclude each other")
+    if service.health_check is not None and service.health is None:
+        problems.append(f"{where}.health_check: checks the 'health' path, and the service has none")
+    if service.replicas < 1:
+        problems.append(f"{where}.replicas: expected at least 1, found {service.replicas}")
+
+
+def _plugin_specs(entries: list[dict[str, Any]], where: str, plugin_path: list[Path],
+                  root: Path, problems: list[str]) -> list[PluginSpec]:
+    specs = []
+    for i, entry in enumerate(entries):
+        at = f"{where}[{i}]"
+        use = entry.get("use")
+        if not isinstance(use, str) or not use:
+            problems.append(f"{at}: expected a 'use' key naming the plugin "
+                            f"(a short name, 'module:Class' or 'file.py:Class'), found "
+                            f"{describe(type(use)) if use is not None else 'none'}")
+            continue
+        try:
+            cls = load_class(BUILTIN_PLUGINS.get(use, use), plugin_path)
+        except PluginError as exc:
+            problems.append(f"{at}: {exc}")
+            continue
+        options = {k: v for k, v in entry.items() if k != "use"}
+        kwargs = check(cls, options, where=at, root=root, problems=problems, label=use)
+        if kwargs is None:
+            continue
+        # Constructors are pure by contract: building one here proves the options work.
+        if construct(cls, kwargs, where=at, problems=problems, label=use) is None:
+            continue
+        specs.append(PluginSpec(use=use, options=kwargs, where=at, cls=cls))
+    return specs
+
+
+def build_plugins(specs: list[PluginSpec]) -> list[tuple[str, Plugin]]:
+    """Fresh plugin instances for a chain, named by where they were declared."""
+    return [(spec.label, spec.create()) for spec in specs]
