@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,7 +98,7 @@ def send(port: int, count: int) -> None:
                 seen += chunk
 
 
-def total(tree: Path, requests: int, work: Path, python: str) -> int:
+def total(tree: Path, requests: int, work: Path, python: str, extra: Sequence[str] = ()) -> int:
     """Instructions callgrind counted in a sidecar of ``tree`` that served ``requests`` requests."""
     app, public, admin = free_port(), free_port(), free_port()
     config = work / "mesh.toml"
@@ -109,7 +110,8 @@ def total(tree: Path, requests: int, work: Path, python: str) -> int:
     sidecar = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python, "-m", "mesh", "sidecar",
          "--config", str(config), "--service", "a", "--app-port", str(app), "--public-port", str(public),
-         "--mesh-port", str(free_port()), "--outbound-port", str(free_port()), "--admin-port", str(admin)],
+         "--mesh-port", str(free_port()), "--outbound-port", str(free_port()), "--admin-port", str(admin),
+         *[arg.replace("{work}", str(work)) for arg in extra]],
         cwd=tree, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         ready(admin, time.monotonic() + 300)
@@ -124,11 +126,11 @@ def total(tree: Path, requests: int, work: Path, python: str) -> int:
     raise SystemExit(f"no summary in {out}; see {work / 'sidecar.log'}")
 
 
-def per_request(tree: Path, args: argparse.Namespace) -> float:
+def per_request(tree: Path, args: argparse.Namespace, extra: Sequence[str] = ()) -> float:
     with tempfile.TemporaryDirectory(prefix="mesh-instructions-") as tmp:
         work = Path(tmp)
-        base = total(tree, args.warm, work, args.python)
-        more = total(tree, args.warm + args.requests, work, args.python)
+        base = total(tree, args.warm, work, args.python, extra)
+        more = total(tree, args.warm + args.requests, work, args.python, extra)
     return (more - base) / args.requests
 
 
@@ -138,10 +140,14 @@ def main() -> int:
     parser.add_argument("--warm", type=int, default=200, help="requests of the baseline run (default: %(default)s)")
     parser.add_argument("--against", metavar="REV", help="also measure this git revision, in a temporary worktree")
     parser.add_argument("--python", default=sys.executable, help="the interpreter with mesh's dependencies")
+    parser.add_argument("--access-log", action="store_true",
+                        help="also measure this checkout with an access log file (mesh sidecar --access-log)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("needs valgrind (apt-get install valgrind)")
     rows = [("this checkout", per_request(REPO, args))]
+    if args.access_log:
+        rows.append(("+ access log", per_request(REPO, args, ["--access-log", "{work}/access.jsonl"])))
     if args.against:
         worktree = Path(tempfile.mkdtemp(prefix="mesh-against-"))
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), args.against],
@@ -152,8 +158,9 @@ def main() -> int:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)], check=False)
     for name, count in rows:
         print(f"{name:>20}: {count / 1000:8.1f}k instructions per request")
-    if len(rows) == 2:
-        print(f"{'ratio':>20}: {rows[0][1] / rows[1][1]:8.3f} (this checkout / {args.against})")
+    if args.against:
+        for name, count in rows[:-1]:
+            print(f"{'ratio':>20}: {count / rows[-1][1]:8.3f} ({name} / {args.against})")
     return 0
 
 

@@ -278,7 +278,7 @@ class Sidecar:
 
 def start_sidecar(procs: Processes, python: str, config: Path, service: str, app_port: int,
                   registry: Path | None = None, log_level: str = "WARNING", tls: Path | None = None,
-                  name: str | None = None) -> Sidecar:
+                  name: str | None = None, extra: list[str] | None = None) -> Sidecar:
     ports = {k: free_port() for k in ("public", "mesh", "outbound", "admin")}
     # The admin listener wants a token from a file, as `mesh up` gives each sidecar one.
     token, token_file = secrets.token_urlsafe(32), config.parent / f"admin-{service}.token"
@@ -292,6 +292,7 @@ def start_sidecar(procs: Processes, python: str, config: Path, service: str, app
         argv += ["--registry", str(registry)]
     if tls is not None:
         argv += ["--tls", str(tls)]
+    argv += extra or []
     env = dict(os.environ, MESH_LOG_LEVEL=log_level)
     name = name or f"sidecar-{service}"
     proc = procs.start(name, argv, cwd=REPO, env=env)
@@ -590,7 +591,8 @@ def checks(results: list[Result]) -> list[str]:
 # ---------------------------------------------------------------- main
 
 
-TARGETS = ("direct", "nginx", "naive", "sidecar", "noop4", "stamp4", "gateway", "mesh", "mesh-tls")
+TARGETS = ("direct", "nginx", "naive", "sidecar-bare", "sidecar", "sidecar-logged", "noop4", "stamp4", "gateway",
+           "mesh", "mesh-tls")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -667,7 +669,13 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> list[Result]:
                                            "--upstream", f"127.0.0.1:{backend_port}"])
         wait_ready(port, "/", proc, "naive-proxy", procs)
         targets.append(Target(NAIVE, port, [proc]))
-    sidecars = {"sidecar": ("empty", "sidecar, empty chain", 0, {}),
+    # The empty chain three ways: recording nothing per request, with metrics (the default), and with metrics
+    # and an access log file (what `mesh up` runs): what observing costs, in the same run.
+    extra_args = {"sidecar-bare": ["--no-metrics"],
+                  "sidecar-logged": ["--access-log", str(tmp / "access.jsonl")]}
+    sidecars = {"sidecar-bare": ("empty", "sidecar, empty chain, no metrics", 0, {}),
+                "sidecar": ("empty", "sidecar, empty chain", 0, {}),
+                "sidecar-logged": ("empty", "sidecar, empty chain, access log", 0, {}),
                 "noop4": ("noop4", "sidecar, 4 noop plugins", 4, {}),
                 "stamp4": ("stamp4", "sidecar, 4 stamp plugins", 4,
                            {f"X-Stamp-{i}": str(i) for i in range(1, 5)}),
@@ -676,7 +684,8 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> list[Result]:
     config = mesh_toml(tmp)
     for key, (service, label, plugins, expect) in sidecars.items():
         if key in want:
-            sc = start_sidecar(procs, args.python, config, service, backend_port, log_level=args.log_level)
+            sc = start_sidecar(procs, args.python, config, service, backend_port, log_level=args.log_level,
+                               name=f"sidecar-{key}", extra=extra_args.get(key, []))
             _, _, dump = get(sc.admin, "/config", sc.admin_headers)
             # The service's own plugins: /config lists mesh's built-in layers too, as "mesh.defaults (...)".
             chain = [name for name in json.loads(dump)["plugins"] if not name.startswith("mesh.defaults")]

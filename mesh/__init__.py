@@ -15,7 +15,19 @@ internal and may change.
 
 from mesh.config import Retries
 from mesh.errors import BodyTooLarge, ConfigError, MeshError, PluginError, UpstreamError
-from mesh.keys import AVOID, BACKEND, CLAIMS, DEADLINE, LISTENER, RETRIES, TIMEOUT, TRY_TIMEOUT, UPSTREAM, StateKey
+from mesh.keys import (
+    AVOID,
+    BACKEND,
+    CLAIMS,
+    DEADLINE,
+    LISTENER,
+    LOG_FIELDS,
+    RETRIES,
+    TIMEOUT,
+    TRY_TIMEOUT,
+    UPSTREAM,
+    StateKey,
+)
 from mesh.messages import Headers, Request, Response
 from mesh.options import Duration, Rate
 from mesh.plugin import CallNext, Context, Handler, Plugin
@@ -35,6 +47,7 @@ __all__ = [
     "Handler",
     "Headers",
     "LISTENER",
+    "LOG_FIELDS",
     "MeshError",
     "Plugin",
     "PluginError",

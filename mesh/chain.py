@@ -19,9 +19,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import replace
+from time import perf_counter
+from typing import Protocol
 
 from mesh.errors import BodyTooLarge, ClientTimeout, PluginError, UpstreamError
 from mesh.messages import Request, Response
+from mesh.observe.metrics import PluginMetrics
 from mesh.plugin import CallNext, Context, Handler, Plugin
 
 __all__ = ["Chain", "RequestLayer", "build_chain", "error_response"]
@@ -74,6 +77,53 @@ def _layer(name: str, plugin: Plugin, call_next: CallNext) -> Handler:
     return layer
 
 
+class Meter(Protocol):
+    """What the chain tells about each plugin call when measured (`mesh.observe` keeps the numbers)."""
+
+    def record(self, name: str, own: float, answered: int | None, failed: bool) -> None:
+        """``own``: seconds in the plugin, the layers inside it excluded; ``answered``: the status
+        when it answered itself (never called ``call_next``); ``failed``: it raised."""
+
+    def plugin_metrics(self, name: str) -> PluginMetrics:
+        """What the plugin called ``name`` gets as ``ctx.metrics``."""
+
+
+# request.state: the name of the plugin that answered a request itself, for the access log
+ANSWERED_BY = "mesh.answered_by"
+
+
+def _measured_layer(name: str, plugin: Plugin, call_next: CallNext, meter: Meter) -> Handler:
+    handle = plugin.handle
+    record = meter.record
+
+    async def layer(request: Request) -> Response:
+        inside = [0.0, False]  # seconds in the layers inside, and whether they were called
+
+        async def next_layer(request: Request) -> Response:
+            inside[1] = True
+            began = perf_counter()
+            try:
+                return await call_next(request)
+            finally:
+                inside[0] += perf_counter() - began
+
+        began = perf_counter()
+        try:
+            response = await handle(request, next_layer)
+        except Exception as exc:
+            _name(exc, name)
+            record(name, perf_counter() - began - inside[0], None, True)
+            raise
+        if inside[1]:
+            record(name, perf_counter() - began - inside[0], None, False)
+        else:
+            request.state[ANSWERED_BY] = name
+            record(name, perf_counter() - began - inside[0], response.status, False)
+        return response
+
+    return layer
+
+
 def _enter(layers: Sequence[tuple[str, RequestLayer]], call_next: CallNext) -> Handler:
     """Request layers next to each other, in one call: each one's ``before``, then ``call_next``."""
     befores = tuple((name, layer.before) for name, layer in layers)
@@ -84,6 +134,7 @@ def _enter(layers: Sequence[tuple[str, RequestLayer]], call_next: CallNext) -> H
             for entry in befores:
                 answer = entry[1](request)
                 if answer is not None:
+                    request.state[ANSWERED_BY] = entry[0]
                     return _answered(answer)
         except Exception as exc:
             _name(exc, entry[0])
@@ -93,8 +144,13 @@ def _enter(layers: Sequence[tuple[str, RequestLayer]], call_next: CallNext) -> H
     return enter
 
 
-def build_chain(plugins: Sequence[tuple[str, Plugin]], terminal: Handler) -> Handler:
-    """Wrap ``terminal`` in ``plugins`` (``(name, plugin)`` pairs), first one outermost."""
+def build_chain(plugins: Sequence[tuple[str, Plugin]], terminal: Handler, meter: Meter | None = None) -> Handler:
+    """Wrap ``terminal`` in ``plugins`` (``(name, plugin)`` pairs), first one outermost.
+
+    With a ``meter``, each plugin's calls are measured (its own time, whether it answered
+    itself, whether it raised); request layers that run together (`RequestLayer`) are not:
+    they are a function call each, and a request they answer shows in ``ANSWERED_BY``.
+    """
     handler = terminal
     run: list[tuple[str, RequestLayer]] = []  # request layers next to each other, innermost first
     for name, plugin in reversed(plugins):
@@ -104,7 +160,7 @@ def build_chain(plugins: Sequence[tuple[str, Plugin]], terminal: Handler) -> Han
         if run:
             handler = _enter(run[::-1], handler)
             run = []
-        handler = _layer(name, plugin, handler)
+        handler = _layer(name, plugin, handler) if meter is None else _measured_layer(name, plugin, handler, meter)
     if run:
         handler = _enter(run[::-1], handler)
     return handler
@@ -141,9 +197,10 @@ def error_response(exc: BaseException, request: Request) -> Response:
 class Chain:
     """A service's plugins, composed around a terminal handler, with their lifecycle."""
 
-    def __init__(self, plugins: Sequence[tuple[str, Plugin]], terminal: Handler) -> None:
+    def __init__(self, plugins: Sequence[tuple[str, Plugin]], terminal: Handler, meter: Meter | None = None) -> None:
         self.plugins = tuple(plugins)
-        self.handler = build_chain(self.plugins, terminal)
+        self.meter = meter
+        self.handler = build_chain(self.plugins, terminal, meter)
         self._started: list[tuple[str, Plugin]] = []
 
     async def __call__(self, request: Request) -> Response:
@@ -156,7 +213,8 @@ class Chain:
         """Start plugins in order; if plugin k fails, stop 1..k-1 and raise `PluginError`."""
         for name, plugin in self.plugins:
             try:
-                await plugin.start(replace(ctx, logger=logging.getLogger(f"mesh.plugin.{name}")))
+                metrics = self.meter.plugin_metrics(name) if self.meter is not None else ctx.metrics
+                await plugin.start(replace(ctx, logger=logging.getLogger(f"mesh.plugin.{name}"), metrics=metrics))
             except Exception as exc:
                 await self.stop()
                 raise PluginError(f"plugin {name} failed to start: {exc}") from exc

@@ -110,6 +110,25 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
                        help="make mesh/base again from debootstrap")
     build.set_defaults(handler=_build)
 
+    logs = _command(commands, "logs", "show the sidecars' access logs, merged in time order",
+                    "Show the access logs of the mesh's sidecars (one line per request each "
+                    "handled), every instance's merged in time order, rotated files included: "
+                    "time, instance, direction (inbound from another sidecar, public from "
+                    "outside, outbound from the app), peer, method and path, status, duration, "
+                    "request id. Reads the files in the mesh's state folder (.mesh/<name>/logs), "
+                    "so it works while the mesh runs and after it stopped. Without --follow it "
+                    "prints what exists and exits.")
+    _path_argument(logs)
+    logs.add_argument("service", nargs="?", default=None, metavar="SERVICE",
+                      help="only this service's instances (alone, it is SERVICE when it is no "
+                           "mesh.toml nor a folder holding one)")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing requests as they are logged (new instances and rotated "
+                           "files too) until Ctrl-C")
+    logs.add_argument("--json", action="store_true",
+                      help="print each request's JSON object as the sidecar wrote it, one a line")
+    logs.set_defaults(handler=_logs)
+
     sidecar = _command(commands, "sidecar", "run one sidecar (what a container or a pod runs)",
                        "Run the sidecar of one instance of a service, in front of an app that "
                        "listens on its own: the mesh listener (mutual TLS from other sidecars), the "
@@ -206,6 +225,27 @@ def _ps(args: argparse.Namespace) -> int:
     if state.get("error"):
         print(state["error"])
     return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from mesh.control.logs import show
+
+    path, service = args.path, args.service
+    if service is None and path is not None and not _is_mesh_path(path):
+        path, service = None, path  # `mesh logs web`: a service of ./mesh.toml
+    config = _load(path)
+    if config is None:
+        return 2
+    if service is not None and service not in config.services:
+        print(f"mesh logs: no service {service!r} in {config.path} (services: "
+              f"{', '.join(config.services)})", file=sys.stderr)
+        return 2
+    return show(config.state_dir, service, follow=args.follow, as_json=args.json)
+
+
+def _is_mesh_path(path: str) -> bool:
+    """Whether ``path`` names a file, or a folder holding a mesh.toml."""
+    return os.path.isfile(path) or os.path.isfile(os.path.join(path, "mesh.toml"))
 
 
 def _check(args: argparse.Namespace) -> int:

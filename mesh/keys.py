@@ -39,6 +39,9 @@ key                value               set by, read by
 ``BACKEND``        instance or None    the instance the terminal sent the current try to
                                        (terminal -> `Retry`)
 ``AVOID``          list of instances   instances earlier tries went to (`Retry` -> balancer)
+``LOG_FIELDS``     ``dict``            fields a plugin adds to the request's access log line
+                                       (``request.state.setdefault(LOG_FIELDS, {})["user"] = ...``);
+                                       mesh's own fields win over a plugin's of the same name
 =================  ==================  =====================================================
 """
 
@@ -51,7 +54,7 @@ if TYPE_CHECKING:
     from mesh.config import Retries
     from mesh.sidecar.balancer import Backend
 
-__all__ = ["AVOID", "BACKEND", "CLAIMS", "DEADLINE", "LISTENER", "RETRIES", "StateKey", "TIMEOUT",
+__all__ = ["AVOID", "BACKEND", "CLAIMS", "DEADLINE", "LISTENER", "LOG_FIELDS", "RETRIES", "StateKey", "TIMEOUT",
            "TRY_TIMEOUT", "UPSTREAM"]
 
 T = TypeVar("T")
@@ -82,3 +85,4 @@ LISTENER: StateKey[str] = StateKey("mesh.listener")
 TRY_TIMEOUT: StateKey[float] = StateKey("mesh.try_timeout")
 BACKEND: StateKey[Backend | None] = StateKey("mesh.backend")
 AVOID: StateKey[list[Backend]] = StateKey("mesh.avoid")
+LOG_FIELDS: StateKey[dict[str, Any]] = StateKey("mesh.log_fields")

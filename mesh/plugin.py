@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.messages import Request, Response
+from mesh.observe.metrics import Metrics, PluginMetrics
 
 __all__ = ["CallNext", "Context", "Handler", "Plugin"]
 
@@ -21,8 +22,11 @@ class Context:
     """What a plugin's ``start`` gets: where it runs and what it may use.
 
     ``root`` is the folder of mesh.toml (resolve relative files against it),
-    ``logger`` a logger named after the plugin, and ``state`` a dict shared by
-    every plugin of this sidecar (connection pools, for example).
+    ``logger`` a logger named after the plugin, ``state`` a dict shared by
+    every plugin of this sidecar (connection pools, for example), and
+    ``metrics`` where the plugin defines its own metrics (``counter``,
+    ``gauge``, ``histogram``: see `mesh.observe.metrics`), shown on the
+    sidecar's ``/metrics`` as ``mesh_<plugin>_<name>``.
     """
 
     service: str = "test"
@@ -30,6 +34,7 @@ class Context:
     root: Path = field(default_factory=Path.cwd)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("mesh.plugin"))
     state: dict[str, Any] = field(default_factory=dict)
+    metrics: PluginMetrics = field(default_factory=lambda: PluginMetrics(Metrics(), "plugin", "plugin"))
 
     def path(self, value: str | Path) -> Path:
         """A path from mesh.toml, made absolute against mesh.toml's folder."""

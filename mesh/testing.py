@@ -114,7 +114,7 @@ class TestMesh:
 
 @asynccontextmanager
 async def run_mesh(toml: str, apps: dict[str, int], root: Any = None, *, tls: bool = True,
-                   **sidecar_options: Any) -> AsyncIterator[TestMesh]:
+                   access_logs: Any = None, **sidecar_options: Any) -> AsyncIterator[TestMesh]:
     """Start one real sidecar per service of ``toml`` in this event loop.
 
     ``apps`` maps each service to the loopback port its app listens on (start
@@ -123,7 +123,8 @@ async def run_mesh(toml: str, apps: dict[str, int], root: Any = None, *, tls: bo
     the sidecars know each other and, unless ``tls=False``, talk mutual TLS
     with certificates from a CA made for the test (``TestMesh.ca``, its
     files under ``.mesh/`` in the mesh folder); ``sidecar_options`` go to each `Sidecar`
-    (``limits``, ``upstream_limits``). Their admin listeners want a token made for
+    (``limits``, ``upstream_limits``); with ``access_logs`` (a folder) each writes its access
+    log to ``<folder>/<service>.jsonl``, complete once the block ends. Their admin listeners want a token made for
     the test (send ``TestMesh.admin_headers()``) unless ``admin_token=None``. For
     end-to-end plugin tests::
 
@@ -136,6 +137,7 @@ async def run_mesh(toml: str, apps: dict[str, int], root: Any = None, *, tls: bo
 
     from mesh import config as config_mod
     from mesh.control.ca import CA
+    from mesh.observe.accesslog import AccessLog
     from mesh.sidecar.identity import Identity
     from mesh.sidecar.registry import Registry
     from mesh.sidecar.sidecar import Ports, Sidecar
@@ -153,8 +155,9 @@ async def run_mesh(toml: str, apps: dict[str, int], root: Any = None, *, tls: bo
             if ca is not None:
                 ca.write_instance(cfg.state_dir / "certs" / name, name, lifetime=3600)
                 identity = Identity(cfg.state_dir / "certs" / name, cfg.name)
+            log = AccessLog(Path(access_logs) / f"{name}.jsonl") if access_logs is not None else None
             sidecar = Sidecar(cfg, name, Ports(app=apps.get(name, 9), public=0), registry=registry,
-                              identity=identity, **sidecar_options)
+                              identity=identity, access_log=log, instance=name, **sidecar_options)
             await sidecar.start()
             sidecars[name] = sidecar
         registry.update({name: [s.listeners["mesh"].address] for name, s in sidecars.items()})

@@ -247,10 +247,13 @@ ECHO_APP = app('''
             if self.path.startswith("/big"):
                 return self.reply(200, b"d" * (32 << 20), "application/octet-stream")
             if self.path.startswith("/call/"):
-                # Through HTTP_PROXY, by name: urllib honours the environment.
+                # Through HTTP_PROXY, by name: urllib honours the environment. The trace goes on, as an
+                # instrumented app passes it.
                 target = self.path[len("/call/"):]
+                headers = {"traceparent": self.headers["traceparent"]} if "traceparent" in self.headers else {}
                 try:
-                    with urllib.request.urlopen(f"http://{target}", timeout=20) as r:
+                    with urllib.request.urlopen(urllib.request.Request(f"http://{target}", headers=headers),
+                                                timeout=20) as r:
                         return self.reply(r.status, r.read(), "text/plain")
                 except urllib.error.HTTPError as e:
                     return self.reply(e.code, e.read(), "text/plain")

@@ -58,9 +58,10 @@ from mesh.config.model import (
     RouteConfig,
     Scale,
     ServiceConfig,
+    Tracing,
 )
 from mesh.config.reader import BUILTIN_PLUGINS, build_plugins, load, parse, resolve
 
 __all__ = ["BUILTIN_PLUGINS", "Defaults", "HealthCheck", "Instances", "MeshConfig", "MeshSection", "Outlier",
-           "PluginSpec", "RETRIES_DEFAULT", "Retries", "RouteConfig", "Scale", "ServiceConfig", "build_plugins",
-           "load", "parse", "resolve"]
+           "PluginSpec", "RETRIES_DEFAULT", "Retries", "RouteConfig", "Scale", "ServiceConfig", "Tracing",
+           "build_plugins", "load", "parse", "resolve"]

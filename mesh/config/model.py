@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from mesh.options import Duration, Size
 from mesh.plugin import Plugin
 
 __all__ = ["Defaults", "HealthCheck", "Instances", "MeshConfig", "MeshSection", "Outlier", "PluginSpec",
-           "RETRIES_DEFAULT", "Retries", "RouteConfig", "Scale", "ServiceConfig"]
+           "RETRIES_DEFAULT", "Retries", "RouteConfig", "Scale", "ServiceConfig", "Tracing"]
 
 _RETRY_WORDS = ("connect-failure", "reset", "timeout", "5xx")
 
@@ -209,11 +210,38 @@ class RouteConfig:
 
 
 @dataclass
+class Tracing:
+    """``[mesh.tracing]``: where sidecars send their spans (OTLP/HTTP), and which share of new traces they sample."""
+
+    otlp: str | None = None
+    sample: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sample <= 1:
+            raise ValueError(f"sample: expected a share of new traces between 0 and 1 (0.1: 10%), "
+                             f"found {self.sample}")
+        if self.otlp is not None:
+            example = "'http://127.0.0.1:4318/v1/traces'"
+            try:
+                url = urlsplit(self.otlp)
+                ok = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
+            except ValueError:  # a port that is not a number, or out of range
+                ok = False
+            if not ok:
+                raise ValueError(f"otlp: expected the URL of a collector's OTLP/HTTP traces endpoint, like "
+                                 f"{example}, found {self.otlp!r}")
+            if url.path in ("", "/"):
+                raise ValueError(f"otlp: expected a URL with the traces path, like {example}, "
+                                 f"found {self.otlp!r} (add '/v1/traces')")
+
+
+@dataclass
 class MeshSection:
     name: str = "mesh"
     plugin_path: list[str] = field(default_factory=list)
     mode: Literal["enforce", "audit"] = "enforce"
     defaults: Defaults = field(default_factory=Defaults)
+    tracing: Tracing | None = None
 
 
 @dataclass
@@ -227,6 +255,8 @@ class MeshConfig:
     routes: list[RouteConfig]
     mode: str = "enforce"
     defaults: Defaults = field(default_factory=Defaults)
+    # None: sidecars still make spans and propagate `traceparent`, sample every new trace, export nothing.
+    tracing: Tracing | None = None
 
     @property
     def root(self) -> Path:

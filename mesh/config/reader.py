@@ -175,7 +175,8 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
     if problems:
         raise ConfigError(problems)
     return MeshConfig(path=file, name=section.name, plugin_path=plugin_path,
-                      services=services, routes=routes, mode=section.mode, defaults=section.defaults)
+                      services=services, routes=routes, mode=section.mode, defaults=section.defaults,
+                      tracing=section.tracing)
 
 
 def _check_service(service: ServiceConfig, where: str, problems: list[str]) -> None:

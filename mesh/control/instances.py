@@ -12,7 +12,10 @@ keeps, per instance label:
   checks (``unhealthy``: out of rotation),
 - the registry its sidecar last took (a (re)started sidecar has only
   registry.json's, so it gets the next push),
-- the task checking its health.
+- the task checking its health: every ``health_check.interval`` while it
+  starts or fails, then, once it passed ``healthy_threshold`` checks in a row,
+  every `steady_interval` (a dead process is noticed at once all the same, by
+  the runtime's exit callback).
 
 Certificates come from here too, and only from here: `certificate` writes
 one from the mesh CA (`mesh.control.ca`; ``.mesh/<name>/ca``, made on first use) into
@@ -35,9 +38,19 @@ from mesh.config import HealthCheck, MeshConfig
 from mesh.control.ca import CA, rotate_ca
 from mesh.control.runtimes.base import Instance, Runtime
 
-__all__ = ["InstanceSet"]
+__all__ = ["STEADY_INTERVAL", "InstanceSet", "steady_interval"]
 
 log = logging.getLogger("mesh.controller")
+
+STEADY_INTERVAL = 10.0  # seconds: the longest gap between checks of a healthy instance, unless interval is longer
+
+
+def steady_interval(check: HealthCheck) -> float:
+    """How often a steadily healthy instance is checked: every 10 intervals, at most `STEADY_INTERVAL`
+    apart (an interval longer than that stays as it is). With the default 1 s, every 10 s: an app's
+    own log is not flooded with its health checks."""
+    interval = float(check.interval)
+    return max(interval, min(STEADY_INTERVAL, 10 * interval))
 
 
 class InstanceSet:
@@ -57,6 +70,7 @@ class InstanceSet:
         self.unhealthy: set[str] = set()  # labels of instances failing their health checks
         self.pushed: dict[str, str] = {}  # label -> the registry its sidecar last took
         self._watchers: dict[str, asyncio.Future[Any]] = {}  # label -> its health checks
+        self._recheck: dict[str, asyncio.Event] = {}  # label -> set when it (re)starts: back to interval
         self._save = save
         self._changed = changed
         self._started = started
@@ -92,6 +106,7 @@ class InstanceSet:
         watcher = self._watchers.pop(instance.label, None)
         if watcher is not None:
             watcher.cancel()
+        self._recheck.pop(instance.label, None)
         self._items[:] = [i for i in self._items if i is not instance]
         self.unhealthy.discard(instance.label)
         self.problems.pop(instance.label, None)
@@ -158,13 +173,17 @@ class InstanceSet:
         self._started(instance)
         watcher = self._watchers.get(instance.label)
         if instance.health and (watcher is None or watcher.done()):
-            self._watchers[instance.label] = asyncio.ensure_future(self._check_health(instance))
+            self._recheck[instance.label] = recheck = asyncio.Event()
+            self._watchers[instance.label] = asyncio.ensure_future(self._check_health(instance, recheck))
+        else:
+            self._restarted(instance)
         self.changed()
         self.save()
 
     async def restart(self, instance: Instance, role: str) -> None:
         """Start again its app (``role`` "app") or the whole instance, with certificates of the moment."""
         self.pushed.pop(instance.label, None)
+        self._restarted(instance)
         async with self.starting(instance):
             if role == "app":
                 await self.runtime.restart_app(instance, self.registry_file, self.timeout)
@@ -193,12 +212,27 @@ class InstanceSet:
 
     # health
 
-    async def _check_health(self, instance: Instance) -> None:
-        """Check the instance's app every interval; take it out of rotation and back by the thresholds."""
+    def _restarted(self, instance: Instance) -> None:
+        """It starts again: its checks go back to every interval."""
+        recheck = self._recheck.get(instance.label)
+        if recheck is not None:
+            recheck.set()
+
+    async def _check_health(self, instance: Instance, recheck: asyncio.Event) -> None:
+        """Check the instance's app every interval, or every `steady_interval` once it passed
+        ``healthy_threshold`` checks in a row; take it out of rotation and back by the thresholds.
+        ``recheck`` is set when the instance starts again."""
         check = self.config.services[instance.service].health_check or HealthCheck()
+        steady = steady_interval(check)
         good = bad = 0
         while True:
-            await asyncio.sleep(check.interval)
+            calm = good >= check.healthy_threshold and instance.label not in self.unhealthy
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(recheck.wait(), steady if calm else float(check.interval))
+            if recheck.is_set():  # (re)started meanwhile: from the start, at the interval
+                recheck.clear()
+                good = bad = 0
+                continue
             if self.runtime.instance_state(instance) != "running":
                 good = bad = 0
                 continue

@@ -10,6 +10,7 @@ in the mesh's state dir; other processes talk to it through them::
     .mesh/<name>/ca/               the mesh CA (ca.pem, ca.key mode 0600), kept across runs
     .mesh/<name>/certs/<instance>/ each sidecar's cert.pem, key.pem and ca.pem (mutual TLS)
     .mesh/<name>/admin.token       this run's token for the sidecars' admin listeners (mode 0600; `mesh.sidecar.admin`)
+    .mesh/<name>/logs/             each sidecar's access log, <instance>.jsonl (rotated: .1, .2), read by `mesh logs`
     .mesh/<name>/up.log            output of a detached controller (`mesh up -d`)
 
 state.json is the contract for scripts; `mesh ps --json` prints it with

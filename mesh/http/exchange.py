@@ -40,7 +40,7 @@ class Exchange:
     """One request on a connection, from its parsed head to the end of its response."""
 
     __slots__ = ("request", "method", "version", "keep_alive", "body", "refusal", "websocket_key",
-                 "upgrade", "framing", "responding", "bad_body")
+                 "upgrade", "framing", "responding", "bad_body", "started", "sent")
 
     def __init__(self, method: str, version: str, keep_alive: bool) -> None:
         self.request: Request | None = None
@@ -54,6 +54,8 @@ class Exchange:
         self.framing = b""  # for an upgrade with a body: a head with the same framing (see _after_upgrade)
         self.responding = False
         self.bad_body = False  # the body broke llhttp's framing: 400, whatever the handler said
+        self.started = 0.0  # loop time when its head had arrived
+        self.sent = 0  # bytes of response body written
 
     @property
     def request_id(self) -> str | None:

@@ -189,8 +189,10 @@ class WriteFlow:
 
 
 async def write_body(transport: asyncio.Transport, conn: WriteFlow, chunks: AsyncIterable[bytes], chunked: bool,
-                     length: int | None) -> None:
+                     length: int | None) -> int:
     """Write a streamed body after its head: in chunks, or as is and exactly ``length`` bytes if given.
+
+    Returns the body's size (chunk framing not counted).
 
     Waits on ``conn.drain()`` whenever the peer's side is full. Raises
     ConnectionResetError once the connection closed and ValueError when the
@@ -204,6 +206,7 @@ async def write_body(transport: asyncio.Transport, conn: WriteFlow, chunks: Asyn
         if not chunk:
             continue  # an empty chunk would end a chunked body
         if chunked:
+            sent += len(chunk)
             transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
             sent += len(chunk)
@@ -217,3 +220,4 @@ async def write_body(transport: asyncio.Transport, conn: WriteFlow, chunks: Asyn
         transport.write(b"0\r\n\r\n")
     elif length is not None and sent != length:
         raise ValueError("the body is shorter than its Content-Length")
+    return sent

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from multidict import CIMultiDict
@@ -203,6 +204,7 @@ class RequestReader:
             elif not _HOST.match(host):
                 self._stop(400, "invalid Host header")
         exchange = Exchange(method, version, parser.should_keep_alive())
+        exchange.started = monotonic()
         length = headers.get("Content-Length")
         chunked = "Transfer-Encoding" in headers  # llhttp admits only a final "chunked" in a request
         body = None

@@ -158,6 +158,7 @@ class ResponseWriter(WriteFlow):
             payload, stream, keep = error.body, None, False  # type: ignore[assignment]
         transport = self.transport
         if stream is None:
+            exchange.sent = len(payload)
             if len(payload) <= _INLINE_BODY:
                 transport.write(head + payload)
             else:
@@ -176,7 +177,7 @@ class ResponseWriter(WriteFlow):
         """Write a streamed body; False (with the connection aborted) when it broke off."""
         chunks = response.stream()  # an async generator: aclose() ends it
         try:
-            await write_body(self.transport, self, chunks, chunked, length)
+            exchange.sent = await write_body(self.transport, self, chunks, chunked, length)
         except Exception as exc:
             # The head is out: the only honest signal left is to cut the connection.
             if not self.closed:

@@ -29,6 +29,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
+from time import monotonic
 from typing import Any
 
 from aiohttp import http_parser
@@ -53,6 +54,7 @@ log = logging.getLogger("mesh.server")
 
 # The handler gets the Request and the connection (whose ``.transport`` gives the peer certificate).
 RequestHandler = Callable[[Request, Any], Awaitable[Response]]
+RequestDone = Callable[[Request, Response, float, float, int, int], None]
 
 _LINGER = 2.0  # seconds to read and drop what a client still sends after the response that ends it
 
@@ -240,7 +242,14 @@ class _Connection(Deadline, ResponseWriter, RequestReader, asyncio.Protocol):
             if exchange.bad_body:
                 await response.aclose()
                 response = short_error(400, "malformed request body", request.id)
-            return await self._respond(exchange, response)
+            answered = monotonic()
+            keep = await self._respond(exchange, response)
+            done = self.listener.on_done
+            if done is not None:
+                body = exchange.body
+                done(request, response, exchange.started, answered, body.received if body is not None else 0,
+                     exchange.sent)
+            return keep
         finally:
             if not isinstance(request.body, bytes):
                 await request.aclose()
@@ -317,13 +326,19 @@ class Listener:
 
     ``handler(request, conn)`` gets the mesh `Request` (path already
     normalized) and the connection it came on (``conn.transport`` gives the
-    peer certificate); it returns the `Response` to send.
+    peer certificate); it returns the `Response` to send. ``on_done(request,
+    response, started, answered, received, sent)``, if given, is called once
+    the response is written (or its body broke off): ``started`` and
+    ``answered`` are the `time.monotonic` values when the request's head had
+    arrived and when the handler returned, ``received`` and ``sent`` the
+    body bytes each way. It must not raise.
     """
 
     def __init__(self, handler: RequestHandler, *, name: str, host: str = "127.0.0.1",
                  port: int = 0, tls: ssl.SSLContext | None = None,
-                 limits: ServerLimits | None = None) -> None:
+                 limits: ServerLimits | None = None, on_done: RequestDone | None = None) -> None:
         self.handler = handler
+        self.on_done = on_done
         self.name = name
         self.host = host
         self.port = port

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 
 from mesh.chain import short_error
 from mesh.messages import Request, Response
+from mesh.observe.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from mesh.sidecar.sidecar import Sidecar
@@ -160,6 +161,7 @@ class SidecarAdmin:
         self.router = Router(token)
         self.router.add(("GET", "HEAD"), "/healthz", self.healthz, public=True)
         self.router.add(("GET", "HEAD"), "/readyz", self.readyz, public=True)
+        self.router.add("GET", "/metrics", self.metrics, public=True)
         self.router.add("GET", "/config", self.config)
         self.router.add("GET", "/registry", self.registry)
         self.router.add("PUT", "/registry", self.put_registry)
@@ -175,6 +177,10 @@ class SidecarAdmin:
         if not self.sidecar.ready:
             return Response(503, "starting\n")
         return Response(200, "ready\n")
+
+    async def metrics(self, request: Request) -> Response:
+        # Counts only, no request content: readable without the token, as Prometheus scrapes it.
+        return Response(200, self.sidecar.observer.metrics.exposition(), {"Content-Type": CONTENT_TYPE})
 
     async def config(self, request: Request) -> Response:
         s = self.sidecar

@@ -44,6 +44,7 @@ from mesh.http.headers import PEER_HEADER
 from mesh.keys import DEADLINE, LISTENER, StateKey
 from mesh.messages import Request, Response
 from mesh.plugin import Context, Plugin
+from mesh.sidecar.observing import ROUTE, route_label
 from mesh.sidecar.resilience import DEADLINE_HEADER, deadline_from
 from mesh.sidecar.routes import Policy
 
@@ -122,9 +123,11 @@ class RoutePolicy(_Layer):
 
     def before(self, request: Request) -> Response | None:
         if request.state.get(LISTENER) == MESH:
-            decision = self._policy.check(request.peer, self._inbound.service, request.method, request.path)
+            peer = request.peer
+            decision = self._policy.check(peer, self._inbound.service, request.method, request.path)
             if not decision.allowed:
                 return short_error(403, decision.reason, request.id)
+            request.state[ROUTE] = route_label(peer, self._inbound.service)
         return None
 
 

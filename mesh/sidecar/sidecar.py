@@ -44,6 +44,7 @@ import signal
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from mesh import config as config_mod
@@ -55,12 +56,15 @@ from mesh.http.headers import PEER_HEADER, request_id, set_forwarded, strip_keep
 from mesh.http.server import Connection, Listener, ServerLimits
 from mesh.keys import AVOID, BACKEND, DEADLINE, LISTENER, RETRIES, TIMEOUT, TRY_TIMEOUT, UPSTREAM
 from mesh.messages import Request, Response
+from mesh.observe.accesslog import AccessLog
+from mesh.observe.tracing import Tracer
 from mesh.plugin import Context
 from mesh.sidecar.admin import AdminToken, SidecarAdmin
 from mesh.sidecar.balancer import Backend, Balancer
 from mesh.sidecar.identity import Identity
 from mesh.sidecar.inbound import INBOUND, Inbound
 from mesh.sidecar.inbound import with_defaults as with_inbound_defaults
+from mesh.sidecar.observing import ROUTE, SPAN, UPSTREAM_STARTED, Observer, route_label
 from mesh.sidecar.registry import Registry
 from mesh.sidecar.resilience import DEADLINE_HEADER, OUTBOUND, Outbound, Retry
 from mesh.sidecar.resilience import with_defaults as with_outbound_defaults
@@ -101,7 +105,8 @@ class Sidecar:
                  registry: Registry | None = None, host: str = "127.0.0.1",
                  app_host: str = "127.0.0.1", public_host: str = "127.0.0.1",
                  limits: ServerLimits | None = None, upstream_limits: Limits | None = None,
-                 identity: Identity | None = None, admin_token: str | None = None) -> None:
+                 identity: Identity | None = None, admin_token: str | None = None,
+                 access_log: AccessLog | None = None, instance: str = "", metrics: bool = True) -> None:
         """``admin_token``: what the admin listener wants in ``Authorization: Bearer ...``
         (`mesh.sidecar.admin`); without one it answers only /healthz, /readyz and /metrics."""
         self.config = config
@@ -118,8 +123,17 @@ class Sidecar:
                                  endpoint=self._endpoint, choosers=_choosers(config))
         self.outbound_settings = Outbound(config, service)
         self.inbound_settings = Inbound(config, service, self.policy)
-        self.inbound = Chain(with_inbound_defaults(build_plugins(self.spec.plugin_specs)), self._to_app)
-        self.outbound = Chain(with_outbound_defaults(build_plugins(self.spec.outbound_specs)), self._to_peer)
+        self.tracer = Tracer(service, config.tracing)
+        self.observer = Observer(service, frozenset(config.services), instance, access_log, self.tracer)
+        # Without metrics or an access log nothing is recorded per request (the benchmark's baseline).
+        observer = self.observer if metrics or self.observer.access_log is not None else None
+        self.inbound = Chain(with_inbound_defaults(build_plugins(self.spec.plugin_specs)), self._to_app, observer)
+        self.outbound = Chain(with_outbound_defaults(build_plugins(self.spec.outbound_specs)), self._to_peer,
+                              observer)
+
+        def done(direction: str) -> Any:
+            return partial(observer.done, direction) if observer is not None else None
+
         # A call to the own app that a plugin asked to have retried (request.state[RETRIES]) is retried
         # by the same layer as outbound calls; by default (no RETRIES) it is never sent twice.
         self._app_retry = Chain([("mesh.app (retry)", Retry(attempts=1))], self._try_app)
@@ -130,14 +144,15 @@ class Sidecar:
                           request_min_rate=self.spec.request_min_rate)
         self.listeners = {
             "mesh": Listener(self._from_mesh, name="mesh", host=host, port=ports.mesh, limits=inbound,
-                             tls=identity.server if identity else None),
+                             tls=identity.server if identity else None, on_done=done("inbound")),
             "outbound": Listener(self._from_app, name="outbound", host="127.0.0.1",
-                                 port=ports.outbound, limits=limits),
+                                 port=ports.outbound, limits=limits, on_done=done("outbound")),
             "admin": Listener(self._admin, name="admin", host="127.0.0.1", port=ports.admin, limits=limits),
         }
         if ports.public is not None:
             self.listeners["public"] = Listener(self._from_outside, name="public", host=public_host,
-                                                port=ports.public, limits=inbound)
+                                                port=ports.public, limits=inbound,
+                                                on_done=done("public"))
         self.ready = False
         self.admin = SidecarAdmin(self, admin_token)
 
@@ -147,6 +162,9 @@ class Sidecar:
         ctx = Context(service=self.service, mesh=self.config.name, root=self.config.root)
         ctx.state[OUTBOUND] = self.outbound_settings
         ctx.state[INBOUND] = self.inbound_settings
+        log_file = self.observer.access_log
+        if log_file is not None:
+            log_file.start()
         await self.inbound.start(ctx)
         try:
             await self.outbound.start(ctx)
@@ -166,6 +184,9 @@ class Sidecar:
         await self.outbound.stop()
         await self.inbound.stop()
         await self.pool.close()
+        if self.observer.access_log is not None:
+            self.observer.access_log.close()
+        await self.tracer.close()
 
     def addresses(self) -> dict[str, str]:
         return {name: listener.address for name, listener in self.listeners.items()}
@@ -182,6 +203,7 @@ class Sidecar:
     async def _from_outside(self, request: Request, raw: Connection) -> Response:
         request.headers.popall(PEER_HEADER, None)  # SECURITY: only the mesh says who a peer is
         request.state[LISTENER] = "public"
+        request.state[SPAN] = self.tracer.begin(request.headers)
         self._prepare(request)
         set_forwarded(request.headers, request.client, request.scheme)
         return await self.inbound(request)
@@ -192,6 +214,7 @@ class Sidecar:
         else:
             request.peer = request.headers.get(PEER_HEADER)  # development only: the caller says
         request.state[LISTENER] = "mesh"
+        request.state[SPAN] = self.tracer.begin(request.headers)
         self._prepare(request)
         set_forwarded(request.headers, request.client, request.scheme)
         return await self.inbound(request)
@@ -229,6 +252,7 @@ class Sidecar:
                 timeout = remaining
             request.headers[DEADLINE_HEADER] = str(int(remaining * 1000) or 1)
         # How long the app's response body (or a WebSocket) may go quiet: this service's own setting.
+        request.state[UPSTREAM_STARTED] = time.monotonic()
         return self._forward(self.app, request, timeout, self.spec.stream_idle_timeout)
 
     async def _try_app(self, request: Request) -> Response:
@@ -264,6 +288,7 @@ class Sidecar:
         state = request.state
         state[LISTENER] = "outbound"
         state[UPSTREAM] = target
+        state[SPAN] = self.tracer.begin(request.headers)
         return await self.outbound(request)
 
     async def _to_peer(self, request: Request) -> Response:
@@ -274,6 +299,7 @@ class Sidecar:
         decision = self.policy.check(self.service, target, request.method, request.path)
         if not decision.allowed:
             return short_error(403, decision.reason, request.id)
+        state[ROUTE] = route_label(self.service, target)
         backend = self.balancer.pick(target, state.get(AVOID), request)
         if backend is None:
             raise UpstreamError(503, f"service '{target}' has no instance running")
@@ -298,6 +324,7 @@ class Sidecar:
             headers[PEER_HEADER] = self.service
         state[BACKEND] = backend
         backend.outstanding += 1
+        state[UPSTREAM_STARTED] = time.monotonic()
         try:
             response = await self._forward(backend.endpoint, request, timeout, idle)
         except UpstreamError:
@@ -356,9 +383,24 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--tls", metavar="DIR",
                         help="folder with cert.pem, key.pem and ca.pem: mutual TLS between sidecars "
                              "(without it the mesh listener is plain HTTP: development only)")
+    parser.add_argument("--access-log", metavar="FILE",
+                        help="append one JSON line per request to FILE (rotated at 10 MiB, two old files kept); "
+                             "'-' for stderr (default: no access log)")
+    parser.add_argument("--no-metrics", dest="metrics", action="store_false",
+                        help="record nothing per request for /metrics (it then shows no request series); "
+                             "for measuring what metrics cost")
+    parser.add_argument("--instance", default="", metavar="LABEL",
+                        help="this instance's label, in access log lines (default: none)")
     parser.add_argument("--admin-token-file", metavar="FILE",
                         help="file holding the token the admin listener wants (Authorization: Bearer); "
                              "without it only /healthz, /readyz and /metrics answer")
+
+
+def access_log(where: str | None) -> AccessLog | None:
+    """``--access-log``: a file, ``-`` for stderr, or nothing."""
+    if not where:
+        return None
+    return AccessLog(stderr=True) if where == "-" else AccessLog(where)
 
 
 async def serve(sidecar: Sidecar) -> None:
@@ -419,7 +461,8 @@ def main(args: Any) -> int:
                     "/readyz and /metrics (it has no token to check callers against)")
     sidecar = Sidecar(config, args.service, ports, registry=registry, host=args.host,
                       app_host=args.app_host, public_host=args.public_host, identity=identity,
-                      admin_token=token)
+                      admin_token=token, instance=args.instance, access_log=access_log(args.access_log),
+                      metrics=args.metrics)
     from mesh.runner import run
 
     try:

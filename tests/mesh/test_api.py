@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PUBLIC = [
     "AVOID", "BACKEND", "BodyTooLarge", "CLAIMS", "CallNext", "ConfigError", "Context", "DEADLINE", "Duration",
-    "Handler", "Headers", "LISTENER", "MeshError", "Plugin", "PluginError", "RETRIES", "Rate", "Request", "Response",
+    "Handler", "Headers", "LISTENER", "LOG_FIELDS", "MeshError", "Plugin", "PluginError", "RETRIES", "Rate",
+    "Request", "Response",
     "Retries", "StateKey", "TIMEOUT", "TRY_TIMEOUT", "UPSTREAM", "UpstreamError",
 ]
 

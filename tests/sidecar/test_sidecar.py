@@ -64,11 +64,14 @@ async def app(aiohttp_server):
     return await start_app(aiohttp_server, seen)
 
 
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
 async def test_forwards_and_sets_forwarding_headers(app):
     async with run_mesh(mesh_toml(), {"a": app.port, "b": app.port}) as mesh:
         async with aiohttp.ClientSession() as session:
             async with session.post(mesh.url("a") + "/x?q=1", data=b"hello",
-                                    headers={"traceparent": "00-abc-def-01",
+                                    headers={"traceparent": TRACEPARENT,
                                              "X-Forwarded-For": "10.0.0.9"}) as resp:
                 assert resp.status == 200
                 got = await resp.json()
@@ -78,7 +81,10 @@ async def test_forwards_and_sets_forwarding_headers(app):
     assert h["x-forwarded-proto"] == "http"
     assert h["x-forwarded-host"] == h["host"]
     assert re.fullmatch(r"[0-9a-f]{32}", h["x-request-id"])
-    assert h["traceparent"] == "00-abc-def-01"
+    # The app's parent is the sidecar's own span, in the caller's trace (W3C trace context).
+    version, trace, span, flags = h["traceparent"].split("-")
+    assert (version, trace, flags) == ("00", "4bf92f3577b34da6a3ce929d0e0e4736", "01")
+    assert re.fullmatch(r"[0-9a-f]{16}", span) and span != "00f067aa0ba902b7"
 
 
 async def test_request_id_is_kept_when_given(app):

@@ -12,10 +12,15 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def call(url: str) -> tuple[int, str]:
-    """GET ``url``; the status and body, also when the answer is an error."""
+def call(url: str, traceparent: str | None = None) -> tuple[int, str]:
+    """GET ``url``; the status and body, also when the answer is an error.
+
+    ``traceparent`` (the sidecar's span, which this request arrived with) goes
+    on with the call, so web's and greeter's sidecars log one trace.
+    """
+    headers = {"traceparent": traceparent} if traceparent else {}
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -30,7 +35,8 @@ class Web(BaseHTTPRequestHandler):
             self.reply(200, "ok\n")
         elif url.path == "/":
             name = urllib.parse.parse_qs(url.query).get("name", ["world"])[0]
-            status, body = call("http://greeter/hello?" + urllib.parse.urlencode({"name": name}))
+            status, body = call("http://greeter/hello?" + urllib.parse.urlencode({"name": name}),
+                                self.headers.get("traceparent"))
             self.reply(status, f"web asked greeter, greeter said: {body}")
         elif url.path == "/forbidden":
             # No route lets web call greeter's /admin: its sidecar refuses with 403.

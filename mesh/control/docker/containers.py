@@ -4,10 +4,12 @@ The sidecar container mounts, read-only: the folder of mesh.toml at
 ``/mesh/config`` (plugins, files that options name; its ``.mesh`` state folder
 hidden under an empty tmpfs, since it holds the mesh CA key), the instance's
 certificate folder at ``/mesh/tls``, registry.json at ``/mesh/registry.json``
-and the run's admin token (`mesh.sidecar.admin`) at ``/mesh/admin.token``; its
-entrypoint installs the namespace's firewall (`mesh.control.docker.firewall`).
-The app container joins the sidecar's network namespace and mounts none of
-these; it gets the app's environment (`mesh.control.runtimes.base.Runtime.app_environment`),
+and the run's admin token (`mesh.sidecar.admin`) at ``/mesh/admin.token``; and,
+read-write, the mesh's logs folder (`mesh.control.logs`) at `LOGS_MOUNT`, where it
+writes its access log ``<label>.jsonl``. Its entrypoint installs the namespace's
+firewall (`mesh.control.docker.firewall`). The app container joins the sidecar's
+network namespace and mounts none of these (it can neither read nor change its
+sidecar's logs); it gets the app's environment (`mesh.control.runtimes.base.Runtime.app_environment`),
 the service's ``cpus`` and ``memory`` as limits, and no ``NET_RAW`` (no raw
 sockets in the namespace it shares).
 
@@ -48,8 +50,10 @@ from mesh.control.runtimes.base import Instance
 if TYPE_CHECKING:
     import docker
 
+LOGS_MOUNT = "/mesh/logs"  # the sidecar's access log, <label>.jsonl, and its rotated files
+
 __all__ = [
-    "Container", "ContainerInstance", "LogFollower", "app_spec", "config_problems", "memory_bytes",
+    "LOGS_MOUNT", "Container", "ContainerInstance", "LogFollower", "app_spec", "config_problems", "memory_bytes",
     "probe_command", "sidecar_spec",
 ]
 
@@ -174,11 +178,12 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def sidecar_spec(config: MeshConfig, instance: ContainerInstance, *, image: str, registry: Path,
-                 admin_token: Path, networks: dict[str, Network], fronts: Sequence[int],
+                 admin_token: Path, logs: Path, networks: dict[str, Network], fronts: Sequence[int],
                  labels: dict[str, str], endpoint: Any) -> dict[str, Any]:
     """The arguments of ``containers.create`` for an instance's sidecar container: the firewall
     first (``fronts``: the keyed services' ports on the mesh gateway), then ``mesh sidecar``; on
-    the mesh network, where ``endpoint`` (the engine's endpoint config) gives it ``instance.host``."""
+    the mesh network, where ``endpoint`` (the engine's endpoint config) gives it ``instance.host``.
+    ``logs``: the host's folder of access logs, mounted read-write at `LOGS_MOUNT`."""
     from docker.types import Mount
 
     mesh, edge = networks["mesh"], networks["edge"]
@@ -189,7 +194,8 @@ def sidecar_spec(config: MeshConfig, instance: ContainerInstance, *, image: str,
                "--service", instance.service, "--app-port", str(instance.ports["app"]),
                "--host", "0.0.0.0", "--mesh-port", str(MESH_PORT),
                "--outbound-port", str(OUTBOUND_PORT), "--admin-port", str(ADMIN_PORT),
-               "--registry", REGISTRY_MOUNT, "--admin-token-file", ADMIN_TOKEN_MOUNT]
+               "--registry", REGISTRY_MOUNT, "--admin-token-file", ADMIN_TOKEN_MOUNT,
+               "--instance", instance.label, "--access-log", f"{LOGS_MOUNT}/{instance.label}.jsonl"]
     ports: dict[str, Any] = {f"{ADMIN_PORT}/tcp": ("127.0.0.1", None)}
     if public:
         command += ["--public-port", str(PUBLIC_PORT), "--public-host", "0.0.0.0"]
@@ -197,7 +203,9 @@ def sidecar_spec(config: MeshConfig, instance: ContainerInstance, *, image: str,
     mounts = [Mount(CONFIG_MOUNT, str(config.root.resolve()), type="bind", read_only=True),
               Mount(REGISTRY_MOUNT, str(registry.resolve()), type="bind", read_only=True),
               # SECURITY: the sidecar's container only; the app's mounts nothing of the state folder.
-              Mount(ADMIN_TOKEN_MOUNT, str(admin_token.resolve()), type="bind", read_only=True)]
+              Mount(ADMIN_TOKEN_MOUNT, str(admin_token.resolve()), type="bind", read_only=True),
+              # SECURITY: read-write for the sidecar only; the app must not read or rewrite its logs.
+              Mount(LOGS_MOUNT, str(logs.resolve()), type="bind", read_only=False)]
     if instance.tls is not None:
         command += ["--tls", TLS_MOUNT]
         mounts.append(Mount(TLS_MOUNT, str(instance.tls.resolve()), type="bind", read_only=True))

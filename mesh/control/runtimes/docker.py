@@ -79,6 +79,7 @@ from mesh.control.docker.layout import (
 )
 from mesh.control.docker.networks import Network, create_networks
 from mesh.control.docker.status import print_line, refresh_status, remove_owned, sweep
+from mesh.control.logs import log_file
 from mesh.control.runtimes.base import (
     TAIL_LINES,
     Instance,
@@ -308,8 +309,9 @@ class DockerRuntime(Runtime):
     def _sidecar_spec(self, instance: ContainerInstance, registry: Path) -> dict[str, Any]:
         assert self._images is not None
         endpoint = self.client().api.create_endpoint_config(aliases=[instance.host])
+        logs = log_file(self.config.state_dir, instance.label).parent  # made here, mounted there
         return sidecar_spec(self.config, instance, image=self._images.base, registry=registry,
-                            admin_token=self.admin_token.path, networks=self._networks,
+                            admin_token=self.admin_token.path, logs=logs, networks=self._networks,
                             fronts=self.front_ports, labels=self._labels(instance, "sidecar"),
                             endpoint=endpoint)
 

@@ -1,6 +1,7 @@
 """The process runtime: each instance is a sidecar process and an app process on loopback ports.
 
-Each sidecar runs as ``python -m mesh sidecar ...``; each app runs its service's
+Each sidecar runs as ``python -m mesh sidecar ...`` and writes its access log to
+``.mesh/<name>/logs/<label>.jsonl`` (`mesh.control.logs`); each app runs its service's
 ``command`` through the shell in mesh.toml's folder. Both run in sessions of
 their own, so a stop reaches whole process groups, and both inherit ``MESH_RUN``
 (`mesh.control.runtimes.procfs`), so `mesh down` finds what a dead controller
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.config import MeshConfig
+from mesh.control.logs import log_file
 from mesh.control.runtimes.base import (
     TAIL_LINES,
     Instance,
@@ -212,7 +214,8 @@ class ProcessRuntime(Runtime):
                    "--service", instance.service, "--app-port", str(ports["app"]),
                    "--mesh-port", str(ports["mesh"]), "--outbound-port", str(ports["outbound"]),
                    "--admin-port", str(ports["admin"]), "--registry", str(registry),
-                   "--admin-token-file", str(self.admin_token.path)]
+                   "--admin-token-file", str(self.admin_token.path), "--instance", instance.label,
+                   "--access-log", str(log_file(self.config.state_dir, instance.label))]
         if "public" in ports:
             command += ["--public-port", str(ports["public"])]
         if instance.tls is not None:

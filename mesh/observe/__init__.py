@@ -1,0 +1,1 @@
+"""What a running mesh shows of its traffic: metrics, access logs, traces."""

@@ -1,0 +1,134 @@
+"""Access logs: one JSON object per request per line, to a rotated file and, when asked, to stderr.
+
+A sidecar writes a line for every request it answers (`mesh sidecar
+--access-log FILE`; `mesh up` gives each sidecar
+``.mesh/<mesh>/logs/<instance>.jsonl``, and `mesh logs` reads them). The
+fields are listed in docs/observability.md. Lines are built with the C
+JSON string encoder and buffered: the file is written at most every
+`FLUSH_EVERY` seconds and on close, so a request costs no system call.
+When the file passes ``max_bytes`` it is rotated: FILE.1 becomes FILE.2,
+FILE becomes FILE.1, and a new FILE starts (``backups`` old files kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from json.encoder import encode_basestring_ascii as quote
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["AccessLog", "FLUSH_EVERY", "rfc3339"]
+
+log = logging.getLogger("mesh.accesslog")
+
+FLUSH_EVERY = 0.5
+MAX_BYTES = 10 << 20
+
+_second = -1
+_second_text = ""
+
+
+def rfc3339(now: float) -> str:
+    """``2026-12-02T17:30:01.123Z`` for a `time.time` value (the second's text is reused within a second)."""
+    global _second, _second_text
+    whole = int(now)
+    if whole != _second:
+        _second, _second_text = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second_text}.{int((now - whole) * 1000):03d}Z"
+
+
+def value(item: Any) -> str:
+    """One JSON value: strings quoted (ASCII, escaped), numbers as they are, None as null."""
+    if item is None:
+        return "null"
+    if isinstance(item, str):
+        return quote(item)
+    if isinstance(item, bool):
+        return "true" if item else "false"
+    if isinstance(item, int | float):
+        return repr(item) if item == item and item not in (float("inf"), float("-inf")) else "null"
+    return quote(str(item))
+
+
+class AccessLog:
+    """Where a sidecar's access log lines go: ``path`` (rotated), stderr, or both."""
+
+    def __init__(self, path: str | Path | None = None, *, stderr: bool = False,
+                 max_bytes: int = MAX_BYTES, backups: int = 2) -> None:
+        self.path = Path(path) if path is not None else None
+        self.stderr = stderr
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._lines: list[str] = []
+        self._file: IO[str] | None = None
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None or self.stderr
+
+    def start(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+        self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._tick)
+
+    def write(self, fields: dict[str, Any]) -> None:
+        """Queue one line; it reaches the file within `FLUSH_EVERY` seconds."""
+        self._lines.append("{" + ",".join(f"{quote(name)}:{value(item)}" for name, item in fields.items()) + "}\n")
+
+    def write_line(self, line: str) -> None:
+        """Queue one line already made (a JSON object and its newline)."""
+        self._lines.append(line)
+
+    def _tick(self) -> None:
+        self.flush()
+        self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._tick)
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        text = "".join(self._lines)
+        self._lines.clear()
+        if self.stderr:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        if self._file is not None:
+            try:
+                self._file.write(text)
+                self._file.flush()
+                self._size += len(text)
+                if self._size >= self.max_bytes:
+                    self._rotate()
+            except OSError as exc:  # a full disk loses log lines, never requests
+                log.warning("access log %s: %s", self.path, exc)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _open(self) -> None:
+        assert self.path is not None
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._file = os.fdopen(fd, "a", encoding="ascii", buffering=1 << 16)
+        self._size = self._file.tell()
+
+    def _rotate(self) -> None:
+        assert self.path is not None and self._file is not None
+        self._file.close()
+        for number in range(self.backups, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{number}")
+            newer = self.path.with_name(f"{self.path.name}.{number - 1}") if number > 1 else self.path
+            if newer.exists():
+                os.replace(newer, older)
+        self._open()

@@ -1,0 +1,227 @@
+"""What a sidecar records of each request: metrics, an access log line, and the plugins' own numbers.
+
+The listeners call `Observer.done` once a response is written (its
+``on_done``); the chains report each plugin call to `Observer.record` (a
+`mesh.chain.Meter`). Both only add to plain numbers (`mesh.observe.metrics`)
+and queue a log line (`mesh.observe.accesslog`); the text is made when
+``/metrics`` is scraped and the file written every half second.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left
+from collections.abc import Iterable
+from json.encoder import encode_basestring_ascii as quote
+from time import monotonic, time
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+from mesh.chain import ANSWERED_BY
+from mesh.keys import AVOID, BACKEND, LOG_FIELDS
+from mesh.messages import Request, Response
+from mesh.observe.accesslog import AccessLog, rfc3339, value
+from mesh.observe.metrics import LATENCY_BUCKETS, Metrics, PluginMetrics
+from mesh.observe.tracing import Tracer
+
+__all__ = ["DIRECTIONS", "ROUTE", "SPAN", "UPSTREAM_STARTED", "Observer", "plugin_label", "route_label"]
+
+# What each listener's requests are called in metrics and logs.
+DIRECTIONS = {"mesh": "inbound", "public": "public", "outbound": "outbound"}
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+# request.state, between the layers and the observer
+ROUTE = "mesh.route"  # the [[routes]] entry that allowed the call: "from->to"
+UPSTREAM_STARTED = "mesh.upstream_started"  # time.monotonic() when the call to the app or the peer began
+SPAN = "mesh.span"  # this sidecar's span (`mesh.observe.tracing.Span`)
+
+_LABEL = re.compile(r"\(([^()]+)\)$")
+
+
+_ROUTES: dict[tuple[str | None, str], str] = {}
+
+
+def route_label(source: str | None, target: str) -> str:
+    """The ``route`` label of a call from ``source`` to ``target``: ``web->orders`` (made once per pair)."""
+    label = _ROUTES.get((source, target))
+    if label is None:
+        label = _ROUTES[(source, target)] = f"{source or 'outside'}->{target}"
+    return label
+
+
+def plugin_label(name: str) -> str:
+    """The ``plugin`` label of a chain entry: ``jwt`` for ``services.web.plugins[0] (jwt)``."""
+    found = _LABEL.search(name)
+    return found.group(1) if found else name
+
+
+# One row of `Requests` per label set: histogram buckets, +Inf, then these.
+_SUM, _BYTES_IN, _BYTES_OUT = -3, -2, -1
+_CLASS = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+_RESERVED = frozenset({"time", "request_id", "trace_id", "span_id", "service", "instance", "peer", "direction",
+                       "method", "path", "route", "status", "bytes_in", "bytes_out", "duration_ms",
+                       "upstream_duration_ms", "upstream", "retries", "answered_by"})
+
+
+class Requests:
+    """The request counters: one row per (direction, route, peer, method, status_class).
+
+    A request costs one dict lookup and four additions; ``/metrics`` derives
+    ``mesh_requests_total``, the duration histogram and the byte counters
+    from the rows when it is scraped.
+    """
+
+    name = "mesh_requests"
+    labelnames = ("direction", "route", "peer", "method", "status_class")
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.bounds = LATENCY_BUCKETS
+        self.rows: dict[tuple[str, ...], list[float]] = {}
+
+    def row(self, key: tuple[str, ...]) -> list[float]:
+        row = self.rows[key] = [0.0] * (len(self.bounds) + 4)
+        return row
+
+    def families(self) -> Iterable[Any]:
+        labels = ("service", *self.labelnames)
+        count = CounterMetricFamily("mesh_requests", "Requests answered, by where they came from and how they ended",
+                                    labels=labels)
+        duration = HistogramMetricFamily("mesh_request_duration_seconds",
+                                         "From a request's head to the end of its response", labels=labels)
+        received = CounterMetricFamily("mesh_request_bytes", "Request body bytes received", labels=labels)
+        sent = CounterMetricFamily("mesh_response_bytes", "Response body bytes sent", labels=labels)
+        bounds = [*map(repr, self.bounds), "+Inf"]
+        for key, row in list(self.rows.items()):
+            values = (self.service, *key)
+            buckets, total = [], 0.0
+            for bound, n in zip(bounds, row, strict=False):
+                total += n
+                buckets.append((bound, total))
+            count.add_metric(values, total)
+            duration.add_metric(values, buckets, row[_SUM])
+            received.add_metric(values, row[_BYTES_IN])
+            sent.add_metric(values, row[_BYTES_OUT])
+        return (count, duration, received, sent)
+
+
+# An access log line but for a plugin's fields and the closing brace: one C-level format per request.
+_LINE = ('{"time":"%s","request_id":%s,"trace_id":%s,"span_id":%s,%s"peer":%s,"direction":"%s","method":%s,'
+         '"path":%s,"route":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,"duration_ms":%.3f,'
+         '"upstream_duration_ms":%s,"upstream":%s,"retries":%d,"answered_by":%s')
+_QUOTED: dict[str | None, str] = {None: "null"}
+
+
+def _quoted(item: str | None) -> str:
+    """``item`` as a JSON string, remembered: for values from small sets (services, routes, methods)."""
+    text = _QUOTED.get(item)
+    if text is None:
+        assert item is not None  # None is in the table
+        text = quote(item)
+        if len(_QUOTED) < 4096:  # a client's odd method or a development-mode peer must not grow it forever
+            _QUOTED[item] = text
+    return text
+
+
+class Observer:
+    """One sidecar's metrics and access log."""
+
+    def __init__(self, service: str, services: frozenset[str] = frozenset(), instance: str = "",
+                 access_log: AccessLog | None = None, tracer: Tracer | None = None) -> None:
+        self.service = service
+        self.services = services  # the peers a label may name; others (development mode's header) are "other"
+        self.instance = instance
+        self.metrics = m = Metrics(service=service)
+        self.access_log = access_log if access_log is not None and access_log.enabled else None
+        self.requests = Requests(service)
+        m.register(self.requests)
+        self.upstream = m.histogram("upstream_duration_seconds",
+                                    "From sending a request to the app or a peer to its response head",
+                                    ["direction", "route"])
+        self.retries = m.counter("retries", "Tries after the first, on calls to other services", ["route"])
+        self.plugin_calls = m.counter("plugin_calls", "Calls of each plugin", ["plugin"])
+        self.plugin_time = m.histogram("plugin_duration_seconds",
+                                       "Time in each plugin, the layers inside it excluded", ["plugin"])
+        self.plugin_answers = m.counter("plugin_answers", "Requests a plugin answered itself, by status",
+                                        ["plugin", "status"])
+        self.plugin_errors = m.counter("plugin_exceptions", "Exceptions a plugin raised", ["plugin"])
+        self._labels: dict[str, str] = {}
+        self._fixed = f'"service":{quote(service)},"instance":{quote(instance)},'
+        self._export = tracer.end if tracer is not None and tracer.endpoint else None
+
+    # the chains' meter
+
+    def _label(self, name: str) -> str:
+        label = self._labels.get(name)
+        if label is None:
+            label = self._labels[name] = plugin_label(name)
+        return label
+
+    def record(self, name: str, own: float, answered: int | None, failed: bool) -> None:
+        label = self._label(name)
+        key = (label,)
+        self.plugin_calls.add(key)
+        self.plugin_time.add(key, own)
+        if answered is not None:
+            self.plugin_answers.add((label, str(answered)))
+        if failed:
+            self.plugin_errors.add(key)
+
+    def plugin_metrics(self, name: str) -> PluginMetrics:
+        """``ctx.metrics`` for the plugin called ``name`` in a chain."""
+        label = plugin_label(name)
+        return PluginMetrics(self.metrics, label.split(":")[-1].split(".")[0].lower(), label)
+
+    # the listeners' on_done
+
+    def done(self, direction: str, request: Request, response: Response, started: float, answered: float,
+             received: int, sent: int) -> None:
+        elapsed = monotonic() - started
+        state = request.state
+        route = state.get(ROUTE, "none")
+        status = response.status
+        peer = request.peer
+        if peer is not None and peer not in self.services:
+            peer = "other"  # a label's values stay bounded, whatever a header says
+        method = request.method
+        key = (direction, route, peer or "", method if method in _METHODS else "other",
+               _CLASS[status // 100] if 100 <= status <= 599 else "other")
+        requests = self.requests
+        row = requests.rows.get(key) or requests.row(key)
+        row[bisect_left(requests.bounds, elapsed)] += 1
+        row[_SUM] += elapsed
+        row[_BYTES_IN] += received
+        row[_BYTES_OUT] += sent
+        upstream_began = state.get(UPSTREAM_STARTED)
+        upstream = answered - upstream_began if upstream_began is not None else None
+        if upstream is not None:
+            self.upstream.add((direction, route), upstream)
+        tried = state.get(AVOID)
+        if tried:
+            self.retries.add((route,), len(tried))
+        span = state.get(SPAN)
+        if self._export is not None and span is not None:
+            self._export(span, name=f"{method} {route}", status=status, attributes={
+                "http.request.method": method, "url.path": request.path, "http.response.status_code": status,
+                "mesh.direction": direction, "mesh.peer": request.peer or "", "mesh.route": route})
+        log = self.access_log
+        if log is None:
+            return
+        backend = state.get(BACKEND)
+        by = state.get(ANSWERED_BY)
+        rid = request.id
+        line = _LINE % (
+            rfc3339(time() - elapsed), "null" if rid is None else quote(rid),
+            "null" if span is None else f'"{span.trace_id}"', "null" if span is None else f'"{span.span_id}"',
+            self._fixed,
+            _quoted(request.peer), direction, _quoted(method), quote(request.path), _quoted(route), status,
+            received, sent, elapsed * 1000, "null" if upstream is None else f"{upstream * 1000:.3f}",
+            "null" if backend is None else _quoted(backend.address), len(tried) if tried else 0,
+            "null" if by is None else _quoted(self._label(by)))
+        extra = state.get(LOG_FIELDS)
+        if extra:
+            # A plugin adds fields; it never rewrites mesh's own.
+            line += "".join(f",{quote(str(name))}:{value(item)}" for name, item in extra.items()
+                            if str(name) not in _RESERVED)
+        log.write_line(line + "}\n")
