@@ -103,6 +103,13 @@ whose identity is not in the key never wait for another request.
 Headers: every response gets ``X-Cache: HIT`` (served from the cache, also
 after a 304 revalidation or while stale-while-revalidate refreshes it) or
 ``X-Cache: MISS``; a hit carries ``Age`` in seconds.
+
+Metrics (on the sidecar's ``/metrics``): ``mesh_cache_lookups_total`` by
+``result``, one per request: ``hit`` (a fresh entry, or a stale one the app
+confirmed with a 304), ``stale`` (served stale while it is refreshed),
+``miss`` (the app answered, ``only-if-cached``'s 504 included) or ``bypass``
+(a method other than ``GET`` and ``HEAD``, or a request that bypasses the
+cache as above).
 """
 
 from __future__ import annotations
@@ -229,9 +236,16 @@ class Cache(Plugin):
         self._flights: dict[tuple, _Flight] = {}
         self._tasks: set[asyncio.Task] = set()
         self._log = logging.getLogger("mesh.plugin.cache")
+        self._define_metrics(Context())  # until start() gives the sidecar's
 
     async def start(self, ctx: Context) -> None:
         self._log = ctx.logger
+        self._define_metrics(ctx)
+
+    def _define_metrics(self, ctx: Context) -> None:
+        self._lookups = ctx.metrics.counter("lookups", "requests by what the cache did", ["result"])
+        for result in ("hit", "stale", "miss", "bypass"):  # a rate of 0, not a missing series
+            self._lookups.inc(0, result=result)
 
     async def stop(self) -> None:
         """Cancel background refreshes still running."""
@@ -245,10 +259,13 @@ class Cache(Plugin):
             response = await call_next(request)
             if request.method in UNSAFE_METHODS and response.status < 400:
                 self._invalidate(request, response)
+            self._lookups.inc(result="bypass")
             return _mark(response, "MISS")
         directives = request_directives(request.headers)
         if "no-store" in directives or any(h in request.headers for h in BYPASS_HEADERS):
-            return _mark(await call_next(request), "MISS")
+            response = await call_next(request)
+            self._lookups.inc(result="bypass")
+            return _mark(response, "MISS")
         reload = "no-cache" in directives or delta_seconds(directives.get("max-age")) == 0
         scope = self._scope(request)
         stale: StoredResponse | None = None
@@ -262,12 +279,15 @@ class Cache(Plugin):
             if entry is not None:
                 use = usable(entry, directives, now)
                 if use == "fresh":
+                    self._lookups.inc(result="hit")
                     return self._serve(entry, request, now)
                 if use == "stale":
                     self._refresh_in_background(scope, request, entry, call_next)
+                    self._lookups.inc(result="stale")
                     return self._serve(entry, request, now)
                 stale = entry
             if "only-if-cached" in directives:
+                self._lookups.inc(result="miss")
                 return _mark(Response(504, "504 Gateway Timeout: not in the cache\n"), "MISS")
             flight = self._flights.get(scope.flight)
             if flight is None or reload or waits == MAX_WAITS:
@@ -276,7 +296,10 @@ class Cache(Plugin):
             await flight.done.wait()
             if not flight.stored:
                 break  # the app's answer could not be stored: ask it ourselves
-        return await self._lead(scope, request, call_next, stale)
+        response = await self._lead(scope, request, call_next, stale)
+        # HIT: the app confirmed the stored copy with a 304.
+        self._lookups.inc(result="hit" if response.headers.get("X-Cache") == "HIT" else "miss")
+        return response
 
     # -- keys and lookup ------------------------------------------------------
 

@@ -68,6 +68,13 @@ A refused request gets ``401`` and a challenge (RFC 6750 section 3):
 The log says more (at INFO, with the request id); neither ever contains the
 token or key material. Any other failure raises, and the sidecar answers
 500: nothing gets through on error.
+
+Metrics (on the sidecar's ``/metrics``): ``mesh_jwt_accepted_total``, the
+requests let through with a valid token, and ``mesh_jwt_refusals_total`` by
+``reason``: ``missing`` (no bearer token), ``malformed``, ``bad_signature``,
+``expired``, ``not_yet_valid``, ``wrong_issuer``, ``wrong_audience``,
+``unknown_key`` or ``other`` (an algorithm not allowed, a missing claim, a
+claim that can't be forwarded). Skipped paths count in neither.
 """
 
 from __future__ import annotations
@@ -165,6 +172,19 @@ _REASONS: list[tuple[type[Exception], str]] = [
 ]
 
 
+# The ``reason`` label of a refusal, from the reason the client is told; anything else is "other".
+_LABELS = {
+    "missing bearer token": "missing",
+    "malformed token": "malformed",
+    "bad signature": "bad_signature",
+    "token expired": "expired",
+    "token not yet valid": "not_yet_valid",
+    "wrong issuer": "wrong_issuer",
+    "wrong audience": "wrong_audience",
+    "unknown key": "unknown_key",
+}
+
+
 def _quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
@@ -233,6 +253,7 @@ class JWT(Plugin):
         self.jwks_min_interval = float(jwks_min_interval)
 
         self._log = logging.getLogger("mesh.plugin.jwt")
+        self._define_metrics(Context())  # until start() gives the sidecar's
         self._keys: list[Key] | None = None      # secret or public_key
         self._keyset: KeySet | None = None       # jwks
         self._cache: TLRUCache[str, _Verified] | None = (
@@ -242,6 +263,7 @@ class JWT(Plugin):
     async def start(self, ctx: Context) -> None:
         """Read the key (or load the JWKS and start refreshing it)."""
         self._log = ctx.logger
+        self._define_metrics(ctx)
         if self.realm is None:
             self.realm = ctx.service
         if self.secret:
@@ -256,6 +278,13 @@ class JWT(Plugin):
                                   self.jwks_max_age, self.jwks_min_interval,
                                   self._log, self._forget)
             await self._keyset.start()
+
+    def _define_metrics(self, ctx: Context) -> None:
+        self._accepted = ctx.metrics.counter("accepted", "requests let through with a valid token")
+        self._refusals = ctx.metrics.counter("refusals", "requests refused with a 401", ["reason"])
+        self._accepted.inc(0)  # every series from the start: a rate of 0, not a missing one
+        for reason in {*_LABELS.values(), "other"}:
+            self._refusals.inc(0, reason=reason)
 
     async def stop(self) -> None:
         if self._keyset is not None:
@@ -275,7 +304,9 @@ class JWT(Plugin):
         except _Rejected as rejected:
             self._log.info("request %s from %s refused: %s",
                            request.id, request.client, rejected.detail)
+            self._refusals.inc(reason=_LABELS.get(rejected.reason, "other"))
             return _unauthorized(self.realm or "", rejected)
+        self._accepted.inc()
         request.state["claims"] = dict(verified.claims)  # a copy: the cache keeps its own
         request.headers.extend(verified.headers)
         if not self.forward_token:

@@ -44,6 +44,12 @@ while the storage is failing). Over
 the limit the answer is ``429`` with ``Retry-After`` (seconds), and the
 request goes no further. Limits are checked shortest window first, and a
 request refused by one limit doesn't use up the ones after it.
+
+Metrics (on the sidecar's ``/metrics``): ``mesh_ratelimit_decisions_total``
+by ``result`` (``allowed`` or ``limited``), for the requests the storage
+counted, and ``mesh_ratelimit_storage_errors_total``, the requests it
+couldn't count (it failed, was slower than ``storage_timeout``, or is down
+and not retried yet), which got what ``on_storage_error`` says.
 """
 
 from __future__ import annotations
@@ -172,6 +178,7 @@ class RateLimit(Plugin):
         self.storage_timeout = float(storage_timeout)
 
         self._log = logging.getLogger("mesh.plugin.ratelimit")
+        self._define_metrics(Context())  # until start() gives the sidecar's
         self._scope = ""
         self._storage: Storage | None = None
         self._limiter: RateLimiter | None = None
@@ -183,6 +190,7 @@ class RateLimit(Plugin):
     async def start(self, ctx: Context) -> None:
         """Open the storage. A Redis that is down is logged, not fatal."""
         self._log = ctx.logger
+        self._define_metrics(ctx)
         self._scope = ctx.service
         if self.storage == "memory":
             self._storage = MemoryStorage()
@@ -218,6 +226,14 @@ class RateLimit(Plugin):
                     self._failed(ConnectionError("no answer to PING"))
         self._limiter = _STRATEGIES[self.strategy](self._storage)
 
+    def _define_metrics(self, ctx: Context) -> None:
+        self._decisions = ctx.metrics.counter("decisions", "requests counted, by result", ["result"])
+        self._storage_errors = ctx.metrics.counter(
+            "storage_errors", "requests the rate-limit storage could not count")
+        self._storage_errors.inc(0)  # every series from the start: a rate of 0, not a missing one
+        for result in ("allowed", "limited"):
+            self._decisions.inc(0, result=result)
+
     async def stop(self) -> None:
         # limits has no close(): reach the redis-py client behind it.
         client = getattr(getattr(self._storage, "bridge", None), "storage", None)
@@ -230,6 +246,7 @@ class RateLimit(Plugin):
         try:
             item, stats, allowed = await self._check(ids)
         except _Unavailable:
+            self._storage_errors.inc()
             if self.on_storage_error == "deny":
                 return Response(503, "503 Service Unavailable: rate limit storage unavailable\n",
                                 {"Retry-After": "1"})
@@ -238,6 +255,7 @@ class RateLimit(Plugin):
         headers = {"RateLimit-Limit": str(item.amount),
                    "RateLimit-Remaining": str(max(0, stats.remaining)),
                    "RateLimit-Reset": str(reset)}
+        self._decisions.inc(result="allowed" if allowed else "limited")
         if not allowed:
             headers["Retry-After"] = str(max(1, reset))
             rate = self.rates[self._items.index(item)]

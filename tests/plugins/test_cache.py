@@ -6,10 +6,12 @@ from email.utils import formatdate
 
 import jwt as pyjwt
 import pytest
+from aiohttp import ClientSession, web
+from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import PluginError, Response, UpstreamError
 from mesh.loader import load_class
-from mesh.testing import make_request, run_chain, run_plugin, started, stream
+from mesh.testing import make_request, run_chain, run_mesh, run_plugin, started, stream
 from mesh_plugins.cache import Cache
 from mesh_plugins.jwt import JWT
 
@@ -881,3 +883,64 @@ def test_bad_key_entries_are_refused(key):
 def test_the_http_caching_rules_are_not_a_plugin(use, message):
     with pytest.raises(PluginError, match=message):
         load_class(use)
+
+
+# -- metrics -----------------------------------------------------------------------
+
+METERED = """
+[mesh]
+name = "cachem"
+[services.web]
+command = "x"
+port = 1
+plugins = [ { use = "cache" } ]
+"""
+
+# What the app says per path.
+CACHE_CONTROL = {
+    "/fresh": "max-age=60",
+    "/etag": "max-age=60, no-cache",                    # stored, confirmed before every use
+    "/stale": "max-age=10, stale-while-revalidate=600",  # stale at once: see its Age
+    "/nostore": "no-store",
+}
+
+
+async def test_lookups_are_counted_by_result_on_the_sidecars_metrics(aiohttp_server, tmp_path):
+    async def app_handler(request: web.Request) -> web.Response:
+        headers = {"Cache-Control": CACHE_CONTROL.get(request.path, "max-age=60"), "ETag": '"1"', "Age": "100"}
+        if request.headers.get("If-None-Match") == '"1"':
+            return web.Response(status=304, headers=headers)
+        return web.Response(text="body", headers=headers if request.path == "/stale" else
+                            {k: v for k, v in headers.items() if k != "Age"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", app_handler)
+    port = (await aiohttp_server(app)).port
+    sent = [  # (method, path, request headers, X-Cache, counted as)
+        ("GET", "/fresh", {}, "MISS", "miss"),
+        ("GET", "/fresh", {}, "HIT", "hit"),
+        ("GET", "/fresh", {}, "HIT", "hit"),
+        ("GET", "/etag", {}, "MISS", "miss"),
+        ("GET", "/etag", {}, "HIT", "hit"),  # the app's 304 confirmed the stored copy
+        ("GET", "/stale", {}, "MISS", "miss"),
+        ("GET", "/stale", {}, "HIT", "stale"),
+        ("GET", "/nostore", {}, "MISS", "miss"),
+        ("GET", "/nostore", {}, "MISS", "miss"),
+        ("GET", "/absent", {"Cache-Control": "only-if-cached"}, "MISS", "miss"),
+        ("POST", "/other", {}, "MISS", "bypass"),
+        ("GET", "/fresh", {"Cache-Control": "no-store"}, "MISS", "bypass"),
+        ("GET", "/fresh", {"Range": "bytes=0-1"}, "MISS", "bypass"),
+    ]
+    async with run_mesh(METERED, {"web": port}, tmp_path, tls=False) as mesh, ClientSession() as session:
+        for method, path, headers, x_cache, _ in sent:
+            async with session.request(method, mesh.url("web") + path, headers=headers) as response:
+                await response.read()
+                assert response.headers["X-Cache"] == x_cache, (method, path, headers)
+        async with session.get(mesh.url("web", "admin") + "/metrics") as response:
+            text = await response.text()
+    found = {sample.labels["result"]: sample.value
+             for family in text_string_to_metric_families(text) for sample in family.samples
+             if sample.name == "mesh_cache_lookups_total" and sample.labels["plugin"] == "cache"}
+    assert found == {result: sum(1 for *_, counted in sent if counted == result)
+                     for result in ("hit", "stale", "miss", "bypass")}
+

@@ -23,16 +23,18 @@ from typing import Any
 
 import jwt
 import pytest
+from aiohttp import ClientSession, web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
 
 import mesh_plugins.jwt as jwt_plugin
 import mesh_plugins.jwt_keys as jwt_keys
 from mesh import Context, PluginError, Request, Response
 from mesh.loader import load_class
-from mesh.testing import make_request, run_chain, run_plugin, started
+from mesh.testing import make_request, run_chain, run_mesh, run_plugin, started
 from mesh_plugins.jwt import JWT
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
@@ -846,3 +848,61 @@ async def test_the_example_keys_work_together():
             response, upstream = await call(plugin, token)
         assert response.status == 200
         assert upstream.seen[0].state["claims"]["sub"] == "alice"
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+METERED = f"""
+[mesh]
+name = "jwtm"
+[services.web]
+command = "x"
+port = 1
+plugins = [ {{ use = "jwt", jwks = "jwks.json", issuer = "{ISSUER}", audience = "{AUDIENCE}", skip = ["/healthz"] }} ]
+"""
+
+
+async def test_refusals_are_counted_by_reason_and_acceptances_on_the_sidecars_metrics(
+        aiohttp_server, tmp_path):
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk(RSA_KEY, "k1")]}))
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", ok)
+    port = (await aiohttp_server(app)).port
+    hour = 3600
+    valid = rs256("k1")
+    sent = {
+        None: [valid, valid, rs256("k1", sub="bob")],  # accepted (the second from the cache)
+        "expired": [rs256("k1", exp=now() - hour), rs256("k1", iat=now() - 3 * hour, exp=now() - hour)],
+        "not_yet_valid": [rs256("k1", nbf=now() + hour)],
+        "wrong_issuer": [rs256("k1", iss="https://evil.example")],
+        "wrong_audience": [rs256("k1", aud="elsewhere")],
+        "bad_signature": [rs256("k1", key=RSA_KEY_2)],
+        "unknown_key": [rs256("k9")],
+        "missing": ["", "Basic dXNlcjpwYXNz"],  # no header; another scheme
+        "malformed": ["Bearer not-a-jwt"],
+        "other": [rs256("k1", exp=None), sign(kid="k1")],  # no exp; HS256 against an RSA key
+    }
+    async with run_mesh(METERED, {"web": port}, tmp_path, tls=False) as mesh, ClientSession() as session:
+        async with session.get(mesh.url("web") + "/healthz") as response:  # skipped: counted nowhere
+            assert response.status == 200
+        for reason, tokens in sent.items():
+            for token in tokens:
+                header = token if not token or " " in token else f"Bearer {token}"
+                async with session.get(mesh.url("web") + "/", headers={"Authorization": header} if header else {}) \
+                        as response:
+                    assert response.status == (200 if reason is None else 401), reason
+        async with session.get(mesh.url("web", "admin") + "/metrics") as response:
+            text = await response.text()
+    samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name.startswith("mesh_jwt_")]
+    found = {(sample.name, sample.labels.get("reason")): sample.value for sample in samples}
+    assert {reason: found.get(("mesh_jwt_refusals_total", reason)) for reason in sent if reason} == \
+        {reason: len(tokens) for reason, tokens in sent.items() if reason}
+    assert found[("mesh_jwt_accepted_total", None)] == 3
+    assert len(found) == len(sent)  # no other series: every label value is one of the fixed set
+    assert all(sample.labels["service"] == "web" and sample.labels["plugin"] == "jwt" for sample in samples)
+    assert valid.split(".")[1] not in text and "evil" not in text
+

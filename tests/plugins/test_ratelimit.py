@@ -15,10 +15,12 @@ import time
 import uuid
 
 import pytest
+from aiohttp import ClientSession, web
+from prometheus_client.parser import text_string_to_metric_families
 
 import mesh_plugins.ratelimit as ratelimit_plugin
 from mesh import Context, Request, Response
-from mesh.testing import make_request, run_plugin, started
+from mesh.testing import make_request, run_mesh, run_plugin, started
 from mesh_plugins.ratelimit import RateLimit
 
 # A whole number of days since the epoch, so of minutes and seconds too:
@@ -359,3 +361,60 @@ async def test_unreachable_redis_at_start_is_logged_not_fatal_and_hides_the_pass
     logged = errors_logged(caplog)
     assert len(logged) == 1
     assert "hunter2" not in logged[0] and ":***@" in logged[0]
+
+
+# --- metrics ---------------------------------------------------------------------
+
+METERED = """
+[mesh]
+name = "rlm"
+[services.api]
+command = "x"
+port = 1
+plugins = [ { use = "ratelimit", limit = "3/hour" } ]
+[services.shared]
+command = "x"
+port = 1
+plugins = [ { use = "ratelimit", limit = "100/hour", storage = "%s", on_storage_error = "%s" } ]
+"""
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("policy, status", [("allow", 200), ("deny", 503)])
+async def test_decisions_and_storage_errors_are_counted_on_the_sidecars_metrics(
+        aiohttp_server, private_redis, tmp_path, policy, status):
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    port = (await aiohttp_server(app)).port
+    toml = METERED % (private_redis.url, policy)
+    async with run_mesh(toml, {"api": port, "shared": port}, tmp_path, tls=False) as mesh, \
+            ClientSession() as session:
+
+        async def statuses(service: str, n: int) -> list[int]:
+            found = []
+            for _ in range(n):
+                async with session.get(mesh.url(service) + "/") as response:
+                    found.append(response.status)
+            return found
+
+        async def counted(service: str) -> dict[tuple[str, str | None], float]:
+            async with session.get(mesh.url(service, "admin") + "/metrics") as response:
+                text = await response.text()
+            return {(sample.name, sample.labels.get("result")): sample.value
+                    for family in text_string_to_metric_families(text) for sample in family.samples
+                    if sample.name.startswith("mesh_ratelimit_") and sample.labels["plugin"] == "ratelimit"}
+
+        assert await statuses("api", 5) == [200] * 3 + [429] * 2
+        assert await statuses("shared", 2) == [200] * 2
+        private_redis.stop()
+        assert await statuses("shared", 3) == [status] * 3
+        api, shared = await counted("api"), await counted("shared")
+    assert api == {("mesh_ratelimit_decisions_total", "allowed"): 3,
+                   ("mesh_ratelimit_decisions_total", "limited"): 2,
+                   ("mesh_ratelimit_storage_errors_total", None): 0}
+    assert shared == {("mesh_ratelimit_decisions_total", "allowed"): 2,
+                      ("mesh_ratelimit_decisions_total", "limited"): 0,
+                      ("mesh_ratelimit_storage_errors_total", None): 3}
