@@ -113,9 +113,18 @@ def test_keyed_service_on_docker(docker_engine: Any, base_image: str, make_mesh:
     assert call("bob").status == 200
     assert call("alice").status == 200  # bob is now the least recently used
     assert call("carol").status == 200
-    wait_until(lambda: len(keyed_containers()) == 4, every=0.2, what=lambda: f"two pairs: {keyed_containers()}")
-    states = {i["key"]: i["state"] for i in mesh.keyed("sandbox")}
-    assert states == {"alice": "running", "bob": "sleeping", "carol": "running"}, states
+    def states() -> dict[str, str]:
+        return {i["key"]: i["state"] for i in mesh.keyed("sandbox")}
+
+    wait_until(lambda: states().get("bob") == "sleeping", every=0.2, what=lambda: f"bob asleep: {states()}")
+    found = states()
+    assert found["bob"] == "sleeping" and found["carol"] == "running", found
+    # alice was used after bob: she stays, unless her own sleep_after (4s) ran out while carol's containers
+    # started, which a slow engine may take longer than.
+    assert found["alice"] in ("running", "sleeping"), found
+    running = sum(state == "running" for state in found.values())
+    wait_until(lambda: len(keyed_containers()) == 2 * running, every=0.2,
+               what=lambda: f"{running} pairs: {keyed_containers()}")
 
     # No key: 400, nothing starts.
     answer = fetch(f"http://127.0.0.1:{port}/", timeout=90)
