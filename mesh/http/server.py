@@ -242,9 +242,9 @@ class _Connection(Deadline, ResponseWriter, RequestReader, asyncio.Protocol):
             if exchange.bad_body:
                 await response.aclose()
                 response = short_error(400, "malformed request body", request.id)
-            answered = monotonic()
-            keep = await self._respond(exchange, response)
             done = self.listener.on_done
+            answered = monotonic() if done is not None else 0.0
+            keep = await self._respond(exchange, response)
             if done is not None:
                 body = exchange.body
                 done(request, response, exchange.started, answered, body.received if body is not None else 0,

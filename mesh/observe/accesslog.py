@@ -78,12 +78,8 @@ class AccessLog:
             self._open()
         self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._tick)
 
-    def write(self, fields: dict[str, Any]) -> None:
-        """Queue one line; it reaches the file within `FLUSH_EVERY` seconds."""
-        self._lines.append("{" + ",".join(f"{quote(name)}:{value(item)}" for name, item in fields.items()) + "}\n")
-
     def write_line(self, line: str) -> None:
-        """Queue one line already made (a JSON object and its newline)."""
+        """Queue one line (a JSON object and its newline); it reaches the file within `FLUSH_EVERY` seconds."""
         self._lines.append(line)
 
     def _tick(self) -> None:

@@ -45,7 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-__all__ = ["CONTENT_TYPE", "Counter", "Gauge", "Histogram", "Metrics", "PluginMetrics", "status_class"]
+__all__ = ["CONTENT_TYPE", "Counter", "Gauge", "Histogram", "Metrics", "PluginMetrics", "cumulative", "status_class"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -166,12 +166,17 @@ class Histogram(_Metric):
     def families(self) -> Iterable[Any]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for key, row in list(self.rows.items()):
-            buckets, total = [], 0.0
-            for bound, count in zip((*self.bounds, float("inf")), row, strict=False):
-                total += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
-            family.add_metric(self._const_values + key, buckets, row[-1])
+            family.add_metric(self._const_values + key, cumulative(self.bounds, row), row[-1])
         yield family
+
+
+def cumulative(bounds: Sequence[float], row: Sequence[float]) -> list[tuple[str, float]]:
+    """Prometheus buckets (``le`` and count so far) from per-bucket counts: one per bound, then +Inf."""
+    buckets, total = [], 0.0
+    for bound, count in zip([*map(repr, bounds), "+Inf"], row, strict=False):
+        total += count
+        buckets.append((bound, total))
+    return buckets
 
 
 class Metrics(Collector):

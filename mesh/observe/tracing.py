@@ -132,7 +132,7 @@ class Tracer:
         else:
             trace_id, parent_id, sampled = parent
             span_id = _new_span_id()
-        headers["traceparent"] = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
+        headers["traceparent"] = format_traceparent(trace_id, span_id, sampled)
         return Span(trace_id, span_id, parent_id, sampled, time.time_ns())
 
     def end(self, span: Span, *, name: str, status: int, attributes: dict[str, str | int | float]) -> None:

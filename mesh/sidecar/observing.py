@@ -22,13 +22,11 @@ from mesh.chain import ANSWERED_BY
 from mesh.keys import AVOID, BACKEND, LOG_FIELDS
 from mesh.messages import Request, Response
 from mesh.observe.accesslog import AccessLog, rfc3339, value
-from mesh.observe.metrics import LATENCY_BUCKETS, Metrics, PluginMetrics
+from mesh.observe.metrics import LATENCY_BUCKETS, Metrics, PluginMetrics, cumulative, status_class
 from mesh.observe.tracing import Tracer
 
-__all__ = ["DIRECTIONS", "ROUTE", "SPAN", "UPSTREAM_STARTED", "Observer", "plugin_label", "route_label"]
+__all__ = ["ROUTE", "SPAN", "UPSTREAM_STARTED", "Observer", "plugin_label", "route_label"]
 
-# What each listener's requests are called in metrics and logs.
-DIRECTIONS = {"mesh": "inbound", "public": "public", "outbound": "outbound"}
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 # request.state, between the layers and the observer
@@ -58,7 +56,6 @@ def plugin_label(name: str) -> str:
 
 # One row of `Requests` per label set: histogram buckets, +Inf, then these.
 _SUM, _BYTES_IN, _BYTES_OUT = -3, -2, -1
-_CLASS = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
 _RESERVED = frozenset({"time", "request_id", "trace_id", "span_id", "service", "instance", "peer", "direction",
                        "method", "path", "route", "status", "bytes_in", "bytes_out", "duration_ms",
                        "upstream_duration_ms", "upstream", "retries", "answered_by"})
@@ -92,14 +89,10 @@ class Requests:
                                          "From a request's head to the end of its response", labels=labels)
         received = CounterMetricFamily("mesh_request_bytes", "Request body bytes received", labels=labels)
         sent = CounterMetricFamily("mesh_response_bytes", "Response body bytes sent", labels=labels)
-        bounds = [*map(repr, self.bounds), "+Inf"]
         for key, row in list(self.rows.items()):
             values = (self.service, *key)
-            buckets, total = [], 0.0
-            for bound, n in zip(bounds, row, strict=False):
-                total += n
-                buckets.append((bound, total))
-            count.add_metric(values, total)
+            buckets = cumulative(self.bounds, row)
+            count.add_metric(values, buckets[-1][1])
             duration.add_metric(values, buckets, row[_SUM])
             received.add_metric(values, row[_BYTES_IN])
             sent.add_metric(values, row[_BYTES_OUT])
@@ -185,8 +178,7 @@ class Observer:
         if peer is not None and peer not in self.services:
             peer = "other"  # a label's values stay bounded, whatever a header says
         method = request.method
-        key = (direction, route, peer or "", method if method in _METHODS else "other",
-               _CLASS[status // 100] if 100 <= status <= 599 else "other")
+        key = (direction, route, peer or "", method if method in _METHODS else "other", status_class(status))
         requests = self.requests
         row = requests.rows.get(key) or requests.row(key)
         row[bisect_left(requests.bounds, elapsed)] += 1
