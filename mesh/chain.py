@@ -27,7 +27,7 @@ from mesh.messages import Request, Response
 from mesh.observe.metrics import PluginMetrics
 from mesh.plugin import CallNext, Context, Handler, Plugin
 
-__all__ = ["Chain", "RequestLayer", "build_chain", "error_response"]
+__all__ = ["ANSWERED_BY", "PLUGIN_CALLS", "Chain", "Meter", "RequestLayer", "build_chain", "error_response"]
 
 log = logging.getLogger("mesh.chain")
 
@@ -78,7 +78,16 @@ def _layer(name: str, plugin: Plugin, call_next: CallNext) -> Handler:
 
 
 class Meter(Protocol):
-    """What the chain tells about each plugin call when measured (`mesh.observe` keeps the numbers)."""
+    """What the chain tells about each plugin call when measured (`mesh.observe` keeps the numbers).
+
+    While ``per_request`` is true (someone taps the sidecar, or spans are exported), each measured
+    call is also noted on its request: ``request.state[PLUGIN_CALLS]`` lists
+    ``(name, began, elapsed, own, answered, failed)`` tuples in the order the calls ended
+    (``began`` a `time.perf_counter` value, ``elapsed`` the whole call's seconds).
+    """
+
+    @property
+    def per_request(self) -> bool: ...
 
     def record(self, name: str, own: float, answered: int | None, failed: bool) -> None:
         """``own``: seconds in the plugin, the layers inside it excluded; ``answered``: the status
@@ -90,6 +99,8 @@ class Meter(Protocol):
 
 # request.state: the name of the plugin that answered a request itself, for the access log
 ANSWERED_BY = "mesh.answered_by"
+# request.state: the measured plugin calls of this request, while the meter wants them (`Meter`)
+PLUGIN_CALLS = "mesh.plugin_calls"
 
 
 def _measured_layer(name: str, plugin: Plugin, call_next: CallNext, meter: Meter) -> Handler:
@@ -108,17 +119,25 @@ def _measured_layer(name: str, plugin: Plugin, call_next: CallNext, meter: Meter
                 inside[0] += perf_counter() - began
 
         began = perf_counter()
+        answered: int | None = None
         try:
             response = await handle(request, next_layer)
         except Exception as exc:
             _name(exc, name)
-            record(name, perf_counter() - began - inside[0], None, True)
+            elapsed = perf_counter() - began
+            record(name, elapsed - inside[0], None, True)
+            if meter.per_request:
+                request.state.setdefault(PLUGIN_CALLS, []).append(
+                    (name, began, elapsed, elapsed - inside[0], None, True))
             raise
-        if inside[1]:
-            record(name, perf_counter() - began - inside[0], None, False)
-        else:
+        elapsed = perf_counter() - began
+        if not inside[1]:
             request.state[ANSWERED_BY] = name
-            record(name, perf_counter() - began - inside[0], response.status, False)
+            answered = response.status
+        record(name, elapsed - inside[0], answered, False)
+        if meter.per_request:
+            request.state.setdefault(PLUGIN_CALLS, []).append(
+                (name, began, elapsed, elapsed - inside[0], answered, False))
         return response
 
     return layer

@@ -79,6 +79,16 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true", help="print the state as JSON, for scripts")
     ps.set_defaults(handler=_ps)
 
+    dashboard = _command(commands, "dashboard", "open the web dashboard of a running mesh",
+                         "Print the URL of the running mesh's web dashboard (served by its controller on "
+                         "127.0.0.1, with this run's token in it) and open it in a browser: services and "
+                         "instances with their state and CPU, the route graph with allowed and denied "
+                         "calls, requests per second, success rate and latency per service and route, "
+                         "recent denials and errors, the live tap. Fails when the mesh is not running.")
+    _path_argument(dashboard)
+    dashboard.add_argument("--no-open", action="store_true", help="only print the URL")
+    dashboard.set_defaults(handler=_dashboard)
+
     check = _command(commands, "check", "validate mesh.toml and load every plugin",
                      "Validate mesh.toml and load every plugin and lifecycle hook, as `mesh up` would, "
                      "without starting anything. On success it prints what it loaded (each service "
@@ -128,6 +138,57 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
     logs.add_argument("--json", action="store_true",
                       help="print each request's JSON object as the sidecar wrote it, one a line")
     logs.set_defaults(handler=_logs)
+
+    tap = _command(commands, "tap", "show a service's requests live, as they pass its sidecars",
+                   "Show the requests a service's sidecars answer as they pass, every running instance's "
+                   "(instances that start later too), until Ctrl-C: time, instance, direction, route, method "
+                   "and path, status, duration, and which plugins ran and what they answered. Credentials "
+                   "in headers are shown as <redacted> unless --secrets. Filters are applied in the "
+                   "sidecars: untapped traffic costs nothing extra.")
+    _path_argument(tap)
+    tap.add_argument("service", nargs="?", default=None, metavar="SERVICE",
+                     help="the service to tap (alone, it is SERVICE when it is no mesh.toml nor a folder "
+                          "holding one); every service when left out")
+    tap.add_argument("--json", action="store_true", help="one JSON object per request, one a line")
+    tap.add_argument("--count", type=int, default=None, metavar="N", help="exit after N requests")
+    tap.add_argument("--save", default=None, metavar="FILE",
+                     help="also append each request to FILE as a JSON line (what mesh.testing.replay reads)")
+    tap.add_argument("--path", dest="path_glob", default=None, metavar="GLOB",
+                     help="only paths matching GLOB ('/api/*')")
+    tap.add_argument("--peer", default=None, metavar="NAME", help="only requests from or to service NAME")
+    tap.add_argument("--status", default=None, metavar="CODE", help="only this status (404) or class (5xx)")
+    tap.add_argument("--direction", default=None, choices=("inbound", "outbound", "public"),
+                     help="only requests from other sidecars (inbound), from outside (public) or from "
+                          "the app (outbound)")
+    tap.add_argument("--bodies", type=int, default=0, metavar="BYTES",
+                     help="include the first BYTES of each body (at most 65536)")
+    tap.add_argument("--secrets", action="store_true",
+                     help="show Authorization, Cookie and the like as they were")
+    tap.set_defaults(handler=_tap)
+
+    render = _command(commands, "render", "write manifests that run the mesh on an orchestrator (k8s)",
+                      "Write what runs the mesh elsewhere. k8s: Kubernetes manifests (1.29 or later) for "
+                      "every service: a Deployment (a Job for a job service) whose pods run the app beside "
+                      "the sidecar as a native sidecar container, a headless Service, a NetworkPolicy "
+                      "letting in only the sidecar's listeners, the service's certificate as a Secret (or "
+                      "a cert-manager Certificate), an autoscaler for a pool; and the mesh's ConfigMap "
+                      "(mesh.toml, the files its sidecars read, their registry). Keyed services are left "
+                      "out, and said so on stderr. Without -o, one YAML stream on stdout for "
+                      "`kubectl apply -f -`. See docs/kubernetes.md.")
+    render.add_argument("target", choices=("k8s",), help="what to render for: k8s (Kubernetes)")
+    _path_argument(render)
+    render.add_argument("-o", "--output", default=None, metavar="DIR",
+                        help="write <mesh>.yaml and a <mesh>-<service>.yaml per service into DIR "
+                             "(files holding keys readable by their owner only) instead of stdout")
+    render.add_argument("--cert-manager", action="store_true",
+                        help="have cert-manager make the mesh CA and each service's certificate in the "
+                             "cluster (Issuers and Certificates), so no key is in the manifests")
+    render.add_argument("--image-prefix", default="", metavar="PREFIX",
+                        help="put PREFIX before the images mesh builds (mesh/base, mesh-<mesh>-<service>), "
+                             "e.g. a registry: registry.example/team/")
+    render.add_argument("--cert-days", type=int, default=90, metavar="DAYS",
+                        help="how long the services' certificates are valid (default: %(default)s)")
+    render.set_defaults(handler=_render)
 
     sidecar = _command(commands, "sidecar", "run one sidecar (what a container or a pod runs)",
                        "Run the sidecar of one instance of a service, in front of an app that "
@@ -227,6 +288,29 @@ def _ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    import webbrowser
+
+    from mesh.control.state import status
+
+    config = _load(args.path)
+    if config is None:
+        return 2
+    controller = status(config)["controller"]
+    url = controller.get("dashboard")
+    if not controller["running"]:
+        print(f"mesh '{config.name}' is not running: `mesh up` starts it, and its dashboard", file=sys.stderr)
+        return 1
+    if not url:
+        print(f"mesh '{config.name}' runs without a dashboard (its controller could not serve one; "
+              f"its output says why)", file=sys.stderr)
+        return 1
+    print(url)
+    if not args.no_open and not webbrowser.open(url):
+        print("no browser to open it with here: open the URL above", file=sys.stderr)
+    return 0
+
+
 def _logs(args: argparse.Namespace) -> int:
     from mesh.control.logs import show
 
@@ -241,6 +325,27 @@ def _logs(args: argparse.Namespace) -> int:
               f"{', '.join(config.services)})", file=sys.stderr)
         return 2
     return show(config.state_dir, service, follow=args.follow, as_json=args.json)
+
+
+def _tap(args: argparse.Namespace) -> int:
+    from mesh.control.tap import show
+
+    path, service = args.path, args.service
+    if service is None and path is not None and not _is_mesh_path(path):
+        path, service = None, path  # `mesh tap web`: a service of ./mesh.toml
+    config = _load(path)
+    if config is None:
+        return 2
+    if service is not None and service not in config.services:
+        print(f"mesh tap: no service {service!r} in {config.path} (services: "
+              f"{', '.join(config.services)})", file=sys.stderr)
+        return 2
+    if args.count is not None and args.count < 1:
+        print("mesh tap: --count must be at least 1", file=sys.stderr)
+        return 2
+    query = {"path": args.path_glob, "peer": args.peer, "status": args.status, "direction": args.direction,
+             "bodies": str(args.bodies) if args.bodies else "", "secrets": "1" if args.secrets else ""}
+    return show(config, service, query, as_json=args.json, count=args.count, save=args.save)
 
 
 def _is_mesh_path(path: str) -> bool:
@@ -414,6 +519,31 @@ def _build(args: argparse.Namespace) -> int:
         for line in str(exc).splitlines():
             print(line, file=sys.stderr)
         return 1
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mesh.control import kubernetes
+
+    config = _load(args.path)
+    if config is None:
+        return 2
+    try:
+        manifests = kubernetes.render(config, cert_manager=args.cert_manager, image_prefix=args.image_prefix,
+                                      cert_days=args.cert_days)
+    except kubernetes.RenderError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    for note in manifests.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.output is None:
+        sys.stdout.write(kubernetes.dump(manifests.documents))
+        return 0
+    for path in kubernetes.write(manifests, Path(args.output)):
+        print(f"wrote {path}")
     return 0
 
 

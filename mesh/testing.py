@@ -12,6 +12,15 @@
 200 with the body ``ok``. `run_chain` runs several plugins behind the same
 error boundary the sidecar uses, so a raising plugin gives a 500 there, while
 `run_plugin` lets the exception through for the test to see.
+
+`replay` runs traffic recorded with ``mesh tap --save FILE`` through a
+plugin and reports every request it now decides differently::
+
+    async def test_jwt_decides_as_in_production():
+        plugin = JWT(secret="...")
+        async with started(plugin):
+            report = await replay("tests/traffic.jsonl", plugin, name="jwt")
+        assert report.ok, report.explain()
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ from typing import Any
 from mesh.chain import Chain
 from mesh.messages import Body, Request, Response
 from mesh.plugin import Context, Handler, Plugin
+from mesh.replay import Replayed, ReplayReport, replay
 
-__all__ = ["TestMesh", "echo", "make_request", "ok", "run_chain", "run_mesh", "run_plugin", "started", "stream"]
+__all__ = ["ReplayReport", "Replayed", "TestMesh", "echo", "make_request", "ok", "replay", "run_chain", "run_mesh",
+           "run_plugin", "started", "stream"]
 
 
 def make_request(

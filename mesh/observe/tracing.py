@@ -142,6 +142,14 @@ class Tracer:
         assert self._sdk is not None
         self._processor.on_end(self._sdk.readable(span, name, status, attributes, time.time_ns()))
 
+    def child(self, span: Span, *, name: str, start_ns: int, end_ns: int, failed: bool,
+              attributes: dict[str, str | int | float]) -> None:
+        """Export a span inside ``span`` (a plugin's call), with an id of its own."""
+        if self._processor is None or not span.sampled:
+            return
+        assert self._sdk is not None
+        self._processor.on_end(self._sdk.child(span, _new_span_id(), name, failed, attributes, start_ns, end_ns))
+
     async def close(self) -> None:
         """Send what is queued and stop the exporter, waiting at most `CLOSE_TIMEOUT` seconds."""
         processor, self._processor = self._processor, None
@@ -187,6 +195,7 @@ class _Sdk:
         self.context = SpanContext
         self.span = ReadableSpan
         self.kind = SpanKind.SERVER
+        self.internal = SpanKind.INTERNAL
         self.flags = TraceFlags(TraceFlags.SAMPLED)
         self.ok = Status(StatusCode.UNSET)
         self.error = Status(StatusCode.ERROR)
@@ -206,4 +215,14 @@ class _Sdk:
         return self.span(name=name, context=context, parent=parent, resource=self.resource,
                          attributes=dict(attributes), kind=self.kind,
                          status=self.error if status >= 500 else self.ok, start_time=span.start_ns,
+                         end_time=end_ns, instrumentation_scope=self.scope)
+
+    def child(self, span: Span, span_id: str, name: str, failed: bool, attributes: dict[str, str | int | float],
+              start_ns: int, end_ns: int) -> ReadableSpan:
+        trace_id = int(span.trace_id, 16)
+        context = self.context(trace_id, int(span_id, 16), is_remote=False, trace_flags=self.flags)
+        parent = self.context(trace_id, int(span.span_id, 16), is_remote=False, trace_flags=self.flags)
+        return self.span(name=name, context=context, parent=parent, resource=self.resource,
+                         attributes=dict(attributes), kind=self.internal,
+                         status=self.error if failed else self.ok, start_time=start_ns,
                          end_time=end_ns, instrumentation_scope=self.scope)

@@ -8,6 +8,8 @@
     GET  /registry       token    the registry, and each backend as this sidecar sees it
     PUT  /registry       token    a new registry: {"services": {name: ["host:port", ...]}}
     POST /certs/reload   token    load cert.pem, key.pem and ca.pem again
+    GET  /tap            token    each request as it passes, one JSON line each (`mesh.observe.tap`);
+                                  query: path=GLOB peer=NAME status=5xx direction=inbound bodies=N secrets=1
 
 Every path needs ``Authorization: Bearer <token>`` but those in `PUBLIC`
 (what probes and Prometheus read without credentials). `Router.add`
@@ -39,10 +41,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 from mesh.chain import short_error
 from mesh.messages import Request, Response
 from mesh.observe.metrics import CONTENT_TYPE
+from mesh.observe.tap import Filter
 
 if TYPE_CHECKING:
     from mesh.sidecar.sidecar import Sidecar
@@ -166,6 +170,7 @@ class SidecarAdmin:
         self.router.add("GET", "/registry", self.registry)
         self.router.add("PUT", "/registry", self.put_registry)
         self.router.add("POST", "/certs/reload", self.reload_certificates)
+        self.router.add("GET", "/tap", self.tap)
 
     async def __call__(self, request: Request) -> Response:
         return await self.router(request)
@@ -205,6 +210,23 @@ class SidecarAdmin:
         log.info("registry updated: %s", " ".join(
             f"{name}={len(addresses)}" for name, addresses in registry.as_dict().items()))
         return Response(204)
+
+    async def tap(self, request: Request) -> Response:
+        s = self.sidecar
+        if s.inbound.meter is None:
+            return short_error(409, "this sidecar observes nothing (--no-metrics and no access log): "
+                                    "there is nothing to tap")
+        try:
+            wants = Filter.parse(dict(parse_qsl(request.query, keep_blank_values=True)))
+            subscriber = s.tap.subscribe(wants)
+        except ValueError as exc:
+            return short_error(400, str(exc))
+        except RuntimeError as exc:
+            return short_error(503, str(exc))
+        log.info("tap: a listener subscribed (%d now)", len(s.tap.subscribers))
+        first = {"tap": "started", "service": s.service, "instance": s.observer.instance}
+        return Response(200, s.tap.stream(subscriber, first),
+                        {"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
 
     async def reload_certificates(self, request: Request) -> Response:
         s = self.sidecar

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from json.encoder import encode_basestring_ascii as quote
-from time import monotonic, time
+from time import monotonic, perf_counter, time, time_ns
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-from mesh.chain import ANSWERED_BY
+from mesh.chain import ANSWERED_BY, PLUGIN_CALLS
 from mesh.keys import AVOID, BACKEND, LOG_FIELDS
 from mesh.messages import Request, Response
 from mesh.observe.accesslog import AccessLog, rfc3339, value
 from mesh.observe.metrics import LATENCY_BUCKETS, Metrics, PluginMetrics, cumulative, status_class
-from mesh.observe.tracing import Tracer
+from mesh.observe.tap import Tap, body_fields, headers_of
+from mesh.observe.tracing import Span, Tracer
 
 __all__ = ["ROUTE", "SPAN", "UPSTREAM_STARTED", "Observer", "plugin_label", "route_label"]
 
@@ -33,6 +34,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 ROUTE = "mesh.route"  # the [[routes]] entry that allowed the call: "from->to"
 UPSTREAM_STARTED = "mesh.upstream_started"  # time.monotonic() when the call to the app or the peer began
 SPAN = "mesh.span"  # this sidecar's span (`mesh.observe.tracing.Span`)
+_BODIES = "mesh.tap.bodies"  # while a tap wants bodies: the two `_Capture`s of a request
 
 _LABEL = re.compile(r"\(([^()]+)\)$")
 
@@ -141,7 +143,14 @@ class Observer:
         self.plugin_errors = m.counter("plugin_exceptions", "Exceptions a plugin raised", ["plugin"])
         self._labels: dict[str, str] = {}
         self._fixed = f'"service":{quote(service)},"instance":{quote(instance)},'
-        self._export = tracer.end if tracer is not None and tracer.endpoint else None
+        self._tracer = tracer if tracer is not None and tracer.endpoint else None
+        self._export = self._tracer.end if self._tracer is not None else None
+        self.tap = Tap()
+
+    @property
+    def per_request(self) -> bool:
+        """Whether the chains note each plugin call on its request (`mesh.chain.Meter`)."""
+        return self.tap.active or self._tracer is not None
 
     # the chains' meter
 
@@ -197,6 +206,11 @@ class Observer:
             self._export(span, name=f"{method} {route}", status=status, attributes={
                 "http.request.method": method, "url.path": request.path, "http.response.status_code": status,
                 "mesh.direction": direction, "mesh.peer": request.peer or "", "mesh.route": route})
+            calls = state.get(PLUGIN_CALLS)
+            if calls and span.sampled:
+                self._plugin_spans(span, calls)
+        if self.tap.active:
+            self.tap.publish(self._tap_record(direction, request, response, elapsed, upstream, route, span))
         log = self.access_log
         if log is None:
             return
@@ -217,3 +231,92 @@ class Observer:
             line += "".join(f",{quote(str(name))}:{value(item)}" for name, item in extra.items()
                             if str(name) not in _RESERVED)
         log.write_line(line + "}\n")
+
+    # tracing and the tap, only while they are on
+
+    def _plugin_spans(self, span: Span, calls: list[tuple[str, float, float, float, int | None, bool]]) -> None:
+        assert self._tracer is not None
+        now, clock = time_ns(), perf_counter()
+        for name, began, elapsed, own, answered, failed in calls:
+            start = now - int((clock - began) * 1e9)
+            self._tracer.child(span, name=f"plugin {self._label(name)}", start_ns=start,
+                               end_ns=start + int(elapsed * 1e9), failed=failed, attributes={
+                                   "mesh.plugin": self._label(name), "mesh.plugin.own_ms": round(own * 1000, 3),
+                                   **({"mesh.plugin.answered": answered} if answered is not None else {})})
+
+    def _tap_record(self, direction: str, request: Request, response: Response, elapsed: float,
+                    upstream: float | None, route: str, span: Span | None) -> dict[str, Any]:
+        state = request.state
+        by = state.get(ANSWERED_BY)
+        secrets = self.tap.secrets
+        record: dict[str, Any] = {
+            "time": rfc3339(time() - elapsed), "service": self.service, "instance": self.instance,
+            "request_id": request.id, "trace_id": span.trace_id if span is not None else None,
+            "direction": direction, "peer": request.peer, "method": request.method, "path": request.path,
+            "query": request.query, "route": route, "status": response.status,
+            "duration_ms": round(elapsed * 1000, 3),
+            "upstream_duration_ms": None if upstream is None else round(upstream * 1000, 3),
+            "answered_by": None if by is None else self._label(by),
+            "plugins": [{"name": self._label(name), "own_ms": round(own * 1000, 3), "answered": answered,
+                         "failed": failed} for name, _, _, own, answered, failed in state.get(PLUGIN_CALLS, ())],
+            "request_headers": headers_of(request.headers.items(), secrets),
+            "response_headers": headers_of(response.headers.items(), secrets),
+        }
+        limit = self.tap.bodies
+        if limit:
+            captured = state.get(_BODIES)
+            if captured is not None:
+                record.update(captured[0].fields("request", limit))
+                record.update(captured[1].fields("response", limit))
+            else:
+                for prefix, message in (("request", request), ("response", response)):
+                    if isinstance(message.body, bytes):
+                        record.update(body_fields(prefix, message.body, limit))
+        return record
+
+    async def tapped(self, chain: Callable[[Request], Awaitable[Response]], request: Request) -> Response:
+        """``chain(request)``, keeping the first bytes of both bodies for the tap (while it wants bodies)."""
+        limit = self.tap.bodies
+        captures = request.state[_BODIES] = (_Capture(limit), _Capture(limit))
+        request.body = captures[0].watch(request.body)
+        response = await chain(request)
+        if response.status != 101:
+            response.body = captures[1].watch(response.body)
+        return response
+
+
+class _Capture:
+    """The first ``limit`` bytes of a body as it passes."""
+
+    __slots__ = ("limit", "data", "more")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.more = False
+
+    def keep(self, chunk: bytes) -> None:
+        room = self.limit - len(self.data)
+        if len(chunk) > room:
+            self.more = True
+        if room > 0:
+            self.data += chunk[:room]
+
+    def watch(self, body: bytes | Any) -> Any:
+        if isinstance(body, bytes):
+            self.keep(body)
+            return body
+        return self._through(body)
+
+    async def _through(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in body:
+                self.keep(chunk)
+                yield chunk
+        finally:
+            close = getattr(body, "aclose", None)
+            if close is not None:
+                await close()
+
+    def fields(self, prefix: str, limit: int) -> dict[str, Any]:
+        return body_fields(prefix, bytes(self.data), limit, self.more)

@@ -142,7 +142,7 @@ class Outbound:
 OUTBOUND: StateKey[Outbound] = StateKey("mesh.outbound")  # Context.state: this sidecar's `Outbound`
 # request.state: the route a request takes, worked out by the first layer that needs it, with what it
 # was worked out from (target, path, method).
-_ROUTE: StateKey[tuple[str, str, str, RouteSettings]] = StateKey("mesh.route")
+_ROUTE: StateKey[tuple[str, str, str, RouteSettings]] = StateKey("mesh.route_settings")
 _NO_CONFIG = Outbound()
 
 

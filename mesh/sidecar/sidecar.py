@@ -62,7 +62,7 @@ from mesh.plugin import Context
 from mesh.sidecar.admin import AdminToken, SidecarAdmin
 from mesh.sidecar.balancer import Backend, Balancer
 from mesh.sidecar.identity import Identity
-from mesh.sidecar.inbound import INBOUND, Inbound
+from mesh.sidecar.inbound import INBOUND, Inbound, policy_denials
 from mesh.sidecar.inbound import with_defaults as with_inbound_defaults
 from mesh.sidecar.observing import ROUTE, SPAN, UPSTREAM_STARTED, Observer, route_label
 from mesh.sidecar.registry import Registry
@@ -125,6 +125,8 @@ class Sidecar:
         self.inbound_settings = Inbound(config, service, self.policy)
         self.tracer = Tracer(service, config.tracing)
         self.observer = Observer(service, frozenset(config.services), instance, access_log, self.tracer)
+        self.denials = policy_denials(self.observer.plugin_metrics("policy"))  # what _to_peer refuses
+        self.tap = self.observer.tap  # while someone taps with bodies, the entry points keep them (Observer.tapped)
         # Without metrics or an access log nothing is recorded per request (the benchmark's baseline).
         observer = self.observer if metrics or self.observer.access_log is not None else None
         self.inbound = Chain(with_inbound_defaults(build_plugins(self.spec.plugin_specs)), self._to_app, observer)
@@ -178,6 +180,7 @@ class Sidecar:
 
     async def stop(self) -> None:
         self.ready = False
+        self.tap.close()  # its streams end, so the admin listener can close
         for listener in self.listeners.values():
             await listener.stop()
         await self._app_retry.stop()
@@ -206,6 +209,8 @@ class Sidecar:
         request.state[SPAN] = self.tracer.begin(request.headers)
         self._prepare(request)
         set_forwarded(request.headers, request.client, request.scheme)
+        if self.tap.bodies:
+            return await self.observer.tapped(self.inbound, request)
         return await self.inbound(request)
 
     async def _from_mesh(self, request: Request, raw: Connection) -> Response:
@@ -217,6 +222,8 @@ class Sidecar:
         request.state[SPAN] = self.tracer.begin(request.headers)
         self._prepare(request)
         set_forwarded(request.headers, request.client, request.scheme)
+        if self.tap.bodies:
+            return await self.observer.tapped(self.inbound, request)
         return await self.inbound(request)
 
     # The terminals and what they call are plain functions that hand back the pool's coroutine:
@@ -289,6 +296,8 @@ class Sidecar:
         state[LISTENER] = "outbound"
         state[UPSTREAM] = target
         state[SPAN] = self.tracer.begin(request.headers)
+        if self.tap.bodies:
+            return await self.observer.tapped(self.outbound, request)
         return await self.outbound(request)
 
     async def _to_peer(self, request: Request) -> Response:
@@ -298,6 +307,7 @@ class Sidecar:
             raise UpstreamError(502, f"unknown service '{target}'")
         decision = self.policy.check(self.service, target, request.method, request.path)
         if not decision.allowed:
+            self.denials.inc(direction="outbound", route=route_label(self.service, target), result="denied")
             return short_error(403, decision.reason, request.id)
         state[ROUTE] = route_label(self.service, target)
         backend = self.balancer.pick(target, state.get(AVOID), request)

@@ -23,8 +23,8 @@ PUBLIC = [
 
 # Documented submodules, and the names their users rely on.
 SUBMODULES = {
-    "mesh.testing": ["TestMesh", "echo", "make_request", "ok", "run_chain", "run_mesh", "run_plugin", "started",
-                     "stream"],
+    "mesh.testing": ["ReplayReport", "Replayed", "TestMesh", "echo", "make_request", "ok", "replay", "run_chain",
+                     "run_mesh", "run_plugin", "started", "stream"],
     "mesh.sidecar.inbound": ["CallerDeadline", "PeerIdentity", "RoutePolicy"],
     "mesh.sidecar.resilience": ["CircuitBreaker", "Deadline", "Retry"],
     "mesh.lifecycle": ["Lifecycle"],
