@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import pytest
 from aiohttp import web
 from hypothesis import given
@@ -20,6 +21,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status as ProtoStatus
 from mesh import ConfigError, config
 from mesh.config.model import Tracing
 from mesh.observe.tracing import CLOSE_TIMEOUT, Tracer, format_traceparent, parse_traceparent
+from mesh.testing import run_mesh
 
 from ..harness import free_port
 
@@ -321,3 +323,54 @@ def test_tracing_table_loads(tmp_path):
 def test_tracing_problems(tmp_path, table, expected):
     problems = problems_of(tmp_path, f"[mesh.tracing]\n{table}\n")
     assert len(problems) == 1 and expected in problems[0], problems
+
+
+PLUGGED = """
+[mesh]
+name = "traced"
+plugin_path = ["."]
+[mesh.tracing]
+otlp = "{endpoint}"
+[services.web]
+command = "x"
+port = 1
+expose = 1
+plugins = [ {{ use = "gate.py:Gate" }} ]
+"""
+
+GATE = '''
+from mesh import Plugin, Response
+
+class Gate(Plugin):
+    async def handle(self, request, call_next):
+        if request.path == "/deny":
+            return Response(401, "no")
+        return await call_next(request)
+'''
+
+
+async def test_each_plugin_call_is_a_span_inside_the_sidecars(collector, aiohttp_server, tmp_path):
+    (tmp_path / "gate.py").write_text(GATE)
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", ok)
+    port = (await aiohttp_server(app)).port
+    async with run_mesh(PLUGGED.format(endpoint=collector.endpoint), {"web": port}, tmp_path, tls=False) as mesh:
+        async with aiohttp.ClientSession() as client:
+            for path in ("/ok", "/deny"):
+                async with client.get(mesh.url("web") + path) as response:
+                    await response.read()
+    # run_mesh's end closed the tracer, which sent what was queued.
+    spans = [span for _, span in collector.received]
+    sidecar = {s.span_id: s for s in spans if s.kind == ProtoSpan.SPAN_KIND_SERVER}
+    plugin = [s for s in spans if s.name == "plugin gate.py:Gate"]
+    assert len(sidecar) == 2 and len(plugin) == 2
+    for span in plugin:
+        parent = sidecar[span.parent_span_id]
+        assert span.kind == ProtoSpan.SPAN_KIND_INTERNAL and span.trace_id == parent.trace_id
+        assert parent.start_time_unix_nano <= span.start_time_unix_nano <= span.end_time_unix_nano
+        assert span.end_time_unix_nano <= parent.end_time_unix_nano
+    answered = [attributes_of(s).get("mesh.plugin.answered") for s in plugin]
+    assert sorted(answered, key=str) == [401, None]
