@@ -20,7 +20,7 @@ fi
 if [ "$want_tests" = test ]; then
   missing=()
   for pair in redis-server:redis-server wrk:wrk nginx:nginx-light dockerd:docker.io \
-              iptables:iptables debootstrap:debootstrap; do
+              iptables:iptables debootstrap:debootstrap chromium:chromium; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
   done
   if [ ${#missing[@]} -gt 0 ]; then
