@@ -14,6 +14,7 @@ git worktree, in the same run, and prints the ratio::
 
     python bench/instructions.py                      # this checkout, ~3 minutes
     python bench/instructions.py --against HEAD~1     # and the commit before, ~6 minutes
+    python bench/instructions.py --access-log --bare  # what metrics and the access log cost
 
 Needs ``valgrind`` (Debian: ``apt-get install valgrind``). Everything runs on
 127.0.0.1; every process it starts is stopped by its pid, and the worktree
@@ -142,12 +143,16 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable, help="the interpreter with mesh's dependencies")
     parser.add_argument("--access-log", action="store_true",
                         help="also measure this checkout with an access log file (mesh sidecar --access-log)")
+    parser.add_argument("--bare", action="store_true",
+                        help="also measure this checkout observing nothing (--no-metrics, no access log)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("needs valgrind (apt-get install valgrind)")
     rows = [("this checkout", per_request(REPO, args))]
     if args.access_log:
         rows.append(("+ access log", per_request(REPO, args, ["--access-log", "{work}/access.jsonl"])))
+    if args.bare:
+        rows.append(("observing nothing", per_request(REPO, args, ["--no-metrics"])))
     if args.against:
         worktree = Path(tempfile.mkdtemp(prefix="mesh-against-"))
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), args.against],
@@ -158,6 +163,10 @@ def main() -> int:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)], check=False)
     for name, count in rows:
         print(f"{name:>20}: {count / 1000:8.1f}k instructions per request")
+    if args.bare:
+        bare = rows[-1][1] if not args.against else rows[-2][1]
+        for name, count in rows[:1 + bool(args.access_log)]:
+            print(f"{name:>20}: {count / bare - 1:+8.1%} instructions over observing nothing")
     if args.against:
         for name, count in rows[:-1]:
             print(f"{'ratio':>20}: {count / rows[-1][1]:8.3f} ({name} / {args.against})")

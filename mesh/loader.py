@@ -46,8 +46,9 @@ def known_names() -> list[str]:
 
 
 def _import_file(path: Path) -> Any:
-    # A unique module name per file, so two meshes' `auth.py` never collide.
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    # A unique module name per file and content: two meshes' `auth.py` never collide, and a file
+    # edited since it was imported is imported afresh (`mesh reload`), while an unchanged one is not.
+    digest = hashlib.sha1(str(path).encode() + b"\0" + path.read_bytes()).hexdigest()[:12]
     name = f"mesh_user_{path.stem}_{digest}"
     if name in sys.modules:
         return sys.modules[name]

@@ -30,15 +30,21 @@ MAX_BYTES = 10 << 20
 
 _second = -1
 _second_text = ""
+_milli = -1
+_milli_text = ""
 
 
 def rfc3339(now: float) -> str:
-    """``2026-12-02T17:30:01.123Z`` for a `time.time` value (the second's text is reused within a second)."""
-    global _second, _second_text
-    whole = int(now)
+    """``2026-12-02T17:30:01.123Z`` for a `time.time` value (the text is reused within a millisecond)."""
+    global _second, _second_text, _milli, _milli_text
+    milli = int(now * 1000)
+    if milli == _milli:
+        return _milli_text
+    whole = milli // 1000
     if whole != _second:
         _second, _second_text = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_second_text}.{int((now - whole) * 1000):03d}Z"
+    _milli, _milli_text = milli, f"{_second_text}.{milli % 1000:03d}Z"
+    return _milli_text
 
 
 def value(item: Any) -> str:

@@ -56,8 +56,9 @@ def plugin_label(name: str) -> str:
     return found.group(1) if found else name
 
 
-# One row of `Requests` per label set: histogram buckets, +Inf, then these.
-_SUM, _BYTES_IN, _BYTES_OUT = -3, -2, -1
+# One row of `Requests` per label set: the duration's buckets and +Inf, the upstream duration's, then these.
+_UPSTREAM_SUM, _SUM, _BYTES_IN, _BYTES_OUT = -4, -3, -2, -1
+_UPSTREAM = len(LATENCY_BUCKETS) + 1  # where the upstream duration's buckets start
 _RESERVED = frozenset({"time", "request_id", "trace_id", "span_id", "service", "instance", "peer", "direction",
                        "method", "path", "route", "status", "bytes_in", "bytes_out", "duration_ms",
                        "upstream_duration_ms", "upstream", "retries", "answered_by"})
@@ -66,9 +67,10 @@ _RESERVED = frozenset({"time", "request_id", "trace_id", "span_id", "service", "
 class Requests:
     """The request counters: one row per (direction, route, peer, method, status_class).
 
-    A request costs one dict lookup and four additions; ``/metrics`` derives
-    ``mesh_requests_total``, the duration histogram and the byte counters
-    from the rows when it is scraped.
+    A request costs one dict lookup and a few additions; ``/metrics`` derives
+    ``mesh_requests_total``, the duration histogram, the byte counters and
+    the upstream duration's histogram (by direction and route) from the rows
+    when it is scraped.
     """
 
     name = "mesh_requests"
@@ -80,7 +82,7 @@ class Requests:
         self.rows: dict[tuple[str, ...], list[float]] = {}
 
     def row(self, key: tuple[str, ...]) -> list[float]:
-        row = self.rows[key] = [0.0] * (len(self.bounds) + 4)
+        row = self.rows[key] = [0.0] * (2 * (len(self.bounds) + 1) + 4)
         return row
 
     def families(self) -> Iterable[Any]:
@@ -91,20 +93,27 @@ class Requests:
                                          "From a request's head to the end of its response", labels=labels)
         received = CounterMetricFamily("mesh_request_bytes", "Request body bytes received", labels=labels)
         sent = CounterMetricFamily("mesh_response_bytes", "Response body bytes sent", labels=labels)
+        upstream = HistogramMetricFamily("mesh_upstream_duration_seconds",
+                                         "From sending a request to the app or a peer to its response head",
+                                         labels=("service", "direction", "route"))
+        upstreams: dict[tuple[str, str], list[float]] = {}
         for key, row in list(self.rows.items()):
             values = (self.service, *key)
-            buckets = cumulative(self.bounds, row)
+            buckets = cumulative(self.bounds, row[:_UPSTREAM])
             count.add_metric(values, buckets[-1][1])
             duration.add_metric(values, buckets, row[_SUM])
             received.add_metric(values, row[_BYTES_IN])
             sent.add_metric(values, row[_BYTES_OUT])
-        return (count, duration, received, sent)
+            if any(row[_UPSTREAM:_UPSTREAM_SUM]):
+                total = upstreams.setdefault((key[0], key[1]), [0.0] * (_UPSTREAM + 1))
+                for index, item in enumerate(row[_UPSTREAM:_UPSTREAM_SUM]):
+                    total[index] += item
+                total[-1] += row[_UPSTREAM_SUM]
+        for (direction, route), total in upstreams.items():
+            upstream.add_metric((self.service, direction, route), cumulative(self.bounds, total[:-1]), total[-1])
+        return (count, duration, received, sent, upstream)
 
 
-# An access log line but for a plugin's fields and the closing brace: one C-level format per request.
-_LINE = ('{"time":"%s","request_id":%s,"trace_id":%s,"span_id":%s,%s"peer":%s,"direction":"%s","method":%s,'
-         '"path":%s,"route":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,"duration_ms":%.3f,'
-         '"upstream_duration_ms":%s,"upstream":%s,"retries":%d,"answered_by":%s')
 _QUOTED: dict[str | None, str] = {None: "null"}
 
 
@@ -131,9 +140,6 @@ class Observer:
         self.access_log = access_log if access_log is not None and access_log.enabled else None
         self.requests = Requests(service)
         m.register(self.requests)
-        self.upstream = m.histogram("upstream_duration_seconds",
-                                    "From sending a request to the app or a peer to its response head",
-                                    ["direction", "route"])
         self.retries = m.counter("retries", "Tries after the first, on calls to other services", ["route"])
         self.plugin_calls = m.counter("plugin_calls", "Calls of each plugin", ["plugin"])
         self.plugin_time = m.histogram("plugin_duration_seconds",
@@ -143,6 +149,7 @@ class Observer:
         self.plugin_errors = m.counter("plugin_exceptions", "Exceptions a plugin raised", ["plugin"])
         self._labels: dict[str, str] = {}
         self._fixed = f'"service":{quote(service)},"instance":{quote(instance)},'
+        self._middles: dict[tuple[str, ...], str] = {}
         self._tracer = tracer if tracer is not None and tracer.endpoint else None
         self._export = self._tracer.end if self._tracer is not None else None
         self.tap = Tap()
@@ -197,7 +204,8 @@ class Observer:
         upstream_began = state.get(UPSTREAM_STARTED)
         upstream = answered - upstream_began if upstream_began is not None else None
         if upstream is not None:
-            self.upstream.add((direction, route), upstream)
+            row[_UPSTREAM + bisect_left(requests.bounds, upstream)] += 1
+            row[_UPSTREAM_SUM] += upstream
         tried = state.get(AVOID)
         if tried:
             self.retries.add((route,), len(tried))
@@ -217,20 +225,34 @@ class Observer:
         backend = state.get(BACKEND)
         by = state.get(ANSWERED_BY)
         rid = request.id
-        line = _LINE % (
-            rfc3339(time() - elapsed), "null" if rid is None else quote(rid),
-            "null" if span is None else f'"{span.trace_id}"', "null" if span is None else f'"{span.span_id}"',
-            self._fixed,
-            _quoted(request.peer), direction, _quoted(method), quote(request.path), _quoted(route), status,
-            received, sent, elapsed * 1000, "null" if upstream is None else f"{upstream * 1000:.3f}",
-            "null" if backend is None else _quoted(backend.address), len(tried) if tried else 0,
-            "null" if by is None else _quoted(self._label(by)))
+        # The fields of a row's label set are the same on every line: made once per label set.
+        middle = self._middles.get(key)
+        if middle is None or peer != request.peer or key[3] != method:  # a label stands for the real value
+            middle = self._middle(key, request.peer, route, method)
+        ids = (f'"trace_id":"{span.trace_id}","span_id":"{span.span_id}",' if span is not None
+               else '"trace_id":null,"span_id":null,')
+        line = (f'{{"time":"{rfc3339(time() - elapsed)}","request_id":{"null" if rid is None else quote(rid)},'
+                f'{ids}{middle}'
+                f'"path":{quote(request.path)},"status":{status},"bytes_in":{received},"bytes_out":{sent},'
+                f'"duration_ms":{elapsed * 1000:.3f},'
+                f'"upstream_duration_ms":{"null" if upstream is None else f"{upstream * 1000:.3f}"},'
+                f'"upstream":{"null" if backend is None else _quoted(backend.address)},'
+                f'"retries":{len(tried) if tried else 0},'
+                f'"answered_by":{"null" if by is None else _quoted(self._label(by))}')
         extra = state.get(LOG_FIELDS)
         if extra:
             # A plugin adds fields; it never rewrites mesh's own.
             line += "".join(f",{quote(str(name))}:{value(item)}" for name, item in extra.items()
                             if str(name) not in _RESERVED)
         log.write_line(line + "}\n")
+
+    def _middle(self, key: tuple[str, ...], peer: str | None, route: str, method: str) -> str:
+        """The access log fields a label set fixes: service, instance, peer, direction, method, route."""
+        middle = (f'{self._fixed}"peer":{_quoted(peer)},"direction":"{key[0]}","method":{_quoted(method)},'
+                  f'"route":{_quoted(route)},')
+        if (peer or "") == key[2] and method == key[3]:
+            self._middles[key] = middle
+        return middle
 
     # tracing and the tap, only while they are on
 
