@@ -116,6 +116,7 @@ class Autoscaler:
                 continue
             count = len([i for i in self.controller.instances.of(service) if self.controller.in_rotation(i)])
             average = sum(rates.values()) / len(rates)
+            self.controller.telemetry.pool_cpu(service, average)
             if average < low_mark:
                 low_since = now if low_since is None else low_since
             else:
@@ -126,6 +127,7 @@ class Autoscaler:
                        f"across {len(rates)} instance{'s' if len(rates) != 1 else ''}")
             if average > scale.cpu and count < scale.max:
                 self._spawn(service, f"{numbers} > {scale.cpu:g}")
+                self.controller.telemetry.scaled(service, "up", average)
                 hold_until, low_since = now + self.window, None
             elif (low_since is not None and now - low_since >= scale.cooldown
                   and count > max(scale.min, 1)):
@@ -134,6 +136,7 @@ class Autoscaler:
                     log.info("%s < %g for %gs: removing %s (draining %gs first)", numbers, low_mark,
                              scale.cooldown, victim.label, self.drain)
                     self._track(self._remove(victim))
+                    self.controller.telemetry.scaled(service, "down", average)
                     hold_until, low_since = now + self.window, None
 
     def _track(self, coro: Any) -> None:

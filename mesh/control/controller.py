@@ -24,6 +24,12 @@ change made without telling the controller (`Controller.registry_changed`)
 still reaches the sidecars. registry.json always holds the last registry,
 for sidecars that start later.
 
+Observing: the controller counts what it does (`mesh.control.telemetry`)
+and serves that on ``/metrics``, with the mesh's web dashboard, on a
+loopback port of its own (`mesh.control.dashboard`), from before the first
+instance starts until everything stopped; state.json's ``controller`` has
+both URLs meanwhile.
+
 Health checks: every instance of a service with ``health`` is checked on
 its app (``health_check``: interval, timeout, thresholds; see
 `mesh.config.HealthCheck`); after ``unhealthy_threshold`` failed checks in
@@ -45,12 +51,14 @@ from typing import Any, TextIO
 
 from mesh.config import MeshConfig
 from mesh.control.autoscale import Autoscaler
+from mesh.control.dashboard import Dashboard
 from mesh.control.instances import InstanceSet
 from mesh.control.keyed import KeyedServices
 from mesh.control.runtimes import get_runtime
 from mesh.control.runtimes.base import Instance, Runtime, StartFailed
 from mesh.control.state import StateDir, format_table
 from mesh.control.supervisor import Supervisor
+from mesh.control.telemetry import ControllerMetrics
 from mesh.sidecar.admin import AdminToken
 
 __all__ = ["Console", "Controller"]
@@ -110,6 +118,9 @@ class Controller:
         self._push_failing: set[str] = set()
         # What `mesh certs --rotate-ca` waits on, in state.json.
         self.ca_rotation: dict[str, Any] = {"done": 0, "rotating": False, "error": None}
+        # Its own metrics, fed by the helpers below; served with the dashboard (mesh.control.dashboard).
+        self.telemetry = ControllerMetrics(config.name, list(config.services), lambda: self.state()["instances"])
+        self.dashboard = Dashboard(self)
         self.keyed = KeyedServices(self)  # keyed services: their fronts and per-key instances
         self.supervisor = Supervisor(self)  # restarts, exits, lifecycle hooks (mesh.lifecycle)
         self.autoscaler = Autoscaler(self)  # pools scaled on CPU (mesh.control.autoscale)
@@ -121,7 +132,7 @@ class Controller:
             "runtime": self.runtime_name,
             "phase": self.phase,
             "error": self.error,
-            "controller": {"pid": os.getpid()},
+            "controller": {"pid": os.getpid(), **self.dashboard.urls},
             "run": self.run_id,
             "ca_rotation": dict(self.ca_rotation),
             "instances": [{
@@ -308,6 +319,10 @@ class Controller:
         try:
             self.files.pid.write_text(f"{os.getpid()}\n")
             self.admin_token.write()
+            try:
+                await self.dashboard.start()  # before any instance, so `mesh ps` shows it while they start
+            except OSError as exc:  # the mesh runs without it
+                log.warning("the dashboard and /metrics of the controller did not start: %s", exc)
             for sig in _SIGNALS:
                 loop.add_signal_handler(sig, self._on_signal)
             loop.add_signal_handler(signal.SIGUSR1, self._on_rotate_ca)  # `mesh certs --rotate-ca`
@@ -315,6 +330,8 @@ class Controller:
         finally:
             for sig in (*_SIGNALS, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
+            await self.dashboard.stop()
+            self._save()  # without its addresses
             with contextlib.suppress(OSError):
                 self.files.pid.unlink()
             os.close(fd)
@@ -357,7 +374,7 @@ class Controller:
                 self.registry_changed()
                 self._save()
                 print(f"mesh '{self.config.name}' is up ({self.runtime_name} runtime):\n"
-                      f"{format_table(self.state()['instances'])}", flush=True)
+                      f"{format_table(self.state()['instances'])}{self._urls()}", flush=True)
                 renewing = asyncio.ensure_future(self._renew_every(self.cert_lifetime / 2))
                 self.autoscaler.start()
                 try:
@@ -387,6 +404,12 @@ class Controller:
                 print(f"mesh '{self.config.name}' stopped", flush=True)
             self._save()
         return code
+
+    def _urls(self) -> str:
+        urls = self.dashboard.urls
+        if not urls:
+            return ""
+        return f"\ndashboard: {urls['dashboard']}\nmetrics: {urls['metrics']}"
 
     async def _renew_every(self, seconds: float) -> None:
         while True:

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from mesh.config import MeshConfig
@@ -127,13 +128,17 @@ class KeyedServices:
         async def start(key: str) -> tuple[str, int]:
             instances = self.controller.instances
             instance = self._plan_one(service, key)
+            kind = "wake" if self.states.get(instance.label) == "sleeping" else "cold"
             self.states[instance.label] = "starting"
             instances.problems.pop(instance.label, None)
             instances.save()
+            began = time.monotonic()
             try:
                 await instances.start(instance)  # with a certificate of its own
             except BaseException as exc:
                 self.states[instance.label] = "stopped"
+                if isinstance(exc, Exception):
+                    self.controller.telemetry.start_failed(service)
                 reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
                 instances.problems[instance.label] = reason
                 tail = getattr(exc, "tail", None) or []
@@ -143,6 +148,7 @@ class KeyedServices:
                 instances.save()
                 raise
             self.states[instance.label] = "running"
+            self.controller.telemetry.started(service, kind, time.monotonic() - began)
             instances.save()
             return instances.reach(instance)
 
@@ -164,6 +170,7 @@ class KeyedServices:
                 return
             await self.controller.instances.stop(instance)
             self.states[instance.label] = "sleeping"
+            self.controller.telemetry.slept(service)
             instance.forget_processes()
             self.controller.instances.save()
 

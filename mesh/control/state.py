@@ -10,6 +10,7 @@ in the mesh's state dir; other processes talk to it through them::
     .mesh/<name>/ca/               the mesh CA (ca.pem, ca.key mode 0600), kept across runs
     .mesh/<name>/certs/<instance>/ each sidecar's cert.pem, key.pem and ca.pem (mutual TLS)
     .mesh/<name>/admin.token       this run's token for the sidecars' admin listeners (mode 0600; `mesh.sidecar.admin`)
+    .mesh/<name>/dashboard.token   this run's token for the dashboard (0600, while it runs; `mesh.control.dashboard`)
     .mesh/<name>/logs/             each sidecar's access log, <instance>.jsonl (rotated: .1, .2), read by `mesh logs`
     .mesh/<name>/up.log            output of a detached controller (`mesh up -d`)
 
@@ -19,7 +20,9 @@ each state checked against live pids and ``controller.running`` added::
     {"mesh": "hello", "config": "/abs/mesh.toml", "runtime": "process",
      "phase": "starting" | "running" | "stopping" | "stopped" | "failed",
      "error": null | "what failed, with the last output lines",
-     "controller": {"pid": 123}, "run": "<MESH_RUN id of its processes>",
+     "controller": {"pid": 123, "metrics": "http://127.0.0.1:PORT/metrics",
+                    "dashboard": "http://127.0.0.1:PORT/?token=..."},   (both while it serves them)
+     "run": "<MESH_RUN id of its processes>",
      "ca_rotation": {"done": 0 (rotations finished, failed ones too), "rotating": false,
                      "error": null | "why the last one failed"},
      "instances": [{"service": "web", "instance": 1, "label": "web",
@@ -159,9 +162,11 @@ def detach(config: MeshConfig, runtime: str, timeout: float) -> int:
         state = files.read_state()
         mine = state is not None and state.get("controller", {}).get("pid") == child.pid
         if mine and state is not None and state["phase"] == "running":
+            dashboard = state["controller"].get("dashboard")
             print(f"mesh '{config.name}' is up in the background ({runtime} runtime, "
                   f"controller pid {child.pid}):\n{format_table(state['instances'])}\n"
-                  f"log: {files.log}\nstop it with: mesh down {config.path}")
+                  + (f"dashboard: {dashboard}\n" if dashboard else "")
+                  + f"log: {files.log}\nstop it with: mesh down {config.path}")
             return 0
         if child.poll() is not None:
             # Read again: the state may have changed between the check above and the exit.
@@ -195,7 +200,8 @@ def status(config: MeshConfig) -> dict[str, Any]:
     An instance whose recorded processes are gone is ``stopped`` whatever the
     file says (its controller may have died without updating it). Once the
     controller is gone, its pid and the addresses and dead pids of every
-    instance not running are left out (the keys stay, empty): nothing
+    instance not running are left out (the keys stay, empty), and so are
+    its ``metrics`` and ``dashboard`` URLs (those keys go): nothing
     listens there any more, and a pid may since belong to another process.
     """
     files = StateDir(config.state_dir)
@@ -224,6 +230,8 @@ def _without_stale(state: dict[str, Any]) -> dict[str, Any]:
     if state["controller"]["running"]:
         return state
     state["controller"]["pid"] = None
+    for url in ("metrics", "dashboard"):
+        state["controller"].pop(url, None)
     for inst in state.get("instances", []):
         if inst.get("state") == "running":
             continue  # its processes outlived the controller: `mesh down` stops them

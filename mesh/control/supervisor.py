@@ -215,6 +215,7 @@ class Supervisor:
             if self.closing or not _known(c, instance):
                 return
             self.restarts[label] = count
+            c.telemetry.restarted(instance.service, role)
             try:
                 await c.instances.restart(instance, role)  # certificates of the moment
             except StartFailed as exc:

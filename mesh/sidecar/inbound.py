@@ -36,19 +36,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from mesh.chain import RequestLayer, short_error
 from mesh.config import MeshConfig, RouteConfig
 from mesh.http.headers import PEER_HEADER
 from mesh.keys import DEADLINE, LISTENER, StateKey
 from mesh.messages import Request, Response
+from mesh.observe.metrics import PluginMetrics
 from mesh.plugin import Context, Plugin
 from mesh.sidecar.observing import ROUTE, route_label
 from mesh.sidecar.resilience import DEADLINE_HEADER, deadline_from
 from mesh.sidecar.routes import Policy
 
-__all__ = ["BUILTIN", "CallerDeadline", "INBOUND", "Inbound", "PeerIdentity", "RoutePolicy", "with_defaults"]
+__all__ = ["BUILTIN", "CallerDeadline", "INBOUND", "Inbound", "PeerIdentity", "RoutePolicy", "policy_denials",
+           "with_defaults"]
 
 MESH = "mesh"  # request.state[LISTENER] of a call from another sidecar
 
@@ -63,6 +65,7 @@ class Inbound:
         spec = config.services.get(service) if config is not None else None
         self.keyed = spec is not None and spec.instances is not None
         self.policy = policy if policy is not None else Policy(self.routes, self.mode)
+        self.services = frozenset(config.services) if config is not None else frozenset()
 
 
 INBOUND: StateKey[Inbound] = StateKey("mesh.inbound")  # Context.state: this sidecar's `Inbound`
@@ -110,24 +113,32 @@ class RoutePolicy(_Layer):
     callers reach an ``expose``d service without a route. ``mode``
     (``"enforce"`` or ``"audit"``) replaces ``[mesh] mode`` for calls to
     this service; in ``audit`` a call no route allows is logged and goes on.
+    Both are counted in `policy_denials` (``result``: ``denied`` or ``audited``).
     """
 
     def __init__(self, mode: Literal["enforce", "audit"] | None = None) -> None:
         self.mode = mode
         self._policy = _NO_CONFIG.policy
+        self._denials = policy_denials(Context().metrics)
 
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
         inbound = self._inbound
         self._policy = inbound.policy if self.mode is None else Policy(inbound.routes, self.mode)
+        self._denials = policy_denials(ctx.metrics)
 
     def before(self, request: Request) -> Response | None:
         if request.state.get(LISTENER) == MESH:
             peer = request.peer
-            decision = self._policy.check(peer, self._inbound.service, request.method, request.path)
+            service = self._inbound.service
+            decision = self._policy.check(peer, service, request.method, request.path)
+            if decision.reason:
+                caller = peer if peer is None or peer in self._inbound.services else "other"
+                self._denials.inc(direction="inbound", route=route_label(caller, service),
+                                  result="audited" if decision.allowed else "denied")
             if not decision.allowed:
                 return short_error(403, decision.reason, request.id)
-            request.state[ROUTE] = route_label(peer, self._inbound.service)
+            request.state[ROUTE] = route_label(peer, service)
         return None
 
 
@@ -147,6 +158,14 @@ class CallerDeadline(_Layer):
             if value is not None and (deadline := deadline_from(value, time.monotonic())) is not None:
                 request.state[DEADLINE] = deadline
         return None
+
+
+def policy_denials(metrics: PluginMetrics) -> Any:
+    """``mesh_policy_denials_total{direction, route, result}``: calls no route allows, counted where the
+    policy met them (``inbound`` here, ``outbound`` at the caller's sidecar, which counts only ``denied``
+    ones: a call it lets through in audit mode is counted by the callee)."""
+    return metrics.counter("denials", "Calls no route allows: refused (denied) or let through in audit mode "
+                                      "(audited)", ["direction", "route", "result"])
 
 
 # The built-in layers in the order they run, outermost first, by their mesh.toml names.

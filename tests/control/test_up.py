@@ -64,7 +64,7 @@ env = {{ COLOUR = "blue" }}
     assert seen["peer"] is None  # outside callers never name a peer
 
     listed = mesh.ps()
-    assert listed["controller"] == {"pid": popen.pid, "running": True}
+    assert {k: listed["controller"][k] for k in ("pid", "running")} == {"pid": popen.pid, "running": True}
     assert [i["state"] for i in listed["instances"]] == ["running", "running"]
     assert all(pid_alive(p) for p in recorded(listed))
     table = mesh.run("ps").stdout
