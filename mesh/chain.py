@@ -220,13 +220,17 @@ class Chain:
         self.plugins = tuple(plugins)
         self.meter = meter
         self.handler = build_chain(self.plugins, terminal, meter)
+        self.inflight = 0  # requests in the chain now (`mesh reload` waits for the old chains' to end)
         self._started: list[tuple[str, Plugin]] = []
 
     async def __call__(self, request: Request) -> Response:
+        self.inflight += 1
         try:
             return await self.handler(request)
         except Exception as exc:
             return error_response(exc, request)
+        finally:
+            self.inflight -= 1
 
     async def start(self, ctx: Context) -> None:
         """Start plugins in order; if plugin k fails, stop 1..k-1 and raise `PluginError`."""

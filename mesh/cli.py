@@ -60,6 +60,8 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
                     help="run in the background; return once every service is ready")
     up.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                     help="how long each instance may take to become ready (default: 30)")
+    up.add_argument("--watch", action="store_true",
+                    help="reload (as `mesh reload` does) whenever mesh.toml or the plugin code changes")
     up.set_defaults(handler=_up)
 
     down = _command(commands, "down", "stop what `mesh up -d` started",
@@ -97,6 +99,19 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
                      "exits 1.")
     _path_argument(check)
     check.set_defaults(handler=_check)
+
+    reload = _command(commands, "reload", "apply an edited mesh.toml and plugin code to the running mesh",
+                      "Check mesh.toml and the plugin code as `mesh check` does (edited plugin files are "
+                      "imported afresh), then apply them to the running mesh at once: every sidecar swaps "
+                      "its chains, routes and settings together (requests in flight finish on the old ones), "
+                      "services added are started, removed ones drained and stopped, and only services "
+                      "whose process settings changed are restarted, one instance at a time. If anything "
+                      "fails, every sidecar stays on (or goes back to) the version it served, and this "
+                      "exits 1 with the reason. SIGHUP to the controller does the same.")
+    _path_argument(reload)
+    reload.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="how long to wait for the reload to finish (default: 300)")
+    reload.set_defaults(handler=_reload)
 
     certs = _command(commands, "certs", "show each identity of the mesh and when it expires",
                      "Show the mesh CA and each instance's certificate: its identity "
@@ -238,7 +253,7 @@ def _up(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     try:
-        controller = Controller(config, args.runtime, timeout=args.timeout)
+        controller = Controller(config, args.runtime, timeout=args.timeout, watch=args.watch)
     except RuntimeUnavailable as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -248,7 +263,7 @@ def _up(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return 2
     if args.detach:
-        return detach(config, args.runtime, args.timeout)
+        return detach(config, args.runtime, args.timeout, args.watch)
     return run(controller.run())
 
 
@@ -327,6 +342,15 @@ def _logs(args: argparse.Namespace) -> int:
     return show(config.state_dir, service, follow=args.follow, as_json=args.json)
 
 
+def _reload(args: argparse.Namespace) -> int:
+    from mesh.control.state import reload
+
+    config = _load(args.path)
+    if config is None:
+        return 2
+    return reload(config, args.timeout)
+
+
 def _tap(args: argparse.Namespace) -> int:
     from mesh.control.tap import show
 
@@ -363,71 +387,10 @@ def _check(args: argparse.Namespace) -> int:
         count = len(exc.problems)
         print(f"{count} problem{'s' if count != 1 else ''}", file=sys.stderr)
         return 1
+    from mesh.control.describe import describe
+
     print(describe(config))
     return 0
-
-
-def describe(config: MeshConfig) -> str:
-    """What `mesh check` loaded, for a person to read."""
-    mode = "routes enforced" if config.mode == "enforce" else "audit mode: denials are logged, not enforced"
-    lines = [f"{config.path}: ok", f"mesh '{config.name}' ({mode})"]
-    if config.plugin_path:
-        lines.append("plugin_path: " + ", ".join(str(p) for p in config.plugin_path))
-    lines.append("services:")
-    for name, service in config.services.items():
-        facts = []
-        if service.command:
-            facts.append(f"command: {service.command}")
-        if service.build or service.image:
-            facts.append(f"build: {service.build}" if service.build else f"image: {service.image}")
-        if service.expose is not None:
-            facts.append(f"exposed on 127.0.0.1:{service.expose}")
-        if service.health:
-            facts.append(f"health: {service.health}")
-        if service.replicas != 1:
-            facts.append(f"replicas: {service.replicas}")
-        if service.scale is not None:
-            scale = service.scale
-            facts.append(f"scale: min {scale.min}, max {scale.max}, cpu {scale.cpu:g}, "
-                         f"cooldown {float(scale.cooldown):g}s")
-        if service.instances is not None:
-            keyed = service.instances
-            facts.append(f"instances: one per {keyed.key}, sleep_after {float(keyed.sleep_after):g}s, "
-                         f"max {keyed.max}, start_timeout {float(keyed.start_timeout):g}s")
-        if service.lifecycle:
-            facts.append(f"lifecycle: {service.lifecycle}")
-        lines.append(f"  {name}: " + "; ".join(facts))
-        for title, specs in (("plugins", service.plugin_specs), ("outbound", service.outbound_specs)):
-            for spec in specs:
-                lines.append(f"    {title}: {spec.use}{_options(spec.options)}")
-    defaults = config.defaults
-    lines.append(f"defaults: timeout {float(defaults.timeout):g}s, max_pending {defaults.max_pending}, "
-                 f"lb {defaults.lb}")
-    lines.append("routes:" if config.routes else "routes: none (no service may call another)")
-    for route in config.routes:
-        narrowed = " ".join(route.methods) or "any method"
-        paths = ", ".join(route.paths) or "any path"
-        extra = f", timeout {float(route.timeout):g}s" if route.timeout is not None else ""
-        pending = route.max_pending if route.max_pending is not None else defaults.max_pending
-        extra += f", max_pending {pending}"
-        mode = ", audit only" if route.mode == "audit" else ""
-        lines.append(f"  {route.source} -> {route.to}: {narrowed} {paths}{extra}{mode}")
-    return "\n".join(lines)
-
-
-def _options(options: dict[str, Any]) -> str:
-    if not options:
-        return ""
-    return " (" + ", ".join(f"{k}={_show(v)}" for k, v in options.items()) + ")"
-
-
-def _show(value: Any) -> str:
-    text = getattr(value, "text", None)  # a Rate keeps the text it was written as
-    if isinstance(text, str):
-        return repr(text)
-    if isinstance(value, float) and type(value) is not float:  # a Duration
-        return f"{float(value):g}s"
-    return repr(value)
 
 
 def _certs(args: argparse.Namespace) -> int:

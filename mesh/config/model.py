@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -10,8 +12,9 @@ from urllib.parse import urlsplit
 from mesh.options import Duration, Size
 from mesh.plugin import Plugin
 
-__all__ = ["Defaults", "HealthCheck", "Instances", "MeshConfig", "MeshSection", "Outlier", "PluginSpec",
-           "RETRIES_DEFAULT", "Retries", "RouteConfig", "Scale", "ServiceConfig", "Tracing"]
+__all__ = ["Defaults", "Egress", "HealthCheck", "Instances", "MeshConfig", "MeshSection", "Outlier", "PluginSpec",
+           "RETRIES_DEFAULT", "Retries", "RouteConfig", "Scale", "ServiceConfig", "ServiceRoute", "Tracing",
+           "host_pattern", "normalize_host"]
 
 _RETRY_WORDS = ("connect-failure", "reset", "timeout", "5xx")
 
@@ -157,6 +160,22 @@ class Defaults:
 
 
 @dataclass
+class ServiceRoute:
+    """One ``[[services.NAME.routes]]`` entry: plugins for the requests to some of a service's paths.
+
+    The first entry whose ``paths`` (``*`` globs) and ``methods`` match a request picks its
+    plugins; with ``inherit`` the service's own ``plugins`` run around them, without it they
+    do not run for that request (`mesh.sidecar.route_chains`).
+    """
+
+    paths: list[str]
+    methods: list[str] = field(default_factory=list)
+    plugins: list[dict[str, Any]] = field(default_factory=list)
+    inherit: bool = True
+    plugin_specs: list[PluginSpec] = field(default_factory=list, init=False)
+
+
+@dataclass
 class ServiceConfig:
     """One ``[services.NAME]`` table."""
 
@@ -170,6 +189,7 @@ class ServiceConfig:
     env: dict[str, str] = field(default_factory=dict)
     plugins: list[dict[str, Any]] = field(default_factory=list)
     outbound: list[dict[str, Any]] = field(default_factory=list)
+    routes: list[ServiceRoute] = field(default_factory=list)  # [[services.NAME.routes]], read on their own
     scale: Scale | None = None
     instances: Instances | None = None
     replicas: int = 1
@@ -203,10 +223,104 @@ class RouteConfig:
     mode: Literal["enforce", "audit"] = "enforce"
     retries: Retries | None = None
     max_pending: int | None = None
+    # Run in the calling sidecar, on calls this route selects (`mesh.sidecar.route_chains`).
+    plugins: list[dict[str, Any]] = field(default_factory=list)
+    plugin_specs: list[PluginSpec] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         if self.max_pending is not None and self.max_pending < 1:
             raise ValueError(f"max_pending: expected at least 1, found {self.max_pending}")
+
+
+# A DNS label as egress rules compare it (lowercase; '_' as some internal names have it).
+_DNS_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
+
+
+def normalize_host(text: str) -> str | None:
+    """``text`` as egress rules compare hosts, or None if it is neither a host name nor an IP address.
+
+    Lowercase, one trailing dot dropped; an IPv4 address in its dotted form; an IPv6 address
+    (with or without brackets) short and in brackets, ``[::1]``; a name as given (an
+    international one in its ASCII form, ``xn--...``: never decoded). A name whose last label is
+    all digits must be an IPv4 address (``127.1`` and ``2130706433`` are none).
+    """
+    host = text.lower()
+    if host.startswith("[") or ":" in host:
+        if host.startswith("[") != host.endswith("]"):
+            return None
+        inner = host[1:-1] if host.startswith("[") else host
+        if "%" in inner:  # a zone id names an interface of this machine, not a host
+            return None
+        try:
+            return f"[{ipaddress.IPv6Address(inner).compressed}]"
+        except ValueError:
+            return None
+    if host.endswith("."):
+        host = host[:-1]
+    if not host or len(host) > 253 or not host.isascii():
+        return None
+    labels = host.split(".")
+    if not all(_DNS_LABEL.match(label) for label in labels):
+        return None
+    if labels[-1].isdigit():
+        try:
+            return str(ipaddress.IPv4Address(host))
+        except ValueError:
+            return None
+    return host
+
+
+def host_pattern(text: str) -> str:
+    """An ``[[egress]]`` ``hosts`` entry, normalized (`normalize_host`): a host, or ``*.`` and a domain.
+
+    Raises ValueError saying what is wrong.
+    """
+    wildcard = text.startswith("*.")
+    name = text[2:] if wildcard else text
+    if "*" in name:
+        raise ValueError(f"expected a host or '*.' before a domain (like '*.example.com'), found {text!r}")
+    if not name.isascii():
+        raise ValueError(f"expected an international name in its ASCII form ('xn--...'), found {text!r}")
+    head, sep, tail = name.rpartition(":")
+    if sep and tail.isdigit() and ":" not in head and not name.startswith("["):
+        raise ValueError(f"expected a host without a port (ports go in 'ports'), found {text!r}")
+    host = normalize_host(name)
+    if host is None:
+        raise ValueError(f"expected a host name, an IP address or '*.domain', found {text!r}")
+    if wildcard and (host.startswith("[") or host.replace(".", "").isdigit()):
+        raise ValueError(f"expected '*.' before a domain name, not an IP address, found {text!r}")
+    return f"*.{host}" if wildcard else host
+
+
+@dataclass
+class Egress:
+    """One ``[[egress]]`` entry: ``source`` may call ``hosts`` outside the mesh (TOML key ``from``).
+
+    ``hosts`` are exact (``api.example.com``, ``127.0.0.2``) or ``*.example.com`` (its
+    subdomains at any depth, not ``example.com`` itself). Without ``ports``: 80 for plain HTTP,
+    443 for CONNECT. ``paths`` and ``methods`` narrow plain HTTP calls; CONNECT is opaque, so an
+    entry with ``paths`` never allows it, and one with ``methods`` only if they list CONNECT
+    (`mesh.sidecar.egress`).
+    """
+
+    source: str
+    hosts: list[str]
+    ports: list[int] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    mode: Literal["enforce", "audit"] = "enforce"
+
+    def __post_init__(self) -> None:
+        if not self.hosts:
+            raise ValueError("hosts: expected at least one host, like 'api.example.com' or '*.example.com'")
+        self.hosts = [host_pattern(host) for host in self.hosts]
+        for port in self.ports:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"ports: expected ports between 1 and 65535, found {port}")
+        for path in self.paths:
+            if not path.startswith("/"):
+                raise ValueError(f"paths: expected paths starting with '/', found {path!r}")
+        self.methods = [method.upper() for method in self.methods]
 
 
 @dataclass
@@ -257,6 +371,7 @@ class MeshConfig:
     defaults: Defaults = field(default_factory=Defaults)
     # None: sidecars still make spans and propagate `traceparent`, sample every new trace, export nothing.
     tracing: Tracing | None = None
+    egress: list[Egress] = field(default_factory=list)  # [[egress]]: calls to hosts outside the mesh
 
     @property
     def root(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import tomllib
@@ -9,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from mesh.config.model import (
+    Egress,
     MeshConfig,
     MeshSection,
     PluginSpec,
     RouteConfig,
     ServiceConfig,
+    ServiceRoute,
+    host_pattern,
 )
 from mesh.errors import ConfigError, PluginError
 from mesh.loader import load_class
@@ -38,7 +42,7 @@ BUILTIN_PLUGINS = {
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 
 
-_TOP = ("mesh", "services", "routes")
+_TOP = ("mesh", "services", "routes", "egress")
 
 
 def _did_you_mean(key: str, known: list[str] | tuple[str, ...]) -> str:
@@ -102,7 +106,7 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
         if not isinstance(raw, dict):
             problems.append(f"{where}: expected a table, found {type(raw).__name__}")
             continue
-        service = bind(ServiceConfig, {k: v for k, v in raw.items() if k not in ("name",)},
+        service = bind(ServiceConfig, {k: v for k, v in raw.items() if k not in ("name", "routes")},
                        where=where, root=root, problems=problems)
         if "name" in raw or "plugin_specs" in raw or "outbound_specs" in raw:
             problems.append(f"{where}: unknown option 'name'")
@@ -112,6 +116,7 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
             entries = raw.get(key, [])
             if isinstance(entries, list) and all(isinstance(e, dict) for e in entries):
                 chains[key] = _plugin_specs(entries, f"{where}.{key}", plugin_path, root, problems)
+        service_routes = _service_routes(raw.get("routes", []), name, plugin_path, root, problems)
         if service is None:
             continue
         service.name = name
@@ -122,6 +127,7 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
             check_lifecycle(service.lifecycle, f"{where}.lifecycle", plugin_path, problems)
         service.plugin_specs = chains.get("plugins", [])
         service.outbound_specs = chains.get("outbound", [])
+        service.routes = service_routes
         services[name] = service
 
     exposed: dict[int, str] = {}
@@ -143,7 +149,7 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
             problems.append(f"{where}: expected a table, found {type(raw).__name__}")
             continue
         # Unknown keys are named against the keys a mesh.toml uses: `from`, not the field `source`.
-        keys = sorted("from" if name == "source" else name for name in RouteConfig.__dataclass_fields__)
+        keys = sorted("from" if f.name == "source" else f.name for f in dataclasses.fields(RouteConfig) if f.init)
         for key in raw:
             if key not in keys:
                 close = ["from"] if key == "source" else difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
@@ -160,23 +166,24 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
             if isinstance(service, str) and service not in services and service not in table:
                 problems.append(f"{where}.{key}: unknown service {service!r}"
                                 f"{_did_you_mean(service, tuple(table))}")
-        paths = raw.get("paths", [])
-        for j, pattern in enumerate(paths if isinstance(paths, list) else []):
-            if isinstance(pattern, str) and not pattern.startswith("/"):
-                problems.append(f"{where}.paths[{j}]: expected a path starting with '/', found {pattern!r}")
-        methods = raw.get("methods", [])
-        for j, method in enumerate(methods if isinstance(methods, list) else []):
-            if isinstance(method, str) and method.upper() not in _METHODS:
-                problems.append(f"{where}.methods[{j}]: unknown HTTP method {method!r}")
+        _check_narrowing(raw, where, problems)
+        source, target = raw.get("from"), raw.get("to")
+        specs = _route_plugins(raw.get("plugins", []), f"{where}.plugins", plugin_path, root, problems,
+                               inbound=f"configure it in services.{target}.plugins",
+                               outbound=f"set this route's timeout, max_pending or retries, or configure it "
+                                        f"in services.{source}.outbound")
         if route is not None:
             route.methods = [m.upper() for m in route.methods]
+            route.plugin_specs = specs
             routes.append(route)
+
+    egress = _egress(data.get("egress", []), tuple(table), root, problems)
 
     if problems:
         raise ConfigError(problems)
     return MeshConfig(path=file, name=section.name, plugin_path=plugin_path,
                       services=services, routes=routes, mode=section.mode, defaults=section.defaults,
-                      tracing=section.tracing)
+                      tracing=section.tracing, egress=egress)
 
 
 def _check_service(service: ServiceConfig, where: str, problems: list[str]) -> None:
@@ -197,6 +204,61 @@ def _check_service(service: ServiceConfig, where: str, problems: list[str]) -> N
         problems.append(f"{where}.health_check: checks the 'health' path, and the service has none")
     if service.replicas < 1:
         problems.append(f"{where}.replicas: expected at least 1, found {service.replicas}")
+
+
+def _check_narrowing(raw: dict[str, Any], where: str, problems: list[str]) -> None:
+    """A route's ``paths`` start with '/', its ``methods`` are HTTP methods (their types: `bind`'s)."""
+    paths = raw.get("paths", [])
+    for j, pattern in enumerate(paths if isinstance(paths, list) else []):
+        if isinstance(pattern, str) and not pattern.startswith("/"):
+            problems.append(f"{where}.paths[{j}]: expected a path starting with '/', found {pattern!r}")
+    methods = raw.get("methods", [])
+    for j, method in enumerate(methods if isinstance(methods, list) else []):
+        if isinstance(method, str) and method.upper() not in _METHODS:
+            problems.append(f"{where}.methods[{j}]: unknown HTTP method {method!r}")
+
+
+def _service_routes(raw: Any, service: str, plugin_path: list[Path], root: Path,
+                    problems: list[str]) -> list[ServiceRoute]:
+    """``[[services.NAME.routes]]``: each entry's keys, paths, methods and plugins, all checked."""
+    where = f"services.{service}.routes"
+    if not isinstance(raw, list):
+        found = "a table" if isinstance(raw, dict) else type(raw).__name__
+        problems.append(f"{where}: expected [[{where}]] entries (an array of tables), found {found}")
+        return []
+    routes = []
+    for i, table in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(table, dict):
+            problems.append(f"{at}: expected a table, found {type(table).__name__}")
+            continue
+        route = bind(ServiceRoute, table, where=at, root=root, problems=problems)
+        if table.get("paths") == []:
+            problems.append(f"{at}.paths: expected at least one path like '/api/*' (plugins for every "
+                            f"path go in services.{service}.plugins), found none")
+        _check_narrowing(table, at, problems)
+        specs = _route_plugins(table.get("plugins", []), f"{at}.plugins", plugin_path, root, problems,
+                               inbound=f"configure it in services.{service}.plugins",
+                               outbound=f"configure it in services.{service}.outbound")
+        if route is not None:
+            route.methods = [m.upper() for m in route.methods]
+            route.plugin_specs = specs
+            routes.append(route)
+    return routes
+
+
+def _route_plugins(entries: Any, where: str, plugin_path: list[Path], root: Path, problems: list[str], *,
+                   inbound: str, outbound: str) -> list[PluginSpec]:
+    """A route's ``plugins``, loaded as a service's are; the built-in layers stay in the service's chains."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        return []  # `bind` names the type
+    specs = _plugin_specs(entries, where, plugin_path, root, problems)
+    for spec in specs:
+        if spec.use in BUILTIN_PLUGINS:
+            home = inbound if BUILTIN_PLUGINS[spec.use].startswith("mesh.sidecar.inbound:") else outbound
+            problems.append(f"{spec.label}: a built-in layer runs in the service's own chain, "
+                            f"not in a route's plugins ({home})")
+    return specs
 
 
 def _plugin_specs(entries: list[dict[str, Any]], where: str, plugin_path: list[Path],
@@ -229,3 +291,56 @@ def _plugin_specs(entries: list[dict[str, Any]], where: str, plugin_path: list[P
 def build_plugins(specs: list[PluginSpec]) -> list[tuple[str, Plugin]]:
     """Fresh plugin instances for a chain, named by where they were declared."""
     return [(spec.label, spec.create()) for spec in specs]
+
+
+def _egress(raw_entries: Any, services: tuple[str, ...], root: Path, problems: list[str]) -> list[Egress]:
+    """``[[egress]]``: each entry's keys, service, hosts, ports, paths and methods, all checked."""
+    if not isinstance(raw_entries, list):
+        problems.append("egress: expected [[egress]] entries (an array of tables)")
+        return []
+    keys = sorted("from" if name == "source" else name for name in Egress.__dataclass_fields__)
+    entries = []
+    for i, raw in enumerate(raw_entries):
+        where = f"egress[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: expected a table, found {type(raw).__name__}")
+            continue
+        for key in raw:
+            if key not in keys:
+                close = ["from"] if key == "source" else difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+                problems.append(f"{where}: unknown option '{key}'" + (
+                    f", did you mean '{close[0]}'?" if close else f" (known: {', '.join(keys)})"))
+        before = len(problems)
+        renamed = {("source" if k == "from" else k): v for k, v in raw.items() if k in keys}
+        kwargs = check(Egress, renamed, where=where, root=root, problems=problems)
+        for j in range(before, len(problems)):
+            problems[j] = problems[j].replace(f"{where}.source", f"{where}.from")
+        # Each value is checked even when another key of the entry is wrong.
+        source = raw.get("from")
+        if isinstance(source, str) and source not in services:
+            problems.append(f"{where}.from: unknown service {source!r}{_did_you_mean(source, services)}")
+        hosts = raw.get("hosts")
+        if hosts == []:
+            problems.append(f"{where}.hosts: expected at least one host, like 'api.example.com' or "
+                            f"'*.example.com', found none")
+        for j, host in enumerate(hosts if isinstance(hosts, list) else []):
+            if not isinstance(host, str):
+                continue
+            try:
+                pattern = host_pattern(host)
+            except ValueError as exc:
+                problems.append(f"{where}.hosts[{j}]: {exc}")
+                continue
+            if pattern in services:
+                problems.append(f"{where}.hosts[{j}]: {host!r} is a service of this mesh: calls to it "
+                                f"go through [[routes]], not egress")
+        ports = raw.get("ports", [])
+        for j, port in enumerate(ports if isinstance(ports, list) else []):
+            if isinstance(port, int) and not isinstance(port, bool) and not 1 <= port <= 65535:
+                problems.append(f"{where}.ports[{j}]: expected a port between 1 and 65535, found {port}")
+        _check_narrowing(raw, where, problems)
+        if kwargs is not None and len(problems) == before:
+            entry = construct(Egress, kwargs, where=where, problems=problems)
+            if entry is not None:
+                entries.append(entry)
+    return entries

@@ -54,6 +54,7 @@ from mesh.control.autoscale import Autoscaler
 from mesh.control.dashboard import Dashboard
 from mesh.control.instances import InstanceSet
 from mesh.control.keyed import KeyedServices
+from mesh.control.reload import Reloader
 from mesh.control.runtimes import get_runtime
 from mesh.control.runtimes.base import Instance, Runtime, StartFailed
 from mesh.control.state import StateDir, format_table
@@ -65,7 +66,7 @@ __all__ = ["Console", "Controller"]
 
 log = logging.getLogger("mesh.controller")
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # Instance certificates are short-lived and renewed halfway through their life.
 CERT_LIFETIME = 24 * 3600.0
@@ -90,7 +91,7 @@ class Controller:
     """Runs one mesh until told to stop (see the module docstring; its files: `mesh.control.state`)."""
 
     def __init__(self, config: MeshConfig, runtime: str = "process", *, timeout: float = 30.0,
-                 console: Console | None = None, cert_lifetime: float = CERT_LIFETIME) -> None:
+                 console: Console | None = None, cert_lifetime: float = CERT_LIFETIME, watch: bool = False) -> None:
         self.config = config
         self.files = StateDir(config.state_dir)
         self.timeout = timeout
@@ -121,6 +122,8 @@ class Controller:
         # Its own metrics, fed by the helpers below; served with the dashboard (mesh.control.dashboard).
         self.telemetry = ControllerMetrics(config.name, list(config.services), lambda: self.state()["instances"])
         self.dashboard = Dashboard(self)
+        self.reloader = Reloader(self)  # `mesh reload`, SIGHUP, `mesh up --watch` (mesh.control.reload)
+        self.watch = watch
         self.keyed = KeyedServices(self)  # keyed services: their fronts and per-key instances
         self.supervisor = Supervisor(self)  # restarts, exits, lifecycle hooks (mesh.lifecycle)
         self.autoscaler = Autoscaler(self)  # pools scaled on CPU (mesh.control.autoscale)
@@ -135,6 +138,8 @@ class Controller:
             "controller": {"pid": os.getpid(), **self.dashboard.urls},
             "run": self.run_id,
             "ca_rotation": dict(self.ca_rotation),
+            "version": self.reloader.version,
+            "reload": dict(self.reloader.status),
             "instances": [{
                 "service": inst.service,
                 "instance": inst.index,
@@ -144,11 +149,16 @@ class Controller:
                 "healthy": (inst.label not in self.instances.unhealthy) if inst.health else None,
                 "addresses": inst.addresses(),
                 "public": inst.public_url,
+                "version": self.reloader.version,
                 **inst.state_fields(),
                 **self.keyed.describe(inst),
                 **self.supervisor.fields(inst),
             } for inst in self.instances] + self.keyed.rows(),
         }
+
+    def save(self) -> None:
+        """Write state.json now (what `mesh ps` and `mesh reload` read)."""
+        self._save()
 
     def _save(self) -> None:
         try:
@@ -254,6 +264,16 @@ class Controller:
             task = asyncio.ensure_future(self.runtime.kill_all())
             self._tasks.add(task)
 
+    def adopt(self, config: MeshConfig) -> None:
+        """From now on the mesh is ``config`` (a reload applied it to every sidecar)."""
+        self.config = self.instances.config = self.runtime.config = config
+        self._save()
+
+    def _on_reload(self) -> None:
+        task = asyncio.ensure_future(self.reloader.run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _on_rotate_ca(self) -> None:
         task = asyncio.ensure_future(self._rotate_ca())
         self._tasks.add(task)
@@ -326,9 +346,10 @@ class Controller:
             for sig in _SIGNALS:
                 loop.add_signal_handler(sig, self._on_signal)
             loop.add_signal_handler(signal.SIGUSR1, self._on_rotate_ca)  # `mesh certs --rotate-ca`
+            loop.add_signal_handler(signal.SIGHUP, self._on_reload)  # `mesh reload`
             return await self._run()
         finally:
-            for sig in (*_SIGNALS, signal.SIGUSR1):
+            for sig in (*_SIGNALS, signal.SIGUSR1, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.dashboard.stop()
             self._save()  # without its addresses
@@ -376,11 +397,14 @@ class Controller:
                 print(f"mesh '{self.config.name}' is up ({self.runtime_name} runtime):\n"
                       f"{format_table(self.state()['instances'])}{self._urls()}", flush=True)
                 renewing = asyncio.ensure_future(self._renew_every(self.cert_lifetime / 2))
+                watching = asyncio.ensure_future(self.reloader.watch()) if self.watch else None
                 self.autoscaler.start()
                 try:
                     await stopping
                 finally:
                     renewing.cancel()
+                    if watching is not None:
+                        watching.cancel()
                 code = 0
         finally:
             # Whatever happened, including a bug here, nothing this run started outlives it.

@@ -52,7 +52,7 @@ from mesh.control.runtimes import runtime_class
 from mesh.control.runtimes.base import Runtime, RuntimeUnavailable
 from mesh.control.runtimes.procfs import group_alive, pid_alive, run_processes
 
-__all__ = ["StateDir", "detach", "down", "format_table", "status"]
+__all__ = ["StateDir", "detach", "down", "format_table", "reload", "status"]
 
 
 class StateDir:
@@ -138,7 +138,7 @@ def format_table(instances: list[dict[str, Any]], *, with_state: bool = False) -
 # `mesh up -d`, `mesh ps`, `mesh down`: other processes talking to a controller through its files.
 
 
-def detach(config: MeshConfig, runtime: str, timeout: float) -> int:
+def detach(config: MeshConfig, runtime: str, timeout: float, watch: bool = False) -> int:
     """Start a controller in the background; return once it is up (0) or has failed (1)."""
     files = StateDir(config.state_dir)
     if files.running():
@@ -153,7 +153,7 @@ def detach(config: MeshConfig, runtime: str, timeout: float) -> int:
     with open(files.log, "w") as logfile:
         child = subprocess.Popen(
             [sys.executable, "-m", "mesh", "up", str(config.path), "--runtime", runtime,
-             "--timeout", str(timeout)],
+             "--timeout", str(timeout), *(["--watch"] if watch else [])],
             stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
             cwd=config.root, start_new_session=True)  # outlives this command and its terminal
     # The controller's own start timeout bounds the wait; the margin covers its start and stop.
@@ -184,6 +184,34 @@ def detach(config: MeshConfig, runtime: str, timeout: float) -> int:
     with contextlib.suppress(subprocess.TimeoutExpired):
         child.wait(30)
     return 1
+
+
+def reload(config: MeshConfig, timeout: float = 300.0) -> int:
+    """`mesh reload`: ask the running controller (SIGHUP) to apply mesh.toml; 0 applied, 1 refused."""
+    files = StateDir(config.state_dir)
+    pid = files.controller_pid() if files.running() else None
+    if pid is None:
+        print(f"mesh '{config.name}' is not running: `mesh up` starts it as the file is", file=sys.stderr)
+        return 1
+
+    def outcome() -> dict[str, Any]:
+        return dict((files.read_state() or {}).get("reload") or {})
+
+    before = outcome().get("done", 0)
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while (now := outcome()).get("done", 0) <= before:
+        if time.monotonic() > deadline or not files.running():
+            print(f"the reload did not finish within {timeout:g}s; the controller's output ({files.log} when "
+                  f"detached) says how far it got", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    if now.get("error"):
+        print(f"mesh reload: {now['error']}", file=sys.stderr)
+        return 1
+    state = files.read_state() or {}
+    print(f"mesh '{config.name}' reloaded: version {state.get('version')}; {now.get('changes')}")
+    return 0
 
 
 def _tail(path: Path, count: int) -> str:

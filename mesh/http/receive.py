@@ -3,12 +3,19 @@
 `RequestReader` is the half of a listener connection (`mesh.http.server`)
 that reads: it feeds what arrives to llhttp in its strict default mode (no
 leniency flags), bounds a head as it comes (414, 431), refuses what a proxy
-must not pass on (bad or doubled Host, doubled framing headers, CONNECT,
-unknown versions, bad request-targets, header names with ``_``), builds
-the `Request` for each head and hands it to the connection in order
-(`Exchange`), and delivers request bodies with flow control. After an
-Upgrade request's head, what follows is kept for a WebSocket, or parsed as
-that request's body, never as further requests.
+must not pass on (bad or doubled Host, doubled framing headers, CONNECT but
+on a proxy's listener, unknown versions, bad request-targets, header names
+with ``_``), builds the `Request` for each head and hands it to the
+connection in order (`Exchange`), and delivers request bodies with flow
+control. After an Upgrade request's head, what follows is kept for a
+WebSocket, or parsed as that request's body, never as further requests.
+
+On a proxy's listener (``Listener(proxy=True)``, the app's ``HTTP_PROXY``) a
+CONNECT names its tunnel's end in authority form (``host:port``): its
+`Request` has that as its ``path`` and its ``Host``, no body, and what
+follows its head is kept for the tunnel, as after a WebSocket handshake.
+There an absolute-form target's scheme (``http``, ``https``, ``ws``,
+``wss``) becomes the request's ``scheme``.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ _UNDERSCORE = ord("_")  # `int in bytes` is a memchr; `b"_" in bytes` first fail
 # RFC 3986 §3.2.2-3: an IP-literal or a reg-name (unreserved, %-escapes, sub-delims), then an optional
 # port. No userinfo ("a@b"), no whitespace, nothing a later parser could split differently.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?\Z")
+# A CONNECT's authority-form target (RFC 9110 §9.3.6): a host and a port, both required.
+_AUTHORITY = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+):[0-9]{1,5}\Z")
 
 
 class RequestReader:
@@ -161,11 +170,16 @@ class RequestReader:
         if version != "1.1" and version != "1.0":
             self._stop(400, "unsupported HTTP version")
         method = parser.get_method().decode("ascii")
-        if method == "CONNECT":
-            self._stop(405, "CONNECT tunnels are not supported; call http://<service>/")
         target = url.decode("latin-1")  # llhttp admits ASCII only in a request-target
         authority = None
-        if target[0] == "/":
+        scheme = self.scheme
+        if method == "CONNECT":
+            if not self.listener.proxy:
+                self._stop(405, "CONNECT tunnels are not supported; call http://<service>/")
+            if not _AUTHORITY.match(target):
+                self._stop(400, "bad CONNECT target: expected host:port")
+            path, query, authority = target, "", target
+        elif target[0] == "/":
             try:
                 path, query = split_target(target)
             except BadPath as exc:
@@ -175,12 +189,14 @@ class RequestReader:
         else:
             # Absolute-form (RFC 9112 §3.2.2): what a client sends through a proxy (HTTP_PROXY),
             # accepted by every server. The authority replaces any Host header.
-            scheme, sep, rest = target.partition("://")
-            if not sep or scheme.lower() not in _SCHEMES:
+            given, sep, rest = target.partition("://")
+            if not sep or given.lower() not in _SCHEMES:
                 self._stop(400, "bad request-target")
             authority, target = _split_absolute(rest)
             if not authority or not _HOST.match(authority):
                 self._stop(400, "bad request-target")
+            if self.listener.proxy:
+                scheme = given.lower()
             try:
                 path, query = split_target(target)
             except BadPath as exc:
@@ -203,10 +219,14 @@ class RequestReader:
                     self._stop(400, "no Host header")
             elif not _HOST.match(host):
                 self._stop(400, "invalid Host header")
-        exchange = Exchange(method, version, parser.should_keep_alive())
-        exchange.started = monotonic()
         length = headers.get("Content-Length")
         chunked = "Transfer-Encoding" in headers  # llhttp admits only a final "chunked" in a request
+        connect = method == "CONNECT"
+        if connect and (chunked or length is not None):
+            # SECURITY: llhttp reads no body after a CONNECT head; a server that did would differ.
+            self._stop(400, "a CONNECT request has no body")
+        exchange = Exchange(method, version, parser.should_keep_alive() and not connect)
+        exchange.started = monotonic()
         body = None
         if chunked or (length is not None and int(length) > 0):
             body = exchange.body = RequestBody(self, exchange)  # type: ignore[arg-type]  # self is the Connection
@@ -228,7 +248,7 @@ class RequestReader:
                                     b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % int(length))  # type: ignore[arg-type]
         exchange.request = Request(
             method, path, query=query, headers=headers, body=b"" if body is None else body,
-            client=self.client, scheme=self.scheme, id=new_request_id(), version=version)
+            client=self.client, scheme=scheme, id=new_request_id(), version=version)
         self.last = exchange if exchange.upgrade else None
         # llhttp ends an upgrade request at its head: its body, if any, comes through _after_upgrade.
         self.receiving = exchange if body is not None and not exchange.upgrade else None
@@ -293,9 +313,9 @@ class RequestReader:
         exchange = self.last
         if self.parser is None or exchange is None or not exchange.upgrade:
             return
-        if exchange.websocket_key is not None:
-            # SECURITY: what follows a WebSocket handshake is frames, never HTTP: kept for the
-            # WebSocket, dropped with the connection if the upgrade is refused.
+        if exchange.websocket_key is not None or exchange.method == "CONNECT":
+            # SECURITY: what follows a WebSocket handshake or a CONNECT is the tunnel's, never HTTP:
+            # kept for the tunnel, dropped with the connection if it is refused.
             self.parser = None
             self.ws_buffer = bytearray(rest)
             return

@@ -5,7 +5,8 @@ answers: it frames a `Response` for the client (Content-Length or chunked,
 no body where HEAD, 204 and 304 have none, ``Connection: close`` where the
 connection ends), streams bodies with flow control, aborts a body that
 broke off rather than pass it as complete, writes 1xx heads ahead of the
-final one, and turns a connection into a WebSocket tunnel after a 101.
+final one, and turns a connection into a byte tunnel after a WebSocket's 101
+or a CONNECT's 2xx.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mesh.messages import Response
 if TYPE_CHECKING:
     from mesh.http.limits import ServerLimits
     from mesh.http.server import Listener
+    from mesh.http.websocket import Tunnel
 
 __all__ = ["ResponseWriter"]
 
@@ -78,7 +80,15 @@ class ResponseWriter(WriteFlow):
         if response._upgrade is not None:
             if status == 101:
                 return await self._websocket(exchange, response)
+            if exchange.method == "CONNECT" and 200 <= status <= 299:
+                return await self._connected(exchange, response)
             response._upgrade.close()  # a plugin turned it down: let it go
+        elif exchange.method == "CONNECT" and isinstance(status, int) and 200 <= status <= 299:
+            # SECURITY: a 2xx to a CONNECT tells the client its tunnel is open: never without one.
+            log.error("request %s: the handler answered a CONNECT with %d and no tunnel", exchange.request_id,
+                      status)
+            await response.aclose()
+            response, status = short_error(500, "internal error", exchange.request_id), 500
         if self.closed:
             await response.aclose()
             return False
@@ -234,8 +244,25 @@ class ResponseWriter(WriteFlow):
             tunnel.close()
             return await self._respond(exchange, short_error(500, "internal error", rid))
         self.transport.write(head)
+        return await self._splice(tunnel)
+
+    async def _connected(self, exchange: Exchange, response: Response) -> bool:
+        """Answer a CONNECT with the handler's 2xx, then carry the connection as a byte tunnel until it ends.
+
+        The head has no framing (RFC 9110 §9.3.6: a 2xx to CONNECT has no content); what the
+        client sent after its CONNECT goes first through the tunnel the handler opened.
+        """
+        tunnel = response._upgrade
+        if self.closed:
+            tunnel.close()
+            return False
+        self.transport.write(encode_head(f"HTTP/1.1 {response.status} Connection Established", ()))
+        return await self._splice(tunnel)
+
+    async def _splice(self, tunnel: Tunnel) -> bool:
+        """Hand this connection to ``tunnel`` (its head went out) and wait until the tunnel ends."""
         self.websocket = True
-        pending = bytes(self.ws_buffer or b"")  # what the client sent after its handshake
+        pending = bytes(self.ws_buffer or b"")  # what the client sent after its handshake or CONNECT
         self.ws_buffer = None
         self.reading_paused = False  # the tunnel resumes reading and does its own flow control now
         # The tunnel becomes this transport's protocol; this connection still hears of its end.

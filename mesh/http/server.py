@@ -9,6 +9,9 @@ both ways. Requests on a connection are served one at a time and in order
 (keep-alive, pipelining). A WebSocket handshake is checked here; once the
 handler's upstream answered it with a 101, the 101 goes to the client and
 the two connections become one byte tunnel (`mesh.http.websocket.Tunnel`).
+A proxy's listener (``proxy=True``) takes CONNECT requests too: once the
+handler answers one with a 2xx carrying a tunnel to the host it names, the
+connection becomes the same kind of tunnel.
 Interim responses (103 Early Hints, ...) that arrive before the final one
 are written to HTTP/1.1 clients as they come.
 
@@ -331,14 +334,18 @@ class Listener:
     the response is written (or its body broke off): ``started`` and
     ``answered`` are the `time.monotonic` values when the request's head had
     arrived and when the handler returned, ``received`` and ``sent`` the
-    body bytes each way. It must not raise.
+    body bytes each way. It must not raise. With ``proxy`` the listener is a
+    forward proxy's (an app's ``HTTP_PROXY``): CONNECT requests reach the
+    handler (`mesh.http.receive`); elsewhere they get 405.
     """
 
     def __init__(self, handler: RequestHandler, *, name: str, host: str = "127.0.0.1",
                  port: int = 0, tls: ssl.SSLContext | None = None,
-                 limits: ServerLimits | None = None, on_done: RequestDone | None = None) -> None:
+                 limits: ServerLimits | None = None, on_done: RequestDone | None = None,
+                 proxy: bool = False) -> None:
         self.handler = handler
         self.on_done = on_done
+        self.proxy = proxy
         self.name = name
         self.host = host
         self.port = port

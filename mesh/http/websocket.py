@@ -7,6 +7,10 @@ What a proxy must still check is the handshake itself: that a client's
 request is one (a key of 16 bytes, version 13), and that the upstream's
 101 answers *that* request (its ``Sec-WebSocket-Accept``), so a
 connection turns into raw bytes only when both ends agreed to it.
+
+A CONNECT (an app's HTTPS through its sidecar, `mesh.sidecar.egress`) is
+carried by the same `Tunnel`: `open_tunnel` makes its upstream side, a TCP
+connection to the host the CONNECT named.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Callable
 
 from mesh.http.framing import HIGH_WATER
 
-__all__ = ["GUID", "Tunnel", "accept", "check_switch", "valid_key"]
+__all__ = ["GUID", "Tunnel", "accept", "check_switch", "open_tunnel", "valid_key"]
 
 log = logging.getLogger("mesh.websocket")
 
@@ -243,3 +247,46 @@ class Tunnel:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+
+
+class _Opening(asyncio.Protocol):
+    """A connection on its way to becoming a tunnel's upstream side: what arrives meanwhile, kept."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.data = bytearray()
+        self.eof = False
+        self.lost: tuple[Exception | None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) > HIGH_WATER and self.transport is not None:
+            self.transport.pause_reading()  # the tunnel resumes it
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # the tunnel decides whether the other direction stays open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = (exc,)
+
+
+async def open_tunnel(host: str, port: int, *, connect_timeout: float, idle_timeout: float) -> Tunnel:
+    """A `Tunnel` whose upstream side is a new TCP connection to ``host``:``port`` (a CONNECT's).
+
+    Raises TimeoutError after ``connect_timeout`` seconds, OSError when the connection is refused or
+    unreachable. Whatever the host sends or does before the client's side is spliced in waits in
+    the tunnel, as after a 101.
+    """
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(connect_timeout):
+        transport, opening = await loop.create_connection(_Opening, host, port)
+    tunnel = Tunnel(loop, transport, bytes(opening.data), idle_timeout)
+    if opening.eof and not tunnel.upstream.eof_received():
+        transport.close()  # its other direction cannot stay open alone
+    if opening.lost is not None:
+        tunnel.upstream.connection_lost(opening.lost[0])
+    return tunnel

@@ -8,6 +8,8 @@
     GET  /registry       token    the registry, and each backend as this sidecar sees it
     PUT  /registry       token    a new registry: {"services": {name: ["host:port", ...]}}
     POST /certs/reload   token    load cert.pem, key.pem and ca.pem again
+    POST /reload/STEP    token    a step of `mesh reload`: prepare, commit, finish, rollback, abort
+                                  (`mesh.sidecar.reload`; body {"version": V})
     GET  /tap            token    each request as it passes, one JSON line each (`mesh.observe.tap`);
                                   query: path=GLOB peer=NAME status=5xx direction=inbound bodies=N secrets=1
 
@@ -39,6 +41,7 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
@@ -47,6 +50,7 @@ from mesh.chain import short_error
 from mesh.messages import Request, Response
 from mesh.observe.metrics import CONTENT_TYPE
 from mesh.observe.tap import Filter
+from mesh.sidecar.reload import ReloadRefused
 
 if TYPE_CHECKING:
     from mesh.sidecar.sidecar import Sidecar
@@ -171,6 +175,8 @@ class SidecarAdmin:
         self.router.add("PUT", "/registry", self.put_registry)
         self.router.add("POST", "/certs/reload", self.reload_certificates)
         self.router.add("GET", "/tap", self.tap)
+        for step in ("prepare", "commit", "finish", "rollback", "abort"):
+            self.router.add("POST", f"/reload/{step}", partial(self.reload, step))
 
     async def __call__(self, request: Request) -> Response:
         return await self.router(request)
@@ -189,7 +195,7 @@ class SidecarAdmin:
 
     async def config(self, request: Request) -> Response:
         s = self.sidecar
-        return Response.json({"service": s.service, "mesh": s.config.name,
+        return Response.json({"service": s.service, "mesh": s.config.name, "version": s.version,
                               "listeners": s.addresses(), "app": f"{s.app.host}:{s.app.port}",
                               "registry": s.registry.as_dict(), "lb": s.balancer.policy,
                               "plugins": [name for name, _ in s.inbound.plugins],
@@ -227,6 +233,27 @@ class SidecarAdmin:
         first = {"tap": "started", "service": s.service, "instance": s.observer.instance}
         return Response(200, s.tap.stream(subscriber, first),
                         {"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
+
+    async def reload(self, step: str, request: Request) -> Response:
+        reloads = self.sidecar.reloads
+        try:
+            data = json.loads(await request.read(limit=1 << 16) or b"{}")
+        except ValueError:
+            data = None
+        wanted = data.get("version") if isinstance(data, dict) else None
+        if not isinstance(wanted, str) and step not in ("prepare", "abort"):
+            return short_error(400, 'expected {"version": "..."}')
+        try:
+            if step == "prepare":
+                return Response.json({"version": await reloads.prepare(wanted)})
+            if step == "abort":
+                await reloads.abort()
+            else:
+                assert isinstance(wanted, str)
+                await {"commit": reloads.commit, "finish": reloads.finish, "rollback": reloads.rollback}[step](wanted)
+        except ReloadRefused as exc:
+            return short_error(409, str(exc))
+        return Response(204)
 
     async def reload_certificates(self, request: Request) -> Response:
         s = self.sidecar

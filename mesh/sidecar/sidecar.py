@@ -6,12 +6,15 @@
     outside (expose) ▶ public listener ┴▶ inbound chain ──▶ app (loopback)
                                            └ a plugin's UPSTREAM ──▶ outbound chain
     app ─────────────▶ outbound listener ▶ outbound chain ─▶ route check ─▶ peer's mesh listener
+                                         │                  └ egress check ─▶ host outside the mesh
+                                         └ CONNECT ─────────── egress check ─▶ tunnel to host:port
     operator ────────▶ admin listener (loopback): /healthz /readyz /config /registry
 
 A service's inbound chain starts with the built-in layers of
 `mesh.sidecar.inbound` (identity, route policy, the caller's deadline), then its
 ``plugins``; its outbound chain is its ``outbound`` plugins, then the
 built-in layers of `mesh.sidecar.resilience` (deadline, circuit breaker, retry).
+Per-route plugins join them where `mesh.sidecar.route_chains` says.
 The listeners only record what the connection says (`mesh.sidecar.inbound`):
 the layers decide.
 
@@ -49,7 +52,8 @@ from typing import Any
 
 from mesh import config as config_mod
 from mesh.chain import Chain, short_error
-from mesh.config import MeshConfig, build_plugins
+from mesh.config import MeshConfig
+from mesh.config.version import version
 from mesh.errors import UpstreamError
 from mesh.http.client import Endpoint, Limits, Pool
 from mesh.http.headers import PEER_HEADER, request_id, set_forwarded, strip_keeping_upgrade
@@ -59,15 +63,17 @@ from mesh.messages import Request, Response
 from mesh.observe.accesslog import AccessLog
 from mesh.observe.tracing import Tracer
 from mesh.plugin import Context
+from mesh.sidecar import dns_registry
 from mesh.sidecar.admin import AdminToken, SidecarAdmin
 from mesh.sidecar.balancer import Backend, Balancer
+from mesh.sidecar.egress import EGRESS, EgressPolicy, EgressProxy
 from mesh.sidecar.identity import Identity
 from mesh.sidecar.inbound import INBOUND, Inbound, policy_denials
-from mesh.sidecar.inbound import with_defaults as with_inbound_defaults
 from mesh.sidecar.observing import ROUTE, SPAN, UPSTREAM_STARTED, Observer, route_label
 from mesh.sidecar.registry import Registry
+from mesh.sidecar.reload import Generation, Reloads
 from mesh.sidecar.resilience import DEADLINE_HEADER, OUTBOUND, Outbound, Retry
-from mesh.sidecar.resilience import with_defaults as with_outbound_defaults
+from mesh.sidecar.route_chains import inbound_chain, outbound_chain
 from mesh.sidecar.routes import Policy
 
 __all__ = ["Ports", "Sidecar", "main"]
@@ -100,6 +106,13 @@ def _choosers(config: MeshConfig) -> dict[str, Any]:
     return choosers
 
 
+def _version_of(config: MeshConfig) -> str:
+    try:
+        return version(config)
+    except OSError:  # a config made in code, with no file behind it
+        return "unversioned"
+
+
 class Sidecar:
     def __init__(self, config: MeshConfig, service: str, ports: Ports, *,
                  registry: Registry | None = None, host: str = "127.0.0.1",
@@ -114,31 +127,33 @@ class Sidecar:
         self.spec = config.services[service]
         self.ports = ports
         self.registry = registry or Registry()
-        self.policy = Policy(config.routes, config.mode)
         self.identity = identity
         self.pool = Pool(upstream_limits, verify_peer=self._verify_peer)
         self.app = Endpoint(app_host, ports.app)
-        self.timeout = self.spec.timeout
         self.balancer = Balancer(self.registry, config.defaults.lb, config.defaults.outlier,
                                  endpoint=self._endpoint, choosers=_choosers(config))
-        self.outbound_settings = Outbound(config, service)
-        self.inbound_settings = Inbound(config, service, self.policy)
         self.tracer = Tracer(service, config.tracing)
         self.observer = Observer(service, frozenset(config.services), instance, access_log, self.tracer)
         self.denials = policy_denials(self.observer.plugin_metrics("policy"))  # what _to_peer refuses
+        self.egress = EgressProxy(config, service, upstream_limits, denials=self.denials)
         self.tap = self.observer.tap  # while someone taps with bodies, the entry points keep them (Observer.tapped)
         # Without metrics or an access log nothing is recorded per request (the benchmark's baseline).
         observer = self.observer if metrics or self.observer.access_log is not None else None
-        self.inbound = Chain(with_inbound_defaults(build_plugins(self.spec.plugin_specs)), self._to_app, observer)
-        self.outbound = Chain(with_outbound_defaults(build_plugins(self.spec.outbound_specs)), self._to_peer,
-                              observer)
+        self._meter = observer
+        # What mesh.toml sets that `mesh reload` can change, set by `use` (mesh.sidecar.reload).
+        self.policy: Policy
+        self.timeout: Any
+        self.outbound_settings: Outbound
+        self.inbound_settings: Inbound
+        self.inbound: Chain
+        self.outbound: Chain
+        self._app_retry: Chain
+        self.reloads = Reloads(self, self.generation(config, _version_of(config)))
+        self.use(self.reloads.current)
 
         def done(direction: str) -> Any:
             return partial(observer.done, direction) if observer is not None else None
 
-        # A call to the own app that a plugin asked to have retried (request.state[RETRIES]) is retried
-        # by the same layer as outbound calls; by default (no RETRIES) it is never sent twice.
-        self._app_retry = Chain([("mesh.app (retry)", Retry(attempts=1))], self._try_app)
         self._app_backend = Backend(service, app_host, ports.app, self.app)
         limits = replace(limits or ServerLimits(), underscores_in_headers=self.spec.underscores_in_headers)
         # What protects the app from slow clients applies where requests come in for it.
@@ -148,7 +163,7 @@ class Sidecar:
             "mesh": Listener(self._from_mesh, name="mesh", host=host, port=ports.mesh, limits=inbound,
                              tls=identity.server if identity else None, on_done=done("inbound")),
             "outbound": Listener(self._from_app, name="outbound", host="127.0.0.1",
-                                 port=ports.outbound, limits=limits, on_done=done("outbound")),
+                                 port=ports.outbound, limits=limits, on_done=done("outbound"), proxy=True),
             "admin": Listener(self._admin, name="admin", host="127.0.0.1", port=ports.admin, limits=limits),
         }
         if ports.public is not None:
@@ -160,17 +175,50 @@ class Sidecar:
 
     # lifecycle
 
+    def generation(self, config: MeshConfig, version: str) -> Generation:
+        """What ``config`` sets in this sidecar: its chains built, not started, not in use (`use`)."""
+        spec = config.services[self.service]
+        policy = Policy(config.routes, config.mode)
+        inbound = inbound_chain(spec, self._to_app, self._meter)
+        outbound = outbound_chain(config, self.service, self._to_peer, self._meter)
+        # A call to the own app that a plugin asked to have retried (request.state[RETRIES]) is retried
+        # by the same layer as outbound calls; by default (no RETRIES) it is never sent twice.
+        app_retry = Chain([("mesh.app (retry)", Retry(attempts=1))], self._try_app)
+        attributes = {"config": config, "spec": spec, "policy": policy, "timeout": spec.timeout,
+                      "outbound_settings": Outbound(config, self.service),
+                      "inbound_settings": Inbound(config, self.service, policy),
+                      "inbound": inbound, "outbound": outbound, "_app_retry": app_retry,
+                      "egress_policy": EgressPolicy(config.egress, config.mode, frozenset(config.services))}
+        return Generation(config, version, attributes, (inbound, outbound, app_retry))
+
+    def use(self, generation: Generation) -> None:
+        """Serve ``generation`` from the next request on: one synchronous step, never half of it."""
+        for name, value in generation.attributes.items():
+            if name == "egress_policy":
+                self.egress.policy = value
+            else:
+                setattr(self, name, value)
+
+    def context(self, generation: Generation) -> Context:
+        """What ``generation``'s plugins get at start."""
+        config, attributes = generation.config, generation.attributes
+        ctx = Context(service=self.service, mesh=config.name, root=config.root)
+        ctx.state[OUTBOUND] = attributes["outbound_settings"]
+        ctx.state[INBOUND] = attributes["inbound_settings"]
+        return ctx
+
+    @property
+    def version(self) -> str:
+        """The version of mesh.toml and plugin code this sidecar serves (`mesh.config.version`)."""
+        return self.reloads.version
+
     async def start(self) -> None:
-        ctx = Context(service=self.service, mesh=self.config.name, root=self.config.root)
-        ctx.state[OUTBOUND] = self.outbound_settings
-        ctx.state[INBOUND] = self.inbound_settings
         log_file = self.observer.access_log
         if log_file is not None:
             log_file.start()
-        await self.inbound.start(ctx)
+        current = self.reloads.current
+        await current.start(self.context(current))
         try:
-            await self.outbound.start(ctx)
-            await self._app_retry.start(ctx)
             for listener in self.listeners.values():
                 await listener.start()
         except BaseException:
@@ -183,10 +231,10 @@ class Sidecar:
         self.tap.close()  # its streams end, so the admin listener can close
         for listener in self.listeners.values():
             await listener.stop()
-        await self._app_retry.stop()
-        await self.outbound.stop()
-        await self.inbound.stop()
+        await self.reloads.close()
+        await self.reloads.current.stop()
         await self.pool.close()
+        await self.egress.close()
         if self.observer.access_log is not None:
             self.observer.access_log.close()
         await self.tracer.close()
@@ -287,14 +335,20 @@ class Sidecar:
         target = target.lower()
         if not target:
             return short_error(400, "no service named: send Host: <service> or http://<service>/...")
-        if target not in self.config.services:
-            return short_error(502, f"unknown service '{target}'")
         request.headers.popall(PEER_HEADER, None)
         self._prepare(request)
         request.peer = self.service
         state = request.state
         state[LISTENER] = "outbound"
-        state[UPSTREAM] = target
+        if request.method == "CONNECT":  # a tunnel outside the mesh: only the egress rules, no plugins
+            state[SPAN] = self.tracer.begin(request.headers)
+            return await self.egress.connect(request)
+        if target in self.config.services:
+            state[UPSTREAM] = target
+        else:  # a host outside the mesh: the egress rules decide at the end of the chain (_to_peer)
+            refused = self.egress.accept(request)
+            if refused is not None:
+                return refused
         state[SPAN] = self.tracer.begin(request.headers)
         if self.tap.bodies:
             return await self.observer.tapped(self.outbound, request)
@@ -304,6 +358,8 @@ class Sidecar:
         state = request.state
         target = state.get(UPSTREAM) or ""
         if target not in self.config.services:
+            if not target and state.get(EGRESS):
+                return await self.egress.forward(request)
             raise UpstreamError(502, f"unknown service '{target}'")
         decision = self.policy.check(self.service, target, request.method, request.path)
         if not decision.allowed:
@@ -390,6 +446,12 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--public-host", default="127.0.0.1",
                         help="address of the public listener (default: %(default)s)")
     parser.add_argument("--registry", help="JSON file: {\"services\": {name: [\"host:port\", ...]}}")
+    parser.add_argument("--registry-dns", action="append", default=[], metavar="SERVICE=HOST:PORT",
+                        help="keep SERVICE's instances equal to the addresses HOST resolves to, each on PORT, "
+                             "resolved again every --registry-dns-every seconds (Docker Swarm: "
+                             "tasks.<swarm service>); repeat for each service")
+    parser.add_argument("--registry-dns-every", type=float, default=1.0, metavar="SECONDS",
+                        help="seconds between two resolutions of a --registry-dns name (default: %(default)s)")
     parser.add_argument("--tls", metavar="DIR",
                         help="folder with cert.pem, key.pem and ca.pem: mutual TLS between sidecars "
                              "(without it the mesh listener is plain HTTP: development only)")
@@ -453,6 +515,12 @@ def main(args: Any) -> int:
                   admin=args.admin_port, public=public)
     registry = Registry.read(args.registry) if args.registry else Registry()
     try:
+        dns_names = dns_registry.parse_names(args.registry_dns, config.services)
+        watcher = dns_registry.DnsRegistry(registry, dns_names, args.registry_dns_every) if dns_names else None
+    except ValueError as exc:
+        print(f"--registry-dns: {exc}")
+        return 2
+    try:
         identity = Identity(args.tls, config.name) if args.tls else None
     except (OSError, ValueError) as exc:
         print(f"--tls {args.tls}: cannot load cert.pem, key.pem and ca.pem: {exc}")
@@ -476,7 +544,7 @@ def main(args: Any) -> int:
     from mesh.runner import run
 
     try:
-        run(serve(sidecar))
+        run(dns_registry.serving(serve(sidecar), watcher))
     except (PluginError, OSError, RuntimeError) as exc:
         print(f"sidecar {args.service}: {exc}")
         return 1

@@ -167,7 +167,7 @@ def test_check_shows_scale_instances_lifecycle_and_max_pending(tmp_path: Path,
     ("fro", "routes[0]: unknown option 'fro', did you mean 'from'?"),
     ("source", "routes[0]: unknown option 'source', did you mean 'from'?"),
     ("colour", "routes[0]: unknown option 'colour' (known: from, max_pending, methods, mode, paths, "
-               "retries, stream_idle_timeout, timeout, to)"),
+               "plugins, retries, stream_idle_timeout, timeout, to)"),
 ])
 def test_an_unknown_route_key_names_from_not_source(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      key: str, problem: str) -> None:

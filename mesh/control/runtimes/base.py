@@ -351,14 +351,16 @@ class Runtime(ABC):
 
     def app_environment(self, instance: Instance, outbound: int) -> dict[str, str]:
         """What every app finds in its environment: the service's ``env``, then ``PORT``,
-        ``HTTP_PROXY`` (its sidecar's outbound listener on loopback port ``outbound``),
-        ``NO_PROXY``, ``MESH_SERVICE`` and ``MESH_INSTANCE``."""
+        ``HTTP_PROXY`` and ``HTTPS_PROXY`` (its sidecar's outbound listener on loopback port
+        ``outbound``: HTTPS goes as CONNECT, `mesh.sidecar.egress`), ``NO_PROXY``, ``MESH_SERVICE``
+        and ``MESH_INSTANCE``."""
         service = self.config.services[instance.service]
         env = {k: str(v) for k, v in service.env.items()}
         proxy = f"http://127.0.0.1:{outbound}"
         env.update({
             "PORT": str(instance.ports["app"]),
             "HTTP_PROXY": proxy, "http_proxy": proxy,
+            "HTTPS_PROXY": proxy, "https_proxy": proxy,
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
             "MESH_SERVICE": instance.service,
             "MESH_INSTANCE": str(instance.index),

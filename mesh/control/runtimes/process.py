@@ -185,8 +185,8 @@ class ProcessRuntime(Runtime):
         env.setdefault("PYTHONUNBUFFERED", "1")  # app output is piped; show it as it happens
         env.update(self.app_environment(instance, instance.ports["outbound"]))
         env[RUN_VARIABLE] = self.run_id
-        # An app of this mesh never proxies HTTPS through the sidecar.
-        for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        # An app of this mesh proxies through its sidecar only (HTTP_PROXY, HTTPS_PROXY above).
+        for key in ("ALL_PROXY", "all_proxy"):
             env.pop(key, None)
         return env
 

@@ -1,0 +1,244 @@
+"""Egress end to end: `mesh up` on the process runtime, apps calling servers outside the mesh.
+
+The "outside" servers run in this process on 127.0.0.2, a loopback address no part of the mesh;
+the apps reach them the way any HTTP client does, through HTTP_PROXY and HTTPS_PROXY (CONNECT),
+and their sidecars apply the [[egress]] entries. A process may also skip its sidecar: the
+process runtime has no firewall (docs/config.md says so); the last check shows it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..docker_support import Leftovers, base_image, docker_engine  # noqa: F401
+from ..harness import MeshMaker, app, docker_build, fetch, free_port, unique_name
+
+pytestmark = pytest.mark.slow
+
+OUTSIDE = "127.0.0.2"
+
+# GET /get?url=...: the app fetches url as any client would (the proxies from its environment, the
+# CA file in $CA for https) and answers with what came back; /direct?port=N: a TCP connection of its own.
+CALLER = app('''
+    import ssl
+
+    class Handler(Base):
+        def do_GET(self):
+            url = urlparse(self.path)
+            query = parse_qs(url.query)
+            if url.path == "/direct":
+                with socket.create_connection(("127.0.0.2", int(query["port"][0])), timeout=10) as sock:
+                    sock.sendall(b"GET /direct HTTP/1.0\\r\\nHost: 127.0.0.2\\r\\n\\r\\n")
+                    return self.reply(200, sock.recv(65536))
+            context = ssl.create_default_context(cafile=os.environ["CA"])
+            try:
+                with urllib.request.urlopen(query["url"][0], timeout=20, context=context) as answer:
+                    return self.reply(answer.status, answer.read())
+            except urllib.error.HTTPError as error:
+                return self.reply(error.code, error.read())
+            except urllib.error.URLError as error:
+                return self.reply(599, str(error.reason).encode())
+''')
+
+
+class _Outside(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = f"outside {self.path} host={self.headers['Host']} peer={self.headers.get('x-mesh-peer')}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.2 and its key, made for this test."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "outside")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(OUTSIDE))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "outside.pem", folder / "outside.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
+    """An HTTP and an HTTPS server on 127.0.0.2 (their ports), and the CA file that trusts the second."""
+    cert, key = _certificate(tmp_path)
+    plain = ThreadingHTTPServer((OUTSIDE, 0), _Outside)
+    secure = ThreadingHTTPServer((OUTSIDE, 0), _Outside)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    secure.socket = context.wrap_socket(secure.socket, server_side=True)
+    threads = [threading.Thread(target=server.serve_forever, daemon=True) for server in (plain, secure)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield plain.server_address[1], secure.server_address[1], cert
+    finally:
+        for server in (plain, secure):
+            server.shutdown()
+            server.server_close()
+        for thread in threads:
+            thread.join(timeout=10)
+
+
+def test_apps_reach_only_the_hosts_their_egress_entries_allow(make_mesh: MeshMaker,
+                                                             outside: tuple[int, int, Path]) -> None:
+    http_port, https_port, cert = outside
+    web, other = free_port(), free_port()
+    mesh = make_mesh("egress", f"""
+[services.web]
+command = "python app.py"
+expose = {web}
+env = {{ CA = "{cert}" }}
+
+[services.other]
+command = "python app.py"
+expose = {other}
+env = {{ CA = "{cert}" }}
+
+[[egress]]
+from = "web"
+hosts = ["{OUTSIDE}"]
+ports = [{http_port}]
+paths = ["/allowed/*"]
+
+[[egress]]
+from = "web"
+hosts = ["{OUTSIDE}"]
+ports = [{https_port}]
+""", CALLER)
+    popen = mesh.up()
+    state = mesh.wait_phase("running")
+
+    def get(port: int, url: str) -> tuple[int, str]:
+        answer = fetch(f"http://127.0.0.1:{port}/get?url={quote(url, safe='')}")
+        return answer.status, answer.text
+
+    # Plain HTTP through HTTP_PROXY: the allowed path reaches the host, with the app's Host and no mesh header.
+    status, text = get(web, f"http://{OUTSIDE}:{http_port}/allowed/x?q=1")
+    assert (status, text) == (200, f"outside /allowed/x?q=1 host={OUTSIDE}:{http_port} peer=None")
+    # Any other path, and any host or port no entry names: 403 naming the host.
+    for url in (f"http://{OUTSIDE}:{http_port}/secret", f"http://{OUTSIDE}:{https_port + 1}/allowed/x"):
+        status, text = get(web, url)
+        assert status == 403 and OUTSIDE in text and "[[egress]]" in text, (url, text)
+    # HTTPS through HTTPS_PROXY: a CONNECT tunnel, TLS end to end between the app and the host.
+    assert get(web, f"https://{OUTSIDE}:{https_port}/tls") == (200, f"outside /tls host={OUTSIDE}:{https_port} "
+                                                                     f"peer=None")
+    # A service with no entry reaches nothing outside, either way.
+    status, text = get(other, f"http://{OUTSIDE}:{http_port}/allowed/x")
+    assert status == 403 and OUTSIDE in text
+    status, text = get(other, f"https://{OUTSIDE}:{https_port}/tls")
+    assert status == 599 and "403" in text  # urllib: the tunnel was refused
+
+    admin = next(i["addresses"]["admin"] for i in state["instances"] if i["service"] == "web")
+    found = [(s.labels, s.value) for family in text_string_to_metric_families(fetch(f"http://{admin}/metrics").text)
+             for s in family.samples if s.name == "mesh_requests_total"]
+    assert sum(value for labels, value in found if labels["route"] == "web->egress") == 4
+    assert sum(value for labels, value in found
+               if labels["route"] == "web->egress" and labels["method"] == "CONNECT") == 1
+
+    # The process runtime has no firewall: a process that skips its sidecar is not stopped (documented).
+    assert fetch(f"http://127.0.0.1:{other}/direct?port={http_port}").text.startswith("HTTP/1.0 200")
+
+    popen.terminate()
+    assert popen.wait(timeout=60) == 0
+
+
+# On Docker: for every address on purpose; /direct?host=H&port=N: a TCP connection of its own.
+DOCKER_CALLER = app('''
+    class Handler(Base):
+        def do_GET(self):
+            url = urlparse(self.path)
+            query = parse_qs(url.query)
+            if url.path == "/healthz":
+                return self.reply(200, b"ok")
+            if url.path == "/direct":
+                try:
+                    with socket.create_connection((query["host"][0], int(query["port"][0])), timeout=5):
+                        return self.reply(200, b"open")
+                except OSError as error:
+                    return self.reply(200, type(error).__name__.encode())
+            try:
+                with urllib.request.urlopen(query["url"][0], timeout=20) as answer:
+                    return self.reply(answer.status, answer.read())
+            except urllib.error.HTTPError as error:
+                return self.reply(error.code, error.read())
+''', host="0.0.0.0")
+
+
+@pytest.mark.docker
+def test_on_docker_the_apps_only_way_out_is_its_sidecar(make_mesh: MeshMaker, docker_engine: Any,
+                                                        base_image: str) -> None:
+    """The namespace firewall refuses every new connection out but to other sidecars: the app's own,
+    and (today) the sidecar's too, so an allowed egress call gets 502 there; a denied one gets 403.
+
+    The "outside" host is a container on a network this test creates, never an outside address.
+    """
+    record = Leftovers(docker_engine)
+    try:
+        network = docker_engine.networks.create(unique_name("egress"), driver="bridge",
+                                                labels={"mesh.test": "egress"})
+        record.network(network.id)
+        server = docker_engine.containers.run(base_image, ["python3", "-m", "http.server", "8080"], detach=True,
+                                              network=network.id, labels={"mesh.test": "egress"})
+        record.container(server.id)
+        server.reload()
+        host = server.attrs["NetworkSettings"]["Networks"][network.name]["IPAddress"]
+        mesh = make_mesh(unique_name(), f"""
+[services.web]
+build = "app"
+port = 8000
+expose = {free_port()}
+health = "/healthz"
+
+[[egress]]
+from = "web"
+hosts = ["{host}"]
+ports = [8080]
+""", None, files=docker_build(DOCKER_CALLER), engine=docker_engine)
+        done = mesh.run("up", "-d", "--runtime", "docker")
+        assert done.returncode == 0, f"mesh up -d failed:\n{done.stdout}\n{done.stderr}"
+        public = mesh.state()["instances"][0]["public"]
+
+        def get(url: str) -> tuple[int, str]:
+            answer = fetch(f"{public}/get?url={quote(url, safe='')}")
+            return answer.status, answer.text
+
+        status, text = get(f"http://{host}:8081/")
+        assert status == 403 and f"{host}:8081" in text and "[[egress]]" in text
+        status, text = get(f"http://{host}:8080/")
+        assert status == 502 and f"cannot connect to {host}:8080: connection refused" in text
+        assert fetch(f"{public}/direct?host={host}&port=8080").text == "ConnectionRefusedError"
+        assert mesh.run("down").returncode == 0
+    finally:
+        failures = record.remove_all()
+        assert not failures, f"could not remove what the test created: {failures}"

@@ -1,0 +1,161 @@
+"""`mesh reload` on a running mesh (process runtime): under steady load, nothing fails, and a broken edit
+changes nothing."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from ..harness import ECHO_APP, MeshMaker, by_label, fetch, free_port, wait_until
+
+MESH = """
+plugin_path = ["."]
+
+[services.web]
+command = "python app.py web"
+expose = {public}
+plugins = [ {{ use = "tag.py:Tag" }} ]
+
+[services.api]
+command = "python app.py api"
+{routes}{more}
+"""
+
+ROUTE = """
+[[routes]]
+from = "web"
+to = "api"
+"""
+
+TAG = '''
+from mesh import Plugin
+{fault}
+
+class Tag(Plugin):
+    async def handle(self, request, call_next):
+        response = await call_next(request)
+        response.headers["x-tag"] = "{value}"
+        return response
+'''
+
+
+class Load:
+    """GET / through web's public listener, one after another, until stopped (at most 10 minutes)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.tags: list[str | None] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 600
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url, timeout=30) as response:
+                    self.tags.append(response.headers.get("x-tag"))
+            except (urllib.error.URLError, OSError) as exc:
+                self.failures.append(repr(exc))
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+def write(mesh: Any, value: str, *, fault: str = "", routes: str = "", more: str = "") -> None:
+    (mesh.folder / "tag.py").write_text(TAG.format(value=value, fault=fault))
+    (mesh.folder / "mesh.toml").write_text(f'[mesh]\nname = "{mesh.name}"\n'
+                                           + MESH.format(public=mesh.public, routes=routes, more=more))
+
+
+@pytest.mark.slow
+def test_reload_under_load_applies_everything_or_nothing(make_mesh: MeshMaker) -> None:
+    public = free_port()
+    mesh = make_mesh("live", MESH.format(public=public, routes="", more=""), ECHO_APP,
+                     files={"tag.py": TAG.format(value="one", fault="")})
+    mesh.public = public
+    mesh.up()
+    state = mesh.wait_phase("running")
+    first = state["version"]
+    api_pid = by_label(state)["api"]["pids"]["app"]
+    assert fetch(f"http://127.0.0.1:{public}/call/api/x").status == 403  # no route yet
+    load = Load(f"http://127.0.0.1:{public}/")
+    try:
+        wait_until(lambda: len(load.tags) >= 5, timeout=60, what="the load to run")
+
+        # v2 of the plugin and a route added: applied at once, nothing restarted.
+        write(mesh, "two", routes=ROUTE)
+        done = mesh.run("reload")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "reloaded: version" in done.stdout
+        wait_until(lambda: load.tags[-1:] == ["two"], timeout=30, what="v2 serving")
+        assert fetch(f"http://127.0.0.1:{public}/call/api/x").status == 200
+        state = mesh.ps()
+        second = state["version"]
+        assert second != first and {i["version"] for i in state["instances"]} == {second}
+        assert by_label(state)["api"]["pids"]["app"] == api_pid
+
+        # A plugin that raises at import, then a typo: refused, v2 keeps serving.
+        write(mesh, "three", fault="raise RuntimeError('broken at import')", routes=ROUTE)
+        done = mesh.run("reload")
+        assert done.returncode != 0 and "broken at import" in done.stderr, done.stdout + done.stderr
+        write(mesh, "three", routes=ROUTE, more="colour = 'red'")
+        done = mesh.run("reload")
+        assert done.returncode != 0 and "colour" in done.stderr
+        before = len(load.tags)
+        wait_until(lambda: len(load.tags) >= before + 5, timeout=60, what="more requests")
+        assert set(load.tags[before:]) == {"two"}
+        assert (mesh.state() or {})["version"] == second  # (`mesh ps` needs a valid mesh.toml)
+
+        # A service added, one whose command changed: the first started, the second replaced.
+        write(mesh, "two", routes=ROUTE, more='[services.extra]\ncommand = "python app.py extra"\n'
+                                              '[services.api.env]\nCOLOUR = "blue"\n')
+        done = mesh.run("reload")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "started extra" in done.stdout and "restarted api" in done.stdout
+        state = mesh.ps()
+        running = {i["service"]: i for i in state["instances"] if i["state"] == "running"}
+        assert set(running) == {"web", "api", "extra"}
+        assert running["api"]["pids"]["app"] != api_pid
+        assert fetch(f"http://127.0.0.1:{public}/call/api/x").status == 200
+
+        # ...and removed again.
+        write(mesh, "two", routes=ROUTE)
+        done = mesh.run("reload")
+        assert done.returncode == 0 and "stopped extra" in done.stdout, done.stdout + done.stderr
+        assert {i["service"] for i in mesh.ps()["instances"] if i["state"] == "running"} == {"web", "api"}
+    finally:
+        load.stop()
+    assert load.failures == [], load.failures[:5]
+    assert len(load.tags) > 20
+
+
+def test_reload_says_so_when_nothing_runs(make_mesh: MeshMaker) -> None:
+    mesh = make_mesh("idle", MESH.format(public=free_port(), routes="", more=""), ECHO_APP,
+                     files={"tag.py": TAG.format(value="one", fault="")})
+    done = mesh.run("reload")
+    assert done.returncode == 1 and "not running" in done.stderr
+
+
+def test_up_watch_reloads_an_edited_plugin(make_mesh: MeshMaker) -> None:
+    public = free_port()
+    mesh = make_mesh("watched", MESH.format(public=public, routes="", more=""), ECHO_APP,
+                     files={"tag.py": TAG.format(value="one", fault="")})
+    mesh.public = public
+    mesh.up("--watch")
+    mesh.wait_phase("running")
+    assert fetch(f"http://127.0.0.1:{public}/").headers.get("x-tag") == "one"
+    (mesh.folder / "tag.py").write_text(TAG.format(value="two", fault=""))
+    wait_until(lambda: fetch(f"http://127.0.0.1:{public}/").headers.get("x-tag") == "two", timeout=60,
+               what="the edited plugin to serve")
+    (mesh.folder / "tag.py").write_text(TAG.format(value="three", fault="raise RuntimeError('half saved')"))
+    wait_until(lambda: "reload refused" in mesh.output(), timeout=60, what="the broken edit refused")
+    assert fetch(f"http://127.0.0.1:{public}/").headers.get("x-tag") == "two"
