@@ -362,6 +362,10 @@ class Pool:
         response._upgrade = tunnel
         return response
 
+    def idle(self) -> dict[Endpoint, int]:
+        """How many connections are kept alive for reuse, by endpoint (for ``/metrics``)."""
+        return {endpoint: len(conns) for endpoint, conns in self._idle.items() if conns}
+
     def close_idle(self) -> None:
         """Close every kept-alive connection; the pool stays open for new ones."""
         for idle in self._idle.values():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from cryptography import x509
 
 from mesh.http.client import Pool
 
-__all__ = ["CertInfo", "Identity", "describe", "fresh_pool", "service_of", "spiffe_id"]
+__all__ = ["HANDSHAKE_FAILURES", "CertInfo", "Identity", "describe", "fresh_pool", "service_of", "spiffe_id"]
 
 
 def spiffe_id(mesh: str, service: str) -> str:
@@ -97,8 +98,29 @@ class _Current(ssl.SSLContext):
                                       server_hostname=server_hostname, session=session)
 
 
+# TLS handshakes that failed in this process, by side ("server": a caller's; "client": ours to a peer)
+# and OpenSSL's reason, lower case ("certificate_verify_failed", "tlsv1_alert_unknown_ca", ...); a peer
+# whose verified certificate names another service counts as ("client", "wrong_peer").
+HANDSHAKE_FAILURES: Counter[tuple[str, str]] = Counter()
+
+
+class _Counted(ssl.SSLObject):
+    """An SSL object that counts the handshakes it fails (`HANDSHAKE_FAILURES`)."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            reason = (exc.reason or type(exc).__name__).lower()
+            HANDSHAKE_FAILURES["server" if self.server_side else "client", reason[:64]] += 1
+            raise
+
+
 def _context(protocol: int) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
+    ctx.sslobject_class = _Counted
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if protocol == ssl.PROTOCOL_TLS_CLIENT:
         # Peers are named by URI SAN, not DNS: the chain is verified by OpenSSL,
@@ -141,6 +163,7 @@ class Identity:
             ctx.load_verify_locations(ca)
         self.server.use(server)
         self.client.use(client)
+        self.expires = describe(self.folder / "cert.pem").not_after.timestamp()  # for /metrics
 
     def peer(self, transport: Any) -> str | None:
         """The calling service, from the verified certificate on ``transport``."""

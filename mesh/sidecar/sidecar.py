@@ -67,7 +67,7 @@ from mesh.sidecar import dns_registry
 from mesh.sidecar.admin import AdminToken, SidecarAdmin
 from mesh.sidecar.balancer import Backend, Balancer
 from mesh.sidecar.egress import EGRESS, EgressPolicy, EgressProxy
-from mesh.sidecar.identity import Identity
+from mesh.sidecar.identity import HANDSHAKE_FAILURES, Identity
 from mesh.sidecar.inbound import INBOUND, Inbound, policy_denials
 from mesh.sidecar.observing import ROUTE, SPAN, UPSTREAM_STARTED, Observer, route_label
 from mesh.sidecar.registry import Registry
@@ -75,6 +75,7 @@ from mesh.sidecar.reload import Generation, Reloads
 from mesh.sidecar.resilience import DEADLINE_HEADER, OUTBOUND, Outbound, Retry
 from mesh.sidecar.route_chains import inbound_chain, outbound_chain
 from mesh.sidecar.routes import Policy
+from mesh.sidecar.upstream_metrics import UpstreamMetrics
 
 __all__ = ["Ports", "Sidecar", "main"]
 
@@ -136,6 +137,7 @@ class Sidecar:
         self.observer = Observer(service, frozenset(config.services), instance, access_log, self.tracer)
         self.denials = policy_denials(self.observer.plugin_metrics("policy"))  # what _to_peer refuses
         self.egress = EgressProxy(config, service, upstream_limits, denials=self.denials)
+        self.observer.metrics.register(UpstreamMetrics(self))
         self.tap = self.observer.tap  # while someone taps with bodies, the entry points keep them (Observer.tapped)
         # Without metrics or an access log nothing is recorded per request (the benchmark's baseline).
         observer = self.observer if metrics or self.observer.access_log is not None else None
@@ -414,6 +416,7 @@ class Sidecar:
         assert self.identity is not None
         found = self.identity.peer(transport)
         if found != endpoint.peer:
+            HANDSHAKE_FAILURES["client", "wrong_peer"] += 1
             return (f"{endpoint.host}:{endpoint.port} presented the identity of "
                     f"{found or 'no mesh service'!r}, not {endpoint.peer!r}")
         return None
