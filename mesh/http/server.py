@@ -30,12 +30,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import Any
-
-from aiohttp import http_parser
 
 from mesh.chain import short_error
 from mesh.errors import ClientTimeout
@@ -63,15 +62,17 @@ _LINGER = 2.0  # seconds to read and drop what a client still sends after the re
 
 
 def check_parser() -> None:
-    """Refuse to serve unless both HTTP parsers in the process are C ones.
+    """Refuse to serve unless every HTTP parser in the process is a C one.
 
     The listeners parse with llhttp (httptools, a C extension with no Python
-    fallback). aiohttp stays in the process (the WebSocket client, plugins),
-    and its pure-Python parser (``AIOHTTP_NO_EXTENSIONS``) accepts
-    request-smuggling inputs (bare LF, obs-fold, conflicting lengths in
-    some versions) that llhttp rejects.
+    fallback). The sidecar itself never imports aiohttp, but a plugin may, and
+    its pure-Python parser (``AIOHTTP_NO_EXTENSIONS``) accepts request-smuggling
+    inputs (bare LF, obs-fold, conflicting lengths in some versions) that
+    llhttp rejects: listeners start after the plugins, so this sees theirs.
     """
-    if getattr(http_parser, "HttpRequestParserC", None) is not http_parser.HttpRequestParser:
+    http_parser = sys.modules.get("aiohttp.http_parser")
+    if http_parser is not None and \
+            getattr(http_parser, "HttpRequestParserC", None) is not http_parser.HttpRequestParser:
         raise RuntimeError(
             "aiohttp is running without its C HTTP parser (AIOHTTP_NO_EXTENSIONS set, or built "
             "without extensions); the sidecar will not serve on the pure-Python parser"

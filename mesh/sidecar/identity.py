@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
 from mesh.http.client import Pool
 
 __all__ = ["HANDSHAKE_FAILURES", "CertInfo", "Identity", "describe", "fresh_pool", "service_of", "spiffe_id"]
@@ -58,6 +56,8 @@ class CertInfo:
 
 
 def describe(cert_file: Path) -> CertInfo:
+    from cryptography import x509  # here: a sidecar that never describes a certificate never loads it (8 MB)
+
     cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
     uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
         .get_values_for_type(x509.UniformResourceIdentifier)
@@ -163,8 +163,14 @@ class Identity:
             ctx.load_verify_locations(ca)
         self.server.use(server)
         self.client.use(client)
-        self.expires = describe(self.folder / "cert.pem").not_after.timestamp()  # for /metrics
+        self._expires: float | None = None
 
+    @property
+    def expires(self) -> float:
+        """When the certificate in use expires (Unix time), read once per `reload` when first asked."""
+        if self._expires is None:
+            self._expires = describe(self.folder / "cert.pem").not_after.timestamp()
+        return self._expires
     def peer(self, transport: Any) -> str | None:
         """The calling service, from the verified certificate on ``transport``."""
         ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None

@@ -447,11 +447,16 @@ def test_sidecar_refuses_the_pure_python_parser(tmp_path):
     import subprocess
     import sys
 
-    code = "from mesh.http.server import check_parser; check_parser()"
+    check = "from mesh.http.server import check_parser; check_parser()"
     env = dict(__import__("os").environ, AIOHTTP_NO_EXTENSIONS="1")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    # A plugin brought aiohttp in, on its pure-Python parser: refused.
+    result = subprocess.run([sys.executable, "-c", "import aiohttp.http_parser; " + check], env=env,
+                            capture_output=True, text=True)
     assert result.returncode != 0
     assert "pure-Python parser" in result.stderr
+    # The sidecar alone never imports aiohttp.
+    alone = "import sys, mesh.sidecar.sidecar; " + check + "; assert 'aiohttp' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", alone], env=env, capture_output=True).returncode == 0
 
 
 async def test_plain_response_short_circuit_is_sent(app):
