@@ -29,13 +29,14 @@ retry) and, at its end, goes to the host in origin form with the app's
 Host kept, on a connection pool of its own. A CONNECT is answered by the
 listener itself, without plugins: 200 once a TCP connection to the host is
 open, then bytes both ways (`mesh.http.websocket.Tunnel`). The sidecar
-resolves the host when it connects and connects to the address it
-checked: a host that only a wildcard entry (or only audit mode) lets
-through must not resolve to a loopback, unspecified, link-local or
-multicast address, so the sidecar's own listeners and the machine's
-loopback services are reached only through an entry naming the host
-exactly. Metrics count egress calls under the route ``<service>->egress``;
-the host is in the access log's ``upstream`` field only.
+resolves the host when it connects and connects to the addresses it
+checked, in turn while one refuses: a host that only a wildcard entry
+(or only audit mode) lets through must not resolve to a loopback,
+unspecified, link-local or multicast address, so the sidecar's own
+listeners and the machine's loopback services are reached only through an
+entry naming the host exactly. Metrics count egress calls under the route
+``<service>->egress``; the host is in the access log's ``upstream`` field
+only.
 """
 
 from __future__ import annotations

@@ -343,7 +343,8 @@ async def test_the_next_address_is_tried_when_one_refuses(outside: int, echo: in
         async with aiohttp.ClientSession() as session:
             async with session.post(f"http://two.example.test:{outside}/", data=b"once", proxy=proxy) as resp:
                 assert resp.status == 200 and (await resp.json())["len"] == 4
-        reader, writer, answer = await connect(port_of(proxy), f"CONNECT two.example.test:{echo} HTTP/1.1\r\n\r\n".encode())
+        head = f"CONNECT two.example.test:{echo} HTTP/1.1\r\n\r\n".encode()
+        reader, writer, answer = await connect(port_of(proxy), head)
         assert answer.startswith(b"HTTP/1.1 200 ")
         async with asyncio.timeout(10):
             assert await reader.readexactly(6) == b"hello\n"
