@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tomllib
 from typing import Any
 
 from mesh import __version__
@@ -70,6 +71,10 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
                     "stop the processes (or Docker containers and networks) it left behind. Says so "
                     "when nothing runs.")
     _path_argument(down)
+    down.add_argument("--volumes", action="store_true",
+                      help="also remove the keys' volumes of keyed services (instances.volume): the process "
+                           "runtime's folders in the state folder, the Docker volumes labelled with this mesh; "
+                           "without it they are kept for the next `mesh up`")
     down.set_defaults(handler=_down)
 
     ps = _command(commands, "ps", "list services, instances, their state and addresses",
@@ -244,6 +249,31 @@ def _load(path: str | None) -> MeshConfig | None:
         return None
 
 
+def _located(path: str | None) -> MeshConfig | None:
+    """The config, for commands that only need to find a mesh's state (ps, down, dashboard).
+
+    A mesh.toml edited into one with problems must not hide the mesh that runs from it: when the
+    file still names a mesh (``[mesh] name``) whose state folder exists, its problems are a warning.
+    """
+    try:
+        return config_mod.load(path)
+    except ConfigError as exc:
+        problems = exc.problems
+    try:
+        file = config_mod.resolve(path)
+        name = tomllib.loads(file.read_text(encoding="utf-8"))["mesh"]["name"]
+        found = MeshConfig(path=file, name=str(name), plugin_path=[], services={}, routes=[])
+    except (OSError, ValueError, KeyError, TypeError):
+        found = None
+    if found is None or not found.state_dir.is_dir():
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return None
+    print(f"warning: {found.path} has {len(problems)} problem{'s' if len(problems) != 1 else ''} "
+          f"(`mesh check` lists them); this is the mesh '{found.name}' as it runs", file=sys.stderr)
+    return found
+
+
 def _up(args: argparse.Namespace) -> int:
     from mesh.control.controller import Controller
     from mesh.control.runtimes.base import RuntimeUnavailable
@@ -270,14 +300,14 @@ def _up(args: argparse.Namespace) -> int:
 def _down(args: argparse.Namespace) -> int:
     from mesh.control.state import down
 
-    config = _load(args.path)
-    return 2 if config is None else down(config)
+    config = _located(args.path)
+    return 2 if config is None else down(config, volumes=args.volumes)
 
 
 def _ps(args: argparse.Namespace) -> int:
     from mesh.control.state import format_table, status
 
-    config = _load(args.path)
+    config = _located(args.path)
     if config is None:
         return 2
     state = status(config)
@@ -308,7 +338,7 @@ def _dashboard(args: argparse.Namespace) -> int:
 
     from mesh.control.state import status
 
-    config = _load(args.path)
+    config = _located(args.path)
     if config is None:
         return 2
     controller = status(config)["controller"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -13,8 +15,8 @@ from mesh.options import Duration, Size
 from mesh.plugin import Plugin
 
 __all__ = ["Defaults", "Egress", "HealthCheck", "Instances", "MeshConfig", "MeshSection", "Outlier", "PluginSpec",
-           "RETRIES_DEFAULT", "Retries", "RouteConfig", "Scale", "ServiceConfig", "ServiceRoute", "Tracing",
-           "host_pattern", "normalize_host"]
+           "RETRIES_DEFAULT", "Retries", "RouteConfig", "Scale", "ServiceConfig", "ServiceRoute", "SidecarPorts",
+           "Tracing", "host_pattern", "normalize_host", "start_order"]
 
 _RETRY_WORDS = ("connect-failure", "reset", "timeout", "5xx")
 
@@ -52,10 +54,18 @@ class Scale:
 
 @dataclass
 class Instances:
+    """``instances = {...}``: one instance per key (`mesh.control.keyed`).
+
+    ``volume``: the key's own folder, kept across sleeps and runs: a folder in the state folder
+    (process runtime) or a named volume mounted at this path (docker runtime); the app finds it
+    in ``MESH_VOLUME``.
+    """
+
     key: str
     sleep_after: Duration = Duration(60)
     max: int = 100
     start_timeout: Duration = Duration(30)
+    volume: str | None = None
 
     def __post_init__(self) -> None:
         kind = self.key.partition(":")[0]
@@ -64,6 +74,15 @@ class Instances:
                              f"found {self.key!r}")
         if self.max < 1:
             raise ValueError(f"max: expected at least 1, found {self.max}")
+        if self.volume is not None and not _mount_path(self.volume):
+            raise ValueError(f"volume: expected an absolute path like '/data' (where the app's container "
+                             f"mounts the key's volume), found {self.volume!r}")
+
+
+def _mount_path(path: str) -> bool:
+    """An absolute path in its plain form, not ``/`` itself: ``/data``, ``/var/lib/app``."""
+    return (path.startswith("/") and path != "/" and path.isprintable()
+            and posixpath.normpath(path) == path and not path.startswith("//"))
 
 
 @dataclass
@@ -176,6 +195,33 @@ class ServiceRoute:
 
 
 @dataclass
+class SidecarPorts:
+    """A service's ``sidecar`` table: its sidecar's listeners on these ports instead of free ones.
+
+    Each key left out stays a free port chosen at every start. Only for a service with one
+    instance (``replicas = 1``, neither keyed nor a pool): one port takes one listener.
+    """
+
+    admin_port: int | None = None
+    mesh_port: int | None = None
+    outbound_port: int | None = None
+
+    def __post_init__(self) -> None:
+        pinned = self.pinned()
+        for role, port in pinned.items():
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{role}_port: expected a port between 1 and 65535, found {port}")
+        if len(set(pinned.values())) < len(pinned):
+            raise ValueError(f"expected a different port for each listener, found "
+                             f"{', '.join(f'{role}_port = {port}' for role, port in pinned.items())}")
+
+    def pinned(self) -> dict[str, int]:
+        """Listener (``admin``, ``mesh``, ``outbound``) -> its pinned port, for those pinned."""
+        found = {"admin": self.admin_port, "mesh": self.mesh_port, "outbound": self.outbound_port}
+        return {role: port for role, port in found.items() if port is not None}
+
+
+@dataclass
 class ServiceConfig:
     """One ``[services.NAME]`` table."""
 
@@ -205,9 +251,47 @@ class ServiceConfig:
     request_min_rate: Size = Size(1024)
     # Header names with '_' are dropped (as nginx does): CGI/WSGI stacks read X_User as X-User.
     underscores_in_headers: bool = False
+    # Started once each of these answered healthy; once a job among them finished with code 0.
+    depends_on: list[str] = field(default_factory=list)
+    # Runs to completion and listens on no port (`mesh.control.supervisor`).
+    job: bool = False
+    # Whether an app that exits with a code other than 0 is started again (`restart_policy`).
+    restart: Literal["on-failure", "no"] | None = None
+    sidecar: SidecarPorts | None = None
     name: str = ""
     plugin_specs: list[PluginSpec] = field(default_factory=list)
     outbound_specs: list[PluginSpec] = field(default_factory=list)
+
+    @property
+    def restart_policy(self) -> str:
+        """``restart``, else ``"no"`` for a job and ``"on-failure"`` for any other service."""
+        return self.restart or ("no" if self.job else "on-failure")
+
+    def pinned_ports(self) -> dict[str, int]:
+        """Its sidecar's pinned listeners (`SidecarPorts.pinned`); empty when none is pinned."""
+        return self.sidecar.pinned() if self.sidecar is not None else {}
+
+
+def start_order(services: Mapping[str, ServiceConfig]) -> list[str]:
+    """The services' names, each after those in its ``depends_on`` and otherwise in file order.
+
+    For a checked mesh.toml (no cycles, no unknown names: `mesh.config.reader`); an unknown name
+    is left out, and a cycle is broken where it is met.
+    """
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name not in services:
+            return
+        seen.add(name)
+        for dependency in services[name].depends_on:
+            visit(dependency)
+        order.append(name)
+
+    for name in services:
+        visit(name)
+    return order
 
 
 @dataclass

@@ -137,6 +137,8 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
                 problems.append(f"services.{name}.expose: port {service.expose} is already "
                                 f"exposed by services.{exposed[service.expose]}")
             exposed[service.expose] = name
+    _check_pinned(services, problems)
+    _check_start_order(services, tuple(table), problems)
 
     routes: list[RouteConfig] = []
     raw_routes = data.get("routes", [])
@@ -166,6 +168,8 @@ def parse(data: dict[str, Any], file: Path) -> MeshConfig:
             if isinstance(service, str) and service not in services and service not in table:
                 problems.append(f"{where}.{key}: unknown service {service!r}"
                                 f"{_did_you_mean(service, tuple(table))}")
+            elif key == "to" and isinstance(service, str) and service in services and services[service].job:
+                problems.append(f"{where}.to: services.{service} is a job (job = true): it takes no requests")
         _check_narrowing(raw, where, problems)
         source, target = raw.get("from"), raw.get("to")
         specs = _route_plugins(raw.get("plugins", []), f"{where}.plugins", plugin_path, root, problems,
@@ -204,6 +208,75 @@ def _check_service(service: ServiceConfig, where: str, problems: list[str]) -> N
         problems.append(f"{where}.health_check: checks the 'health' path, and the service has none")
     if service.replicas < 1:
         problems.append(f"{where}.replicas: expected at least 1, found {service.replicas}")
+    if service.job:
+        for key, reason in _NOT_FOR_JOBS.items():
+            if getattr(service, key) is not None:
+                problems.append(f"{where}.{key}: a job (job = true) {reason}")
+    pinned = service.pinned_ports()
+    if pinned:
+        many = ("a keyed service starts one instance per key" if service.instances is not None
+                else "a pool (scale) starts several" if service.scale is not None
+                else f"replicas = {service.replicas} starts several" if service.replicas > 1 else "")
+        if many:
+            problems.append(f"{where}.sidecar: pinned ports need a service with one instance, and {many} "
+                            f"(one port takes one listener)")
+    if service.name in service.depends_on:
+        problems.append(f"{where}.depends_on: a service cannot depend on itself")
+
+
+# Keys a job cannot have, and why.
+_NOT_FOR_JOBS = {
+    "port": "listens on no port",
+    "expose": "listens on no port: there is nothing to expose",
+    "health": "is ready once its sidecar is; it has no health path",
+    "health_check": "is ready once its sidecar is; it has no health checks",
+    "instances": "runs `replicas` copies once; it cannot be keyed",
+    "scale": "runs `replicas` copies once; it cannot be a pool",
+}
+
+
+def _check_start_order(services: dict[str, ServiceConfig], names: tuple[str, ...], problems: list[str]) -> None:
+    """Each ``depends_on`` names another service of the mesh, and no service waits for itself through others."""
+    for name, service in services.items():
+        for i, dependency in enumerate(service.depends_on):
+            if dependency not in names:
+                problems.append(f"services.{name}.depends_on[{i}]: unknown service {dependency!r}"
+                                f"{_did_you_mean(dependency, names)}")
+    state: dict[str, str] = {}  # name -> "open" while its dependencies are visited, then "done"
+    cycles: set[frozenset[str]] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for dependency in services[name].depends_on:
+            if dependency == name or dependency not in services:
+                continue
+            if state.get(dependency) == "open":
+                cycle = path[path.index(dependency):] + [dependency]
+                if frozenset(cycle) not in cycles:
+                    cycles.add(frozenset(cycle))
+                    problems.append(f"services.{cycle[0]}.depends_on: the services wait for each other, "
+                                    f"none would start: {' -> '.join(cycle)}")
+            elif dependency not in state:
+                visit(dependency, [*path, dependency])
+        state[name] = "done"
+
+    for name in services:
+        if name not in state:
+            visit(name, [name])
+
+
+def _check_pinned(services: dict[str, ServiceConfig], problems: list[str]) -> None:
+    """No two listeners of the mesh pinned to one port: ``expose`` and the sidecars' pinned ports."""
+    taken: dict[int, str] = {}
+    for name, service in services.items():
+        if service.expose is not None:
+            taken.setdefault(service.expose, f"services.{name}.expose")
+    for name, service in services.items():
+        for role, port in service.pinned_ports().items():
+            key = f"services.{name}.sidecar.{role}_port"
+            if port in taken:
+                problems.append(f"{key}: port {port} is already taken by {taken[port]}")
+            taken.setdefault(port, key)
 
 
 def _check_narrowing(raw: dict[str, Any], where: str, problems: list[str]) -> None:

@@ -58,7 +58,7 @@ from mesh.control.reload import Reloader
 from mesh.control.runtimes import get_runtime
 from mesh.control.runtimes.base import Instance, Runtime, StartFailed
 from mesh.control.state import StateDir, format_table
-from mesh.control.supervisor import Supervisor
+from mesh.control.supervisor import Supervisor, describe_exit
 from mesh.control.telemetry import ControllerMetrics
 from mesh.sidecar.admin import AdminToken
 
@@ -462,26 +462,79 @@ class Controller:
             self._save()
 
     async def _start_all(self) -> list[StartFailed]:
-        """Start every instance at once; on the first failure cancel the rest and return the failures."""
+        """Start every instance, those of a service once each service in its ``depends_on`` is ready
+        (`_ready`), the others at once; on the first failure cancel the rest and return the failures,
+        with each instance left waiting for a service that failed (`NotStarted`)."""
         planned = list(self.instances)
-        tasks = [asyncio.ensure_future(self.instances.start(i)) for i in planned]
+        gates: dict[str, asyncio.Future[str | None]] = {}
+        tasks: list[asyncio.Future[None]] = [asyncio.ensure_future(self._start_after(i, gates)) for i in planned]
+        for name in self.config.services:
+            mine = [(i, t) for i, t in zip(planned, tasks, strict=True) if i.service == name]
+            gates[name] = asyncio.ensure_future(self._ready(name, mine))
         try:
             if tasks:  # none when every service is keyed
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        failures = []
+            everything: list[asyncio.Future[Any]] = [*tasks, *gates.values()]
+            for waiting in everything:
+                waiting.cancel()
+            await asyncio.gather(*everything, return_exceptions=True)
+        failures: list[StartFailed] = []
         for inst, task in zip(planned, tasks, strict=True):
-            if task.cancelled():
-                continue
-            exc = task.exception()
+            exc = None if task.cancelled() else task.exception()
             if isinstance(exc, StartFailed):
                 failures.append(exc)
             elif exc is not None:
                 failures.append(StartFailed(inst.label, f"{type(exc).__name__}: {exc}"))
+        failed = {inst.service for inst in planned if any(f.label == inst.label for f in failures)}
+        for inst, task in zip(planned, tasks, strict=True):
+            path = _blocked_by(self.config, inst.service, failed) if task.cancelled() else None
+            if path:
+                failures.append(NotStarted(inst.label, f"it depends on {', which depends on '.join(path)}, "
+                                                       f"which failed to start"))
         return failures
+
+    async def _start_after(self, instance: Instance, gates: dict[str, asyncio.Future[str | None]]) -> None:
+        """Start ``instance`` once the services its own depends on are ready; say what it waits for."""
+        service = self.config.services[instance.service]
+        waiting = [d for d in service.depends_on if not gates[d].done()]
+        if waiting and instance.index == 1:
+            what = [f"the job {d} to finish" if self.config.services[d].job else d for d in waiting]
+            self.console.line("mesh", f"{instance.service}: waiting for {', '.join(what)}")
+        for dependency in service.depends_on:
+            failed = await asyncio.shield(gates[dependency])
+            if failed is not None:
+                raise NotStarted(instance.label, f"it depends on {dependency}, which {failed}")
+        await self.instances.start(instance)
+
+    async def _ready(self, name: str, started: list[tuple[Instance, asyncio.Future[None]]]) -> str | None:
+        """None once ``name`` is ready for the services that depend on it, else how it failed: every
+        instance started, which is its first healthy answer (its ``health`` path, else its port), and
+        for a job every instance finished with code 0."""
+        if started:
+            await asyncio.wait([task for _, task in started])
+        if any(task.cancelled() or task.exception() is not None for _, task in started):
+            return "failed to start"
+        if self.config.services[name].job:
+            for instance, _ in started:
+                code = await self.supervisor.exited_for_good(instance)
+                if code != 0:
+                    return f"failed with {describe_exit(code)}"
+        return None
+
+
+class NotStarted(StartFailed):
+    """An instance never started: a service it depends on failed."""
+
+
+def _blocked_by(config: MeshConfig, service: str, failed: set[str]) -> list[str]:
+    """The services through which ``service`` depends on one in ``failed`` (that one last); empty if none."""
+    for dependency in config.services[service].depends_on:
+        if dependency in failed:
+            return [dependency]
+        if dependency in config.services and (path := _blocked_by(config, dependency, failed)):
+            return [dependency, *path]
+    return []
 
 
 def _report(failures: list[StartFailed], others: bool) -> str:
@@ -491,7 +544,7 @@ def _report(failures: list[StartFailed], others: bool) -> str:
         if failure.tail:
             lines.append(f"last output of {failure.label}:")
             lines += [f"  {line}" for line in failure.tail]
-        else:
+        elif not isinstance(failure, NotStarted):
             lines.append(f"({failure.label} printed nothing)")
     if others:
         lines.append("stopping the rest of the mesh")

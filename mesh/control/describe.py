@@ -38,7 +38,8 @@ def describe(config: MeshConfig) -> str:
         if service.instances is not None:
             keyed = service.instances
             facts.append(f"instances: one per {keyed.key}, sleep_after {float(keyed.sleep_after):g}s, "
-                         f"max {keyed.max}, start_timeout {float(keyed.start_timeout):g}s")
+                         f"max {keyed.max}, start_timeout {float(keyed.start_timeout):g}s"
+                         + (f", a volume per key at {keyed.volume}" if keyed.volume else ""))
         if service.lifecycle:
             facts.append(f"lifecycle: {service.lifecycle}")
         lines.append(f"  {name}: " + "; ".join(facts))

@@ -4,6 +4,11 @@ For a service with ``instances = { key = "header:X-Session", sleep_after = "1m",
 requests reach a `mesh.sidecar.front.KeyedFront`, which reads the key and
 forwards to that key's instance; `KeyedServices` is the controller's side:
 it runs the fronts and starts and puts to sleep the instances they ask for.
+
+With ``volume = "/data"`` in ``instances`` each key also has a volume of its
+own, named `key_volume`, which its instance gets at every start (the runtime
+makes it: `mesh.control.runtimes.base.Runtime.volume_path`) and which outlives
+sleeps and the mesh's runs, until `mesh down --volumes`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from mesh.sidecar.identity import Identity
 if TYPE_CHECKING:
     from mesh.control.controller import Controller
 
-__all__ = ["KeyedServices", "key_label"]
+__all__ = ["KeyedServices", "key_label", "key_volume"]
 
 log = logging.getLogger("mesh.keyed")
 
@@ -33,7 +38,16 @@ KEYED_STATES = ("starting", "running", "sleeping", "stopped")
 
 def key_label(service: str, key: str) -> str:
     """The label of ``key``'s instance of ``service``: ``sandbox.k-<8 hex of sha256(key)>``."""
-    return f"{service}.k-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return f"{service}.k-{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
+def key_volume(service: str, key: str) -> str:
+    """The name of ``key``'s volume of ``service``: ``sandbox-k-<32 hex of sha256(key)>``, a folder
+    name and a Docker volume name whatever the key holds; long enough that no one finds another
+    key with the same name."""
+    # SECURITY: the key comes from a request: only its digest makes a path or a name, never the key.
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{service}-k-{digest}"
 
 
 class KeyedServices:
@@ -119,6 +133,8 @@ class KeyedServices:
             # Named as the runtime names instances (by index); the label by key.
             instance = instances.plan_key(service, index, label)
             instance.key = key
+            if self.config.services[service].instances.volume:  # type: ignore[union-attr]
+                instance.volume = key_volume(service, key)
             self.keyed[label] = instance
             instances.add(instance)
         instances.replan(instance)  # the last addresses may be taken by now
@@ -187,10 +203,13 @@ class KeyedServices:
     # what `mesh ps` shows
 
     def describe(self, instance: Instance) -> dict[str, Any]:
-        """Extra fields of a keyed instance in state.json: its ``key``, and its state."""
+        """Extra fields of a keyed instance in state.json: its ``key``, its ``volume`` if it has one,
+        and its state."""
         if instance.label not in self.keyed:
             return {}
         found = {"key": instance.key}
+        if instance.volume is not None:
+            found["volume"] = instance.volume
         state = self.states.get(instance.label)
         if state in ("starting", "sleeping", "stopped"):
             found["state"] = state

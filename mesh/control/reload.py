@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from mesh.config import MeshConfig, ServiceConfig, load
+from mesh.config.model import start_order
 from mesh.config.version import version
 from mesh.control.runtimes.base import Instance, StartFailed, instance_count, instance_label
 from mesh.errors import ConfigError
@@ -46,7 +47,8 @@ __all__ = ["Plan", "ReloadFailed", "Reloader", "plan"]
 log = logging.getLogger("mesh.reload")
 
 # What a service's instances can change without being restarted: their sidecars swap it in.
-_LIVE = frozenset({"plugins", "outbound", "routes", "timeout", "plugin_specs", "outbound_specs", "name"})
+_LIVE = frozenset({"plugins", "outbound", "routes", "timeout", "plugin_specs", "outbound_specs", "name",
+                   "depends_on", "restart"})  # the last two: read at a start, at an exit
 _REFUSED = ("scale", "instances")  # changing these needs the mesh restarted
 STEP_TIMEOUT = 120.0  # seconds one sidecar may take for one step (prepare starts plugins: a cache may connect)
 
@@ -211,7 +213,7 @@ class Reloader:
 
     async def _apply(self, new: MeshConfig, changes: Plan) -> None:
         c = self.controller
-        for name in changes.added:
+        for name in [n for n in start_order(new.services) if n in changes.added]:  # after their depends_on
             service = new.services[name]
             count = instance_count(service)
             for index in range(1, count + 1):
@@ -248,8 +250,9 @@ class Reloader:
     async def _replace(self, name: str, service: ServiceConfig) -> None:
         """One instance at a time: a new one up and in rotation, then an old one drained and stopped.
 
-        The instance that holds an ``expose``d port gives it up first (two cannot listen on it):
-        its service's public port refuses connections while its successor starts.
+        The instance that holds an ``expose``d port, or ports its sidecar pins, gives them up first
+        (two cannot listen on one): its service's public port refuses connections while its
+        successor starts.
         """
         c = self.controller
         old = sorted(c.instances.of(name), key=lambda i: i.index)
@@ -257,13 +260,13 @@ class Reloader:
         index = max((i.index for i in old), default=0) + 1
         for position in range(max(count, len(old))):
             retiring = old[position] if position < len(old) else None
-            public = retiring.ports.get("public") if retiring is not None else None
-            if retiring is not None and public is not None:
+            fixed = retiring is not None and ("public" in retiring.ports or bool(service.pinned_ports()))
+            if retiring is not None and fixed:
                 await self._retire(retiring, "replaced by a reload")
             if position < count:
                 instance = c.instances.plan(name, index + position)
                 if service.expose is not None and position == 0:
                     instance.ports["public"] = service.expose
                 await self._start(instance)
-            if retiring is not None and public is None:
+            if retiring is not None and not fixed:
                 await self._retire(retiring, "replaced by a reload")

@@ -12,6 +12,8 @@ in the mesh's state dir; other processes talk to it through them::
     .mesh/<name>/admin.token       this run's token for the sidecars' admin listeners (mode 0600; `mesh.sidecar.admin`)
     .mesh/<name>/dashboard.token   this run's token for the dashboard (0600, while it runs; `mesh.control.dashboard`)
     .mesh/<name>/logs/             each sidecar's access log, <instance>.jsonl (rotated: .1, .2), read by `mesh logs`
+    .mesh/<name>/volumes/          process runtime: a folder per key of a keyed service with ``volume`` (0700),
+                                   kept across runs; only `mesh down --volumes` removes it
     .mesh/<name>/up.log            output of a detached controller (`mesh up -d`)
 
 state.json is the contract for scripts; `mesh ps --json` prints it with
@@ -26,7 +28,8 @@ each state checked against live pids and ``controller.running`` added::
      "ca_rotation": {"done": 0 (rotations finished, failed ones too), "rotating": false,
                      "error": null | "why the last one failed"},
      "instances": [{"service": "web", "instance": 1, "label": "web",
-                    "state": "starting" | "running" | "stopped", "problem": null,
+                    "state": "starting" | "running" | "stopped" | "exited", "problem": null,
+                    "exit_code": 0 (once "exited": how its app ended; it is not restarted),
                     "healthy": true | false | null (no health path),
                     "addresses": {"app": "127.0.0.1:40001", "mesh": ..., "outbound": ..., "admin": ...},
                     "public": "http://127.0.0.1:8080" | null,
@@ -48,11 +51,11 @@ from pathlib import Path
 from typing import Any
 
 from mesh.config import MeshConfig
-from mesh.control.runtimes import runtime_class
+from mesh.control.runtimes import RUNTIMES, runtime_class
 from mesh.control.runtimes.base import Runtime, RuntimeUnavailable
 from mesh.control.runtimes.procfs import group_alive, pid_alive, run_processes
 
-__all__ = ["StateDir", "detach", "down", "format_table", "reload", "status"]
+__all__ = ["StateDir", "detach", "down", "format_table", "reload", "remove_volumes", "status"]
 
 
 class StateDir:
@@ -123,7 +126,11 @@ def format_table(instances: list[dict[str, Any]], *, with_state: bool = False) -
         addresses = inst.get("addresses", {})
         row = [inst["service"], str(inst["instance"]) + (f" ({inst['key']})" if inst.get("key") else "")]
         if with_state:
-            state = inst["state"] + (f" ({inst['problem']})" if inst.get("problem") else "")
+            state = inst["state"]
+            if inst.get("problem"):
+                state += f" ({inst['problem']})"
+            elif inst.get("exit_code") is not None:
+                state += f" (code {inst['exit_code']})"
             row.append(state)
         row += [addresses.get(k, "-") for k in ("app", "mesh", "outbound", "admin")]
         row.append(inst.get("public") or "-")
@@ -273,8 +280,37 @@ def _without_stale(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def down(config: MeshConfig, timeout: float = 60.0) -> int:
-    """Stop the controller of this mesh (SIGTERM) and wait until it and everything it started are gone."""
+def down(config: MeshConfig, timeout: float = 60.0, *, volumes: bool = False) -> int:
+    """Stop the controller of this mesh (SIGTERM) and wait until it and everything it started are gone;
+    with ``volumes``, then remove its keys' volumes (`remove_volumes`)."""
+    code = _stop(config, timeout)
+    if volumes and code == 0 and not remove_volumes(config):
+        return 1
+    return code
+
+
+def remove_volumes(config: MeshConfig) -> bool:
+    """`mesh down --volumes`: remove the per-key volumes (``instances.volume``) of this mesh that every
+    runtime keeps (each by its own marks: the process runtime's folders, Docker's labels), and
+    nothing else; whether all went. The runtime of the last run must answer; the others may not."""
+    last = _runtime_of(StateDir(config.state_dir).read_state() or {})
+    removed, ok = 0, True
+    for name in RUNTIMES:
+        try:
+            kind = runtime_class(name)
+        except RuntimeUnavailable:
+            continue
+        count = kind.remove_volumes(config, required=kind is last)
+        if count is None:
+            ok = False
+        else:
+            removed += count
+    print(f"mesh '{config.name}': removed {removed} volume{'s' if removed != 1 else ''}")
+    return ok
+
+
+def _stop(config: MeshConfig, timeout: float) -> int:
+    """`down` without ``volumes``."""
     files = StateDir(config.state_dir)
     state = files.read_state() or {}
     run_id = state.get("run", "")

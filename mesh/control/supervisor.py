@@ -9,8 +9,15 @@ Restarts (the controller's `Supervisor`, on every runtime):
   the new app is ready. ``mesh ps --json`` shows ``restarts`` per instance.
 - an app that exits with code 0 finished on purpose (a batch job): it is
   not restarted, its sidecar is stopped too, and its state is ``exited``.
+- ``restart = "no"`` (the default of a job, ``job = true``) restarts nothing:
+  an app that exits with another code is left exited too, with its sidecar
+  stopped; ``restart = "on-failure"`` (the default of any other service)
+  restarts it as above. ``mesh ps --json`` shows an exited instance's
+  ``exit_code``, and `mesh up` says how each job ended ("job report exited
+  with code 0", "job report failed with code 3").
 - a sidecar that exits unasked takes its instance with it: the whole
-  instance is stopped and started again, with the same backoff.
+  instance is stopped and started again, with the same backoff (with
+  ``restart = "no"``: stopped, and left exited).
 
 The hooks themselves (`mesh.lifecycle.Lifecycle`) are user code: each runs
 as its own task, bounded by `HOOK_TIMEOUT`; one that raises or hangs is
@@ -65,7 +72,8 @@ class Supervisor:
         self.controller = controller
         self.hooks: dict[str, Any] = {}
         self.restarts: dict[str, int] = {}      # label -> how many times its app was restarted
-        self.exited: dict[str, int] = {}        # label -> exit code, for apps done on purpose
+        self.exited: dict[str, int] = {}        # label -> exit code, for apps done and not restarted
+        self._exit_seen = asyncio.Event()       # set (and replaced) whenever an instance is exited for good
         self.draining: set[str] = set()         # labels out of rotation on their way out
         self._crashes: dict[str, int] = {}      # label -> crashes in a row (for the backoff)
         self._up_since: dict[str, float] = {}
@@ -90,6 +98,7 @@ class Supervisor:
         extra: dict[str, Any] = {"restarts": self.restarts.get(instance.label, 0)}
         if instance.label in self.exited:
             extra["state"] = "exited"
+            extra["exit_code"] = self.exited[instance.label]
         elif instance.label in self.draining:
             extra["state"] = "draining"
         return extra
@@ -97,6 +106,12 @@ class Supervisor:
     def started(self, instance: Instance) -> None:
         self._up_since[instance.label] = time.monotonic()
         self.hook(instance, "on_start", instance)
+
+    async def exited_for_good(self, instance: Instance) -> int:
+        """The exit code of the instance's app once it exited and will not be restarted."""
+        while instance.label not in self.exited:
+            await self._exit_seen.wait()
+        return self.exited[instance.label]
 
     def drain(self, instance: Instance) -> None:
         """Out of rotation from now on: it is on its way out (exits are no longer restarts)."""
@@ -159,13 +174,15 @@ class Supervisor:
             return
         who = "app" if role == "app" else "sidecar"
         c.instances.changed()
-        if role == "app" and code == 0:
-            self.exited[instance.label] = 0
-            c.instances.problems[instance.label] = "app exited with code 0"
-            log.info("%s: the app exited with code 0 (done on purpose): not restarted; stopping its sidecar",
-                     instance.label)
-            self._track(instance, self._finish(instance))
-            c.instances.save()
+        service = c.config.services.get(instance.service)
+        job = service is not None and service.job
+        policy = service.restart_policy if service is not None else "on-failure"
+        if job and role == "app":
+            ended = "exited with code 0" if code == 0 else f"failed with {describe_exit(code)}"
+            again = code != 0 and policy == "on-failure"
+            c.console.line("mesh", f"job {instance.label} {ended}" + ("; restarting it" if again else ""))
+        if (role == "app" and code == 0) or policy == "no":
+            self._exited(instance, role, code, job)
             return
         tail = "\n".join(f"  {line}" for line in c.instances.tail(instance, role))
         error = f"{who} exited with {describe_exit(code)}"
@@ -178,20 +195,50 @@ class Supervisor:
             self._track(instance, self._restart(instance, role))
         c.instances.save()
 
+    def _exited(self, instance: Instance, role: str, code: int, job: bool) -> None:
+        """Not restarted: its state is ``exited``, and its sidecar (or what is left of it) stops."""
+        c = self.controller
+        self.exited[instance.label] = code
+        event, self._exit_seen = self._exit_seen, asyncio.Event()
+        event.set()
+        how = describe_exit(code)
+        problems = c.instances.problems
+        if role != "app":
+            problems[instance.label] = f"sidecar exited with {how}; not restarted (restart = \"no\")"
+            log.warning("%s: its sidecar exited with %s: not restarted; stopping its app", instance.label, how)
+        elif code == 0:
+            if job:
+                problems.pop(instance.label, None)  # what a job is for
+            else:
+                problems[instance.label] = "app exited with code 0"
+            log.info("%s: the app exited with code 0 (done on purpose): not restarted; stopping its sidecar",
+                     instance.label)
+        else:
+            problems[instance.label] = f"job failed with {how}" if job else \
+                f'app exited with {how}; not restarted (restart = "no")'
+            log.warning("%s: the app exited with %s: not restarted (restart = \"no\"); stopping its sidecar",
+                        instance.label, how)
+        self._track(instance, self._finish(instance, role))
+        c.instances.save()
+
     def _track(self, instance: Instance, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._restarting[instance.label] = task
         task.add_done_callback(lambda t: self._restarting.pop(instance.label, None)
                                if self._restarting.get(instance.label) is t else None)
 
-    async def _finish(self, instance: Instance) -> None:
+    async def _finish(self, instance: Instance, role: str) -> None:
         c = self.controller
         try:
             await c.instances.stop(instance, "sidecar", "app")
         except Exception as exc:  # noqa: BLE001 - shutdown stops it again
             log.warning("%s: stopping its sidecar failed: %s", instance.label, exc)
+        if role != "app":  # the app was stopped after its sidecar ended: how it ended, if the runtime knows
+            code = c.instances.exit_code(instance, "app")
+            if code is not None:
+                self.exited[instance.label] = code
         log.info("%s: sidecar stopped; the instance exited", instance.label)
-        self.hook(instance, "on_stop", instance, 0, "exited")
+        self.hook(instance, "on_stop", instance, self.exited.get(instance.label, 0), "exited")
         c.instances.changed()
         c.instances.save()
 

@@ -35,7 +35,9 @@ instance and its identity. A request an inbound plugin sends to another
 service (``request.state[UPSTREAM]``, as ``router`` does) takes the same
 outbound chain as the app's own calls. The registry of instances comes
 from ``--registry FILE`` at start and from ``PUT /registry`` on the admin
-listener (the controller pushes every change). A deadline that arrives in
+listener (the controller pushes every change), or, with ``--registry-dns``,
+from names resolved about once a second (`mesh.sidecar.dns_registry`: Docker
+Swarm's ``tasks.<service>``). A deadline that arrives in
 ``x-mesh-deadline-ms`` bounds the call to the app.
 """
 
@@ -55,7 +57,7 @@ from mesh.chain import Chain, short_error
 from mesh.config import MeshConfig
 from mesh.config.version import version
 from mesh.errors import UpstreamError
-from mesh.http.client import Endpoint, Limits, Pool
+from mesh.http.client import ConnectFailed, Endpoint, Limits, Pool
 from mesh.http.headers import PEER_HEADER, request_id, set_forwarded, strip_keeping_upgrade
 from mesh.http.server import Connection, Listener, ServerLimits
 from mesh.keys import AVOID, BACKEND, DEADLINE, LISTENER, RETRIES, TIMEOUT, TRY_TIMEOUT, UPSTREAM
@@ -276,8 +278,8 @@ class Sidecar:
             return await self.observer.tapped(self.inbound, request)
         return await self.inbound(request)
 
-    # The terminals and what they call are plain functions that hand back the pool's coroutine:
-    # the one await on the way to the app or a peer is the caller's.
+    # The terminals and what they call are plain functions that hand back a coroutine: the pool's on
+    # the way to a peer, `_app_answer` (the pool's and the app's 503 while it is not up) to the app.
 
     def _to_app(self, request: Request) -> Awaitable[Response]:
         state = request.state
@@ -308,9 +310,20 @@ class Sidecar:
             if timeout is None or remaining < timeout:
                 timeout = remaining
             request.headers[DEADLINE_HEADER] = str(int(remaining * 1000) or 1)
-        # How long the app's response body (or a WebSocket) may go quiet: this service's own setting.
         request.state[UPSTREAM_STARTED] = time.monotonic()
-        return self._forward(self.app, request, timeout, self.spec.stream_idle_timeout)
+        return self._app_answer(request, timeout)
+
+    async def _app_answer(self, request: Request, timeout: float | None) -> Response:
+        """The app's answer. A connection its loopback port refuses means the app is not up (starting,
+        restarting): 503 with ``Retry-After`` (`mesh.chain.error_response`), as Envoy answers a failed
+        connect; 502 stays for an app that answers what is not HTTP or breaks off."""
+        try:
+            # How long the app's response body (or a WebSocket) may go quiet: this service's own setting.
+            return await self._forward(self.app, request, timeout, self.spec.stream_idle_timeout)
+        except ConnectFailed as exc:
+            if exc.status != 502:
+                raise
+            raise ConnectFailed(503, f"the app is not up yet (starting or restarting): {exc.reason}") from None
 
     async def _try_app(self, request: Request) -> Response:
         """One try of a call to the app that the `Retry` layer may send again (``self._app_retry``)."""

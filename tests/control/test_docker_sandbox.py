@@ -53,6 +53,6 @@ def test_code_run_in_the_sandbox_cannot_reach_its_sidecars_admin(docker_engine: 
                      "PUT 127.0.0.1": "ConnectionRefusedError"}, found
     assert run(port, "mallory", "print(2 + 2)")["stdout"] == "4\n"  # and its sidecar serves as before
 
-    down = mesh.run("down")
+    down = mesh.run("down", "--volumes")  # the sessions' volumes too
     assert down.returncode == 0, down.stdout + down.stderr
     assert mesh.containers() == [] and mesh.networks() == []

@@ -3,7 +3,8 @@
 The "outside" servers run in this process on 127.0.0.2, a loopback address no part of the mesh;
 the apps reach them the way any HTTP client does, through HTTP_PROXY and HTTPS_PROXY (CONNECT),
 and their sidecars apply the [[egress]] entries. A process may also skip its sidecar: the
-process runtime has no firewall (docs/config.md says so); the last check shows it.
+process runtime has no firewall (docs/config.md says so); the last check shows it. On Docker
+the namespace firewall lets only the sidecar out; the last test shows that.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import datetime
 import ipaddress
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,6 +22,9 @@ from urllib.parse import quote
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from mesh.control.docker.firewall import ENTRYPOINT, firewall_rules
+from mesh.control.docker.layout import SIDECAR_UID
 
 from ..docker_support import Leftovers, base_image, docker_engine  # noqa: F401
 from ..harness import MeshMaker, app, docker_build, fetch, free_port, unique_name
@@ -173,8 +178,29 @@ ports = [{https_port}]
     assert popen.wait(timeout=60) == 0
 
 
-# On Docker: for every address on purpose; /direct?host=H&port=N: a TCP connection of its own.
+def test_on_docker_the_firewall_lets_out_only_the_sidecars_uid_and_only_with_egress() -> None:
+    closed = firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1", public=False)[0].splitlines()
+    assert not [line for line in closed if "--uid-owner" in line or "--dport 53" in line]
+    lines = firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1", public=False, egress=True,
+                           resolvers=["10.9.8.7"])[0].splitlines()
+    out = [line for line in lines if line.startswith("-A OUTPUT")]
+    uid = f"-A OUTPUT -p tcp -m owner --uid-owner {SIDECAR_UID} -j ACCEPT"
+    # the mesh network (but other sidecars' mesh listeners) and its gateway stay closed to the sidecar too
+    assert out.index("-A OUTPUT -d 172.30.0.1/32 -j REJECT") < out.index(uid)
+    assert out.index("-A OUTPUT -d 172.30.0.0/16 -j REJECT") < out.index(uid)
+    assert [line for line in out if "--dport 53" in line] == [
+        "-A OUTPUT -d 10.9.8.7/32 -p udp --dport 53 -j ACCEPT", "-A OUTPUT -d 10.9.8.7/32 -p tcp --dport 53 -j ACCEPT"]
+    assert out[-3:] == [uid, "-A OUTPUT -p tcp -j REJECT --reject-with tcp-reset", "-A OUTPUT -j REJECT"]
+    assert f"--reuid={SIDECAR_UID}" in ENTRYPOINT and "--ambient-caps=+dac_override " in ENTRYPOINT
+
+
+# On Docker: for every address on purpose; /direct?host=H&port=N: a TCP connection of its own;
+# /become: a process of its own that tries to take the sidecar's uid, then to connect out as it.
 DOCKER_CALLER = app('''
+    import subprocess
+
+    BECOME = "import os, socket, sys; os.setgid(%d); os.setuid(%d); socket.create_connection((sys.argv[1], 8080), 5)"
+
     class Handler(Base):
         def do_GET(self):
             url = urlparse(self.path)
@@ -187,6 +213,12 @@ DOCKER_CALLER = app('''
                         return self.reply(200, b"open")
                 except OSError as error:
                     return self.reply(200, type(error).__name__.encode())
+            if url.path == "/become":
+                uid = int(query["uid"][0])
+                done = subprocess.run([sys.executable, "-c", BECOME % (uid, uid), query["host"][0]],
+                                      capture_output=True, timeout=20)
+                lines = done.stderr.decode(errors="replace").strip().splitlines() or ["exit %d" % done.returncode]
+                return self.reply(200, lines[-1].encode())
             try:
                 with urllib.request.urlopen(query["url"][0], timeout=20) as answer:
                     return self.reply(answer.status, answer.read())
@@ -198,21 +230,22 @@ DOCKER_CALLER = app('''
 @pytest.mark.docker
 def test_on_docker_the_apps_only_way_out_is_its_sidecar(make_mesh: MeshMaker, docker_engine: Any,
                                                         base_image: str) -> None:
-    """The namespace firewall refuses every new connection out but to other sidecars: the app's own,
-    and (today) the sidecar's too, so an allowed egress call gets 502 there; a denied one gets 403.
+    """An allowed call goes out through the sidecar (uid `SIDECAR_UID`, the only one the namespace
+    firewall lets out, on the mesh's egress network); a denied one gets 403; the app's own connections
+    are refused, and it cannot take the sidecar's uid.
 
-    The "outside" host is a container on a network this test creates, never an outside address.
+    The "outside" host is a container on a network this test creates, attached (by id, under a name
+    of the test's) to the mesh's egress network once `mesh up` made it: never an outside address.
     """
     record = Leftovers(docker_engine)
+    outside = unique_name("outside")
     try:
-        network = docker_engine.networks.create(unique_name("egress"), driver="bridge",
+        network = docker_engine.networks.create(unique_name("egress"), driver="bridge", internal=True,
                                                 labels={"mesh.test": "egress"})
         record.network(network.id)
         server = docker_engine.containers.run(base_image, ["python3", "-m", "http.server", "8080"], detach=True,
                                               network=network.id, labels={"mesh.test": "egress"})
         record.container(server.id)
-        server.reload()
-        host = server.attrs["NetworkSettings"]["Networks"][network.name]["IPAddress"]
         mesh = make_mesh(unique_name(), f"""
 [services.web]
 build = "app"
@@ -222,23 +255,40 @@ health = "/healthz"
 
 [[egress]]
 from = "web"
-hosts = ["{host}"]
+hosts = ["{outside}"]
 ports = [8080]
 """, None, files=docker_build(DOCKER_CALLER), engine=docker_engine)
         done = mesh.run("up", "-d", "--runtime", "docker")
         assert done.returncode == 0, f"mesh up -d failed:\n{done.stdout}\n{done.stderr}"
         public = mesh.state()["instances"][0]["public"]
+        networks = {n["Labels"]["mesh.role"]: n["Id"] for n in mesh.networks()}
+        assert set(networks) == {"mesh", "edge", "egress"}
+        egress = networks["egress"]
+        docker_engine.api.connect_container_to_network(server.id, egress, aliases=[outside])
+        host = docker_engine.api.inspect_container(server.id)["NetworkSettings"]["Networks"][
+            docker_engine.api.inspect_network(egress)["Name"]]["IPAddress"]
 
         def get(url: str) -> tuple[int, str]:
             answer = fetch(f"{public}/get?url={quote(url, safe='')}")
             return answer.status, answer.text
 
-        status, text = get(f"http://{host}:8081/")
-        assert status == 403 and f"{host}:8081" in text and "[[egress]]" in text
-        status, text = get(f"http://{host}:8080/")
-        assert status == 502 and f"cannot connect to {host}:8080: connection refused" in text
+        status, text = get(f"http://{outside}:8080/")
+        assert status == 200 and "Directory listing" in text, text
+        for url, named in ((f"http://{outside}:8081/", f"{outside}:8081"), (f"http://{host}:8080/", host)):
+            status, text = get(url)
+            assert status == 403 and named in text and "[[egress]]" in text, (url, text)
+        # The app's own connection, to the host the sidecar just reached, is refused at once.
+        started = time.monotonic()
         assert fetch(f"{public}/direct?host={host}&port=8080").text == "ConnectionRefusedError"
+        assert time.monotonic() - started < 5
+        # As root in its container, the app cannot become the sidecar's uid (nor its gid).
+        said = fetch(f"{public}/become?uid={SIDECAR_UID}&host={host}").text
+        assert said.startswith("PermissionError"), said
+
+        docker_engine.api.disconnect_container_from_network(server.id, egress)
         assert mesh.run("down").returncode == 0
+        assert mesh.containers() == [] and mesh.networks() == []
+        assert not docker_engine.api.networks(ids=[egress])
     finally:
         failures = record.remove_all()
         assert not failures, f"could not remove what the test created: {failures}"

@@ -113,7 +113,7 @@ def test_reload_under_load_applies_everything_or_nothing(make_mesh: MeshMaker) -
         before = len(load.tags)
         wait_until(lambda: len(load.tags) >= before + 5, timeout=60, what="more requests")
         assert set(load.tags[before:]) == {"two"}
-        assert (mesh.state() or {})["version"] == second  # (`mesh ps` needs a valid mesh.toml)
+        assert mesh.ps()["version"] == second  # a broken mesh.toml does not hide the mesh that runs
 
         # A service added, one whose command changed: the first started, the second replaced.
         write(mesh, "two", routes=ROUTE, more='[services.extra]\ncommand = "python app.py extra"\n'
@@ -136,6 +136,12 @@ def test_reload_under_load_applies_everything_or_nothing(make_mesh: MeshMaker) -
         load.stop()
     assert load.failures == [], load.failures[:5]
     assert len(load.tags) > 20
+
+    # An edit gone wrong does not keep `mesh down` from stopping what runs.
+    write(mesh, "two", routes=ROUTE, more="colour = 'red'")
+    done = mesh.run("down")
+    assert done.returncode == 0 and "problem" in done.stderr, done.stdout + done.stderr
+    assert mesh.popen is not None and mesh.popen.wait(60) == 0
 
 
 def test_reload_says_so_when_nothing_runs(make_mesh: MeshMaker) -> None:

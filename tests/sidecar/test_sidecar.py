@@ -238,16 +238,17 @@ async def test_spoofed_peer_header_from_outside_never_reaches_the_app(app):
                 assert (await resp.json())["headers"]["x-mesh-peer"] == "a"
 
 
-async def test_app_down_gives_502_with_a_short_body():
+async def test_app_down_gives_503_retry_after_with_a_short_body():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
     async with run_mesh(mesh_toml(), {"a": closed_port, "b": closed_port}) as mesh:
         async with aiohttp.ClientSession() as session:
             async with session.get(mesh.url("a") + "/") as resp:
-                assert resp.status == 502
+                # Nothing listens on the app's port: it is not up (yet), so come back soon.
+                assert resp.status == 503 and resp.headers["Retry-After"] == "1"
                 body = await resp.text()
-                assert body.startswith("502 Bad Gateway:") and len(body) < 300
+                assert body.startswith("503 Service Unavailable: the app is not up yet") and len(body) < 300
                 assert "aiohttp" not in body.lower() and resp.headers["Server"] == "mesh"
 
 

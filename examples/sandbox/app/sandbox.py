@@ -4,7 +4,10 @@ One instance per session (``X-Session``), started by the mesh on the session's
 first request and put to sleep after a minute idle. Each run is a child
 process with limits (``resource.setrlimit``): CPU seconds, address space,
 file size, open files, and a wall-clock timeout. Files a run writes stay in
-the session's working directory for its next runs (``DATA_DIR/<session hash>``).
+the session's working directory for its next runs, also after the instance
+slept: ``<session hash>`` in the session's own volume (``MESH_VOLUME``, which
+the mesh gives each key with ``instances.volume``), or in ``DATA_DIR``
+without one.
 
 GET / says which process serves (pid), for which session, and since when.
 """
@@ -24,7 +27,7 @@ MEMORY = int(os.environ.get("SANDBOX_MEMORY_MB", "256")) << 20
 WALL_SECONDS = float(os.environ.get("SANDBOX_WALL", "5"))
 MAX_CODE = 64 * 1024
 MAX_OUTPUT = 64 * 1024
-DATA = Path(os.environ.get("DATA_DIR", "data")).resolve()
+DATA = Path(os.environ.get("MESH_VOLUME") or os.environ.get("DATA_DIR", "data")).resolve()
 STARTED = time.time()
 SESSIONS: set[str] = set()
 

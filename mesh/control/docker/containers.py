@@ -11,7 +11,11 @@ firewall (`mesh.control.docker.firewall`). The app container joins the sidecar's
 network namespace and mounts none of these (it can neither read nor change its
 sidecar's logs); it gets the app's environment (`mesh.control.runtimes.base.Runtime.app_environment`),
 the service's ``cpus`` and ``memory`` as limits, and no ``NET_RAW`` (no raw
-sockets in the namespace it shares).
+sockets in the namespace it shares); when ``[[egress]]`` entries name its
+service, no ``SETUID``/``SETGID`` either and ``no-new-privileges``, so it cannot
+become the sidecar's uid, which its firewall lets out. A keyed instance's app container (and
+never its sidecar's) mounts its key's named volume at ``instances.volume``
+(`mesh.control.docker.volumes`).
 
 The app's health is checked from inside the namespace, by a short ``docker
 exec`` of Python in the sidecar container (`probe_command`), so the app's port
@@ -44,7 +48,8 @@ from mesh.control.docker.layout import (
     SIDECAR_PORTS,
     TLS_MOUNT,
 )
-from mesh.control.docker.networks import Network
+from mesh.control.docker.networks import Network, calls_out, engine_resolvers, publishing_role
+from mesh.control.docker.volumes import volume_mount
 from mesh.control.runtimes.base import Instance
 
 if TYPE_CHECKING:
@@ -162,6 +167,11 @@ def config_problems(config: MeshConfig) -> list[str]:
                 found.append(f"{where}.memory: {exc}")
         if service.cpus is not None and service.cpus <= 0:
             found.append(f"{where}.cpus: expected more than 0, found {service.cpus:g}")
+        for role, fixed in (("mesh", MESH_PORT), ("outbound", OUTBOUND_PORT)):
+            if role in service.pinned_ports():
+                found.append(f"{where}.sidecar.{role}_port: on the docker runtime the sidecar's {role} listener "
+                             f"is always on {fixed} in its instance (a fixed address already); only admin_port, "
+                             f"published on the host, can be pinned")
     for folder in config.plugin_path:
         if not _inside(folder, config.root):
             found.append(f"mesh.plugin_path: {folder} is outside {config.root}; the docker "
@@ -186,17 +196,20 @@ def sidecar_spec(config: MeshConfig, instance: ContainerInstance, *, image: str,
     ``logs``: the host's folder of access logs, mounted read-write at `LOGS_MOUNT`."""
     from docker.types import Mount
 
-    mesh, edge = networks["mesh"], networks["edge"]
+    egress = calls_out(config, instance.service)  # then on the egress network instead of the edge one
+    mesh, edge = networks["mesh"], networks[publishing_role(config, instance.service)]
     public = "public" in instance.ports
-    v4, v6 = firewall_rules(mesh.subnet, mesh.gateway, edge.gateway, public=public,
-                            fronts=fronts)
+    v4, v6 = firewall_rules(mesh.subnet, mesh.gateway, edge.gateway, public=public, fronts=fronts,
+                            egress=egress, resolvers=engine_resolvers() if egress else ())
     command = ["mesh", "sidecar", "--config", f"{CONFIG_MOUNT}/{config.path.name}",
                "--service", instance.service, "--app-port", str(instance.ports["app"]),
                "--host", "0.0.0.0", "--mesh-port", str(MESH_PORT),
                "--outbound-port", str(OUTBOUND_PORT), "--admin-port", str(ADMIN_PORT),
                "--registry", REGISTRY_MOUNT, "--admin-token-file", ADMIN_TOKEN_MOUNT,
                "--instance", instance.label, "--access-log", f"{LOGS_MOUNT}/{instance.label}.jsonl"]
-    ports: dict[str, Any] = {f"{ADMIN_PORT}/tcp": ("127.0.0.1", None)}
+    # The admin listener on a free port of the host's 127.0.0.1, or on the one its service pins.
+    pinned = config.services[instance.service].pinned_ports().get("admin")
+    ports: dict[str, Any] = {f"{ADMIN_PORT}/tcp": ("127.0.0.1", pinned)}
     if public:
         command += ["--public-port", str(PUBLIC_PORT), "--public-host", "0.0.0.0"]
         ports[f"{PUBLIC_PORT}/tcp"] = ("127.0.0.1", instance.ports["public"] or None)
@@ -235,7 +248,7 @@ def sidecar_spec(config: MeshConfig, instance: ContainerInstance, *, image: str,
 def app_spec(config: MeshConfig, instance: ContainerInstance, *, image: str, sidecar_id: str,
              labels: dict[str, str], environment: dict[str, str]) -> dict[str, Any]:
     """The arguments of ``containers.create`` for an instance's app container, in the network
-    namespace of its sidecar's (``sidecar_id``), with the service's limits."""
+    namespace of its sidecar's (``sidecar_id``), with the service's limits and its key's volume."""
     service = config.services[instance.service]
     spec: dict[str, Any] = dict(
         image=image,
@@ -249,10 +262,18 @@ def app_spec(config: MeshConfig, instance: ContainerInstance, *, image: str, sid
         init=True,
         detach=True,
     )
+    if calls_out(config, instance.service):
+        # SECURITY: its firewall lets the sidecar's uid out: the app can neither switch to it nor
+        # gain it from a setuid file.
+        spec["cap_drop"] += ["SETUID", "SETGID"]
+        spec["security_opt"] = ["no-new-privileges"]
     if service.cpus is not None:
         spec["nano_cpus"] = int(round(service.cpus * 1e9))
     if service.memory is not None:
         spec["mem_limit"] = memory_bytes(service.memory)
+    volume = volume_mount(config, instance, labels)
+    if volume is not None:  # SECURITY: this key's volume only, in its app's container only
+        spec["mounts"] = [volume]
     return spec
 
 

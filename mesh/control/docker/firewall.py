@@ -1,15 +1,19 @@
 """The firewall of an instance's network namespace on the docker runtime.
 
 The sidecar container's entrypoint (`ENTRYPOINT`) installs the rules
-(`firewall_rules`, iptables, with NET_ADMIN that the sidecar process then
-drops) before the sidecar runs, and says so (`FIREWALL_MARKER`); the app
-container starts only after that. From outside the namespace only the mesh
+(`firewall_rules`, iptables, with NET_ADMIN) before the sidecar runs, and says
+so (`FIREWALL_MARKER`); the app container starts only after that. The sidecar
+process runs as `SIDECAR_UID`, with no capability but ``DAC_OVERRIDE`` (it
+reads the mounted files the host's user owns, and writes its access log). From outside the namespace only the mesh
 listener (from the mesh network), the public listener and the admin listener
 (both from the host, through their published ports) take connections; the
 app's port and everything else answer with a reset. Inside, nothing (the app
 included) may connect to the admin port. Out of the namespace only other
 sidecars' mesh listeners, and the keyed services' fronts on the mesh network's
-gateway (`mesh.control.keyed`).
+gateway (`mesh.control.keyed`); in an instance that may call hosts outside the
+mesh (``egress``), also the sidecar's own connections (matched by its uid, which
+the app container cannot take: it has no ``SETUID``/``SETGID``), to anything but
+the mesh network, and DNS to the engine's resolvers (see `firewall_rules`).
 
 The admin listener stays on the namespace's loopback; the firewall forwards
 (DNAT) what arrives from the edge network's gateway (the host's side of the
@@ -22,13 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mesh.control.docker.layout import ADMIN_PORT, MESH_PORT, PUBLIC_PORT
+from mesh.control.docker.layout import ADMIN_PORT, MESH_PORT, PUBLIC_PORT, SIDECAR_UID
 
 __all__ = ["ENTRYPOINT", "FIREWALL_MARKER", "firewall_rules"]
 
 FIREWALL_MARKER = "mesh-firewall: installed"
 
-# The sidecar container's entrypoint: the firewall first, then the sidecar without NET_ADMIN.
+# The sidecar container's entrypoint: the firewall first, then the sidecar as SIDECAR_UID, with
+# DAC_OVERRIDE only (the mounted token, key and log folder are the host user's, mode 0600/0700).
 # iptables-restore --noflush: Docker's embedded DNS keeps its own nat rules in the namespace.
 ENTRYPOINT = r"""set -e
 restore() {  # restore FAMILY RULES: the nf_tables backend, else the legacy one
@@ -41,12 +46,13 @@ if [ "$(cat /proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null || echo 1)" = 0
   restore ip6tables "$MESH_FIREWALL6"
 fi
 echo "mesh-firewall: installed; from outside this instance only the sidecar's listeners answer" >&2
-exec setpriv --inh-caps=-net_admin --bounding-set=-net_admin -- "$@"
-"""
+""" + (f"exec setpriv --reuid={SIDECAR_UID} --regid={SIDECAR_UID} --clear-groups --inh-caps=+dac_override "
+       f"--ambient-caps=+dac_override --bounding-set=-net_admin -- \"$@\"\n")
 
 
-def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *,
-                   public: bool, fronts: Sequence[int] = ()) -> tuple[str, str]:
+def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *, public: bool,
+                   fronts: Sequence[int] = (), egress: bool = False,
+                   resolvers: Sequence[str] = ()) -> tuple[str, str]:
     """The iptables-restore input (IPv4, IPv6) installed in an instance's network namespace.
 
     In: loopback; replies; the mesh listener from the mesh network; the admin
@@ -58,6 +64,14 @@ def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *,
     there. Nothing inside reaches the admin port: it is the controller's, from
     the host, and the app shares this namespace. IPv6 (when the namespace has
     it at all): loopback (but the admin port) and replies only.
+
+    With ``egress`` (the instance is on the egress network, whose gateway is
+    then ``edge_gateway``), TCP connections of `SIDECAR_UID` may go anywhere
+    but the mesh network and its gateway, and DNS (port 53) may go to
+    ``resolvers``: the engine's embedded DNS (127.0.0.11) forwards names it
+    does not know from inside the namespace, with the engine's uid, on older
+    engines (20.10 does). The app reaches those resolvers too, as it reaches them through
+    127.0.0.11 anyway, and nothing else.
     """
     admin = f"{ADMIN_PORT}"
     v4 = [
@@ -90,6 +104,18 @@ def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *,
         *(f"-A OUTPUT -d {mesh_gateway}/32 -p tcp --dport {int(port)} -j ACCEPT" for port in fronts),
         f"-A OUTPUT -d {mesh_gateway}/32 -j REJECT",
         f"-A OUTPUT -d {mesh_subnet} -p tcp --dport {MESH_PORT} -j ACCEPT",
+    ]
+    if egress:
+        v4 += [
+            f"-A OUTPUT -d {mesh_subnet} -p tcp -j REJECT --reject-with tcp-reset",
+            f"-A OUTPUT -d {mesh_subnet} -j REJECT",
+            *(f"-A OUTPUT -d {address}/32 -p {protocol} --dport 53 -j ACCEPT"
+              for address in resolvers for protocol in ("udp", "tcp")),
+            # SECURITY: the sidecar's uid, which the app container cannot take (no SETUID, SETGID,
+            # no-new-privileges); the sidecar checks each call against the [[egress]] entries.
+            f"-A OUTPUT -p tcp -m owner --uid-owner {SIDECAR_UID} -j ACCEPT",
+        ]
+    v4 += [
         "-A OUTPUT -p tcp -j REJECT --reject-with tcp-reset",
         "-A OUTPUT -j REJECT",
         "COMMIT",

@@ -15,8 +15,8 @@ from mesh.control.docker import images
 __all__ = [
     "ADMIN_PORT", "ADMIN_TOKEN_MOUNT", "APP_GRACE", "CONFIG_MOUNT", "DEFAULT_APP_PORT", "LABEL_INSTANCE",
     "LABEL_KEY", "LABEL_MESH", "LABEL_ROLE", "LABEL_RUN", "LABEL_SERVICE", "LABEL_STATE", "MESH_PORT",
-    "OUTBOUND_PORT", "PUBLIC_PORT", "REGISTRY_MOUNT", "SIDECAR_GRACE", "SIDECAR_PORTS", "TLS_MOUNT",
-    "container_name", "mesh_alias", "network_names",
+    "OUTBOUND_PORT", "PUBLIC_PORT", "REGISTRY_MOUNT", "SIDECAR_GRACE", "SIDECAR_PORTS", "SIDECAR_UID", "TLS_MOUNT",
+    "container_name", "egress_network_name", "mesh_alias", "network_names",
 ]
 
 # Where the sidecar listens inside an instance; the app may use any other port.
@@ -26,6 +26,10 @@ OUTBOUND_PORT = 15002
 PUBLIC_PORT = 15080
 SIDECAR_PORTS = (ADMIN_PORT, MESH_PORT, OUTBOUND_PORT, PUBLIC_PORT)
 DEFAULT_APP_PORT = 8000
+
+# The sidecar process's uid and gid (the container's entrypoint starts it so): the firewall lets only
+# this uid open connections out of an instance that may call hosts outside the mesh.
+SIDECAR_UID = 15100
 
 CONFIG_MOUNT = "/mesh/config"
 TLS_MOUNT = "/mesh/tls"
@@ -37,7 +41,7 @@ LABEL_STATE = "mesh.state"          # the mesh's state folder: which mesh.toml's
 LABEL_RUN = "mesh.run"              # the `mesh up` run that made it
 LABEL_SERVICE = images.LABEL_SERVICE
 LABEL_INSTANCE = "mesh.instance"    # the instance's number
-LABEL_ROLE = "mesh.role"            # sidecar | app (containers), mesh | edge (networks)
+LABEL_ROLE = "mesh.role"            # sidecar | app (containers), mesh | edge | egress (networks)
 LABEL_KEY = "mesh.key"              # a keyed instance's label (`keyed.key_label`: a hash, never the key)
 
 SIDECAR_GRACE = 15.0  # a sidecar drains requests in flight for up to 10s
@@ -63,3 +67,8 @@ def mesh_alias(mesh: str, service: str, index: int) -> str:
 def network_names(mesh: str) -> dict[str, str]:
     """The two networks of a mesh: ``mesh`` (internal, between sidecars) and ``edge`` (publishing)."""
     return {"mesh": f"mesh-{mesh}", "edge": f"mesh-{mesh}-edge"}
+
+
+def egress_network_name(mesh: str) -> str:
+    """The network of a mesh's instances that may call hosts outside it (``[[egress]]``): ``mesh-<mesh>-egress``."""
+    return f"mesh-{mesh}-egress"

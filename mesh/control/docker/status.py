@@ -115,6 +115,8 @@ def refresh_status(config: MeshConfig, state: dict[str, Any]) -> None:
             if (inst.get("key") is not None and inst.get("state") in ("sleeping", "starting")
                     and state["controller"]["running"]):
                 continue  # a keyed instance asleep (its containers removed, by design) or booting
+            if inst.get("state") == "exited":
+                continue  # done and not restarted (a job): its containers are removed, by design
             containers = inst.get("containers") or {}
             down = []
             for role, info in containers.items():

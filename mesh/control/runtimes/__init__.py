@@ -1,7 +1,8 @@
 """The runtimes a mesh runs on, by the name ``mesh up --runtime`` takes.
 
-The process runtime is always there; the Docker runtime is imported only
-when asked for, so a mesh on local processes never loads the Docker SDK.
+The process runtime is always there; the Docker and Swarm runtimes are
+imported only when asked for, so a mesh on local processes never loads the
+Docker SDK.
 A new runtime (`mesh.control.runtimes.base` says what it implements) is one
 more name here.
 """
@@ -15,7 +16,7 @@ from mesh.sidecar import admin
 
 __all__ = ["RUNTIMES", "get_runtime", "runtime_class"]
 
-RUNTIMES = ("process", "docker")
+RUNTIMES = ("process", "docker", "swarm")
 
 
 def runtime_class(name: str) -> type[Runtime]:
@@ -26,6 +27,10 @@ def runtime_class(name: str) -> type[Runtime]:
         from mesh.control.runtimes.docker import DockerRuntime  # here: the process runtime needs no docker SDK
 
         return DockerRuntime
+    if name == "swarm":
+        from mesh.control.runtimes.swarm import SwarmRuntime  # here too: the docker SDK only when asked for
+
+        return SwarmRuntime
     raise RuntimeUnavailable(f"unknown runtime {name!r} (expected {' or '.join(map(repr, RUNTIMES))})")
 
 

@@ -25,9 +25,12 @@ autoscaler use only this interface. A runtime must implement:
   (`plan`, `plan_key` and the autoscaler build on it). Return an `Instance`, or
   a subclass of it with the runtime's own typed fields (`state_fields` adds them
   to state.json).
-- `start_instance`: start the sidecar, then the app, and return once both are
-  ready; `wait_ready` does the waiting, given how to tell that a part exited and
-  whether the app answers. The app's environment is `app_environment`.
+- `start_instance`: start the sidecar, and the app only once the sidecar is ready
+  (its outbound listener takes the app's first calls), and return once both are
+  ready: the app within the ``timeout`` counted from its own start, the sidecar
+  within as long and at least `SIDECAR_TIMEOUT`; `wait_ready` does the waiting, given how to tell that a part exited and
+  whether the app answers. A job's app (``job = true``) is never waited for: it
+  may be done before anyone could ask. The app's environment is `app_environment`.
 - `stop_role`: stop the sidecar (it drains) or the app. Call `_mark_stopping` first;
   `start_instance` calls `_mark_starting` and, once ready, `_mark_ready`.
 - `exit_code` and `tail`: how a part ended, its last output lines. With the marks
@@ -41,7 +44,8 @@ And may change the defaults: `problems` (what the mesh lacks to run here),
 `kill_all`, `close`, `cpu_seconds` (None: no autoscaling on CPU), `check_health`,
 `push_registry` and `reload_certificates` (by default over the sidecar's admin
 listener on 127.0.0.1), and for keyed services (`mesh.control.keyed`)
-`front_host`, `allow_front`, `plan_key`, `replan` and `reach`.
+`front_host`, `allow_front`, `plan_key`, `replan`, `reach`, and for their
+per-key volumes `volume_path` and `remove_volumes`.
 """
 
 from __future__ import annotations
@@ -58,12 +62,15 @@ from mesh.control.runtimes.loopback import http_status, port_in_use
 from mesh.sidecar import admin
 
 __all__ = [
-    "ROLES", "TAIL_LINES", "Instance", "OnExit", "Output", "Runtime", "RuntimeUnavailable", "StartFailed",
-    "instance_count", "instance_label", "output_label",
+    "ROLES", "SIDECAR_TIMEOUT", "TAIL_LINES", "Instance", "OnExit", "Output", "Runtime", "RuntimeUnavailable",
+    "StartFailed", "instance_count", "instance_label", "output_label",
 ]
 
 TAIL_LINES = 20  # the last lines of output kept of each app and sidecar
 ROLES = ("sidecar", "app")  # the parts of an instance, in the order they start
+# The least time a sidecar gets to be ready: a start's ``timeout`` is its app's, and a short one
+# must not fail the sidecar of a busy machine.
+SIDECAR_TIMEOUT = 30.0
 
 # What a runtime calls: output(label, line) for each line a process prints,
 # on_exit(instance, role, returncode) when an app or sidecar ends unasked.
@@ -95,7 +102,8 @@ class Instance:
     ``mesh``, ``outbound``, ``admin`` and, when exposed, ``public``. ``tls``
     is the folder of its certificate (``cert.pem``, ``key.pem``, ``ca.pem``)
     for mutual TLS between sidecars; None runs its mesh listener on plain HTTP.
-    ``key``: the key a keyed service's instance serves (`mesh.control.keyed`). ``pids`` and
+    ``key``: the key a keyed service's instance serves (`mesh.control.keyed`); ``volume``: the name
+    of that key's volume when its service keeps one (``instances.volume``). ``pids`` and
     ``pgids``: role (``sidecar``, ``app``) -> the process (group) running it, while
     it runs on this machine.
     """
@@ -108,6 +116,7 @@ class Instance:
     health: str | None = None
     tls: Path | None = None
     key: str | None = None
+    volume: str | None = None
     pids: dict[str, int] = field(default_factory=dict)
     pgids: dict[str, int] = field(default_factory=dict)
 
@@ -192,11 +201,12 @@ class Runtime(ABC):
 
     @abstractmethod
     async def start_instance(self, instance: Instance, registry: Path, timeout: float) -> None:
-        """Start the instance's sidecar and app and return once both are ready.
+        """Start the instance's sidecar, then (once the sidecar is ready) its app, and return once
+        both are ready (a job's app: once it started).
 
-        Raise `StartFailed` if either exits or is not ready within
-        ``timeout`` seconds. What was started stays tracked, so `stop_role`
-        cleans up after a failure or a cancellation.
+        Raise `StartFailed` if either exits or is not ready in time: the app within ``timeout``
+        seconds of its own start, the sidecar within as long and at least `SIDECAR_TIMEOUT`. What
+        was started stays tracked, so `stop_role` cleans up after a failure or a cancellation.
         """
 
     @abstractmethod
@@ -229,6 +239,21 @@ class Runtime(ABC):
         when that cannot be done now (said on stderr)."""
 
     # what a runtime may change
+
+    @classmethod
+    def remove_volumes(cls, config: MeshConfig, *, required: bool) -> int | None:
+        """`mesh down --volumes`: remove the per-key volumes (``instances.volume``) this runtime keeps
+        for this mesh, and nothing else: how many, or None when that cannot be done now (said on
+        stderr; ``required`` false: the mesh did not last run here, so say nothing and return 0).
+        None kept, by default."""
+        return 0
+
+    def volume_path(self, instance: Instance) -> str | None:
+        """Where the app of a keyed instance finds its key's volume (``MESH_VOLUME``), made now if it
+        must be; None when the instance has none. By default ``instances.volume``, where a runtime
+        of containers mounts it."""
+        spec = self.config.services[instance.service].instances
+        return spec.volume if instance.volume is not None and spec is not None else None
 
     def problems(self) -> list[str]:
         """What stops this mesh from running on this runtime, one line each (empty: none)."""
@@ -331,13 +356,18 @@ class Runtime(ABC):
     def plan(self) -> list[Instance]:
         """Every instance of every service, with its addresses chosen; nothing started.
 
-        Raise `StartFailed` when the mesh cannot start here (a port to expose is taken).
-        Built on `plan_one`; the first instance of an exposed service publishes on ``expose``.
+        Raise `StartFailed` when the mesh cannot start here (a port to expose or pinned for a
+        sidecar is taken). Built on `plan_one`; the first instance of an exposed service
+        publishes on ``expose``.
         """
         for name, service in self.config.services.items():
             if service.expose is not None and port_in_use(service.expose):
                 raise StartFailed(name, f"cannot expose it on 127.0.0.1:{service.expose}: "
                                   f"the port is in use (services.{name}.expose)")
+            for role, port in service.pinned_ports().items():
+                if port_in_use(port):
+                    raise StartFailed(name, f"cannot pin its sidecar's {role} listener on 127.0.0.1:{port}: "
+                                      f"the port is in use (services.{name}.sidecar.{role}_port)")
         instances = []
         for name, service in self.config.services.items():
             count = instance_count(service)
@@ -350,29 +380,35 @@ class Runtime(ABC):
         return instances
 
     def app_environment(self, instance: Instance, outbound: int) -> dict[str, str]:
-        """What every app finds in its environment: the service's ``env``, then ``PORT``,
-        ``HTTP_PROXY`` and ``HTTPS_PROXY`` (its sidecar's outbound listener on loopback port
-        ``outbound``: HTTPS goes as CONNECT, `mesh.sidecar.egress`), ``NO_PROXY``, ``MESH_SERVICE``
-        and ``MESH_INSTANCE``."""
+        """What every app finds in its environment: the service's ``env``, then ``PORT`` (but a
+        job's: it listens on none), ``HTTP_PROXY`` and ``HTTPS_PROXY`` (its sidecar's outbound
+        listener on loopback port ``outbound``: HTTPS goes as CONNECT, `mesh.sidecar.egress`),
+        ``NO_PROXY``, ``MESH_SERVICE`` and ``MESH_INSTANCE``; and ``MESH_VOLUME`` when it has a
+        key's volume (`volume_path`)."""
         service = self.config.services[instance.service]
         env = {k: str(v) for k, v in service.env.items()}
+        if not service.job:
+            env["PORT"] = str(instance.ports["app"])
         proxy = f"http://127.0.0.1:{outbound}"
         env.update({
-            "PORT": str(instance.ports["app"]),
             "HTTP_PROXY": proxy, "http_proxy": proxy,
             "HTTPS_PROXY": proxy, "https_proxy": proxy,
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
             "MESH_SERVICE": instance.service,
             "MESH_INSTANCE": str(instance.index),
         })
+        volume = self.volume_path(instance)
+        if volume is not None:
+            env["MESH_VOLUME"] = volume
         return env
 
     async def wait_ready(self, instance: Instance, deadline: float, timeout: float, *,
                          alive: Callable[[], Awaitable[None]],
                          app_ready: Callable[[float], Awaitable[tuple[bool, str]]],
-                         where: str = "", pause: float = 0.05) -> None:
-        """Return once the instance's sidecar answers ``/readyz`` and its app is ready; raise
-        `StartFailed` at ``deadline`` (event loop time) saying what it waited for, with the output.
+                         where: str = "", pause: float = 0.05, parts: tuple[str, ...] = ROLES) -> None:
+        """Return once the instance's sidecar answers ``/readyz`` and its app is ready (of those,
+        the ``parts`` named); raise `StartFailed` at ``deadline`` (event loop time) saying what it
+        waited for, with the output.
 
         ``alive()`` raises `StartFailed` if a part of the instance exited. ``app_ready(wait)``
         asks the app once, in at most about ``wait`` seconds: whether it is ready (200 on its
@@ -381,15 +417,15 @@ class Runtime(ABC):
         port in the message.
         """
         loop = asyncio.get_running_loop()
-        ready = {"sidecar": False, "app": False}
+        ready = {part: False for part in parts}
         probe: asyncio.Future[tuple[bool, str]] | None = None
         last = ""
         try:
             while True:
                 await alive()
-                if not ready["sidecar"]:
+                if ready.get("sidecar") is False:
                     ready["sidecar"] = await http_status(instance.ports["admin"], "/readyz") == 200
-                if not ready["app"]:
+                if ready.get("app") is False:
                     if probe is None:
                         # In rounds of a few seconds: a round outlives its start if the app dies meanwhile.
                         left = min(3.0, max(0.5, deadline - loop.time()))

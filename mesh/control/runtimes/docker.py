@@ -15,10 +15,10 @@
     │  (both from the host, through their published ports) take connections; the   │
     │  app's port and everything else answer with a reset. Inside, nothing (the     │
     │  app included) may connect to the admin port. Out of the namespace only       │
-    │  other sidecars' mesh listeners.                                              │
+    │  other sidecars' mesh listeners (and, with [[egress]], the sidecar's uid).    │
     └────────────────────────────────────────────────────────────────────────────────┘
 
-Per mesh, two networks (`mesh.control.docker.networks`), both labelled and made
+Per mesh, two networks (`mesh.control.docker.networks`; a third for egress), made
 by the first instance to start: ``mesh-<name>`` (internal), where sidecars reach
 each other by an alias each has there only, and ``mesh-<name>-edge``, only so
 that Docker publishes the admin and public listeners on the host's 127.0.0.1.
@@ -77,10 +77,12 @@ from mesh.control.docker.layout import (
     container_name,
     mesh_alias,
 )
-from mesh.control.docker.networks import Network, create_networks
+from mesh.control.docker.networks import Network, create_networks, network_roles, publishing_role
 from mesh.control.docker.status import print_line, refresh_status, remove_owned, sweep
+from mesh.control.docker.volumes import remove_volumes
 from mesh.control.logs import log_file
 from mesh.control.runtimes.base import (
+    SIDECAR_TIMEOUT,
     TAIL_LINES,
     Instance,
     OnExit,
@@ -230,6 +232,10 @@ class DockerRuntime(Runtime):
     def remove_leftovers(cls, config: MeshConfig) -> tuple[int, int] | None:
         return sweep(config)
 
+    @classmethod
+    def remove_volumes(cls, config: MeshConfig, *, required: bool) -> int | None:
+        return remove_volumes(config, required=required)  # the keys' volumes, by this mesh's labels
+
     # keyed services: their fronts run in the controller, on the host's side of the mesh network
 
     async def front_host(self) -> str:
@@ -298,13 +304,14 @@ class DockerRuntime(Runtime):
         async with self._prepared:
             if self._images is None:
                 await self._call(self._build)
-            if not self._networks:
+            if not self._networks.keys() >= set(network_roles(self.config)):  # a reload may add egress
                 await self._call(self._make_networks)
                 if self._watcher is None:
                     self._watcher = asyncio.ensure_future(self._watch())
 
     def _make_networks(self) -> None:
-        create_networks(self.client(), self.config.name, lambda role: self._labels(role=role), self._networks)
+        create_networks(self.client(), self.config.name, lambda role: self._labels(role=role), self._networks,
+                        network_roles(self.config))
 
     def _sidecar_spec(self, instance: ContainerInstance, registry: Path) -> dict[str, Any]:
         assert self._images is not None
@@ -362,19 +369,22 @@ class DockerRuntime(Runtime):
     async def start_instance(self, instance: Instance, registry: Path, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         await self._prepare()
-        deadline = loop.time() + timeout
+        sidecar_timeout = max(timeout, SIDECAR_TIMEOUT)  # the app's `timeout` counts from its own start
+        deadline = loop.time() + sidecar_timeout
         self._mark_starting(instance)  # maybe again (a restart)
         slot = self._slots[instance.label] = _Slot(_containers(instance))
         sidecar_id = await self._call(self._create, slot, "sidecar", self._sidecar_spec(slot.instance, registry))
         # Connected before it starts: its published ports go out through this network.
-        await self._call(self._connect, sidecar_id, self._networks["edge"].id)
+        await self._call(self._connect, sidecar_id, self._networks[publishing_role(self.config, instance.service)].id)
         await self._call(self._start, slot, "sidecar", lambda t: self._line(slot, "sidecar", t), loop)
-        # The app starts only once the firewall is in: never a moment with its port open.
-        await self._until(slot, deadline, timeout, lambda: slot.firewall.is_set(), "its firewall")
+        # The app starts once the firewall is in (its port never open) and its sidecar is ready (for its calls).
+        await self._until(slot, deadline, sidecar_timeout, lambda: slot.firewall.is_set(), "its firewall")
         await self._call(self._published, slot)
-        await self._call(self._create, slot, "app", self._app_spec(slot.instance, sidecar_id))
+        await asyncio.gather(self._call(self._create, slot, "app", self._app_spec(slot.instance, sidecar_id)),
+                             self._wait_ready(slot, deadline, sidecar_timeout, ("sidecar",)))
         await self._call(self._start, slot, "app", lambda t: self._line(slot, "app", t), loop)
-        await self._wait_ready(slot, deadline, timeout)
+        if not self.config.services[instance.service].job:  # a job is ready with its sidecar
+            await self._wait_ready(slot, loop.time() + timeout, timeout, ("app",))
         self._mark_ready(instance)
 
     def _connect(self, container_id: str, network_id: str) -> None:
@@ -401,7 +411,7 @@ class DockerRuntime(Runtime):
         import docker
 
         found = {}
-        for role, container_id in slot.ids.items():
+        for role, container_id in dict(slot.ids).items():  # a copy: the app's may be made meanwhile
             try:
                 state = self.client().api.inspect_container(container_id)["State"]
             except docker.errors.NotFound:
@@ -431,13 +441,13 @@ class DockerRuntime(Runtime):
                 async with asyncio.timeout(0.25):
                     await slot.firewall.wait()
 
-    async def _wait_ready(self, slot: _Slot, deadline: float, timeout: float) -> None:
+    async def _wait_ready(self, slot: _Slot, deadline: float, timeout: float, parts: tuple[str, ...]) -> None:
         async def app_ready(wait: float) -> tuple[bool, str]:
             ready: tuple[bool, str] = await self._ask(self._probe, slot, slot.instance.health, wait)
             return ready
 
         await self.wait_ready(slot.instance, deadline, timeout, alive=lambda: self._check_alive(slot),
-                              app_ready=app_ready, where=" in its container", pause=0.1)
+                              app_ready=app_ready, where=" in its container", pause=0.1, parts=parts)
 
     def _probe(self, slot: _Slot, path: str | None, wait: float) -> tuple[bool, str]:
         """Whether the app answers (200 on ``path``; a connection without one) within ``wait`` seconds,

@@ -5,7 +5,8 @@ Each sidecar runs as ``python -m mesh sidecar ...`` and writes its access log to
 ``command`` through the shell in mesh.toml's folder. Both run in sessions of
 their own, so a stop reaches whole process groups, and both inherit ``MESH_RUN``
 (`mesh.control.runtimes.procfs`), so `mesh down` finds what a dead controller
-left behind.
+left behind. A key's volume (``instances.volume``) is the folder
+``.mesh/<name>/volumes/<volume>`` (mode 0700), kept until `mesh down --volumes`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import asyncio
 import collections
 import contextlib
 import os
+import re
 import shlex
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any
 from mesh.config import MeshConfig
 from mesh.control.logs import log_file
 from mesh.control.runtimes.base import (
+    SIDECAR_TIMEOUT,
     TAIL_LINES,
     Instance,
     OnExit,
@@ -39,6 +43,12 @@ from mesh.sidecar import admin
 __all__ = ["ProcessRuntime"]
 
 MAX_LINE = 64 * 1024  # longer output without a newline is cut into lines of this size
+_VOLUME_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*\Z")  # `mesh.control.keyed.key_volume`'s names
+
+
+def volumes_folder(config: MeshConfig) -> Path:
+    """Where the process runtime keeps the mesh's per-key volumes, one folder each."""
+    return config.state_dir / "volumes"
 
 
 class _Process:
@@ -157,9 +167,11 @@ class ProcessRuntime(Runtime):
     def plan_one(self, service: str, index: int) -> Instance:
         config = self.config.services[service]
         roles = ["app", "mesh", "outbound", "admin"] + (["public"] if config.expose is not None else [])
-        ports = free_ports(len(roles), avoid=self._planned)  # none given to another instance
+        # None given to another instance, nor pinned by any sidecar (`services.NAME.sidecar`).
+        pinned = {port for each in self.config.services.values() for port in each.pinned_ports().values()}
+        ports = free_ports(len(roles), avoid=self._planned | pinned)
         self._planned.update(ports)
-        assigned = dict(zip(roles, ports, strict=True))
+        assigned = {**dict(zip(roles, ports, strict=True)), **config.pinned_ports()}
         return Instance(service, index, instance_label(service, config, index, 2), "127.0.0.1",
                         assigned, config.health)
 
@@ -173,6 +185,23 @@ class ProcessRuntime(Runtime):
         # Fresh loopback ports for every boot; the front serves `expose`.
         instance.ports = dict(zip(("app", "mesh", "outbound", "admin"), free_ports(4), strict=True))
         self._planned.update(instance.ports.values())
+
+    def volume_path(self, instance: Instance) -> str | None:
+        """The key's folder under `volumes_folder`, made (mode 0700) if it is not there yet."""
+        if instance.volume is None:
+            return None
+        # SECURITY: the name is a digest of the key (`key_volume`), never the key: no path from a request.
+        if not _VOLUME_NAME.match(instance.volume):
+            raise StartFailed(instance.label, f"not a volume name: {instance.volume!r}")
+        parent = volumes_folder(self.config)
+        folder = parent / instance.volume
+        try:
+            for each in (parent, folder):
+                each.mkdir(mode=0o700, parents=True, exist_ok=True)
+                each.chmod(0o700)
+        except OSError as exc:
+            raise StartFailed(instance.label, f"cannot make its volume {folder}: {exc}") from None
+        return str(folder.resolve())
 
     async def cpu_seconds(self, instance: Instance) -> float | None:
         pgid = instance.pgids.get("app")
@@ -226,14 +255,22 @@ class ProcessRuntime(Runtime):
         service = self.config.services[instance.service]
         assert service.command is not None  # problems() refuses services without one
         self._mark_starting(instance)  # maybe again (a restart)
+        self._procs.get(instance.label, {}).pop("app", None)  # a stopped app of an earlier start
+        instance.pids.pop("app", None)
+        instance.pgids.pop("app", None)
         sidecar_env = dict(os.environ, **{RUN_VARIABLE: self.run_id})
         sidecar_env.setdefault("PYTHONUNBUFFERED", "1")
         await self._spawn(instance, "sidecar", self._sidecar_command(instance, registry), sidecar_env)
+        # The app only once its sidecar's listeners are up: its first outbound calls must find them.
+        sidecar_timeout = max(timeout, SIDECAR_TIMEOUT)
+        await self._wait_ready(instance, ("sidecar",), asyncio.get_running_loop().time() + sidecar_timeout,
+                               sidecar_timeout)
         await self._spawn(instance, "app", service.command, self._app_env(instance))
-        procs = self._procs[instance.label]
-        await self._wait_ready(instance, procs, timeout)
+        if not service.job:  # a job is ready with its sidecar: it may be done before it could be asked
+            deadline = asyncio.get_running_loop().time() + timeout  # the app's own, from its start
+            await self._wait_ready(instance, ("sidecar", "app"), deadline, timeout, parts=("app",))
         self._mark_ready(instance)
-        for role, proc in procs.items():
+        for role, proc in self._procs[instance.label].items():
             self._watch_later(instance, role, proc)
 
     def _watch_later(self, instance: Instance, role: str, proc: _Process) -> None:
@@ -255,10 +292,11 @@ class ProcessRuntime(Runtime):
         if old is not None:  # what the old app started may linger in its group: not on its port
             await old.stop(self.app_grace)
         await self._spawn(instance, "app", service.command, self._app_env(instance))
-        procs = self._procs[instance.label]
-        await self._wait_ready(instance, procs, timeout)
+        if not service.job:
+            deadline = asyncio.get_running_loop().time() + timeout
+            await self._wait_ready(instance, ("sidecar", "app"), deadline, timeout, parts=("app",))
         self._mark_ready(instance)
-        self._watch_later(instance, "app", procs["app"])
+        self._watch_later(instance, "app", self._procs[instance.label]["app"])
 
     def exit_code(self, instance: Instance, role: str) -> int | None:
         proc = self._procs.get(instance.label, {}).get(role)
@@ -281,7 +319,11 @@ class ProcessRuntime(Runtime):
         # A start cancelled mid-spawn still records the process it created, so stopping finds it.
         await self._shielded(spawn())
 
-    async def _wait_ready(self, instance: Instance, procs: dict[str, _Process], timeout: float) -> None:
+    async def _wait_ready(self, instance: Instance, roles: tuple[str, ...], deadline: float, timeout: float,
+                          parts: tuple[str, ...] = ("sidecar",)) -> None:
+        """Until the ``parts`` are ready, by ``deadline``; any of the ``roles`` exiting meanwhile fails it."""
+        procs = {role: self._procs[instance.label][role] for role in roles}
+
         async def alive() -> None:
             for role, proc in procs.items():
                 if proc.returncode is not None:
@@ -295,8 +337,9 @@ class ProcessRuntime(Runtime):
                 return await http_status(instance.ports["app"], instance.health) == 200, ""
             return await port_open(instance.ports["app"]), ""
 
-        deadline = asyncio.get_running_loop().time() + timeout
-        await self.wait_ready(instance, deadline, timeout, alive=lambda: alive(), app_ready=app_ready)
+        # The sidecar is polled more often: the app's start waits on it.
+        await self.wait_ready(instance, deadline, timeout, alive=lambda: alive(), app_ready=app_ready,
+                              parts=parts, pause=0.02 if parts == ("sidecar",) else 0.05)
 
     async def _watch(self, instance: Instance, role: str, proc: _Process) -> None:
         # Not proc.wait(): it also waits for the output pipe to close, which a child of a
@@ -346,3 +389,17 @@ class ProcessRuntime(Runtime):
     def remove_leftovers(cls, config: MeshConfig) -> tuple[int, int] | None:
         """Nothing beyond processes (`mesh down` stops those by ``MESH_RUN``)."""
         return (0, 0)
+
+    @classmethod
+    def remove_volumes(cls, config: MeshConfig, *, required: bool) -> int | None:
+        """Every folder under `volumes_folder` (links in them are removed, never followed)."""
+        folder = volumes_folder(config)
+        if not folder.is_dir():
+            return 0
+        count = sum(1 for _ in folder.iterdir())
+        try:
+            shutil.rmtree(folder)
+        except OSError as exc:
+            print(f"mesh '{config.name}': cannot remove its volumes in {folder}: {exc}", file=sys.stderr)
+            return None
+        return count
