@@ -125,6 +125,9 @@ class Reloader:
         try:
             if c.phase != "running":
                 raise ReloadFailed(f"the mesh is {c.phase}: reload it once it runs")
+            if not c.runtime.reloadable:
+                raise ReloadFailed(f"the {c.runtime.name} runtime cannot reload a running mesh: `mesh down`, "
+                                   f"then `mesh up`")
             target, changes = await self.reload()
             self.status["changes"] = changes.describe()
             log.info("reloaded: version %s; %s", target, changes.describe())

@@ -173,6 +173,8 @@ class Runtime(ABC):
     """How instances run. One runtime object serves one `mesh up` (see the module docstring)."""
 
     name: ClassVar[str]
+    # Whether `mesh reload` can reach its sidecars' admin listeners (`mesh.control.reload`).
+    reloadable: ClassVar[bool] = True
 
     def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "",
                  admin_token: admin.AdminToken | None = None) -> None:

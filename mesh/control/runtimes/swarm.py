@@ -139,6 +139,7 @@ class SwarmRuntime(Runtime):
     """Instances as the tasks of one Swarm service per mesh service (see the module docstring)."""
 
     name = "swarm"
+    reloadable = False  # the tasks' admin listeners are theirs alone: `mesh down`, then `mesh up`
 
     def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "",
                  admin_token: admin.AdminToken | None = None) -> None:
