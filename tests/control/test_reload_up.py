@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from ..harness import ECHO_APP, MeshMaker, by_label, fetch, free_port, wait_until
+from ..docker_support import base_image, docker_engine  # noqa: F401
+from ..harness import DOCKER_APP, ECHO_APP, MeshMaker, by_label, docker_build, fetch, free_port, unique_name, wait_until
 
 MESH = """
 plugin_path = ["."]
@@ -165,3 +166,38 @@ def test_up_watch_reloads_an_edited_plugin(make_mesh: MeshMaker) -> None:
     (mesh.folder / "tag.py").write_text(TAG.format(value="three", fault="raise RuntimeError('half saved')"))
     wait_until(lambda: "reload refused" in mesh.output(), timeout=60, what="the broken edit refused")
     assert fetch(f"http://127.0.0.1:{public}/").headers.get("x-tag") == "two"
+
+
+@pytest.mark.docker
+def test_reload_on_docker_swaps_the_plugin_and_refuses_a_broken_one(make_mesh: MeshMaker, docker_engine: Any,
+                                                                    base_image: str) -> None:
+    public = free_port()
+    toml = (f'plugin_path = ["."]\n[services.front]\nbuild = "app"\nport = 8000\nexpose = {public}\n'
+            f'plugins = [ {{ use = "tag.py:Tag" }} ]\n')
+    mesh = make_mesh(unique_name(), toml, None, engine=docker_engine,
+                     files={**docker_build(DOCKER_APP), "tag.py": TAG.format(value="one", fault="")})
+    done = mesh.run("up", "-d", "--runtime", "docker")
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        assert fetch(f"http://127.0.0.1:{public}/").headers.get("x-tag") == "one"
+        container = mesh.ps()["instances"][0]["containers"]["app"]["id"]
+        load = Load(f"http://127.0.0.1:{public}/")
+        try:
+            wait_until(lambda: len(load.tags) >= 5, timeout=60, what="the load to run")
+            (mesh.folder / "tag.py").write_text(TAG.format(value="two", fault=""))
+            done = mesh.run("reload")
+            assert done.returncode == 0, done.stdout + done.stderr
+            wait_until(lambda: load.tags[-1:] == ["two"], timeout=30, what="v2 serving")
+            (mesh.folder / "tag.py").write_text(TAG.format(value="three", fault="raise RuntimeError('no')"))
+            done = mesh.run("reload")
+            assert done.returncode != 0 and "RuntimeError: no" in done.stderr
+            before = len(load.tags)
+            wait_until(lambda: len(load.tags) >= before + 5, timeout=60, what="more requests")
+            assert set(load.tags[before:]) == {"two"}
+        finally:
+            load.stop()
+        assert load.failures == [], load.failures[:5]
+        state = mesh.ps()
+        assert state["instances"][0]["containers"]["app"]["id"] == container  # nothing restarted
+    finally:
+        assert mesh.run("down").returncode == 0
