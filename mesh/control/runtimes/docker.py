@@ -383,8 +383,7 @@ class DockerRuntime(Runtime):
         await asyncio.gather(self._call(self._create, slot, "app", self._app_spec(slot.instance, sidecar_id)),
                              self._wait_ready(slot, deadline, sidecar_timeout, ("sidecar",)))
         await self._call(self._start, slot, "app", lambda t: self._line(slot, "app", t), loop)
-        if not self.config.services[instance.service].job:  # a job is ready with its sidecar
-            await self._wait_ready(slot, loop.time() + timeout, timeout, ("app",))
+        await self._wait_ready(slot, loop.time() + timeout, timeout, ("app",))  # a job's: none (`wait_ready`)
         self._mark_ready(instance)
 
     def _connect(self, container_id: str, network_id: str) -> None:
