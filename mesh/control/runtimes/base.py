@@ -409,8 +409,8 @@ class Runtime(ABC):
                          app_ready: Callable[[float], Awaitable[tuple[bool, str]]],
                          where: str = "", pause: float = 0.05, parts: tuple[str, ...] = ROLES) -> None:
         """Return once the instance's sidecar answers ``/readyz`` and its app is ready (of those,
-        the ``parts`` named); raise `StartFailed` at ``deadline`` (event loop time) saying what it
-        waited for, with the output.
+        the ``parts`` named; never a job's app, which may be done before it could be asked); raise
+        `StartFailed` at ``deadline`` (event loop time) saying what it waited for, with the output.
 
         ``alive()`` raises `StartFailed` if a part of the instance exited. ``app_ready(wait)``
         asks the app once, in at most about ``wait`` seconds: whether it is ready (200 on its
@@ -419,7 +419,10 @@ class Runtime(ABC):
         port in the message.
         """
         loop = asyncio.get_running_loop()
-        ready = {part: False for part in parts}
+        job = self.config.services[instance.service].job
+        ready = {part: False for part in parts if not (job and part == "app")}
+        if not ready:
+            return
         probe: asyncio.Future[tuple[bool, str]] | None = None
         last = ""
         try:

@@ -266,9 +266,8 @@ class ProcessRuntime(Runtime):
         await self._wait_ready(instance, ("sidecar",), asyncio.get_running_loop().time() + sidecar_timeout,
                                sidecar_timeout)
         await self._spawn(instance, "app", service.command, self._app_env(instance))
-        if not service.job:  # a job is ready with its sidecar: it may be done before it could be asked
-            deadline = asyncio.get_running_loop().time() + timeout  # the app's own, from its start
-            await self._wait_ready(instance, ("sidecar", "app"), deadline, timeout, parts=("app",))
+        deadline = asyncio.get_running_loop().time() + timeout  # the app's own, from its start
+        await self._wait_ready(instance, ("sidecar", "app"), deadline, timeout, parts=("app",))
         self._mark_ready(instance)
         for role, proc in self._procs[instance.label].items():
             self._watch_later(instance, role, proc)
@@ -292,9 +291,8 @@ class ProcessRuntime(Runtime):
         if old is not None:  # what the old app started may linger in its group: not on its port
             await old.stop(self.app_grace)
         await self._spawn(instance, "app", service.command, self._app_env(instance))
-        if not service.job:
-            deadline = asyncio.get_running_loop().time() + timeout
-            await self._wait_ready(instance, ("sidecar", "app"), deadline, timeout, parts=("app",))
+        deadline = asyncio.get_running_loop().time() + timeout
+        await self._wait_ready(instance, ("sidecar", "app"), deadline, timeout, parts=("app",))
         self._mark_ready(instance)
         self._watch_later(instance, "app", self._procs[instance.label]["app"])
 
@@ -337,9 +335,9 @@ class ProcessRuntime(Runtime):
                 return await http_status(instance.ports["app"], instance.health) == 200, ""
             return await port_open(instance.ports["app"]), ""
 
-        # The sidecar is polled more often: the app's start waits on it.
+        # Asked often: on loopback a question costs little, and a keyed instance's first request waits.
         await self.wait_ready(instance, deadline, timeout, alive=lambda: alive(), app_ready=app_ready,
-                              parts=parts, pause=0.02 if parts == ("sidecar",) else 0.05)
+                              parts=parts, pause=0.02)
 
     async def _watch(self, instance: Instance, role: str, proc: _Process) -> None:
         # Not proc.wait(): it also waits for the output pipe to close, which a child of a
