@@ -123,7 +123,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cachetools import LRUCache, TLRUCache
 
@@ -169,15 +169,15 @@ def parse_key(parts: Iterable[str]) -> tuple[tuple[str, str], ...]:
     return tuple(parsed)
 
 
-@dataclass(frozen=True)
-class _Scope:
+class _Scope(NamedTuple):
     """Where one request's entries live and which of them it may use."""
 
     url: tuple              # (method, host, target): Vary markers and invalidation work on it
     base: tuple             # url + the `key` values: every entry of the request is under it
     authenticated: bool     # it carried credentials or claims when the cache saw it
     shared_only: bool       # authenticated, identity not in the key: public/s-maxage only
-    flight: tuple           # requests with equal flights may wait for each other's miss
+    flight: tuple | None    # requests with equal flights may wait for each other's miss;
+                            # None: this one never waits, nor is waited for
 
 
 @dataclass
@@ -261,8 +261,10 @@ class Cache(Plugin):
                 self._invalidate(request, response)
             self._lookups.inc(result="bypass")
             return _mark(response, "MISS")
-        directives = request_directives(request.headers)
-        if "no-store" in directives or any(h in request.headers for h in BYPASS_HEADERS):
+        headers = request.headers
+        directives = (request_directives(headers)
+                      if "Cache-Control" in headers or "Pragma" in headers else {})
+        if "no-store" in directives or any(h in headers for h in BYPASS_HEADERS):
             response = await call_next(request)
             self._lookups.inc(result="bypass")
             return _mark(response, "MISS")
@@ -280,16 +282,16 @@ class Cache(Plugin):
                 use = usable(entry, directives, now)
                 if use == "fresh":
                     self._lookups.inc(result="hit")
-                    return self._serve(entry, request, now)
+                    return self._serve(entry, request.method, request.headers, now)
                 if use == "stale":
                     self._refresh_in_background(scope, request, entry, call_next)
                     self._lookups.inc(result="stale")
-                    return self._serve(entry, request, now)
+                    return self._serve(entry, request.method, request.headers, now)
                 stale = entry
             if "only-if-cached" in directives:
                 self._lookups.inc(result="miss")
                 return _mark(Response(504, "504 Gateway Timeout: not in the cache\n"), "MISS")
-            flight = self._flights.get(scope.flight)
+            flight = self._flights.get(scope.flight) if scope.flight is not None else None
             if flight is None or reload or waits == MAX_WAITS:
                 break
             waits += 1
@@ -304,15 +306,15 @@ class Cache(Plugin):
     # -- keys and lookup ------------------------------------------------------
 
     def _scope(self, request: Request) -> _Scope:
-        url = (request.method, request.host.lower(), request.target)
-        base = url + self._key_values(request)
-        authenticated = ("Authorization" in request.headers or "Cookie" in request.headers
-                         or "claims" in request.state)
-        shared_only = authenticated and not self._identity_keyed(request)
+        headers = request.headers
+        url = (request.method, headers.get("Host", "").lower(), request.target)
+        base = url + self._key_values(request) if self.key else url
+        authenticated = "Authorization" in headers or "Cookie" in headers or "claims" in request.state
+        # Without a key no identity is in it.
+        shared_only = authenticated and not (self.key and self._identity_keyed(request))
         # An identity outside the key is not comparable: such a request never
-        # waits for another one (a fresh object makes its flight its own).
-        flight = base + (object(),) if shared_only else base
-        return _Scope(url, base, authenticated, shared_only, flight)
+        # waits for another one.
+        return _Scope(url, base, authenticated, shared_only, None if shared_only else base)
 
     def _key_values(self, request: Request) -> tuple:
         values: list[Any] = []
@@ -384,14 +386,14 @@ class Cache(Plugin):
 
     # -- using an entry -------------------------------------------------------
 
-    def _serve(self, entry: StoredResponse, request: Request, now: float) -> Response:
+    def _serve(self, entry: StoredResponse, method: str, headers: Headers, now: float) -> Response:
         """A hit: a new Response from the entry, or a 304 if the client's ETag matches."""
-        if_none_match = request.headers.get("If-None-Match")
+        if_none_match = headers.get("If-None-Match")
         if if_none_match and entry.etag and entry.status == 200 and etag_matches(if_none_match, entry.etag):
             kept = [(k, v) for k, v in entry.headers if k.lower() in NOT_MODIFIED_HEADERS]
             response = Response(304, b"", kept)
         else:
-            body = b"" if request.method == "HEAD" else entry.body
+            body = b"" if method == "HEAD" else entry.body
             response = Response(entry.status, body, list(entry.headers), reason=entry.reason)
         response.headers["Age"] = str(int(entry.age(now)))
         return _mark(response, "HIT")
@@ -401,24 +403,23 @@ class Cache(Plugin):
     async def _lead(self, scope: _Scope, request: Request, call_next: CallNext,
                     stale: StoredResponse | None) -> Response:
         """Fetch for ``request``, letting later requests with the same key wait for it."""
-        flight = None
-        if scope.flight not in self._flights:
-            flight = self._flights[scope.flight] = _Flight()
+        key = scope.flight
+        if key is None or key in self._flights:
+            response, _ = await self._fetch(scope, request, call_next, stale)
+            return response
+        flight = self._flights[key] = _Flight()
         try:
-            response, stored = await self._fetch(scope, request, call_next, stale)
-            if flight is not None:
-                flight.stored = stored
+            response, flight.stored = await self._fetch(scope, request, call_next, stale)
             return response
         finally:
-            if flight is not None:
-                del self._flights[scope.flight]
-                flight.done.set()
+            del self._flights[key]
+            flight.done.set()
 
     def _refresh_in_background(self, scope: _Scope, request: Request, entry: StoredResponse,
                                call_next: CallNext) -> None:
         # Refreshes asked with credentials outside the key share one slot: only
         # a public or s-maxage answer to them is stored, and no miss waits on it.
-        key = scope.base + ("shared-only refresh",) if scope.shared_only else scope.flight
+        key = scope.base + ("shared-only refresh",) if scope.flight is None else scope.flight
         if key in self._flights:
             return  # a refresh or a miss for this key is already on its way
         flight = self._flights[key] = _Flight()
@@ -461,21 +462,22 @@ class Cache(Plugin):
                 request.headers["If-Modified-Since"] = stale.last_modified
                 added.append("If-Modified-Since")
         # Plugins further in (a router) may rewrite the request: key the entry on it as it came.
-        asked = Request(request.method, request.path, query=request.query,
-                        headers=request.headers.copy())
+        method, asked = request.method, request.headers.copy()
         try:
             response = await call_next(request)
         finally:
             for name in added:
                 request.headers.popall(name, None)
-                asked.headers.popall(name, None)
+                asked.popall(name, None)
         # SECURITY: a plugin further in that found the request authenticated
         # (claims put on it on the way in) makes it so for what is stored.
         shared_only = scope.shared_only or (not scope.authenticated and "claims" in request.state)
         now = self.clock()
         if response.status == 304 and added and stale is not None:
             await response.aclose()
-            return self._revalidated(scope, asked, shared_only, stale, response, now)
+            return self._revalidated(scope, method, asked, shared_only, stale, response, now)
+        if not (self.heuristic or "Cache-Control" in response.headers or "Expires" in response.headers):
+            return _mark(response, "MISS"), False  # nothing says it may be stored (admit agrees)
         entry = self._rules.admit(shared_only, response.status, response.reason,
                             response.headers.items(), now)
         if entry is None:
@@ -486,12 +488,12 @@ class Cache(Plugin):
         body = await _read_upto(response, self.max_body)
         if body is None:
             return _mark(response, "MISS"), False
-        self._put(scope, asked.headers, vary_names(response.headers.getall("Vary", ())),
+        self._put(scope, asked, vary_names(response.headers.getall("Vary", ())),
                   dataclasses.replace(entry, body=body))
         return _mark(response, "MISS"), True
 
-    def _revalidated(self, scope: _Scope, request: Request, shared_only: bool, stale: StoredResponse,
-                     response: Response, now: float) -> tuple[Response, bool]:
+    def _revalidated(self, scope: _Scope, method: str, asked: Headers, shared_only: bool,
+                     stale: StoredResponse, response: Response, now: float) -> tuple[Response, bool]:
         """Update ``stale`` with a 304's headers (RFC 9111 §4.3.4), store and serve it."""
         headers = updated_headers(stale.headers, response.headers.items())
         entry = self._rules.admit(shared_only, stale.status, stale.reason, headers, now)
@@ -499,12 +501,12 @@ class Cache(Plugin):
             # The 304 changed its mind (no-store, a Set-Cookie for this client):
             # this client gets the updated answer, and the old copy is dropped.
             vary = vary_names(v for k, v in stale.headers if k.lower() == "vary")
-            self._store.pop(self._entry_key(scope, request.headers, vary), None)
-            body = b"" if request.method == "HEAD" else stale.body
+            self._store.pop(self._entry_key(scope, asked, vary), None)
+            body = b"" if method == "HEAD" else stale.body
             return _mark(Response(stale.status, body, headers, reason=stale.reason), "HIT"), False
         entry = dataclasses.replace(entry, body=stale.body)
-        self._put(scope, request.headers, vary_names(v for k, v in headers if k.lower() == "vary"), entry)
-        return self._serve(entry, request, now), True
+        self._put(scope, asked, vary_names(v for k, v in headers if k.lower() == "vary"), entry)
+        return self._serve(entry, method, asked, now), True
 
 
 def _mark(response: Response, value: str) -> Response:

@@ -80,6 +80,7 @@ claim that can't be forwarded). Skipped paths count in neither.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import re
@@ -120,6 +121,19 @@ _wall_time = time.time
 def _header_key(name: str) -> str:
     """A header name as WSGI/CGI apps see it: ``X_User`` and ``x-user`` are one."""
     return name.lower().replace("_", "-")
+
+
+def _spellings(keys: frozenset[str]) -> tuple[str, ...] | None:
+    """Every lowercased name whose `_header_key` is one of ``keys`` (``x-user``, ``x_user``),
+    or None when there are too many to try one by one."""
+    found: list[str] = []
+    for key in keys:
+        words = key.split("-")
+        if len(words) > 5:
+            return None
+        for joins in itertools.product("-_", repeat=len(words) - 1):
+            found.append(words[0] + "".join(join + word for join, word in zip(joins, words[1:], strict=True)))
+    return tuple(found)
 
 
 class _Rejected(Exception):
@@ -244,6 +258,7 @@ class JWT(Plugin):
         self.required_claims = ["exp"] if required_claims is None else list(required_claims)
         self.forward_claims = headers
         self._forwarded = frozenset(_header_key(h) for h in headers.values())
+        self._spellings = _spellings(self._forwarded)
         self.realm = realm
         self.forward_token = forward_token
         self._skip_exact = frozenset(p for p in skip or [] if not p.endswith("/*"))
@@ -293,7 +308,9 @@ class JWT(Plugin):
     async def handle(self, request: Request, call_next: CallNext) -> Response:
         # SECURITY: the forwarded-claim headers are ours alone; drop a client's
         # copies first, whatever happens next, in every spelling an app may read.
-        if self._forwarded:
+        # A few lookups (the headers ignore case) say whether there is any to look for.
+        if self._forwarded and (self._spellings is None
+                                or any(name in request.headers for name in self._spellings)):
             spoofed = [name for name in request.headers if _header_key(name) in self._forwarded]
             for name in spoofed:
                 request.headers.popall(name, None)

@@ -1,4 +1,4 @@
-"""``ratelimit``: answer 429 to callers over their budget (the ``limits`` library).
+"""``ratelimit``: answer 429 to callers over their budget (the ``limits`` library's strategies).
 
 Options:
 
@@ -25,10 +25,22 @@ Options:
   request) or ``"fixed-window"`` (cheapest, but lets up to twice the limit
   through around a window's edge).
 - ``storage`` (default ``"memory"``): ``"memory"`` keeps budgets in this
-  sidecar; a Redis URL (``redis://host:6379/0``, ``rediss://...``,
-  ``redis+unix:///path``) shares them between every replica of the service
-  (through redis-py, the ``redis`` package). Budgets are per service: two
-  services never share one.
+  sidecar (`mesh_plugins.ratelimit_windows`: the strategies' arithmetic,
+  counted in one synchronous step per request); a Redis URL
+  (``redis://host:6379/0``, ``rediss://...``, ``redis+unix:///path``) shares
+  them between every replica of the service (through ``limits`` and
+  redis-py, the ``redis`` package). Budgets are per service: two services
+  never share one.
+- ``batch`` (default 1, Redis only): with 1, every request is counted in
+  Redis as it comes (two round trips). With N > 1, a sidecar claims up to N
+  hits of a budget at a time and spends them without asking Redis again
+  (`mesh_plugins.ratelimit_claims`); claims start at one hit and grow only
+  while a budget's traffic spends them within a second. The price, with S
+  sidecars sharing a budget: in any window at most S × (N - 1) requests
+  over the limit (hits claimed before the window moved on), and at most
+  S × (N - 1) refused that exact counting would let through (hits claimed
+  by a sidecar and not spent). A request served from a claim doesn't need
+  Redis, so ``on_storage_error`` applies only to requests that claim.
 - ``on_storage_error`` (default ``"allow"``): when Redis fails or is slower
   than ``storage_timeout``, ``"allow"`` lets requests through and
   ``"deny"`` answers ``503`` with ``Retry-After: 1``. The failure is logged
@@ -40,10 +52,12 @@ Options:
 
 Every answer carries ``RateLimit-Limit``, ``RateLimit-Remaining`` and
 ``RateLimit-Reset`` (seconds), for the limit closest to running out (none
-while the storage is failing). Over
+while the storage is failing; with a ``batch``, as Redis said at the last
+claim, less what was spent of it since). Over
 the limit the answer is ``429`` with ``Retry-After`` (seconds), and the
 request goes no further. Limits are checked shortest window first, and a
-request refused by one limit doesn't use up the ones after it.
+request refused by one limit doesn't use up the ones after it. A rate
+given twice is one limit.
 
 Metrics (on the sidecar's ``/metrics``): ``mesh_ratelimit_decisions_total``
 by ``result`` (``allowed`` or ``limited``), for the requests the storage
@@ -61,11 +75,11 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 from limits import RateLimitItem, RateLimitItemPerSecond
-from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.storage import Storage
 from limits.aio.strategies import (
     FixedWindowRateLimiter,
     MovingWindowRateLimiter,
@@ -77,6 +91,8 @@ from limits.storage import storage_from_string
 from limits.util import WindowStats
 
 from mesh import CallNext, Context, Duration, Plugin, Rate, Request, Response
+from mesh_plugins.ratelimit_claims import Claims
+from mesh_plugins.ratelimit_windows import Windows
 
 __all__ = ["RateLimit"]
 
@@ -96,6 +112,7 @@ _MAX_VALUE = 64         # longer key values are hashed to keep storage keys shor
 _monotonic = time.monotonic
 
 Getter = Callable[[Request], Any]
+_T = TypeVar("_T")
 
 
 def _part(spec: str) -> tuple[str, Getter]:
@@ -123,6 +140,19 @@ def _encode(value: Any) -> str:
     return urllib.parse.quote(text, safe="")
 
 
+def _local(value: Any) -> str:
+    """One key value as part of an in-memory budget's key: distinct values stay distinct.
+
+    Like `_encode`, a missing value and an empty one share a budget.
+    """
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    if len(text) > _MAX_VALUE:
+        return "#" + hashlib.sha256(text.encode()).hexdigest()  # longer than any value kept as is
+    return text
+
+
 def _redacted(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:
@@ -146,6 +176,7 @@ class RateLimit(Plugin):
         storage: str = "memory",
         on_storage_error: Literal["allow", "deny"] = "allow",
         storage_timeout: Duration = Duration(0.5),
+        batch: int = 1,
     ) -> None:
         rates = [Rate.parse(r) if isinstance(r, str) else r
                  for r in (limit if isinstance(limit, list) else [limit])]
@@ -165,10 +196,14 @@ class RateLimit(Plugin):
             raise ValueError(f"on_storage_error: expected 'allow' or 'deny', got {on_storage_error!r}")
         if float(storage_timeout) <= 0:
             raise ValueError("storage_timeout must be more than 0")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch: expected a whole number of hits, 1 or more, got {batch!r}")
+        if batch > 1 and storage == "memory":
+            raise ValueError("batch: only for a Redis storage (in memory every hit is counted at once)")
 
         # Shortest window first: a request it refuses never reaches (and
-        # uses up) the longer ones.
-        self.rates = sorted(rates, key=lambda r: (r.seconds, r.amount))
+        # uses up) the longer ones. A rate given twice is one budget.
+        self.rates = sorted(dict.fromkeys(rates), key=lambda r: (r.seconds, r.amount))
         self._items: list[RateLimitItem] = [
             RateLimitItemPerSecond(r.amount, int(r.seconds)) for r in self.rates]
         self._parts = [_part(p) for p in parts]
@@ -176,10 +211,13 @@ class RateLimit(Plugin):
         self.storage = storage
         self.on_storage_error = on_storage_error
         self.storage_timeout = float(storage_timeout)
+        self.batch = batch
 
         self._log = logging.getLogger("mesh.plugin.ratelimit")
         self._define_metrics(Context())  # until start() gives the sidecar's
         self._scope = ""
+        self._windows: Windows | None = None           # memory only
+        self._claims: Claims | None = None             # Redis with batch > 1
         self._storage: Storage | None = None
         self._limiter: RateLimiter | None = None
         self._slots: asyncio.Semaphore | None = None   # Redis only
@@ -193,7 +231,7 @@ class RateLimit(Plugin):
         self._define_metrics(ctx)
         self._scope = ctx.service
         if self.storage == "memory":
-            self._storage = MemoryStorage()
+            self._windows = Windows(self.strategy, [(r.amount, int(r.seconds)) for r in self.rates])
         else:
             timeout = self.storage_timeout
             try:
@@ -224,7 +262,9 @@ class RateLimit(Plugin):
             else:
                 if not healthy:
                     self._failed(ConnectionError("no answer to PING"))
-        self._limiter = _STRATEGIES[self.strategy](self._storage)
+            self._limiter = _STRATEGIES[self.strategy](self._storage)
+            if self.batch > 1:
+                self._claims = Claims([int(r.seconds) for r in self.rates], self.batch)
 
     def _define_metrics(self, ctx: Context) -> None:
         self._decisions = ctx.metrics.counter("decisions", "requests counted, by result", ["result"])
@@ -242,32 +282,50 @@ class RateLimit(Plugin):
             await close()
 
     async def handle(self, request: Request, call_next: CallNext) -> Response:
-        ids = [self._scope, *(f"{name}={_encode(get(request))}" for name, get in self._parts)]
-        try:
-            item, stats, allowed = await self._check(ids)
-        except _Unavailable:
-            self._storage_errors.inc()
-            if self.on_storage_error == "deny":
-                return Response(503, "503 Service Unavailable: rate limit storage unavailable\n",
-                                {"Retry-After": "1"})
-            return await call_next(request)
-        reset = max(0, math.ceil(stats.reset_time - time.time()))
-        headers = {"RateLimit-Limit": str(item.amount),
-                   "RateLimit-Remaining": str(max(0, stats.remaining)),
+        windows = self._windows
+        if windows is not None:
+            parts = self._parts
+            key: Any = (_local(parts[0][1](request)) if len(parts) == 1
+                        else tuple(_local(get(request)) for _, get in parts))
+            now = time.time()
+            which, remaining, reset_at, allowed = windows.hit(key, now)
+            reset = max(0, math.ceil(reset_at - now))
+        else:
+            try:
+                which, remaining, reset, allowed = await self._shared(request)
+            except _Unavailable:
+                self._storage_errors.inc()
+                if self.on_storage_error == "deny":
+                    return Response(503, "503 Service Unavailable: rate limit storage unavailable\n",
+                                    {"Retry-After": "1"})
+                return await call_next(request)
+        headers = {"RateLimit-Limit": str(self.rates[which].amount),
+                   "RateLimit-Remaining": str(remaining),
                    "RateLimit-Reset": str(reset)}
-        self._decisions.inc(result="allowed" if allowed else "limited")
         if not allowed:
+            self._decisions.inc(result="limited")
             headers["Retry-After"] = str(max(1, reset))
-            rate = self.rates[self._items.index(item)]
-            return Response(429, f"429 Too Many Requests: over {rate.text}\n", headers)
+            return Response(429, f"429 Too Many Requests: over {self.rates[which].text}\n", headers)
+        self._decisions.inc(result="allowed")
         response = await call_next(request)
         response.headers.update(headers)
         return response
 
-    async def _check(self, ids: list[str]) -> tuple[RateLimitItem, WindowStats, bool]:
-        """Count the request; raise `_Unavailable` if the storage can't say."""
-        if self._slots is None:
-            return await self._count(ids)  # memory: nothing to fail
+    async def _shared(self, request: Request) -> tuple[int, int, int, bool]:
+        """Count the request in Redis: ``(which, remaining, reset in seconds, allowed)``."""
+        ids = [self._scope, *(f"{name}={_encode(get(request))}" for name, get in self._parts)]
+        if self._claims is not None:
+            now = time.time()
+            which, remaining, reset_at, allowed = await self._claims.spend(
+                tuple(ids), now, lambda which, size: self._check(lambda: self._take(which, ids, size)))
+            return which, remaining, max(0, math.ceil(reset_at - now)), allowed
+        item, stats, allowed = await self._check(lambda: self._count(ids))
+        reset = max(0, math.ceil(stats.reset_time - time.time()))
+        return self._items.index(item), max(0, stats.remaining), reset, allowed
+
+    async def _check(self, count: Callable[[], Awaitable[_T]]) -> _T:
+        """Ask Redis (``count``); raise `_Unavailable` if it can't say."""
+        assert self._slots is not None, "ratelimit plugin used before start()"
         # Waiting for a connection is not the storage's fault, so it isn't
         # timed; it is short anyway, because when the storage hangs the
         # requests ahead time out, mark it down, and the queue drains at once.
@@ -279,7 +337,7 @@ class RateLimit(Plugin):
                 self._retry_at = now + _RETRY_INTERVAL  # this request probes; others fail fast
             try:
                 async with asyncio.timeout(self.storage_timeout):
-                    verdict = await self._count(ids)
+                    verdict = await count()
             except self._errors as exc:
                 self._failed(exc)
                 raise _Unavailable from None
@@ -297,6 +355,18 @@ class RateLimit(Plugin):
         windows = [(item, await self._limiter.get_window_stats(item, *ids)) for item in self._items]
         item, stats = min(windows, key=lambda pair: pair[1].remaining)
         return item, stats, True
+
+    async def _take(self, which: int, ids: list[str], size: int) -> tuple[int, int, float]:
+        """Claim up to ``size`` hits of rate ``which`` (see `Claims`): (granted, remaining, reset)."""
+        assert self._limiter is not None, "ratelimit plugin used before start()"
+        item = self._items[which]
+        if size > 1 and self.strategy == "fixed-window" and not await self._limiter.test(item, *ids, cost=size):
+            size = 1  # a fixed window counts the hits it refuses: ask before claiming more than one
+        granted = size if await self._limiter.hit(item, *ids, cost=size) else 0
+        if not granted and size > 1 and await self._limiter.hit(item, *ids):
+            granted = 1  # near the limit: what is left, one hit at a time
+        stats = await self._limiter.get_window_stats(item, *ids)
+        return granted, max(0, stats.remaining), stats.reset_time
 
     def _failed(self, exc: BaseException) -> None:
         self._retry_at = _monotonic() + _RETRY_INTERVAL

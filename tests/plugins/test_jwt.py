@@ -28,6 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import mesh_plugins.jwt as jwt_plugin
@@ -474,6 +476,31 @@ async def test_other_headers_with_underscores_are_left_alone():
     assert response.status == 200
     assert upstream.seen[0].headers["X_Trace"] == "1"
     assert upstream.seen[0].headers["x-user-agent"] == "z"
+
+
+# Names near the forwarded ones, in any case, with "_" for "-" anywhere, and
+# letters whose lowercase is ASCII ("\u212a", the Kelvin sign, is "k") or isn't ("\u017f", long s).
+SPELLED = st.builds(
+    lambda base, flips: "".join(
+        {0: c, 1: c.upper(), 2: "_" if c == "-" else c, 3: {"k": "\u212a", "s": "\u017f"}.get(c, c)}[f]
+        for c, f in zip(base, flips, strict=False)),
+    st.sampled_from(["x-user", "x-roles", "x-key", "x-users", "x-use", "user", "x-a-b-c-d-e-f"]),
+    st.lists(st.integers(0, 3), min_size=20, max_size=20))
+
+
+@pytest.mark.parametrize("forward", [
+    {"sub": "x-user", "roles": "X-Roles", "kid": "x-key"},
+    {"sub": "x-user", "email": "X-A-B-C-D-E-F"},  # too many spellings to try: every name is looked at
+])
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(names=st.lists(SPELLED, max_size=6))
+def test_every_spelling_of_a_forwarded_header_is_dropped_and_only_those(forward, names):
+    plugin = secret_plugin(forward_claims=forward, skip=["/public/*"])
+    forwarded = {name.lower().replace("_", "-") for name in forward.values()}
+    request = make_request(path="/public/x", headers=[(name, "forged") for name in names])
+    response = asyncio.run(run_plugin(plugin, request, Upstream()))
+    assert response.status == 200
+    assert [k for k, _ in request.headers.items()] == [n for n in names if n.lower().replace("_", "-") not in forwarded]
 
 
 async def test_a_claim_that_would_break_its_header_makes_the_token_invalid():

@@ -104,6 +104,8 @@ def errors_logged(caplog: pytest.LogCaptureFixture, level: int = logging.ERROR) 
     ({"limit": "10/second", "on_storage_error": "maybe"}, "on_storage_error"),
     ({"limit": []}, "at least one rate"),
     ({"limit": "10/second", "key": []}, "at least one part"),
+    ({"limit": "10/second", "storage": "redis://127.0.0.1:1/0", "batch": 0}, "batch"),
+    ({"limit": "10/second", "batch": 10}, "only for a Redis storage"),
 ])
 def test_bad_options_are_refused_with_a_reason(options, message):
     with pytest.raises(ValueError, match=message):
@@ -276,6 +278,44 @@ async def test_replicas_of_a_service_share_one_budget_in_redis(redis_server):
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("strategy", ["sliding-window", "moving-window", "fixed-window"])
+async def test_with_a_batch_hits_are_claimed_a_few_at_a_time_and_exactly_50_get_through(
+        redis_server, strategy, clock):
+    plugin = RateLimit(limit="50/hour", storage=redis_server.url, strategy=strategy, batch=10,
+                       on_storage_error="deny", storage_timeout=30)
+    claims: list[tuple[int, int]] = []
+    take = plugin._take
+
+    async def counted(which, ids, size):
+        granted, remaining, reset = await take(which, ids, size)
+        claims.append((size, granted))
+        return granted, remaining, reset
+
+    plugin._take = counted  # type: ignore[method-assign]
+    upstream = Upstream()
+    async with started(plugin, ctx=ctx()):
+        remaining = [(await send(plugin, upstream)).headers["RateLimit-Remaining"] for _ in range(5)]
+        statuses = await burst(plugin, 200, upstream)
+    assert remaining == ["49", "48", "47", "46", "45"]  # counting down through the claims
+    assert statuses.count(200) == 45 and upstream.calls == 50
+    granting = [granted for _, granted in claims if granted]
+    assert sum(granting) == 50
+    assert len(granting) <= 16  # not one round trip per request: claims of up to 10 hits
+
+
+@pytest.mark.redis
+async def test_with_a_batch_replicas_share_one_budget_and_stay_within_it(redis_server, clock):
+    service = ctx()
+    replicas = [RateLimit(limit="20/hour", storage=redis_server.url, batch=5, storage_timeout=30)
+                for _ in range(2)]
+    async with started(replicas[0], ctx=service), started(replicas[1], ctx=service):
+        statuses = [(await send(replicas[i % 2])).status for i in range(40)]
+    # Within one window nothing goes over; what the other replica holds
+    # unspent (4 hits at most) may be refused here.
+    assert 20 - 2 * (5 - 1) <= statuses.count(200) <= 20
+
+
+@pytest.mark.redis
 async def test_frozen_redis_with_allow_lets_requests_through_and_logs_once(
         private_redis, caplog, retry_clock, monkeypatch):
     caplog.set_level(logging.INFO, logger="mesh.plugin")
@@ -335,10 +375,13 @@ async def test_frozen_redis_with_deny_refuses_with_503(private_redis, caplog):
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("policy, status", [("allow", 200), ("deny", 503)])
-async def test_stopped_redis_follows_on_storage_error(private_redis, caplog, policy, status):
+async def test_stopped_redis_follows_on_storage_error(private_redis, caplog, policy, status, batch):
+    # With a batch, the first request claims one hit and spends it: every
+    # request after it needs a claim, which the stopped Redis can't give.
     plugin = RateLimit(limit="5/hour", storage=private_redis.url, on_storage_error=policy,
-                       storage_timeout=30)
+                       storage_timeout=30, batch=batch)
     upstream = Upstream()
     async with started(plugin, ctx=ctx()):
         assert (await send(plugin, upstream)).status == 200
