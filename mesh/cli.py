@@ -356,19 +356,30 @@ def _dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mesh_and_service(command: str, path: str | None, service: str | None) -> tuple[MeshConfig, str | None] | None:
+    """The config and the service of ``mesh COMMAND [PATH] [SERVICE]``; None after saying what is wrong.
+
+    ``SERVICE`` alone is taken for one of ./mesh.toml's when it is no mesh.toml nor a folder holding one.
+    """
+    if service is None and path is not None and not _is_mesh_path(path):
+        path, service = None, path
+    config = _load(path)
+    if config is None:
+        return None
+    if service is not None and service not in config.services:
+        print(f"mesh {command}: no service {service!r} in {config.path} (services: "
+              f"{', '.join(config.services)})", file=sys.stderr)
+        return None
+    return config, service
+
+
 def _logs(args: argparse.Namespace) -> int:
     from mesh.control.logs import show
 
-    path, service = args.path, args.service
-    if service is None and path is not None and not _is_mesh_path(path):
-        path, service = None, path  # `mesh logs web`: a service of ./mesh.toml
-    config = _load(path)
-    if config is None:
+    found = _mesh_and_service("logs", args.path, args.service)
+    if found is None:
         return 2
-    if service is not None and service not in config.services:
-        print(f"mesh logs: no service {service!r} in {config.path} (services: "
-              f"{', '.join(config.services)})", file=sys.stderr)
-        return 2
+    config, service = found
     return show(config.state_dir, service, follow=args.follow, as_json=args.json)
 
 
@@ -384,16 +395,10 @@ def _reload(args: argparse.Namespace) -> int:
 def _tap(args: argparse.Namespace) -> int:
     from mesh.control.tap import show
 
-    path, service = args.path, args.service
-    if service is None and path is not None and not _is_mesh_path(path):
-        path, service = None, path  # `mesh tap web`: a service of ./mesh.toml
-    config = _load(path)
-    if config is None:
+    found = _mesh_and_service("tap", args.path, args.service)
+    if found is None:
         return 2
-    if service is not None and service not in config.services:
-        print(f"mesh tap: no service {service!r} in {config.path} (services: "
-              f"{', '.join(config.services)})", file=sys.stderr)
-        return 2
+    config, service = found
     if args.count is not None and args.count < 1:
         print("mesh tap: --count must be at least 1", file=sys.stderr)
         return 2
