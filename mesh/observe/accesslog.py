@@ -70,6 +70,8 @@ class AccessLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self._lines: list[str] = []
+        # Queue one line (a JSON object and its newline); it reaches the file within `FLUSH_EVERY` seconds.
+        self.write_line = self._lines.append
         self._file: IO[str] | None = None
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -83,10 +85,6 @@ class AccessLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._open()
         self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._tick)
-
-    def write_line(self, line: str) -> None:
-        """Queue one line (a JSON object and its newline); it reaches the file within `FLUSH_EVERY` seconds."""
-        self._lines.append(line)
 
     def _tick(self) -> None:
         self.flush()

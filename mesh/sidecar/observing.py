@@ -13,7 +13,7 @@ import re
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from json.encoder import encode_basestring_ascii as quote
-from time import monotonic, perf_counter, time, time_ns
+from time import gmtime, monotonic, perf_counter, strftime, time, time_ns
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -59,6 +59,20 @@ def plugin_label(name: str) -> str:
 # One row of `Requests` per label set: the duration's buckets and +Inf, the upstream duration's, then these.
 _UPSTREAM_SUM, _SUM, _BYTES_IN, _BYTES_OUT = -4, -3, -2, -1
 _UPSTREAM = len(LATENCY_BUCKETS) + 1  # where the upstream duration's buckets start
+_STATUS_CLASSES = {status: status_class(status) for status in range(100, 600)}
+_TEXT = {number: str(number) for number in range(1024)}  # the small numbers of a log line, formatted once
+_MILLIS = tuple(f".{milli:03d}Z" for milli in range(1000))
+_NO_IDS = '"trace_id":null,"span_id":null,'
+
+
+class _Null:
+    """Formats as JSON's null whatever the format spec: ``f"{_NULL:.3f}"`` is ``null``."""
+
+    def __format__(self, spec: str) -> str:
+        return "null"
+
+
+_NULL = _Null()
 _RESERVED = frozenset({"time", "request_id", "trace_id", "span_id", "service", "instance", "peer", "direction",
                        "method", "path", "route", "status", "bytes_in", "bytes_out", "duration_ms",
                        "upstream_duration_ms", "upstream", "retries", "answered_by"})
@@ -150,6 +164,9 @@ class Observer:
         self._labels: dict[str, str] = {}
         self._fixed = f'"service":{quote(service)},"instance":{quote(instance)},'
         self._middles: dict[tuple[str, ...], str] = {}
+        self._write = self.access_log.write_line if self.access_log is not None else None
+        self._second = -1
+        self._stamp = ""  # the access log's time to the second, made once a second
         self._tracer = tracer if tracer is not None and tracer.endpoint else None
         self._export = self._tracer.end if self._tracer is not None else None
         self.tap = Tap()
@@ -187,64 +204,70 @@ class Observer:
     def done(self, direction: str, request: Request, response: Response, started: float, answered: float,
              received: int, sent: int) -> None:
         elapsed = monotonic() - started
-        state = request.state
-        route = state.get(ROUTE, "none")
+        get = request.state.get
+        route = get(ROUTE, "none")
         status = response.status
         peer = request.peer
-        if peer is not None and peer not in self.services:
-            peer = "other"  # a label's values stay bounded, whatever a header says
+        # A label's values stay bounded, whatever a header says.
+        label = "other" if peer is not None and peer not in self.services else peer or ""
         method = request.method
-        key = (direction, route, peer or "", method if method in _METHODS else "other", status_class(status))
+        key = (direction, route, label, method if method in _METHODS else "other",
+               _STATUS_CLASSES.get(status) or status_class(status))
         requests = self.requests
         row = requests.rows.get(key) or requests.row(key)
         row[bisect_left(requests.bounds, elapsed)] += 1
         row[_SUM] += elapsed
         row[_BYTES_IN] += received
         row[_BYTES_OUT] += sent
-        upstream_began = state.get(UPSTREAM_STARTED)
+        upstream_began = get(UPSTREAM_STARTED)
         upstream = answered - upstream_began if upstream_began is not None else None
         if upstream is not None:
             row[_UPSTREAM + bisect_left(requests.bounds, upstream)] += 1
             row[_UPSTREAM_SUM] += upstream
-        tried = state.get(AVOID)
+        tried = get(AVOID)
         if tried:
             self.retries.add((route,), len(tried))
-        span = state.get(SPAN)
+        span = get(SPAN)
         if self._export is not None and span is not None:
             self._export(span, name=f"{method} {route}", status=status, attributes={
                 "http.request.method": method, "url.path": request.path, "http.response.status_code": status,
-                "mesh.direction": direction, "mesh.peer": request.peer or "", "mesh.route": route})
-            calls = state.get(PLUGIN_CALLS)
+                "mesh.direction": direction, "mesh.peer": peer or "", "mesh.route": route})
+            calls = get(PLUGIN_CALLS)
             if calls and span.sampled:
                 self._plugin_spans(span, calls)
         if self.tap.active:
             self.tap.publish(self._tap_record(direction, request, response, elapsed, upstream, route, span))
-        log = self.access_log
-        if log is None:
+        write = self._write
+        if write is None:
             return
-        backend = state.get(BACKEND)
-        by = state.get(ANSWERED_BY)
-        rid = request.id
         # The fields of a row's label set are the same on every line: made once per label set.
         middle = self._middles.get(key)
-        if middle is None or peer != request.peer or key[3] != method:  # a label stands for the real value
-            middle = self._middle(key, request.peer, route, method)
-        ids = (f'"trace_id":"{span.trace_id}","span_id":"{span.span_id}",' if span is not None
-               else '"trace_id":null,"span_id":null,')
-        line = (f'{{"time":"{rfc3339(time() - elapsed)}","request_id":{"null" if rid is None else quote(rid)},'
-                f'{ids}{middle}'
-                f'"path":{quote(request.path)},"status":{status},"bytes_in":{received},"bytes_out":{sent},'
+        if middle is None or label != (peer or "") or key[3] != method:  # a label stands for the real value
+            middle = self._middle(key, peer, route, method)
+        now = time() - elapsed
+        second = int(now)
+        if second != self._second:
+            self._second, self._stamp = second, strftime("%Y-%m-%dT%H:%M:%S", gmtime(second))
+        rid = request.id
+        backend = get(BACKEND)
+        by = get(ANSWERED_BY)
+        extra = get(LOG_FIELDS)
+        text = _TEXT.get
+        ids = _NO_IDS if span is None else f'"trace_id":"{span.trace_id}","span_id":"{span.span_id}",'
+        line = (f'{{"time":"{self._stamp}{_MILLIS[int((now - second) * 1000)]}",'
+                f'"request_id":{"null" if rid is None else quote(rid)},{ids}{middle}'
+                f'"path":{quote(request.path)},"status":{text(status) or status},'
+                f'"bytes_in":{text(received) or received},"bytes_out":{text(sent) or sent},'
                 f'"duration_ms":{elapsed * 1000:.3f},'
-                f'"upstream_duration_ms":{"null" if upstream is None else f"{upstream * 1000:.3f}"},'
-                f'"upstream":{"null" if backend is None else _quoted(backend.address)},'
+                f'"upstream_duration_ms":{_NULL if upstream is None else upstream * 1000:.3f},'
+                f'"upstream":{"null" if backend is None else _QUOTED.get(backend.address) or _quoted(backend.address)},'
                 f'"retries":{len(tried) if tried else 0},'
-                f'"answered_by":{"null" if by is None else _quoted(self._label(by))}')
-        extra = state.get(LOG_FIELDS)
+                f'"answered_by":{"null" if by is None else _quoted(self._label(by))}}}\n')
         if extra:
             # A plugin adds fields; it never rewrites mesh's own.
-            line += "".join(f",{quote(str(name))}:{value(item)}" for name, item in extra.items()
-                            if str(name) not in _RESERVED)
-        log.write_line(line + "}\n")
+            line = line[:-2] + "".join(f",{quote(str(name))}:{value(item)}" for name, item in extra.items()
+                                       if str(name) not in _RESERVED) + "}\n"
+        write(line)
 
     def _middle(self, key: tuple[str, ...], peer: str | None, route: str, method: str) -> str:
         """The access log fields a label set fixes: service, instance, peer, direction, method, route."""

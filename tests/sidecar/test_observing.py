@@ -130,3 +130,44 @@ async def test_metrics_and_access_logs_count_what_was_sent(aiohttp_server, tmp_p
                  inbound_by_trace[line["trace_id"]]["span_id"]}
         assert len(spans) == 3
     assert len({line["trace_id"] for line in public}) == 5  # each request from outside starts a trace
+
+
+async def test_every_access_log_line_is_one_json_object_whatever_the_request(tmp_path: Path) -> None:
+    """Odd values (a client's path and request id, a plugin's fields, statuses and sizes) never break a line."""
+    import math
+
+    from mesh import LOG_FIELDS, Request, Response
+    from mesh.observe.accesslog import AccessLog
+    from mesh.observe.tracing import Span
+    from mesh.sidecar.observing import ROUTE, SPAN, UPSTREAM_STARTED, Observer
+
+    log = AccessLog(tmp_path / "access.jsonl")
+    log.start()
+    observer = Observer("web", frozenset({"web", "orders"}), "web.1", log)
+    cases = [
+        ({"path": '/a"b\\c\n\x00é☃', "id": 'id"\\\n', "peer": "orders"}, 200, 0, 12, None),
+        ({"path": "/x", "id": "r1", "peer": "intruder"}, 1234, 10**12, 0, Span("a" * 32, "b" * 16, None, True, 0)),
+        ({"path": "/y", "peer": None}, 99, 1023, 1024, Span("c" * 32, "d" * 16, None, False, 0)),
+    ]
+    for index, (fields, status, received, sent, span) in enumerate(cases):
+        request = Request("GET" if index else "BREW", fields["path"], id=fields.get("id"), peer=fields["peer"])
+        request.state.update({ROUTE: "web->orders", SPAN: span})
+        if index == 1:
+            request.state[UPSTREAM_STARTED] = 5.0
+        request.state[LOG_FIELDS] = {"status": "forged", "tenant": "t\"1", "ratio": math.nan, "n": 3,
+                                     "ok": True, "obj": object.__name__, 7: "seven"}
+        observer.done("inbound", request, Response(status), 4.0, 5.5, received, sent)
+    log.close()
+    lines = [json.loads(line) for line in (tmp_path / "access.jsonl").read_text().splitlines()]
+    assert [line["path"] for line in lines] == [case[0]["path"] for case in cases]
+    assert [line["status"] for line in lines] == [200, 1234, 99]
+    assert [line["bytes_in"] for line in lines] == [0, 10**12, 1023]
+    assert [line["peer"] for line in lines] == ["orders", "intruder", None]  # the real value, not the label
+    assert lines[0]["request_id"] == 'id"\\\n' and lines[0]["trace_id"] is None and lines[0]["span_id"] is None
+    assert lines[0]["method"] == "BREW" and lines[1]["method"] == "GET"
+    assert lines[1]["trace_id"] == "a" * 32 and lines[1]["upstream_duration_ms"] == 500.0
+    assert lines[2]["upstream_duration_ms"] is None
+    for line in lines:
+        assert line["status"] != "forged"  # a plugin's field never rewrites mesh's own
+        assert line["tenant"] == 't"1' and line["ratio"] is None and line["n"] == 3 and line["7"] == "seven"
+        assert line["time"].endswith("Z") and len(line["time"]) == len("2026-12-02T17:30:01.123Z")
