@@ -10,9 +10,10 @@ and queue a log line (`mesh.observe.accesslog`); the text is made when
 from __future__ import annotations
 
 import re
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from json.encoder import encode_basestring_ascii as quote
+from math import fsum
 from time import gmtime, monotonic, perf_counter, strftime, time, time_ns
 from typing import Any
 
@@ -59,6 +60,8 @@ def plugin_label(name: str) -> str:
 # One row of `Requests` per label set: the duration's buckets and +Inf, the upstream duration's, then these.
 _UPSTREAM_SUM, _SUM, _BYTES_IN, _BYTES_OUT = -4, -3, -2, -1
 _UPSTREAM = len(LATENCY_BUCKETS) + 1  # where the upstream duration's buckets start
+NO_UPSTREAM = -1.0  # a pending request's upstream duration when it had no upstream call
+FOLD_EVERY = 256  # pending requests of a label set added to its row at once
 _STATUS_CLASSES = {status: status_class(status) for status in range(100, 600)}
 _TEXT = {number: str(number) for number in range(1024)}  # the small numbers of a log line, formatted once
 _MILLIS = tuple(f".{milli:03d}Z" for milli in range(1000))
@@ -81,10 +84,12 @@ _RESERVED = frozenset({"time", "request_id", "trace_id", "span_id", "service", "
 class Requests:
     """The request counters: one row per (direction, route, peer, method, status_class).
 
-    A request costs one dict lookup and a few additions; ``/metrics`` derives
-    ``mesh_requests_total``, the duration histogram, the byte counters and
-    the upstream duration's histogram (by direction and route) from the rows
-    when it is scraped.
+    A request appends its numbers to its label set's ``pending`` list (one
+    dict lookup and one append); every `FOLD_EVERY` requests of a label set,
+    and when ``/metrics`` is scraped, `fold` adds them to the row in bulk, in
+    C (bucket by `bisect`, count, sum). ``mesh_requests_total``, the duration
+    histogram, the byte counters and the upstream duration's histogram (by
+    direction and route) are derived from the rows when scraped.
     """
 
     name = "mesh_requests"
@@ -94,10 +99,43 @@ class Requests:
         self.service = service
         self.bounds = LATENCY_BUCKETS
         self.rows: dict[tuple[str, ...], list[float]] = {}
+        # Per label set: (duration, upstream duration or NO_UPSTREAM, bytes in, bytes out) of each request.
+        self.pending: dict[tuple[str, ...], list[tuple[float, float, int, int]]] = {}
 
     def row(self, key: tuple[str, ...]) -> list[float]:
         row = self.rows[key] = [0.0] * (2 * (len(self.bounds) + 1) + 4)
         return row
+
+    def begin(self, key: tuple[str, ...]) -> list[tuple[float, float, int, int]]:
+        self.row(key)
+        found = self.pending[key] = []
+        return found
+
+    def fold(self, key: tuple[str, ...]) -> None:
+        """Add the label set's pending requests to its row."""
+        pending = self.pending[key]
+        if not pending:
+            return
+        durations, upstreams, received, sent = zip(*pending, strict=True)
+        pending.clear()
+        row = self.rows[key]
+        self._buckets(row, 0, sorted(durations), 0)
+        row[_SUM] += fsum(durations)
+        row[_BYTES_IN] += sum(received)
+        row[_BYTES_OUT] += sum(sent)
+        none = upstreams.count(NO_UPSTREAM)
+        if none < len(upstreams):
+            self._buckets(row, _UPSTREAM, sorted(upstreams), none)  # NO_UPSTREAM sorts first: skipped
+            row[_UPSTREAM_SUM] += fsum(upstreams) - none * NO_UPSTREAM
+
+    def _buckets(self, row: list[float], at: int, ordered: list[float], skip: int) -> None:
+        """Count sorted values, but the first ``skip``, into the buckets starting at ``row[at]`` and +Inf."""
+        below = skip
+        for index, bound in enumerate(self.bounds, at):
+            upto = bisect_right(ordered, bound)
+            row[index] += upto - below
+            below = upto
+        row[at + len(self.bounds)] += len(ordered) - below
 
     def families(self) -> Iterable[Any]:
         labels = ("service", *self.labelnames)
@@ -111,6 +149,8 @@ class Requests:
                                          "From sending a request to the app or a peer to its response head",
                                          labels=("service", "direction", "route"))
         upstreams: dict[tuple[str, str], list[float]] = {}
+        for key in list(self.pending):
+            self.fold(key)
         for key, row in list(self.rows.items()):
             values = (self.service, *key)
             buckets = cumulative(self.bounds, row[:_UPSTREAM])
@@ -153,6 +193,7 @@ class Observer:
         self.metrics = m = Metrics(service=service)
         self.access_log = access_log if access_log is not None and access_log.enabled else None
         self.requests = Requests(service)
+        self._pending = self.requests.pending
         m.register(self.requests)
         self.retries = m.counter("retries", "Tries after the first, on calls to other services", ["route"])
         self.plugin_calls = m.counter("plugin_calls", "Calls of each plugin", ["plugin"])
@@ -213,17 +254,14 @@ class Observer:
         method = request.method
         key = (direction, route, label, method if method in _METHODS else "other",
                _STATUS_CLASSES.get(status) or status_class(status))
-        requests = self.requests
-        row = requests.rows.get(key) or requests.row(key)
-        row[bisect_left(requests.bounds, elapsed)] += 1
-        row[_SUM] += elapsed
-        row[_BYTES_IN] += received
-        row[_BYTES_OUT] += sent
         upstream_began = get(UPSTREAM_STARTED)
         upstream = answered - upstream_began if upstream_began is not None else None
-        if upstream is not None:
-            row[_UPSTREAM + bisect_left(requests.bounds, upstream)] += 1
-            row[_UPSTREAM_SUM] += upstream
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self.requests.begin(key)
+        pending.append((elapsed, NO_UPSTREAM if upstream is None else upstream, received, sent))
+        if len(pending) >= FOLD_EVERY:
+            self.requests.fold(key)
         tried = get(AVOID)
         if tried:
             self.retries.add((route,), len(tried))

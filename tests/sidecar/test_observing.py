@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.testing import run_mesh
@@ -171,3 +174,33 @@ async def test_every_access_log_line_is_one_json_object_whatever_the_request(tmp
         assert line["status"] != "forged"  # a plugin's field never rewrites mesh's own
         assert line["tenant"] == 't"1' and line["ratio"] is None and line["n"] == 3 and line["7"] == "seven"
         assert line["time"].endswith("Z") and len(line["time"]) == len("2026-12-02T17:30:01.123Z")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 100), st.one_of(st.none(), st.floats(0, 100)), st.integers(0, 10**9),
+                          st.integers(0, 10**9)), max_size=600),
+       st.lists(st.integers(1, 600), max_size=4))
+def test_folded_requests_count_as_one_at_a_time(requests: list[tuple[float, float | None, int, int]],
+                                                 folds: list[int]) -> None:
+    """Requests added to their row in bulk give the buckets, sums and counts of adding each one."""
+    from bisect import bisect_left
+
+    from mesh.sidecar.observing import _BYTES_IN, _BYTES_OUT, _SUM, _UPSTREAM, _UPSTREAM_SUM, NO_UPSTREAM, Requests
+
+    counters = Requests("web")
+    key = ("inbound", "web->orders", "web", "GET", "2xx")
+    pending = counters.begin(key)
+    expected = [0.0] * len(counters.rows[key])
+    for index, (elapsed, upstream, received, sent) in enumerate(requests):
+        pending.append((elapsed, NO_UPSTREAM if upstream is None else upstream, received, sent))
+        if index + 1 in folds:
+            counters.fold(key)
+        expected[bisect_left(counters.bounds, elapsed)] += 1
+        expected[_SUM] += elapsed
+        expected[_BYTES_IN] += received
+        expected[_BYTES_OUT] += sent
+        if upstream is not None:
+            expected[_UPSTREAM + bisect_left(counters.bounds, upstream)] += 1
+            expected[_UPSTREAM_SUM] += upstream
+    counters.fold(key)
+    assert counters.rows[key] == pytest.approx(expected, rel=1e-9, abs=1e-9)
