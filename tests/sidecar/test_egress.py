@@ -7,8 +7,6 @@ here reaches past this machine. Names other than IP addresses resolve through a 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import logging
 import ssl
@@ -28,8 +26,7 @@ from mesh.testing import run_mesh
 
 from ..conftest import port_of, raw_http
 from ..harness import eventually
-
-OUTSIDE = "127.0.0.2"
+from ..outside import OUTSIDE, outside_certificate
 
 TOML = """
 [mesh]
@@ -112,26 +109,7 @@ async def echo() -> AsyncIterator[int]:
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.2 and its key, made for this test."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "outside")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(OUTSIDE))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = tmp_path / "outside.pem", tmp_path / "outside.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_file, key_file
+    return outside_certificate(tmp_path)
 
 
 def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
