@@ -19,6 +19,10 @@ does (plugin files edited since are imported afresh), then:
    service never lacks a running instance. Changes to chains, routes,
    egress and timeouts restart nothing.
 
+A runtime may do steps 1 to 3 for the services kept itself
+(`Runtime.update_services`: on swarm, rolling updates of the services whose
+tasks see a change); services added and removed still follow step 3.
+
 A change to a keyed service's ``instances`` or a pool's ``scale``,
 adding or removing a keyed service or a pool, or renaming the mesh is
 refused: those need `mesh down` and `mesh up`.
@@ -64,10 +68,12 @@ class Plan:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)  # by the runtime (`Runtime.update_services`)
 
     def describe(self) -> str:
         parts = [f"{what} {', '.join(names)}" for what, names in
-                 (("started", self.added), ("stopped", self.removed), ("restarted", self.restarted)) if names]
+                 (("started", self.added), ("stopped", self.removed), ("restarted", self.restarted),
+                  ("updated", self.updated)) if names]
         return "; ".join(parts) or "no service started, stopped or restarted"
 
 
@@ -171,7 +177,14 @@ class Reloader:
             target = version(new)
             if target == self.version and not (changes.added or changes.removed or changes.restarted):
                 return target, changes
-            await self._swap_sidecars(target, [i for i in self._sidecars() if i.service not in changes.removed])
+            try:
+                updated = await c.runtime.update_services(new)
+            except StartFailed as exc:
+                raise ReloadFailed(f"not applied, the mesh serves the version it served:\n{exc}") from None
+            if updated is None:
+                await self._swap_sidecars(target, [i for i in self._sidecars() if i.service not in changes.removed])
+            else:
+                changes.restarted, changes.updated = [], updated
             self.version = target
             c.adopt(new)
             await self._apply(new, changes)
@@ -253,17 +266,21 @@ class Reloader:
     async def _replace(self, name: str, service: ServiceConfig) -> None:
         """One instance at a time: a new one up and in rotation, then an old one drained and stopped.
 
-        The instance that holds an ``expose``d port, or ports its sidecar pins, gives them up first
-        (two cannot listen on one): its service's public port refuses connections while its
-        successor starts.
+        An exposed service's instances share its public socket where the runtime holds it
+        (`Runtime.shares_public`): the new sidecar takes it once its app is ready, and the old
+        one stops accepting as it drains, so the public port never refuses a connection. The
+        instance whose sidecar pins ports (or, elsewhere, holds the ``expose``d port) gives them up
+        first (two cannot listen on one): they refuse connections while its successor starts.
         """
         c = self.controller
         old = sorted(c.instances.of(name), key=lambda i: i.index)
         count = instance_count(service)
         index = max((i.index for i in old), default=0) + 1
+        shared = c.runtime.shares_public
         for position in range(max(count, len(old))):
             retiring = old[position] if position < len(old) else None
-            fixed = retiring is not None and ("public" in retiring.ports or bool(service.pinned_ports()))
+            fixed = retiring is not None and (("public" in retiring.ports and not shared)
+                                              or bool(service.pinned_ports()))
             if retiring is not None and fixed:
                 await self._retire(retiring, "replaced by a reload")
             if position < count:

@@ -25,8 +25,10 @@ autoscaler use only this interface. A runtime must implement:
   (`plan`, `plan_key` and the autoscaler build on it). Return an `Instance`, or
   a subclass of it with the runtime's own typed fields (`state_fields` adds them
   to state.json).
-- `start_instance`: start the sidecar, and the app only once the sidecar is ready
-  (its outbound listener takes the app's first calls), and return once both are
+- `start_instance`: start the sidecar, and the app only once the sidecar's outbound
+  listener takes connections (the sidecar is ready; or the runtime opened that socket
+  for it, as the process runtime does, and the app starts beside it: its first calls
+  wait in the socket's backlog), and return once both are
   ready: the app within the ``timeout`` counted from its own start, the sidecar
   within as long and at least `SIDECAR_TIMEOUT`; `wait_ready` does the waiting, given how to tell that a part exited and
   whether the app answers. A job's app (``job = true``) is never waited for: it
@@ -43,9 +45,10 @@ And may change the defaults: `problems` (what the mesh lacks to run here),
 `build`, `prepare_detached`, `restart_app` (by default a stop and a start),
 `kill_all`, `close`, `cpu_seconds` (None: no autoscaling on CPU), `check_health`,
 `push_registry` and `reload_certificates` (by default over the sidecar's admin
-listener on 127.0.0.1), and for keyed services (`mesh.control.keyed`)
-`front_host`, `allow_front`, `plan_key`, `replan`, `reach`, and for their
-per-key volumes `volume_path` and `remove_volumes`.
+listener on 127.0.0.1), `update_services` (`mesh reload` done by the runtime),
+and for keyed services (`mesh.control.keyed`) `front_host`, `allow_front`,
+`plan_key`, `replan`, `reach`, and for their per-key volumes `volume_path` and
+`remove_volumes`.
 """
 
 from __future__ import annotations
@@ -175,6 +178,9 @@ class Runtime(ABC):
     name: ClassVar[str]
     # Whether `mesh reload` can reach its sidecars' admin listeners (`mesh.control.reload`).
     reloadable: ClassVar[bool] = True
+    # Whether the instances of an exposed service share one public socket the controller holds
+    # (`mesh.control.runtimes.public`), so one can replace another without giving up the port.
+    shares_public: ClassVar[bool] = False
 
     def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "",
                  admin_token: admin.AdminToken | None = None) -> None:
@@ -203,8 +209,8 @@ class Runtime(ABC):
 
     @abstractmethod
     async def start_instance(self, instance: Instance, registry: Path, timeout: float) -> None:
-        """Start the instance's sidecar, then (once the sidecar is ready) its app, and return once
-        both are ready (a job's app: once it started).
+        """Start the instance's sidecar, then (once its outbound listener takes connections) its app,
+        and return once both are ready (a job's app: once it started).
 
         Raise `StartFailed` if either exits or is not ready in time: the app within ``timeout``
         seconds of its own start, the sidecar within as long and at least `SIDECAR_TIMEOUT`. What
@@ -295,6 +301,14 @@ class Runtime(ABC):
 
     async def cpu_seconds(self, instance: Instance) -> float | None:
         """Cumulative CPU seconds of the instance's app, or None if it cannot be told now."""
+        return None
+
+    async def update_services(self, config: MeshConfig) -> list[str] | None:
+        """`mesh reload` done by the runtime itself: each service (of those in ``config`` and running)
+        whose instances see a change updated in place; the names of those updated. Raise `StartFailed`
+        when one failed, every service back as it was. None (the default): the controller swaps every
+        sidecar's configuration over its admin listener and replaces the instances of services whose
+        process settings changed."""
         return None
 
     async def reload_certificates(self, instance: Instance) -> bool:

@@ -1,6 +1,6 @@
-"""What the swarm runtime asks of the engine: is it a swarm manager, which services, tasks, networks,
-secrets and configs are a mesh's, and removing them; also what `mesh ps` and `mesh down` read without
-a controller.
+"""What the swarm runtime asks of the engine: is it a swarm manager (with nodes enough), the images it
+runs, which services, tasks, networks, secrets and configs are a mesh's, waiting for them and removing
+them; also what `mesh ps` and `mesh down` read without a controller.
 
 A mesh's objects are those with its labels (``mesh.mesh`` and ``mesh.state``,
 `mesh.control.swarm.layout`) and those its runs recorded (`Record`) that
@@ -20,14 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 from mesh.config import MeshConfig
 from mesh.control.docker import images
-from mesh.control.swarm.layout import KINDS, LABEL_MESH, LABEL_SERVICE, LABEL_STATE, Record
+from mesh.control.docker.status import print_line
+from mesh.control.runtimes.base import StartFailed, instance_count
+from mesh.control.swarm.layout import KINDS, LABEL_MESH, LABEL_SERVICE, LABEL_STATE, LABEL_VERSION, Record
 
 if TYPE_CHECKING:
     import docker
 
 __all__ = [
-    "INIT_COMMAND", "SERVICE_LOG_DETAIL", "ServiceLogs", "engine_problem", "mesh_objects", "refresh_status",
-    "remove_mesh", "sweep", "swarm_problem", "task_state",
+    "INIT_COMMAND", "SERVICE_LOG_DETAIL", "ServiceLogs", "describe_task", "engine_problem", "mesh_objects",
+    "newest_tasks", "refresh_status", "reload_images", "remove_mesh", "service_images", "sweep", "swarm_problem",
+    "swarm_problems", "task_state", "wait_running", "wait_tasks_gone",
 ]
 
 INIT_COMMAND = "docker swarm init --advertise-addr 127.0.0.1"
@@ -55,6 +58,44 @@ def swarm_problem(info: dict[str, Any]) -> str | None:
 def engine_problem(client: docker.DockerClient) -> str | None:
     """`swarm_problem` of the engine ``client`` talks to."""
     return swarm_problem(client.info())
+
+
+def swarm_problems(client: docker.DockerClient, config: MeshConfig) -> list[str]:
+    """What of the swarm ``client`` talks to keeps the mesh from running there: not a manager, or too few
+    nodes for an exposed service (host mode: one task per node holds its port; a pool counts its ``max``)."""
+    problem = engine_problem(client)
+    if problem is not None:
+        return [problem]
+    nodes = sum(1 for node in client.api.nodes() if (node.get("Status") or {}).get("State") == "ready")
+    found = []
+    for name, service in config.services.items():
+        count = max(instance_count(service), service.scale.max if service.scale is not None else 0)
+        if service.expose is not None and count > nodes:
+            what = f"scale.max = {count}" if service.scale is not None else f"replicas = {count}"
+            found.append(f"services.{name}: expose publishes on each node running a task (host mode, one task "
+                         f"per node), so {what} needs {count} nodes; this swarm has {nodes} ready")
+    return found
+
+
+def service_images(client: docker.DockerClient, config: MeshConfig) -> images.BuiltImages:
+    """The mesh's images as `mesh build` makes them (built when missing or out of date), each checked to
+    be built FROM mesh/base: the sidecar runs in the service's own image. Raises `StartFailed`."""
+    from mesh.control.runtimes.docker import build_images
+
+    try:
+        problem = engine_problem(client)
+        if problem is not None:
+            raise StartFailed("swarm", problem)
+        built = build_images(config, print_line, client=client)
+    except (images.ImageError, images.DockerUnavailable) as exc:
+        raise StartFailed("images", str(exc)) from None
+    base = client.images.get(built.base).attrs["RootFS"]["Layers"]
+    for name, image_id in built.services.items():
+        layers = client.images.get(image_id).attrs["RootFS"]["Layers"]
+        if layers[:len(base)] != base:
+            raise StartFailed(name, f"its image ({image_id[7:19]}) is not built FROM mesh/base: on the "
+                              f"swarm runtime the sidecar runs in the service's own image")
+    return built
 
 
 def task_state(task: dict[str, Any] | None) -> str:
@@ -140,7 +181,7 @@ def remove_mesh(client: docker.DockerClient, mesh: str, state: str, record: Reco
             removed["services"] += 1
             if record is not None:
                 record.discard("services", service_id)
-    _wait_tasks_gone(client, services, deadline)
+    wait_tasks_gone(client, services, deadline)
     for kind in KINDS[1:]:
         left = [str(item.get("ID") or item.get("Id")) for item in found[kind]]
         while left:
@@ -162,7 +203,7 @@ def remove_mesh(client: docker.DockerClient, mesh: str, state: str, record: Reco
     return removed
 
 
-def _wait_tasks_gone(client: docker.DockerClient, services: list[str], deadline: float) -> None:
+def wait_tasks_gone(client: docker.DockerClient, services: list[str], deadline: float) -> None:
     """Until no container of these services is left on this node (their tasks stopped), or ``deadline``."""
     if not services:
         return
@@ -219,9 +260,12 @@ def refresh_status(config: MeshConfig, state: dict[str, Any]) -> None:
     names = {s["ID"]: s["Spec"]["Labels"].get(LABEL_SERVICE, "") for s in services}
     for inst in instances:
         service = next((sid for sid, name in names.items() if name == inst.get("service")), None)
-        task = by_slot.get((service or "", int(inst.get("instance") or 0)))
+        slot = (inst.get("swarm") or {}).get("slot") or inst.get("instance") or 0
+        task = by_slot.get((service or "", int(slot)))
         inst["state"] = task_state(task)
-        inst["swarm"] = {**(inst.get("swarm") or {}), **describe_task(task, service)}
+        inst["swarm"] = {**(inst.get("swarm") or {}), **describe_task(task, service), "slot": int(slot)}
+        if inst["swarm"]["version"]:
+            inst["version"] = inst["swarm"]["version"]
     state["swarm"] = {"services": [{
         "name": s["Spec"]["Name"], "id": s["ID"], "service": names[s["ID"]],
         "replicas": ((s["Spec"].get("Mode") or {}).get("Replicated") or {}).get("Replicas"),
@@ -229,6 +273,33 @@ def refresh_status(config: MeshConfig, state: dict[str, Any]) -> None:
         "tasks": [describe_task(t, s["ID"]) for t in tasks if t["ServiceID"] == s["ID"]
                   and t.get("DesiredState") == "running"],
     } for s in services]}
+
+
+def wait_running(client: docker.DockerClient, service_id: str, timeout: float) -> str | None:
+    """Until a task of the service runs (and passed its health check); what went wrong at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    said = "no task yet"
+    while time.monotonic() < deadline:
+        for task in client.api.tasks(filters={"service": service_id, "desired-state": "running"}):
+            status = task.get("Status") or {}
+            if status.get("State") == "running":
+                return None
+            said = f"{status.get('State')}" + (f": {status['Err']}" if status.get("Err") else "")
+        time.sleep(0.25)
+    return f"its task does not run after {timeout:g}s ({said})"
+
+
+def reload_images(client: docker.DockerClient, current: images.BuiltImages, before: MeshConfig,
+                  config: MeshConfig) -> images.BuiltImages:
+    """The images a run of ``before`` started with (``current``); those of services whose ``build`` or
+    ``image`` is new in ``config``, made now (as on the other runtimes, an image's content changes with
+    `mesh down` and `mesh up`)."""
+    new = [name for name, s in config.services.items() if name not in before.services
+           or (s.build, s.image) != (before.services[name].build, before.services[name].image)]
+    if not new:
+        return current
+    fresh = service_images(client, config)
+    return images.BuiltImages(current.base, {**current.services, **{name: fresh.services[name] for name in new}})
 
 
 def newest_tasks(tasks: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -246,7 +317,9 @@ def describe_task(task: dict[str, Any] | None, service: str | None) -> dict[str,
     return {"service_id": service, "task": (task or {}).get("ID"), "slot": (task or {}).get("Slot"),
             "node": (task or {}).get("NodeID"), "task_state": status.get("State"),
             "error": status.get("Err") or None,
-            "container": (status.get("ContainerStatus") or {}).get("ContainerID")}
+            "container": (status.get("ContainerStatus") or {}).get("ContainerID"),
+            "version": ((((task or {}).get("Spec") or {}).get("ContainerSpec") or {}).get("Labels") or {}).get(
+                LABEL_VERSION)}
 
 
 class ServiceLogs(threading.Thread):

@@ -28,11 +28,12 @@ from mesh.control.docker.layout import LABEL_MESH, LABEL_RUN, LABEL_SERVICE, LAB
 
 __all__ = [
     "BUNDLE", "CONFIG_DIR", "KINDS", "LABEL_MESH", "LABEL_ROLE", "LABEL_RUN", "LABEL_SERVICE", "LABEL_STATE",
-    "MESH_COMMAND", "MESH_PYTHON", "PROBE_GID", "RECORD_FILE", "SIDECAR_UID", "TLS_DIR", "TLS_FILES", "Record",
-    "network_name", "object_name", "service_name",
+    "LABEL_VERSION", "MESH_COMMAND", "MESH_PYTHON", "PROBE_GID", "RECORD_FILE", "SIDECAR_UID", "TLS_DIR", "TLS_FILES",
+    "Record", "network_name", "object_name", "service_name",
 ]
 
 LABEL_ROLE = "mesh.role"   # service | network | tls | config
+LABEL_VERSION = "mesh.config-version"  # on each task's container: the version (of mesh.toml) its sidecar runs
 
 SIDECAR_UID = 15100        # uid and gid of the sidecar process in every task
 PROBE_GID = 15101          # group of the supervisor, health checks and `docker exec`: may reach the admin port

@@ -1,4 +1,4 @@
-"""A mesh's Docker secrets and configs, and the rolling update that gives a service new ones.
+"""A mesh's overlay network, Docker secrets and configs, and the rolling update that gives a service new ones.
 
 Docker never changes a secret or a config in place: a renewed certificate is
 a new secret, named after what it holds (`object_name`), and the service is
@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mesh.control.runtimes.base import StartFailed
-from mesh.control.swarm.layout import LABEL_STATE, TLS_FILES, Record, object_name
+from mesh.control.swarm.layout import LABEL_STATE, TLS_FILES, Record, network_name, object_name
 from mesh.control.swarm.services import digest
 
 if TYPE_CHECKING:
     import docker
 
-__all__ = ["create_object", "remove_secrets", "roll", "tls_secrets"]
+__all__ = ["create_object", "make_network", "remove_unused", "roll", "tls_secrets"]
 
-_STOPPED = ("paused", "rollback_started", "rollback_paused", "rollback_completed")
+_STOPPED = ("paused", "rollback_paused", "rollback_completed")  # rollback_started: wait until it ends
 
 
 def create_object(client: docker.DockerClient, record: Record, kind: str, name: str, data: bytes,
@@ -51,6 +51,25 @@ def create_object(client: docker.DockerClient, record: Record, kind: str, name: 
     return object_id
 
 
+def make_network(client: docker.DockerClient, record: Record, mesh: str, labels: dict[str, str]) -> tuple[str, str]:
+    """The mesh's overlay network, encrypted and not attachable, recorded: (id, IPv4 subnet)."""
+    import docker
+
+    name = network_name(mesh)
+    try:
+        network = client.networks.create(name, driver="overlay", options={"encrypted": ""}, attachable=False,
+                                         check_duplicate=True, labels=labels)
+    except docker.errors.APIError as exc:
+        raise StartFailed(name, f"cannot create the overlay network {name}: {exc.explanation or exc} "
+                          f"(`docker network inspect {name}` shows whose it is)") from None
+    record.add("networks", network.id)
+    network.reload()
+    config = ((network.attrs.get("IPAM") or {}).get("Config") or [{}])[0]
+    if not config.get("Subnet"):
+        raise StartFailed(name, f"the overlay network {name} has no IPv4 subnet")
+    return str(network.id), str(config["Subnet"])
+
+
 def tls_secrets(client: docker.DockerClient, record: Record, folder: Path, *, scope: tuple[str, ...],
                 labels: dict[str, str]) -> tuple[str, dict[str, tuple[str, str]]]:
     """One Docker secret per file of ``folder`` (cert.pem, key.pem, ca.pem): the digest of the three
@@ -66,7 +85,8 @@ def tls_secrets(client: docker.DockerClient, record: Record, folder: Path, *, sc
 
 def roll(client: docker.DockerClient, service_id: str, spec: dict[str, Any], timeout: float) -> str | None:
     """Update the service to ``spec`` (``create_service``'s arguments) and wait until its tasks are
-    replaced, as its update config says; what went wrong, if anything."""
+    replaced, as its update config says; what went wrong, if anything. An update the engine rolls
+    back (a new task failed) is waited for until its rollback ends."""
     import docker
 
     api = client.api
@@ -85,16 +105,19 @@ def roll(client: docker.DockerClient, service_id: str, spec: dict[str, Any], tim
         if state == "completed":
             return None
         if state in _STOPPED:
-            return f"the rolling update stopped ({state}): {status.get('Message', '')}"
+            said = "failed and was rolled back" if state == "rollback_completed" else f"stopped ({state})"
+            return f"the rolling update {said}: {status.get('Message', '')}"
         time.sleep(0.5)
     return f"the rolling update is not done after {timeout:g}s ({state})"
 
 
-def remove_secrets(client: docker.DockerClient, record: Record, ids: set[str]) -> None:
-    """Remove these secrets (no task uses them any more); one the engine refuses stays recorded."""
+def remove_unused(client: docker.DockerClient, record: Record, kind: str, ids: set[str]) -> None:
+    """Remove these secrets (``kind`` "secrets") or configs no service refers to any more; one the engine
+    refuses (a task that stops still uses it) stays recorded, for `mesh down`."""
     import docker
 
-    for secret_id in ids:
+    remove = client.api.remove_secret if kind == "secrets" else client.api.remove_config
+    for object_id in ids:
         with contextlib.suppress(docker.errors.APIError):
-            client.api.remove_secret(secret_id)
-            record.discard("secrets", secret_id)
+            remove(object_id)
+            record.discard(kind, object_id)

@@ -51,6 +51,7 @@ from mesh.control.swarm.firewall import task_rules
 from mesh.control.swarm.layout import (
     BUNDLE,
     CONFIG_DIR,
+    LABEL_VERSION,
     MESH_COMMAND,
     MESH_PYTHON,
     PROBE_GID,
@@ -58,9 +59,10 @@ from mesh.control.swarm.layout import (
     TLS_DIR,
     service_name,
 )
+from mesh.control.swarm.redis import redis_egress, redis_problems
 
-__all__ = ["BUNDLE_LIMIT", "ServiceInputs", "bundle", "callees", "config_problems", "digest", "service_spec",
-           "sidecar_command"]
+__all__ = ["BUNDLE_LIMIT", "ServiceInputs", "bundle", "bundled_files", "callees", "config_problems", "digest",
+           "service_spec", "sidecar_command"]
 
 BUNDLE_LIMIT = 500 * 1024  # bytes: what a Docker config may hold
 _NS = 1_000_000_000
@@ -98,6 +100,7 @@ def config_problems(config: MeshConfig) -> list[str]:
         if len(swarm_name) > 63:
             found.append(f"{where}: its Swarm service {swarm_name!r} is longer than 63 characters (a DNS "
                          f"label): use a shorter mesh or service name")
+    found += redis_problems(config)
     for folder in config.plugin_path:
         if not _inside(folder, config.root):
             found.append(f"mesh.plugin_path: {folder} is outside {config.root}; the swarm runtime gives "
@@ -115,7 +118,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 # --- the folder of mesh.toml, as one Docker config -------------------------------------------------
 
-def _bundled(config: MeshConfig) -> Iterator[Path]:
+def bundled_files(config: MeshConfig) -> Iterator[Path]:
     """The files of the folder of mesh.toml that tasks get: not its state folder, caches, nor the
     services' build folders (those are in the images), unless a plugin folder is inside one."""
     root = config.root.resolve()
@@ -138,7 +141,7 @@ def _bundled(config: MeshConfig) -> Iterator[Path]:
 
 
 def bundle(config: MeshConfig) -> bytes:
-    """The folder of mesh.toml as a gzipped tar, the same bytes for the same files (`_bundled`).
+    """The folder of mesh.toml as a gzipped tar, the same bytes for the same files (`bundled_files`).
 
     Raises ValueError when it is larger than a Docker config may be (`BUNDLE_LIMIT`).
     """
@@ -146,7 +149,7 @@ def bundle(config: MeshConfig) -> bytes:
     raw = io.BytesIO()
     sizes = []
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for path in _bundled(config):
+        for path in bundled_files(config):
             data = path.read_bytes()
             info = tarfile.TarInfo(path.relative_to(root).as_posix())
             info.size, info.mode, info.mtime = len(data), 0o644, 0
@@ -230,6 +233,8 @@ class ServiceInputs:
     labels: dict[str, str]
     environment: dict[str, str]      # the app's (`Runtime.app_environment`)
     start_period: float              # seconds a task may take to become ready
+    replicas: int | None = None      # the replica count now (a pool's changes); None: mesh.toml's
+    version: str = ""                # the version (`mesh.config.version`) the bundle holds: a label of each task
 
 
 def app_command(image_config: dict[str, Any]) -> list[str]:
@@ -259,6 +264,7 @@ def service_spec(config: MeshConfig, name: str, inputs: ServiceInputs) -> dict[s
         Placement,
         Resources,
         RestartPolicy,
+        RollbackConfig,
         SecretReference,
         ServiceMode,
         TaskTemplate,
@@ -268,7 +274,8 @@ def service_spec(config: MeshConfig, name: str, inputs: ServiceInputs) -> dict[s
     service = config.services[name]
     count = instance_count(service)
     single = count == 1 and (service.scale is None or service.scale.max <= 1)
-    v4, v6 = task_rules(inputs.subnet, public=service.expose is not None)
+    v4, v6 = task_rules(inputs.subnet, public=service.expose is not None,
+                        redis=redis_egress(config, name, inputs.subnet))
     spec = {"service": name, "single": single, "user": inputs.image_config.get("User") or "",
             "sidecar": sidecar_command(config, name), "firewall": [v4, v6]}
     environment = {**inputs.environment, "MESH_INSTANCE": "{{.Task.Slot}}"}
@@ -281,7 +288,7 @@ def service_spec(config: MeshConfig, name: str, inputs: ServiceInputs) -> dict[s
         args=[json.dumps(spec, separators=(",", ":")), "--", *app_command(inputs.image_config)],
         env=[f"{key}={value}" for key, value in sorted(environment.items())],
         user=f"0:{PROBE_GID}",
-        labels=inputs.labels,
+        labels={**inputs.labels, LABEL_VERSION: inputs.version} if inputs.version else inputs.labels,
         healthcheck=_health(service, inputs.start_period),
         stop_grace_period=int((SIDECAR_GRACE + APP_GRACE + 5) * _NS),
         secrets=secrets,
@@ -310,9 +317,12 @@ def service_spec(config: MeshConfig, name: str, inputs: ServiceInputs) -> dict[s
         task_template=template,
         name=service_name(config.name, name),
         labels=inputs.labels,
-        mode=ServiceMode("replicated", replicas=count),
+        mode=ServiceMode("replicated", replicas=count if inputs.replicas is None else inputs.replicas),
         # One task at a time; a new one first where it can (an exposed one cannot: its port is taken).
+        # A task of the new spec that fails (or never passes its health check) rolls the service back.
         update_config=UpdateConfig(parallelism=1, order="stop-first" if exposed else "start-first",
                                    failure_action="rollback", monitor=2 * _NS),
+        rollback_config=RollbackConfig(parallelism=1, order="stop-first" if exposed else "start-first",
+                                       failure_action="pause", monitor=2 * _NS),
         endpoint_spec=EndpointSpec(mode="dnsrr", ports=ports),
     )
