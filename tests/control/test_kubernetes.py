@@ -76,6 +76,7 @@ scale = { min = 1, max = 4, cpu = 0.6, cooldown = "45s" }
 
 [services.report]
 build = "report"
+job = true
 
 [[routes]]
 from = "web"
@@ -110,9 +111,7 @@ def write_mesh(folder: Path, text: str = MESH, *, plugin: str = STAMP) -> MeshCo
 @pytest.fixture
 def shop(tmp_path: Path) -> MeshConfig:
     """A mesh with an exposed service, a replicated one, a pool and a job (`report`)."""
-    config = write_mesh(tmp_path)
-    config.services["report"].job = True  # type: ignore[attr-defined]
-    return config
+    return write_mesh(tmp_path)
 
 
 def by_kind(manifests: kubernetes.Manifests) -> dict[tuple[str, str], dict[str, Any]]:
@@ -436,9 +435,8 @@ def test_stdout_is_one_yaml_stream(shop: MeshConfig, capsys: pytest.CaptureFixtu
     assert "&id" not in out and "*id" not in out  # no anchors: some tools reading manifests have none
     docs = list(yaml.safe_load_all(out))
     assert [(d["kind"], d["metadata"]["name"]) for d in docs][:2] == [("ConfigMap", "shop"), ("Secret", "shop-web-tls")]
-    # (`report` is a Deployment here: the command reads mesh.toml, where `job` is not a key yet)
     assert {d["kind"] for d in docs} == {"ConfigMap", "Secret", "Service", "NetworkPolicy", "Deployment",
-                                         "HorizontalPodAutoscaler"}
+                                         "HorizontalPodAutoscaler", "Job"}
     for doc in docs:
         validate(doc)
 
