@@ -201,6 +201,29 @@ def start_nginx(procs: Processes, tmp: Path, name: str, port: int, location: str
                               "-e", str(prefix / "error.log")])
 
 
+def start_backend(procs: Processes, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The backend nginx answering `BODY`, ready; and its port."""
+    port = free_port()
+    proc = start_nginx(procs, tmp, "backend", port,
+                       f"            default_type text/plain;\n            return 200 {json.dumps(BODY)};")
+    wait_ready(port, "/", proc, "backend", procs)
+    return proc, port
+
+
+def start_nginx_proxy(procs: Processes, tmp: Path, backend_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    """nginx as a reverse proxy to the backend (keep-alive upstream, HTTP/1.1), ready; and its port."""
+    port = free_port()
+    upstream = (f"    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 64; "
+                f"keepalive_requests 10000000; }}")
+    location = ("            proxy_pass http://backend;\n"
+                "            proxy_http_version 1.1;\n"
+                '            proxy_set_header Connection "";\n'
+                "            proxy_buffering on;")
+    proc = start_nginx(procs, tmp, "nginx-proxy", port, location, upstream)
+    wait_ready(port, "/", proc, "nginx-proxy", procs)
+    return proc, port
+
+
 def mesh_toml(folder: Path) -> Path:
     noop = ", ".join(['{ use = "noop.py:Noop" }'] * 4)
     stamps = ", ".join(f'{{ use = "stamp", value = "{i}", header = "X-Stamp-{i}" }}' for i in range(1, 5))
@@ -645,23 +668,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> list[Result]:
     want = set(args.targets)
-    backend_port = free_port()
-    backend = start_nginx(procs, tmp, "backend", backend_port,
-                          f"            default_type text/plain;\n            return 200 {json.dumps(BODY)};")
-    wait_ready(backend_port, "/", backend, "backend", procs)
+    backend, backend_port = start_backend(procs, tmp)
     targets: list[Target] = []
     if "direct" in want:
         targets.append(Target("direct (no proxy)", backend_port))
     if "nginx" in want:
-        port = free_port()
-        upstream = (f"    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 64; "
-                    f"keepalive_requests 10000000; }}")
-        location = ("            proxy_pass http://backend;\n"
-                    "            proxy_http_version 1.1;\n"
-                    '            proxy_set_header Connection "";\n'
-                    "            proxy_buffering on;")
-        proc = start_nginx(procs, tmp, "nginx-proxy", port, location, upstream)
-        wait_ready(port, "/", proc, "nginx-proxy", procs)
+        proc, port = start_nginx_proxy(procs, tmp, backend_port)
         targets.append(Target("nginx reverse proxy", port, [proc]))
     if "naive" in want:
         port = free_port()

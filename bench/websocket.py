@@ -10,6 +10,7 @@ summed (sent plus echoed) and the sidecar's ratio to direct::
 
     python bench/websocket.py                       # 1 MiB x 200, 3 rounds, ~1 minute
     python bench/websocket.py --size 65536 --messages 2000
+    python bench/websocket.py --messages 50 --json /tmp/ws.json   # also the figures as JSON
 
 Everything listens on 127.0.0.1; every process is stopped by its pid.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,7 +84,9 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=200, help="messages per pass (default: 200)")
     parser.add_argument("--rounds", type=int, default=3, help="passes per target (default: 3)")
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--json", metavar="FILE", help="also write the passes, the best of each and the ratio")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the finally below
     with tempfile.TemporaryDirectory(prefix="mesh-bench-ws-") as tmp:
         folder = Path(tmp)
         procs = Processes(folder)
@@ -104,7 +108,11 @@ def main() -> int:
     print(f"{args.messages} messages of {args.size} bytes echoed, best of {args.rounds} passes each")
     for name, values in rates.items():
         print(f"{name:>8}: {best[name]:8.1f} MiB/s  (passes: {', '.join(f'{v:.1f}' for v in values)})")
-    print(f"   ratio: {best['sidecar'] / best['direct']:.2f}x direct")
+    ratio = best["sidecar"] / best["direct"]
+    print(f"   ratio: {ratio:.2f}x direct")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"size": args.size, "messages": args.messages, "rounds": args.rounds,
+                                               "mib_per_s": rates, "best": best, "ratio": ratio}, indent=2))
     return 0
 
 
