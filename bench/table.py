@@ -3,11 +3,12 @@
 
 One command runs, one after another, on 127.0.0.1 only:
 
-1. ``bench/run.py --targets nginx,sidecar,gateway,mesh,mesh-tls --json ...`` (wrk, in a process of
-   its own): the gateway chain's req/s as a share of nginx's and its CPU per
-   request; the empty chain's CPU per request as a multiple of nginx's; the
-   extra CPU per request of mutual TLS between two sidecars over plain HTTP
-   between the same two;
+1. ``bench/run.py --targets nginx,sidecar-bare,sidecar,sidecar-logged,gateway,mesh,mesh-tls --json ...``
+   (wrk, in a process of its own): the gateway chain's req/s as a share of
+   nginx's and its CPU per request; the empty chain's CPU per request as a
+   multiple of nginx's; what observing costs (metrics and the access log on,
+   as `mesh up` runs a sidecar, against both off); the extra CPU per request
+   of mutual TLS between two sidecars over plain HTTP between the same two;
 2. a smooth 1,000 req/s over 10 connections (10 ``hey -c 1 -q 100``, each
    in a process of its own, started 1 ms apart) to the app direct, through
    nginx and through a sidecar (empty chain), round-robin: the proxy's cores
@@ -70,8 +71,9 @@ from run import (  # noqa: E402
 )
 
 HERE = Path(__file__).resolve().parent
-WRK_TARGETS = "nginx,sidecar,gateway,mesh,mesh-tls"
+WRK_TARGETS = "nginx,sidecar-bare,sidecar,sidecar-logged,gateway,mesh,mesh-tls"
 NGINX, EMPTY = "nginx reverse proxy", "sidecar, empty chain"
+BARE, LOGGED = "sidecar, empty chain, no metrics", "sidecar, empty chain, access log"
 GATEWAY = "sidecar, gateway chain (jwt, ratelimit, cache, router)"
 PLAIN, TLS = "sidecar A -> sidecar B (plain HTTP)", "sidecar A -> sidecar B (mutual TLS)"
 HEY_BIN = 1e-4  # hey prints response times in seconds with four decimals
@@ -267,6 +269,13 @@ def rows(found: dict[str, Any]) -> list[list[str]]:
         out.append(["empty chain CPU per request",
                     f"{empty_x:.1f}x nginx's ({empty['proxy_cpu_us']:.0f} / {nginx['proxy_cpu_us']:.0f} µs)",
                     "<= 2.0x nginx's", verdict(empty_x <= 2.0)])
+        if BARE in wrk and LOGGED in wrk:
+            bare, logged = wrk[BARE], wrk[LOGGED]
+            drop = 1 - logged["rps"] / bare["rps"]
+            out.append(["observing: metrics and access log on (the default) against both off, empty chain",
+                        f"{drop:.1%} fewer req/s ({logged['rps']:,.0f} / {bare['rps']:,.0f}); "
+                        f"{logged['proxy_cpu_us']:.0f} / {bare['proxy_cpu_us']:.0f} µs CPU/req",
+                        "<= 10% fewer req/s (issue 10)", verdict(drop <= 0.10)])
         plain, tls = wrk[PLAIN], wrk[TLS]
         extra = tls["proxy_cpu_us"] / plain["proxy_cpu_us"] - 1
         out.append(["mutual TLS between two sidecars, extra CPU per request",
