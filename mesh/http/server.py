@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import sys
 from collections import deque
@@ -59,6 +60,7 @@ RequestHandler = Callable[[Request, Any], Awaitable[Response]]
 RequestDone = Callable[[Request, Response, float, float, int, int], None]
 
 _LINGER = 2.0  # seconds to read and drop what a client still sends after the response that ends it
+_LAST_CALL = 2.0  # seconds a connection without a request yet has for its head once its listener stops
 
 
 def check_parser() -> None:
@@ -123,6 +125,7 @@ class _Connection(Deadline, ResponseWriter, RequestReader, asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None  # the serving task, from the first request on
         self.wakeup: asyncio.Future[None] | None = None  # what that task waits on between requests
         self.busy = False  # a request is being served (or waits its turn)
+        self.fresh = True  # no request has arrived on it yet
         self.handling = False  # ... and its handler is running
         self.body_waiting: RequestBody | None = None
         self.reading_paused = False
@@ -141,8 +144,6 @@ class _Connection(Deadline, ResponseWriter, RequestReader, asyncio.Protocol):
         self.client = peer[0] if isinstance(peer, tuple) else ""
         self.arm(HEAD, self.limits.header_timeout)  # also for a connection that never sends a byte
         self.listener._opened(self)
-        if self.listener.stopping:
-            transport.close()  # accepted just as the listener stopped
 
     # (No eof_received: as in nginx, a client's EOF means it left. The transport closes and
     # connection_lost cancels the work in flight; a half-closed client gets no answer.)
@@ -161,6 +162,7 @@ class _Connection(Deadline, ResponseWriter, RequestReader, asyncio.Protocol):
     # serving
 
     def dispatch(self, exchange: Exchange) -> None:
+        self.fresh = False
         self.queue.append(exchange)
         if self.busy:
             self.pause()  # one request at a time: hold the next ones (and the socket) until it is done
@@ -309,7 +311,16 @@ class _Connection(Deadline, ResponseWriter, RequestReader, asyncio.Protocol):
         self._resume()
 
     def shutdown(self) -> None:
-        """The listener stops: close now if idle, else after the response in flight."""
+        """The listener stops: close now if idle between requests, else after the response in flight.
+
+        A connection that has not brought its first request yet is served once: its client
+        reached a listening socket and is sending it (on a socket other sidecars share, the
+        kernel may have queued it here a moment ago); it has `_LAST_CALL` seconds for its head.
+        """
+        if self.fresh:
+            if not self.deadline or self.deadline > monotonic() + _LAST_CALL:
+                self.arm(HEAD, _LAST_CALL)
+            return
         if not self.busy:
             self.transport.close()
         elif self.websocket and self.task is not None:
@@ -338,12 +349,18 @@ class Listener:
     body bytes each way. It must not raise. With ``proxy`` the listener is a
     forward proxy's (an app's ``HTTP_PROXY``): CONNECT requests reach the
     handler (`mesh.http.receive`); elsewhere they get 405.
+
+    With ``sock`` it serves a socket that is already listening (made by
+    whoever started this process, and maybe shared with other processes)
+    instead of binding ``host``:``port``; `stop` then closes only this
+    process's hold on it: connections the kernel queues on it meanwhile stay
+    for the others.
     """
 
     def __init__(self, handler: RequestHandler, *, name: str, host: str = "127.0.0.1",
                  port: int = 0, tls: ssl.SSLContext | None = None,
                  limits: ServerLimits | None = None, on_done: RequestDone | None = None,
-                 proxy: bool = False) -> None:
+                 proxy: bool = False, sock: socket.socket | None = None) -> None:
         self.handler = handler
         self.on_done = on_done
         self.proxy = proxy
@@ -351,6 +368,9 @@ class Listener:
         self.host = host
         self.port = port
         self.tls = tls
+        self.sock = sock
+        if sock is not None:
+            self.host, self.port = sock.getsockname()[:2]
         self.scheme = "https" if tls is not None else "http"
         self.limits = limits or ServerLimits()
         self.stopping = False
@@ -365,9 +385,15 @@ class Listener:
         limits = self.limits
         self.loop = asyncio.get_running_loop()
         self.stopping = False
+        handshake = limits.header_timeout if self.tls else None
+        if self.sock is not None:
+            self._server = await self.loop.create_server(
+                lambda: _Connection(self), sock=self.sock, ssl=self.tls, backlog=1024,
+                ssl_handshake_timeout=handshake)
+            return
         self._server = await self.loop.create_server(
             lambda: _Connection(self), self.host, self.port, ssl=self.tls, reuse_address=True,
-            backlog=1024, ssl_handshake_timeout=limits.header_timeout if self.tls else None)
+            backlog=1024, ssl_handshake_timeout=handshake)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -377,6 +403,12 @@ class Listener:
             return
         self._server = None
         self.stopping = True
+        # Stop accepting, then let what was accepted in the loop's last rounds reach connection_made
+        # (a round or two later) before the socket closes: it is served and drained, not dropped.
+        for listening in server.sockets:
+            self.loop.remove_reader(listening.fileno())
+        for _ in range(3):
+            await asyncio.sleep(0)
         server.close()
         self._all_closed = asyncio.Event()
         for conn in list(self._connections):

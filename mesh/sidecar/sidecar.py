@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, replace
@@ -65,7 +66,7 @@ from mesh.messages import Request, Response
 from mesh.observe.accesslog import AccessLog
 from mesh.observe.tracing import Tracer
 from mesh.plugin import Context
-from mesh.sidecar import dns_registry
+from mesh.sidecar import dns_registry, handoff
 from mesh.sidecar.admin import AdminToken, SidecarAdmin
 from mesh.sidecar.balancer import Backend, Balancer
 from mesh.sidecar.egress import EGRESS, EgressPolicy, EgressProxy
@@ -122,9 +123,12 @@ class Sidecar:
                  app_host: str = "127.0.0.1", public_host: str = "127.0.0.1",
                  limits: ServerLimits | None = None, upstream_limits: Limits | None = None,
                  identity: Identity | None = None, admin_token: str | None = None,
-                 access_log: AccessLog | None = None, instance: str = "", metrics: bool = True) -> None:
+                 access_log: AccessLog | None = None, instance: str = "", metrics: bool = True,
+                 sockets: dict[str, socket.socket] | None = None) -> None:
         """``admin_token``: what the admin listener wants in ``Authorization: Bearer ...``
-        (`mesh.sidecar.admin`); without one it answers only /healthz, /readyz and /metrics."""
+        (`mesh.sidecar.admin`); without one it answers only /healthz, /readyz and /metrics.
+        ``sockets``: listener name (``mesh``, ``outbound``, ``admin``, ``public``) -> a listening socket to
+        serve instead of binding its port (`mesh.sidecar.handoff`); `serve_public` takes one later."""
         self.config = config
         self.service = service
         self.spec = config.services[service]
@@ -163,17 +167,20 @@ class Sidecar:
         # What protects the app from slow clients applies where requests come in for it.
         inbound = replace(limits, request_buffer=self.spec.request_buffer,
                           request_min_rate=self.spec.request_min_rate)
+        sockets = sockets or {}
         self.listeners = {
             "mesh": Listener(self._from_mesh, name="mesh", host=host, port=ports.mesh, limits=inbound,
-                             tls=identity.server if identity else None, on_done=done("inbound")),
-            "outbound": Listener(self._from_app, name="outbound", host="127.0.0.1",
-                                 port=ports.outbound, limits=limits, on_done=done("outbound"), proxy=True),
-            "admin": Listener(self._admin, name="admin", host="127.0.0.1", port=ports.admin, limits=limits),
+                             tls=identity.server if identity else None, on_done=done("inbound"),
+                             sock=sockets.get("mesh")),
+            "outbound": Listener(self._from_app, name="outbound", host="127.0.0.1", port=ports.outbound,
+                                 limits=limits, on_done=done("outbound"), proxy=True, sock=sockets.get("outbound")),
+            "admin": Listener(self._admin, name="admin", host="127.0.0.1", port=ports.admin, limits=limits,
+                              sock=sockets.get("admin")),
         }
-        if ports.public is not None:
-            self.listeners["public"] = Listener(self._from_outside, name="public", host=public_host,
-                                                port=ports.public, limits=inbound,
-                                                on_done=done("public"))
+        self._public = partial(Listener, self._from_outside, name="public", host=public_host, limits=inbound,
+                               on_done=done("public"))
+        if ports.public is not None or "public" in sockets:
+            self.listeners["public"] = self._public(port=ports.public or 0, sock=sockets.get("public"))
         self.ready = False
         self.admin = SidecarAdmin(self, admin_token)
 
@@ -229,6 +236,14 @@ class Sidecar:
             await self.stop()
             raise
         self.ready = True
+
+    async def serve_public(self, sock: socket.socket) -> None:
+        """Serve outside traffic from now on, on ``sock``: a listening socket handed over while it runs."""
+        if "public" in self.listeners:
+            raise RuntimeError("the public listener is already serving")
+        listener = self.listeners["public"] = self._public(sock=sock)
+        await listener.start()
+        log.info("sidecar %s: public listener serving on %s (a socket handed over)", self.service, listener.address)
 
     async def stop(self) -> None:
         self.ready = False
@@ -461,6 +476,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--public-port", type=int, help="serve outside traffic here (default: the service's expose)")
     parser.add_argument("--public-host", default="127.0.0.1",
                         help="address of the public listener (default: %(default)s)")
+    handoff.add_arguments(parser)
     parser.add_argument("--registry", help="JSON file: {\"services\": {name: [\"host:port\", ...]}}")
     parser.add_argument("--registry-dns", action="append", default=[], metavar="SERVICE=HOST:PORT",
                         help="keep SERVICE's instances equal to the addresses HOST resolves to, each on PORT, "
@@ -491,8 +507,9 @@ def access_log(where: str | None) -> AccessLog | None:
     return AccessLog(stderr=True) if where == "-" else AccessLog(where)
 
 
-async def serve(sidecar: Sidecar) -> None:
-    """Run until SIGTERM or SIGINT, then drain and stop."""
+async def serve(sidecar: Sidecar, public: handoff.Receiver | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop; with ``public``, serve the public listener
+    on the socket handed over there once it arrives (if it cannot: stop, and raise why)."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -500,11 +517,16 @@ async def serve(sidecar: Sidecar) -> None:
     await sidecar.start()
     log.info("sidecar %s ready: %s", sidecar.service,
              " ".join(f"{k}={v}" for k, v in sidecar.addresses().items()))
+    taking = asyncio.ensure_future(public.pass_to(sidecar.serve_public, stopping.set)) if public else None
     try:
         await stopping.wait()
     finally:
         log.info("sidecar %s draining", sidecar.service)
+        if taking is not None:
+            taking.cancel()
         await sidecar.stop()
+    if public is not None and public.error is not None:
+        raise RuntimeError(f"the public listener's socket: {public.error}")
 
 
 def main(args: Any) -> int:
@@ -524,9 +546,14 @@ def main(args: Any) -> int:
     if app_port is None:
         print(f"--app-port: services.{args.service} has no 'port'; give --app-port")
         return 2
+    try:
+        sockets, public_handoff = handoff.sockets_from(args)
+    except ValueError as exc:
+        print(exc)
+        return 2
     public = args.public_port if args.public_port is not None else spec.expose
-    if args.public_port is None and spec.instances is not None:
-        public = None  # a keyed service's front serves its expose port, not its instances
+    if args.public_port is None and (spec.instances is not None or "public" in sockets or public_handoff):
+        public = None  # given a socket; or keyed: the service's front serves its expose port, not its instances
     ports = Ports(app=app_port, mesh=args.mesh_port, outbound=args.outbound_port,
                   admin=args.admin_port, public=public)
     registry = Registry.read(args.registry) if args.registry else Registry()
@@ -556,11 +583,11 @@ def main(args: Any) -> int:
     sidecar = Sidecar(config, args.service, ports, registry=registry, host=args.host,
                       app_host=args.app_host, public_host=args.public_host, identity=identity,
                       admin_token=token, instance=args.instance, access_log=access_log(args.access_log),
-                      metrics=args.metrics)
+                      metrics=args.metrics, sockets=sockets)
     from mesh.runner import run
 
     try:
-        run(dns_registry.serving(serve(sidecar), watcher))
+        run(dns_registry.serving(serve(sidecar, public_handoff), watcher))
     except (PluginError, OSError, RuntimeError) as exc:
         print(f"sidecar {args.service}: {exc}")
         return 1

@@ -40,12 +40,12 @@ to = "sandbox"
 
 
 def test_the_firewall_lets_sidecars_out_to_the_fronts_only() -> None:
-    v4, _ = firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1", public=False, fronts=[41234])
+    v4, _ = firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1", fronts=[41234])
     lines = v4.splitlines()
     allow = "-A OUTPUT -d 172.30.0.1/32 -p tcp --dport 41234 -j ACCEPT"
     assert lines.index(allow) < lines.index("-A OUTPUT -d 172.30.0.1/32 -j REJECT")
     assert [line for line in lines if "172.30.0.1/32" in line and "ACCEPT" in line] == [allow]
-    assert "41234" not in firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1", public=False)[0]
+    assert "41234" not in firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1")[0]
 
 
 @pytest.mark.docker

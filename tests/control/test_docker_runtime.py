@@ -58,14 +58,13 @@ methods = ["GET"]
 # --- without an engine ---------------------------------------------------------------------------
 
 def test_firewall_lets_in_only_the_sidecars_listeners() -> None:
-    v4, v6 = firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1", public=True)
+    v4, v6 = firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1")
     accepted = [line for line in v4.splitlines() if "INPUT" in line and line.endswith("ACCEPT")]
     assert accepted == [
         "-A INPUT -i lo -j ACCEPT",
         "-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         f"-A INPUT -d 127.0.0.1/32 -p tcp --dport {ADMIN_PORT} -m conntrack --ctstate DNAT -j ACCEPT",
         f"-A INPUT -s 172.30.0.0/16 -p tcp --dport {MESH_PORT} -j ACCEPT",
-        f"-A INPUT -s 172.31.0.1/32 -p tcp --dport {PUBLIC_PORT} -j ACCEPT",
     ]
     lines = v4.splitlines()
     # everything else refused, after the exceptions; loopback spoofing dropped before routing
@@ -83,8 +82,7 @@ def test_firewall_lets_in_only_the_sidecars_listeners() -> None:
     for rules in (lines, v6.splitlines()):
         closed = f"-A OUTPUT -o lo -p tcp --dport {ADMIN_PORT} -j REJECT --reject-with tcp-reset"
         assert rules.index(closed) < rules.index("-A OUTPUT -o lo -j ACCEPT")
-    private, _ = firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1", public=False)
-    assert f"--dport {PUBLIC_PORT}" not in private
+    assert f"--dport {PUBLIC_PORT}" not in v4  # a public listener serves a socket of the host's (no port here)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -160,13 +158,14 @@ build = "api"
 port = 9000
 '''
     try:
-        instances = _runtime(tmp_path, toml.format(expose=free_port())).plan()
+        expose = free_port()
+        instances = _runtime(tmp_path, toml.format(expose=expose)).plan()
         assert [(i.label, i.host, i.mesh_address) for i in instances] == [
             ("web.1", "web-1.shop", "web-1.shop:15001"), ("web.2", "web-2.shop", "web-2.shop:15001"),
             ("api", "api-1.shop", "api-1.shop:15001")]
         web1, web2, api = instances
         assert web1.ports["app"] == 8000 and api.ports["app"] == 9000
-        assert web1.ports["public"] > 0 and web2.ports["public"] == 0  # the others: ephemeral
+        assert web1.ports["public"] == web2.ports["public"] == expose  # one socket, both serve it
         assert "public" not in api.ports
         assert api.addresses() == {"app": "127.0.0.1:9000", "mesh": "api-1.shop:15001",
                                    "outbound": "127.0.0.1:15002"}  # admin: once published
@@ -293,12 +292,12 @@ def test_containers_networks_and_limits(running: Mesh, docker_engine: Any) -> No
     assert app["Config"]["Labels"]["mesh.run"] == state["run"]
     sidecar = docker_engine.api.inspect_container(front["sidecar"]["id"])
     published = sidecar["HostConfig"]["PortBindings"]
-    assert set(published) == {f"{ADMIN_PORT}/tcp", f"{PUBLIC_PORT}/tcp"}
+    assert set(published) == {f"{ADMIN_PORT}/tcp"}  # the public listener serves a socket of the host's
     assert all(b["HostIp"] == "127.0.0.1" for bindings in published.values() for b in bindings)
-    assert published[f"{PUBLIC_PORT}/tcp"][0]["HostPort"] == _instance(state, "front")["public"].rsplit(":", 1)[1]
     mounts = {m["Destination"]: m for m in sidecar["Mounts"]}
     assert all(not m["RW"] for m in mounts.values() if m["Type"] == "bind" and m["Destination"] != "/mesh/logs")
-    assert "/mesh/tls" in mounts and "/mesh/config" in mounts
+    assert "/mesh/tls" in mounts and "/mesh/config" in mounts and "/mesh/handoff" in mounts
+    assert not any(m["Destination"].startswith("/mesh") for m in app["Mounts"])  # nothing of the sidecar's
     container = docker_engine.containers.get(front["sidecar"]["id"])
     # the state folder (the CA key) is not in the container
     code, output = container.exec_run(["sh", "-c", "ls -A /mesh/config/.mesh | wc -l"])

@@ -9,8 +9,6 @@ the namespace firewall lets only the sidecar out; the last test shows that.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import ssl
 import threading
 import time
@@ -28,10 +26,10 @@ from mesh.control.docker.layout import SIDECAR_UID
 
 from ..docker_support import Leftovers, base_image, docker_engine  # noqa: F401
 from ..harness import MeshMaker, app, docker_build, fetch, free_port, unique_name
+from ..outside import OUTSIDE, outside_certificate
 
 pytestmark = pytest.mark.slow
 
-OUTSIDE = "127.0.0.2"
 
 # GET /get?url=...: the app fetches url as any client would (the proxies from its environment, the
 # CA file in $CA for https) and answers with what came back; /direct?port=N: a TCP connection of its own.
@@ -69,34 +67,10 @@ class _Outside(BaseHTTPRequestHandler):
         pass
 
 
-def _certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.2 and its key, made for this test."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "outside")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(OUTSIDE))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = folder / "outside.pem", folder / "outside.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_file, key_file
-
-
 @pytest.fixture
 def outside(tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
     """An HTTP and an HTTPS server on 127.0.0.2 (their ports), and the CA file that trusts the second."""
-    cert, key = _certificate(tmp_path)
+    cert, key = outside_certificate(tmp_path)
     plain = ThreadingHTTPServer((OUTSIDE, 0), _Outside)
     secure = ThreadingHTTPServer((OUTSIDE, 0), _Outside)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -179,9 +153,9 @@ ports = [{https_port}]
 
 
 def test_on_docker_the_firewall_lets_out_only_the_sidecars_uid_and_only_with_egress() -> None:
-    closed = firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1", public=False)[0].splitlines()
+    closed = firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1")[0].splitlines()
     assert not [line for line in closed if "--uid-owner" in line or "--dport 53" in line]
-    lines = firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1", public=False, egress=True,
+    lines = firewall_rules("172.30.0.0/16", "172.30.0.1", "172.31.0.1", egress=True,
                            resolvers=["10.9.8.7"])[0].splitlines()
     out = [line for line in lines if line.startswith("-A OUTPUT")]
     uid = f"-A OUTPUT -p tcp -m owner --uid-owner {SIDECAR_UID} -j ACCEPT"

@@ -3,16 +3,29 @@ changes nothing."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from ..docker_support import base_image, docker_engine  # noqa: F401
-from ..harness import DOCKER_APP, ECHO_APP, MeshMaker, by_label, docker_build, fetch, free_port, unique_name, wait_until
+from ..harness import (
+    DOCKER_APP,
+    ECHO_APP,
+    ENV_APP,
+    MeshMaker,
+    by_label,
+    docker_build,
+    fetch,
+    free_port,
+    unique_name,
+    wait_until,
+)
 
 MESH = """
 plugin_path = ["."]
@@ -45,11 +58,23 @@ class Tag(Plugin):
 '''
 
 
-class Load:
-    """GET / through web's public listener, one after another, until stopped (at most 10 minutes)."""
+def _tag(response: Any) -> str | None:
+    return response.headers.get("x-tag")
 
-    def __init__(self, url: str) -> None:
+
+def _colour(response: Any) -> str:
+    """What ENV_APP and DOCKER_APP say of themselves: ``COLOUR`` and, if set, ``MESH_INSTANCE``."""
+    env = json.loads(response.read())["env"]
+    return " ".join(filter(None, (env["COLOUR"], env["MESH_INSTANCE"])))
+
+
+class Load:
+    """GET / through web's public listener, one after another, until stopped (at most 10 minutes);
+    ``tags`` holds what ``seen`` reads of each answer."""
+
+    def __init__(self, url: str, seen: Callable[[Any], str | None] = _tag) -> None:
         self.url = url
+        self.seen = seen
         self.tags: list[str | None] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -61,7 +86,7 @@ class Load:
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(self.url, timeout=30) as response:
-                    self.tags.append(response.headers.get("x-tag"))
+                    self.tags.append(self.seen(response))
             except (urllib.error.URLError, OSError) as exc:
                 self.failures.append(repr(exc))
             time.sleep(0.005)
@@ -145,6 +170,52 @@ def test_reload_under_load_applies_everything_or_nothing(make_mesh: MeshMaker) -
     assert mesh.popen is not None and mesh.popen.wait(60) == 0
 
 
+EXPOSED = """
+[services.web]
+command = "python app.py"
+expose = {public}
+replicas = {replicas}
+
+[services.web.env]
+COLOUR = "{colour}"
+"""
+
+
+@pytest.mark.slow
+def test_an_exposed_service_is_replaced_without_a_failed_request(make_mesh: MeshMaker) -> None:
+    public = free_port()
+    mesh = make_mesh("exposed", EXPOSED.format(public=public, replicas=1, colour="red"), ENV_APP)
+    mesh.up()
+    before = by_label(mesh.wait_phase("running"))["web"]["pids"]
+    load = Load(f"http://127.0.0.1:{public}/", _colour)
+    try:
+        wait_until(lambda: len(load.tags) >= 5, timeout=60, what="the load to run")
+        # Its env changed: a new instance takes over its public port from the one it replaces.
+        (mesh.folder / "mesh.toml").write_text(
+            f'[mesh]\nname = "{mesh.name}"\n' + EXPOSED.format(public=public, replicas=1, colour="blue"))
+        done = mesh.run("reload")
+        assert done.returncode == 0 and "restarted web" in done.stdout, done.stdout + done.stderr
+        wait_until(lambda: load.tags[-1:] == ["blue 2"], timeout=30, what="the new instance serving")
+        (running,) = [i for i in mesh.ps()["instances"] if i["state"] == "running"]
+        assert running["public"] == f"http://127.0.0.1:{public}"
+        assert not set(running["pids"].values()) & set(before.values())
+
+        # Two replicas: both serve the one public port (and say so).
+        (mesh.folder / "mesh.toml").write_text(
+            f'[mesh]\nname = "{mesh.name}"\n' + EXPOSED.format(public=public, replicas=2, colour="green"))
+        done = mesh.run("reload")
+        assert done.returncode == 0 and "restarted web" in done.stdout, done.stdout + done.stderr
+        running = [i for i in mesh.ps()["instances"] if i["state"] == "running"]
+        assert [i["public"] for i in running] == [f"http://127.0.0.1:{public}"] * 2
+        seen = len(load.tags)
+        wait_until(lambda: {"green 3", "green 4"} <= set(load.tags[seen:]), timeout=60,
+                   what="both replicas answering on the public port")
+    finally:
+        load.stop()
+    assert load.failures == [], load.failures[:5]
+    assert {"red 1", "blue 2"} <= set(load.tags)
+
+
 def test_reload_says_so_when_nothing_runs(make_mesh: MeshMaker) -> None:
     mesh = make_mesh("idle", MESH.format(public=free_port(), routes="", more=""), ECHO_APP,
                      files={"tag.py": TAG.format(value="one", fault="")})
@@ -199,5 +270,21 @@ def test_reload_on_docker_swaps_the_plugin_and_refuses_a_broken_one(make_mesh: M
         assert load.failures == [], load.failures[:5]
         state = mesh.ps()
         assert state["instances"][0]["containers"]["app"]["id"] == container  # nothing restarted
+
+        # Its env changed: replaced by a new instance, and its public port never refuses a request.
+        (mesh.folder / "tag.py").write_text(TAG.format(value="two", fault=""))
+        (mesh.folder / "mesh.toml").write_text(f'[mesh]\nname = "{mesh.name}"\n{toml}env = {{ COLOUR = "blue" }}\n')
+        load = Load(f"http://127.0.0.1:{public}/", _colour)
+        try:
+            wait_until(lambda: len(load.tags) >= 5, timeout=60, what="the load to run")
+            done = mesh.run("reload")
+            assert done.returncode == 0 and "restarted front" in done.stdout, done.stdout + done.stderr
+            wait_until(lambda: load.tags[-1:] == ["blue 2"], timeout=60, what="the new instance serving")
+        finally:
+            load.stop()
+        assert load.failures == [], load.failures[:5]
+        (running,) = [i for i in mesh.ps()["instances"] if i["state"] == "running"]
+        assert running["containers"]["app"]["id"] != container
+        assert running["public"] == f"http://127.0.0.1:{public}"
     finally:
         assert mesh.run("down").returncode == 0

@@ -19,6 +19,7 @@ from mesh.http.server import ClientGone, Listener, ServerLimits
 from mesh.messages import Request, Response
 
 from ..conftest import raw_http
+from ..harness import eventually
 
 
 @contextlib.asynccontextmanager
@@ -606,6 +607,97 @@ async def test_stop_gives_up_on_a_request_after_the_drain_timeout():
     await listener.stop()
     assert loop.time() - start < 3
     assert await asyncio.wait_for(request, 5) == b""
+
+
+async def test_stop_serves_the_first_request_of_a_new_connection_and_waits_no_longer_for_a_silent_one():
+    listener = Listener(_answer("served"), name="test", limits=ServerLimits(drain_timeout=30))
+    await listener.start()
+    late_reader, late_writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    _, silent_writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    try:
+        await eventually(lambda: len(listener._connections) == 2, what="both connections accepted")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        stopping = asyncio.create_task(listener.stop())
+        late_writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(10):
+            answer = await late_reader.read()
+        assert status_of(answer) == 200 and answer.endswith(b"served")
+        await asyncio.wait_for(stopping, 20)
+        assert loop.time() - began < 10  # the silent one had a moment for its head, not the drain timeout
+    finally:
+        late_writer.close()
+        silent_writer.close()
+
+
+# a socket shared with other processes (`mesh.sidecar.handoff`)
+
+
+def _answer(name: str):
+    async def handler(request: Request, conn) -> Response:
+        return Response(200, name.encode())
+    return handler
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    sock.settimeout(5)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+async def test_listeners_on_one_socket_take_over_from_each_other():
+    shared = socket.create_server(("127.0.0.1", 0))  # held, as the controller holds a public socket
+    port = shared.getsockname()[1]
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    try:
+        first = Listener(_answer("first"), name="first", sock=shared.dup())
+        await first.start()
+        assert first.address == f"127.0.0.1:{port}"
+        assert (await raw_http(port, request)).endswith(b"first")
+        second = Listener(_answer("second"), name="second", sock=shared.dup())
+        await second.start()
+        await first.stop()  # closes its own descriptor only
+        for _ in range(5):
+            assert (await raw_http(port, request)).endswith(b"second")
+        await second.stop()
+        # No listener accepts: a connection waits in the backlog (not refused) for the next one.
+        waiting = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with waiting:
+            waiting.sendall(request)
+            third = Listener(_answer("third"), name="third", sock=shared.dup())
+            await third.start()
+            assert (await asyncio.to_thread(_read_all, waiting)).endswith(b"third")
+            await third.stop()
+    finally:
+        shared.close()
+
+
+@pytest.mark.parametrize("rounds", range(6))
+async def test_a_connection_on_a_shared_socket_survives_a_listener_stopping(rounds):
+    # Whatever the stopping listener had accepted when it stopped (nothing yet, the accept but not
+    # the connection, or all of it), the request is answered: by it, or by the next one.
+    shared = socket.create_server(("127.0.0.1", 0))
+    port = shared.getsockname()[1]
+    try:
+        old = Listener(_answer("old"), name="old", sock=shared.dup())
+        await old.start()
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            for _ in range(rounds):
+                await asyncio.sleep(0)
+            await old.stop()
+            new = Listener(_answer("new"), name="new", sock=shared.dup())
+            await new.start()
+            try:
+                answer = await asyncio.to_thread(_read_all, client)
+            finally:
+                await new.stop()
+        assert status_of(answer) == 200 and answer.endswith((b"old", b"new")), answer
+    finally:
+        shared.close()
 
 
 # upgrades

@@ -4,9 +4,12 @@ The sidecar container mounts, read-only: the folder of mesh.toml at
 ``/mesh/config`` (plugins, files that options name; its ``.mesh`` state folder
 hidden under an empty tmpfs, since it holds the mesh CA key), the instance's
 certificate folder at ``/mesh/tls``, registry.json at ``/mesh/registry.json``
-and the run's admin token (`mesh.sidecar.admin`) at ``/mesh/admin.token``; and,
-read-write, the mesh's logs folder (`mesh.control.logs`) at `LOGS_MOUNT`, where it
-writes its access log ``<label>.jsonl``. Its entrypoint installs the namespace's
+and the run's admin token (`mesh.sidecar.admin`) at ``/mesh/admin.token``; when
+exposed, the folder where the controller hands it its service's public socket
+(`mesh.control.runtimes.public`; a socket of the host's 127.0.0.1, so no port is
+published for it) at `HANDOFF_MOUNT`; and, read-write, the mesh's logs folder
+(`mesh.control.logs`) at `LOGS_MOUNT`, where it writes its access log
+``<label>.jsonl``. Its entrypoint installs the namespace's
 firewall (`mesh.control.docker.firewall`). The app container joins the sidecar's
 network namespace and mounts none of these (it can neither read nor change its
 sidecar's logs); it gets the app's environment (`mesh.control.runtimes.base.Runtime.app_environment`),
@@ -41,9 +44,9 @@ from mesh.control.docker.layout import (
     ADMIN_TOKEN_MOUNT,
     CONFIG_MOUNT,
     DEFAULT_APP_PORT,
+    HANDOFF_MOUNT,
     MESH_PORT,
     OUTBOUND_PORT,
-    PUBLIC_PORT,
     REGISTRY_MOUNT,
     SIDECAR_PORTS,
     TLS_MOUNT,
@@ -58,8 +61,8 @@ if TYPE_CHECKING:
 LOGS_MOUNT = "/mesh/logs"  # the sidecar's access log, <label>.jsonl, and its rotated files
 
 __all__ = [
-    "LOGS_MOUNT", "Container", "ContainerInstance", "LogFollower", "app_spec", "config_problems", "memory_bytes",
-    "probe_command", "sidecar_spec",
+    "LOGS_MOUNT", "Container", "ContainerInstance", "LogFollower", "app_spec", "config_problems", "cpu_seconds",
+    "memory_bytes", "probe_command", "published", "sidecar_spec",
 ]
 
 
@@ -75,9 +78,10 @@ class ContainerInstance(Instance):
     """An `Instance` whose mesh listener is on the mesh network, by its alias there (`mesh_alias`).
 
     ``ports``: ``app`` and ``outbound`` inside the instance's namespace, ``mesh``
-    on the mesh network, ``admin`` and ``public`` on the host's 127.0.0.1 (0 until
-    published). ``containers``: role -> its container's ``name`` and ``id`` (None until
-    created); ``mesh_ip``: its IP on the mesh network once started.
+    on the mesh network, ``admin`` on the host's 127.0.0.1 (0 until published),
+    and ``public`` (exposed) the service's ``expose`` there, which every instance
+    serves. ``containers``: role -> its container's ``name`` and ``id`` (None
+    until created); ``mesh_ip``: its IP on the mesh network once started.
     """
 
     containers: dict[str, Container] = field(default_factory=dict)
@@ -126,6 +130,26 @@ def probe_command(port: int, path: str | None, wait: float) -> list[str]:
     """What asks the app, from inside its namespace, for 200 on ``path`` (without one, a connection)
     on ``port`` for up to ``wait`` seconds: exit code 0 if it answered, else what it said last."""
     return ["python3", "-I", "-S", "-c", _PROBE, str(port), path or "-", f"{wait:.3f}"]
+
+
+def published(api: Any, sidecar_id: str, mesh_network: str) -> tuple[int | None, str | None]:
+    """The host port Docker published the sidecar container's admin listener on (None if it did not),
+    and the container's IP on ``mesh_network`` (None if it has none yet)."""
+    attrs = api.inspect_container(sidecar_id)
+    bindings = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
+    networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    found = bindings.get(f"{ADMIN_PORT}/tcp") or []
+    return (int(found[0]["HostPort"]) if found else None), (networks.get(mesh_network) or {}).get("IPAddress") or None
+
+
+def cpu_seconds(api: Any, container_id: str) -> float | None:
+    """The container's ``cpu_stats.cpu_usage.total_usage`` from the engine, in seconds."""
+    try:
+        stats = api.stats(container_id, stream=False, one_shot=True)
+    except TypeError:  # an SDK without one_shot: the engine waits for a second sample
+        stats = api.stats(container_id, stream=False)
+    usage = stats.get("cpu_stats", {}).get("cpu_usage", {}).get("total_usage")
+    return usage / 1e9 if usage else None
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -189,17 +213,17 @@ def _inside(path: Path, root: Path) -> bool:
 
 def sidecar_spec(config: MeshConfig, instance: ContainerInstance, *, image: str, registry: Path,
                  admin_token: Path, logs: Path, networks: dict[str, Network], fronts: Sequence[int],
-                 labels: dict[str, str], endpoint: Any) -> dict[str, Any]:
+                 labels: dict[str, str], endpoint: Any, handoff: Path | None = None) -> dict[str, Any]:
     """The arguments of ``containers.create`` for an instance's sidecar container: the firewall
     first (``fronts``: the keyed services' ports on the mesh gateway), then ``mesh sidecar``; on
     the mesh network, where ``endpoint`` (the engine's endpoint config) gives it ``instance.host``.
-    ``logs``: the host's folder of access logs, mounted read-write at `LOGS_MOUNT`."""
+    ``logs``: the host's folder of access logs, mounted read-write at `LOGS_MOUNT`; ``handoff``:
+    the host's folder where its public socket is offered (``public.sock``), mounted at `HANDOFF_MOUNT`."""
     from docker.types import Mount
 
     egress = calls_out(config, instance.service)  # then on the egress network instead of the edge one
     mesh, edge = networks["mesh"], networks[publishing_role(config, instance.service)]
-    public = "public" in instance.ports
-    v4, v6 = firewall_rules(mesh.subnet, mesh.gateway, edge.gateway, public=public, fronts=fronts,
+    v4, v6 = firewall_rules(mesh.subnet, mesh.gateway, edge.gateway, fronts=fronts,
                             egress=egress, resolvers=engine_resolvers() if egress else ())
     command = ["mesh", "sidecar", "--config", f"{CONFIG_MOUNT}/{config.path.name}",
                "--service", instance.service, "--app-port", str(instance.ports["app"]),
@@ -210,9 +234,6 @@ def sidecar_spec(config: MeshConfig, instance: ContainerInstance, *, image: str,
     # The admin listener on a free port of the host's 127.0.0.1, or on the one its service pins.
     pinned = config.services[instance.service].pinned_ports().get("admin")
     ports: dict[str, Any] = {f"{ADMIN_PORT}/tcp": ("127.0.0.1", pinned)}
-    if public:
-        command += ["--public-port", str(PUBLIC_PORT), "--public-host", "0.0.0.0"]
-        ports[f"{PUBLIC_PORT}/tcp"] = ("127.0.0.1", instance.ports["public"] or None)
     mounts = [Mount(CONFIG_MOUNT, str(config.root.resolve()), type="bind", read_only=True),
               Mount(REGISTRY_MOUNT, str(registry.resolve()), type="bind", read_only=True),
               # SECURITY: the sidecar's container only; the app's mounts nothing of the state folder.
@@ -222,6 +243,9 @@ def sidecar_spec(config: MeshConfig, instance: ContainerInstance, *, image: str,
     if instance.tls is not None:
         command += ["--tls", TLS_MOUNT]
         mounts.append(Mount(TLS_MOUNT, str(instance.tls.resolve()), type="bind", read_only=True))
+    if handoff is not None:  # SECURITY: this sidecar's container only; never the app's
+        command += ["--public-handoff", f"{HANDOFF_MOUNT}/public.sock"]
+        mounts.append(Mount(HANDOFF_MOUNT, str(handoff.resolve()), type="bind", read_only=True))
     return dict(
         image=image,
         entrypoint=["sh", "-c", ENTRYPOINT, "mesh-firewall"],

@@ -5,9 +5,11 @@ The sidecar container's entrypoint (`ENTRYPOINT`) installs the rules
 so (`FIREWALL_MARKER`); the app container starts only after that. The sidecar
 process runs as `SIDECAR_UID`, with no capability but ``DAC_OVERRIDE`` (it
 reads the mounted files the host's user owns, and writes its access log). From outside the namespace only the mesh
-listener (from the mesh network), the public listener and the admin listener
-(both from the host, through their published ports) take connections; the
-app's port and everything else answer with a reset. Inside, nothing (the app
+listener (from the mesh network) and the admin listener (from the host, through
+its published port) take connections; the app's port and everything else
+answer with a reset. (An exposed service's public listener is no port of the
+namespace: the sidecar serves a socket made on the host's 127.0.0.1 and handed
+to it, whose connections never pass this firewall; `mesh.control.runtimes.public`.) Inside, nothing (the app
 included) may connect to the admin port. Out of the namespace only other
 sidecars' mesh listeners, and the keyed services' fronts on the mesh network's
 gateway (`mesh.control.keyed`); in an instance that may call hosts outside the
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mesh.control.docker.layout import ADMIN_PORT, MESH_PORT, PUBLIC_PORT, SIDECAR_UID
+from mesh.control.docker.layout import ADMIN_PORT, MESH_PORT, SIDECAR_UID
 
 __all__ = ["ENTRYPOINT", "FIREWALL_MARKER", "firewall_rules"]
 
@@ -50,14 +52,14 @@ echo "mesh-firewall: installed; from outside this instance only the sidecar's li
        f"--ambient-caps=+dac_override --bounding-set=-net_admin -- \"$@\"\n")
 
 
-def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *, public: bool,
+def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *,
                    fronts: Sequence[int] = (), egress: bool = False,
                    resolvers: Sequence[str] = ()) -> tuple[str, str]:
     """The iptables-restore input (IPv4, IPv6) installed in an instance's network namespace.
 
     In: loopback; replies; the mesh listener from the mesh network; the admin
-    listener and (``public``) the public listener from the edge gateway, that is
-    through their ports published on the host. Everything else is refused, the
+    listener from the edge gateway, that is through its port published on the
+    host. Everything else is refused, the
     app's port first of all. Out: loopback, replies, other sidecars' mesh
     listeners and, on the mesh network's gateway (the host's side of it), only
     the ``fronts`` ports: the keyed services' fronts, which the controller runs
@@ -90,8 +92,6 @@ def firewall_rules(mesh_subnet: str, mesh_gateway: str, edge_gateway: str, *, pu
         f"-A INPUT -d 127.0.0.1/32 -p tcp --dport {admin} -m conntrack --ctstate DNAT -j ACCEPT",
         f"-A INPUT -s {mesh_subnet} -p tcp --dport {MESH_PORT} -j ACCEPT",
     ]
-    if public:
-        v4.append(f"-A INPUT -s {edge_gateway}/32 -p tcp --dport {PUBLIC_PORT} -j ACCEPT")
     v4 += [
         # SECURITY: the app's port (and any other) is refused, however the app binds.
         "-A INPUT -p tcp -j REJECT --reject-with tcp-reset",

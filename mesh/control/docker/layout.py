@@ -13,8 +13,8 @@ from __future__ import annotations
 from mesh.control.docker import images
 
 __all__ = [
-    "ADMIN_PORT", "ADMIN_TOKEN_MOUNT", "APP_GRACE", "CONFIG_MOUNT", "DEFAULT_APP_PORT", "LABEL_INSTANCE",
-    "LABEL_KEY", "LABEL_MESH", "LABEL_ROLE", "LABEL_RUN", "LABEL_SERVICE", "LABEL_STATE", "MESH_PORT",
+    "ADMIN_PORT", "ADMIN_TOKEN_MOUNT", "APP_GRACE", "CONFIG_MOUNT", "DEFAULT_APP_PORT", "HANDOFF_MOUNT",
+    "LABEL_INSTANCE", "LABEL_KEY", "LABEL_MESH", "LABEL_ROLE", "LABEL_RUN", "LABEL_SERVICE", "LABEL_STATE", "MESH_PORT",
     "OUTBOUND_PORT", "PUBLIC_PORT", "REGISTRY_MOUNT", "SIDECAR_GRACE", "SIDECAR_PORTS", "SIDECAR_UID", "TLS_MOUNT",
     "container_name", "egress_network_name", "mesh_alias", "network_names",
 ]
@@ -35,6 +35,7 @@ CONFIG_MOUNT = "/mesh/config"
 TLS_MOUNT = "/mesh/tls"
 REGISTRY_MOUNT = "/mesh/registry.json"
 ADMIN_TOKEN_MOUNT = "/mesh/admin.token"
+HANDOFF_MOUNT = "/mesh/handoff"  # an exposed service's sidecar: where it is handed its public socket
 
 LABEL_MESH = images.LABEL_MESH      # mesh.mesh: the mesh's name
 LABEL_STATE = "mesh.state"          # the mesh's state folder: which mesh.toml's mesh this is

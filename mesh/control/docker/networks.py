@@ -5,8 +5,8 @@
   instance's address in the registry). Nothing on it reaches outside.
 - ``mesh-<name>-edge``: Docker publishes ports only from a network that is not
   internal, so every sidecar is attached here too, only so that its admin
-  listener (an ephemeral port) and, when exposed, its public listener
-  (``expose``) are published on the host's 127.0.0.1. Containers on it cannot
+  listener (an ephemeral port, or the one its service pins) is published on the
+  host's 127.0.0.1. Containers on it cannot
   reach each other (``enable_icc=false``) nor, un-masqueraded, the outside; the
   namespace firewall (`mesh.control.docker.firewall`) refuses new connections
   out of it anyway.

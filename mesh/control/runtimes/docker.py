@@ -2,26 +2,32 @@
 
 ::
 
-    host 127.0.0.1:<expose> ──┐ (published)      network mesh-<name> (internal)
-    host 127.0.0.1:<admin> ───┤                  ┌──────────────────────────────────┐
+    host 127.0.0.1:<expose>: a socket of the controller's, handed to every sidecar of the service
+    host 127.0.0.1:<admin> ───┐ (published)      network mesh-<name> (internal)
                               ▼                  │  other sidecars ──▶ :15001 (mTLS) │
     ┌ network namespace of the sidecar container ┴──────────────────────────────────┤
-    │  sidecar: mesh :15001 (0.0.0.0)   public :15080 (0.0.0.0, when exposed)        │
+    │  sidecar: mesh :15001 (0.0.0.0)   public: the host's socket (when exposed)     │
     │           outbound 127.0.0.1:15002   admin 127.0.0.1:15000                     │
     │  app container (network_mode=container:<sidecar>): listens on its `port`       │
     │  firewall (iptables, installed before the sidecar runs, with NET_ADMIN that   │
     │  the sidecar process then drops): from outside the namespace only the mesh    │
-    │  listener (from the mesh network), the public listener and the admin listener │
-    │  (both from the host, through their published ports) take connections; the   │
-    │  app's port and everything else answer with a reset. Inside, nothing (the     │
-    │  app included) may connect to the admin port. Out of the namespace only       │
-    │  other sidecars' mesh listeners (and, with [[egress]], the sidecar's uid).    │
+    │  listener (from the mesh network) and the admin listener (from the host,      │
+    │  through its published port) take connections; the app's port and            │
+    │  everything else answer with a reset. Inside, nothing (the app included)      │
+    │  may connect to the admin port. Out of the namespace only other sidecars'     │
+    │  mesh listeners (and, with [[egress]], the sidecar's uid).                    │
     └────────────────────────────────────────────────────────────────────────────────┘
 
 Per mesh, two networks (`mesh.control.docker.networks`; a third for egress), made
 by the first instance to start: ``mesh-<name>`` (internal), where sidecars reach
 each other by an alias each has there only, and ``mesh-<name>-edge``, only so
-that Docker publishes the admin and public listeners on the host's 127.0.0.1.
+that Docker publishes the admin listeners on the host's 127.0.0.1. An exposed
+service's public listener publishes nothing: the controller listens on the
+host's 127.0.0.1:``expose`` and hands the socket to each of its sidecars (when
+the instance's app is ready, or when no other sidecar serves it), over a unix
+socket in a folder only that sidecar's container mounts
+(`mesh.control.runtimes.public`); a socket keeps the network namespace it was
+made in, so the sidecar accepts the host's connections.
 
 Keyed services (`mesh.control.keyed`): the controller runs each one's front on the
 mesh network's gateway IP (the host's side of the bridge; `front_host` makes
@@ -55,7 +61,9 @@ from mesh.control.docker.containers import (
     LogFollower,
     app_spec,
     config_problems,
+    cpu_seconds,
     probe_command,
+    published,
     sidecar_spec,
 )
 from mesh.control.docker.firewall import FIREWALL_MARKER
@@ -72,7 +80,6 @@ from mesh.control.docker.layout import (
     LABEL_STATE,
     MESH_PORT,
     OUTBOUND_PORT,
-    PUBLIC_PORT,
     SIDECAR_GRACE,
     container_name,
     mesh_alias,
@@ -92,6 +99,7 @@ from mesh.control.runtimes.base import (
     instance_label,
     output_label,
 )
+from mesh.control.runtimes.public import PublicSockets
 from mesh.sidecar import admin
 
 if TYPE_CHECKING:
@@ -125,12 +133,11 @@ class _Slot:
 class DockerRuntime(Runtime):
     """Instances as a sidecar container plus an app container sharing its network namespace.
 
-    See the module docstring for the networks, the firewall and the containers.
-    The first instance of an exposed service publishes on 127.0.0.1:``expose``;
-    the others on ephemeral ports of 127.0.0.1.
+    See the module docstring for the networks, the firewall, the containers and the public socket.
     """
 
     name = "docker"
+    shares_public = True
 
     def __init__(self, config: MeshConfig, *, output: Output, on_exit: OnExit, run_id: str = "",
                  admin_token: admin.AdminToken | None = None) -> None:
@@ -144,6 +151,7 @@ class DockerRuntime(Runtime):
         self._followers: list[LogFollower] = []
         self._watcher: asyncio.Future[None] | None = None
         self._closed = False
+        self.public = PublicSockets(config.state_dir / "handoff")
         # Ports of the keyed services' fronts on the mesh network's gateway: the sidecars' firewall
         # lets them out to these (set before any instance starts; see `mesh.control.keyed`).
         self.front_ports: list[int] = []
@@ -204,7 +212,7 @@ class DockerRuntime(Runtime):
         config = self.config.services[service]
         ports = {"app": config.port or DEFAULT_APP_PORT, "mesh": MESH_PORT, "outbound": OUTBOUND_PORT, "admin": 0}
         if config.expose is not None:
-            ports["public"] = 0
+            ports["public"] = config.expose  # one socket, every instance's (`PublicSockets`)
         instance = ContainerInstance(service, index, instance_label(service, config, index, 2),
                                      mesh_alias(self.config.name, service, index), ports, config.health)
         instance.containers = {
@@ -268,15 +276,7 @@ class DockerRuntime(Runtime):
     def _cpu(self, instance: Instance) -> float | None:
         app = _containers(instance).containers.get("app")
         container = app["id"] if app is not None else None
-        if not container:
-            return None
-        api = self.client().api
-        try:
-            stats = api.stats(container, stream=False, one_shot=True)
-        except TypeError:  # an SDK without one_shot: the engine waits for a second sample
-            stats = api.stats(container, stream=False)
-        usage = stats.get("cpu_stats", {}).get("cpu_usage", {}).get("total_usage")
-        return usage / 1e9 if usage else None
+        return cpu_seconds(self.client().api, container) if container else None
 
     def reach(self, instance: Instance) -> tuple[str, int]:
         """Where the host reaches a started instance's mesh listener: its IP on the mesh network
@@ -317,10 +317,11 @@ class DockerRuntime(Runtime):
         assert self._images is not None
         endpoint = self.client().api.create_endpoint_config(aliases=[instance.host])
         logs = log_file(self.config.state_dir, instance.label).parent  # made here, mounted there
+        handoff = self.public.offer_folder(instance) if "public" in instance.ports else None
         return sidecar_spec(self.config, instance, image=self._images.base, registry=registry,
                             admin_token=self.admin_token.path, logs=logs, networks=self._networks,
                             fronts=self.front_ports, labels=self._labels(instance, "sidecar"),
-                            endpoint=endpoint)
+                            endpoint=endpoint, handoff=handoff)
 
     def _app_spec(self, instance: ContainerInstance, sidecar_id: str) -> dict[str, Any]:
         assert self._images is not None
@@ -373,6 +374,8 @@ class DockerRuntime(Runtime):
         deadline = loop.time() + sidecar_timeout
         self._mark_starting(instance)  # maybe again (a restart)
         slot = self._slots[instance.label] = _Slot(_containers(instance))
+        if "public" in instance.ports:
+            self.public.offer(instance)
         sidecar_id = await self._call(self._create, slot, "sidecar", self._sidecar_spec(slot.instance, registry))
         # Connected before it starts: its published ports go out through this network.
         await self._call(self._connect, sidecar_id, self._networks[publishing_role(self.config, instance.service)].id)
@@ -382,28 +385,23 @@ class DockerRuntime(Runtime):
         await self._call(self._published, slot)
         await asyncio.gather(self._call(self._create, slot, "app", self._app_spec(slot.instance, sidecar_id)),
                              self._wait_ready(slot, deadline, sidecar_timeout, ("sidecar",)))
+        if "public" in instance.ports:
+            await self.public.hand_over(instance, app_ready=False)  # if no other sidecar serves it
         await self._call(self._start, slot, "app", lambda t: self._line(slot, "app", t), loop)
         await self._wait_ready(slot, loop.time() + timeout, timeout, ("app",))  # a job's: none (`wait_ready`)
+        if "public" in instance.ports:
+            await self.public.hand_over(instance, app_ready=True)
         self._mark_ready(instance)
 
     def _connect(self, container_id: str, network_id: str) -> None:
         self.client().api.connect_container_to_network(container_id, network_id)
 
     def _published(self, slot: _Slot) -> None:
-        """Read the host ports Docker chose for the admin (and public) listener, and the sidecar's IP
-        on the mesh network (``mesh_ip``)."""
-        attrs = self.client().api.inspect_container(slot.ids["sidecar"])
-        bindings = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
-        networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
-        mesh = networks.get(self._networks["mesh"].name) or {}
-        slot.instance.mesh_ip = mesh.get("IPAddress") or None
-        for role, port in (("admin", ADMIN_PORT), ("public", PUBLIC_PORT)):
-            if role in slot.instance.ports:
-                found = bindings.get(f"{port}/tcp") or []
-                if not found:
-                    raise StartFailed(slot.instance.label, f"Docker did not publish its {role} "
-                                      f"listener ({port}/tcp)")
-                slot.instance.ports[role] = int(found[0]["HostPort"])
+        """Read the host port Docker chose for the admin listener, and the sidecar's ``mesh_ip``."""
+        port, slot.instance.mesh_ip = published(self.client().api, slot.ids["sidecar"], self._networks["mesh"].name)
+        if port is None:
+            raise StartFailed(slot.instance.label, f"Docker did not publish its admin listener ({ADMIN_PORT}/tcp)")
+        slot.instance.ports["admin"] = port
 
     def _states(self, slot: _Slot) -> dict[str, tuple[str, int]]:
         """(status, exit code) of each of the instance's containers; ("missing", -1) if gone."""
@@ -524,9 +522,10 @@ class DockerRuntime(Runtime):
         await self._settle()
         self._mark_stopping(instance)
         slot = self._slots.get(instance.label)
-        if slot is None:
-            return
-        await self._call(self._stop, slot, role)
+        if slot is not None:
+            await self._call(self._stop, slot, role)
+        if role == "sidecar":
+            self.public.release(instance, self.config)
 
     def _stop(self, slot: _Slot, role: str) -> None:
         import docker
@@ -575,6 +574,7 @@ class DockerRuntime(Runtime):
             follower.close()
         if self._client is not None:
             self._client.close()
+        self.public.close()
 
     def _remove_run(self) -> None:
         import docker

@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from mesh.control.runtimes.base import (
 )
 from mesh.control.runtimes.loopback import free_ports, http_status, port_open
 from mesh.control.runtimes.procfs import RUN_VARIABLE, group_alive, pid_alive, process_group_cpu
+from mesh.control.runtimes.public import PublicSockets
 from mesh.sidecar import admin
 
 __all__ = ["ProcessRuntime"]
@@ -66,8 +68,9 @@ class _Process:
 
     @classmethod
     async def spawn(cls, label: str, command: str | list[str], *, cwd: Path,
-                    env: dict[str, str], output: Output) -> _Process:
-        common: dict[str, Any] = dict(cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+                    env: dict[str, str], output: Output, pass_fds: tuple[int, ...] = ()) -> _Process:
+        """Start ``command``; of this process's descriptors it inherits only ``pass_fds``."""
+        common: dict[str, Any] = dict(cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL, pass_fds=pass_fds,
                                       stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
                                       # A session of its own: a terminal's Ctrl-C reaches only the
                                       # controller, which stops children in order, and a stop can
@@ -140,12 +143,17 @@ class ProcessRuntime(Runtime):
     ``python`` (and ``python3``) in a command is the Python running mesh.
     Both run in sessions of their own, so a stop reaches whole process groups.
 
-    The first instance of an exposed service publishes on its ``expose``
-    port (one port has one listener); the others each publish on a free
-    loopback port of their own.
+    The runtime opens each sidecar's mesh, outbound and admin sockets (bound,
+    listening) and the sidecar inherits them (``--mesh-fd`` ...,
+    `mesh.sidecar.handoff`), nothing else of the controller's; so its app starts
+    beside it, not after it: the app's first calls wait in the outbound socket's
+    backlog until the sidecar serves. Every instance of an exposed service
+    serves its ``expose`` port: the controller holds that socket and hands it to
+    each sidecar (`mesh.control.runtimes.public`).
     """
 
     name = "process"
+    shares_public = True
     app_grace = 5.0
     sidecar_grace = 15.0  # a sidecar drains requests in flight for up to 10s
 
@@ -155,6 +163,7 @@ class ProcessRuntime(Runtime):
         self._procs: dict[str, dict[str, _Process]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         self._planned: set[int] = set()  # loopback ports given to instances
+        self.public = PublicSockets(config.state_dir / "handoff", peer_role="sidecar")
 
     def problems(self) -> list[str]:
         found = []
@@ -166,12 +175,14 @@ class ProcessRuntime(Runtime):
 
     def plan_one(self, service: str, index: int) -> Instance:
         config = self.config.services[service]
-        roles = ["app", "mesh", "outbound", "admin"] + (["public"] if config.expose is not None else [])
+        roles = ["app", "mesh", "outbound", "admin"]
         # None given to another instance, nor pinned by any sidecar (`services.NAME.sidecar`).
         pinned = {port for each in self.config.services.values() for port in each.pinned_ports().values()}
         ports = free_ports(len(roles), avoid=self._planned | pinned)
         self._planned.update(ports)
         assigned = {**dict(zip(roles, ports, strict=True)), **config.pinned_ports()}
+        if config.expose is not None:
+            assigned["public"] = config.expose  # one socket, every instance's (`PublicSockets`)
         return Instance(service, index, instance_label(service, config, index, 2), "127.0.0.1",
                         assigned, config.health)
 
@@ -237,16 +248,16 @@ class ProcessRuntime(Runtime):
                 os.replace(tmp, shim)
         return folder
 
-    def _sidecar_command(self, instance: Instance, registry: Path) -> list[str]:
-        ports = instance.ports
+    def _sidecar_command(self, instance: Instance, registry: Path, public: Path | None,
+                         sockets: dict[str, socket.socket]) -> list[str]:
         command = [sys.executable, "-m", "mesh", "sidecar", "--config", str(self.config.path),
-                   "--service", instance.service, "--app-port", str(ports["app"]),
-                   "--mesh-port", str(ports["mesh"]), "--outbound-port", str(ports["outbound"]),
-                   "--admin-port", str(ports["admin"]), "--registry", str(registry),
-                   "--admin-token-file", str(self.admin_token.path), "--instance", instance.label,
-                   "--access-log", str(log_file(self.config.state_dir, instance.label))]
-        if "public" in ports:
-            command += ["--public-port", str(ports["public"])]
+                   "--service", instance.service, "--app-port", str(instance.ports["app"]),
+                   "--registry", str(registry), "--admin-token-file", str(self.admin_token.path),
+                   "--instance", instance.label, "--access-log", str(log_file(self.config.state_dir, instance.label))]
+        for role, sock in sockets.items():
+            command += [f"--{role}-fd", str(sock.fileno())]
+        if public is not None:
+            command += ["--public-handoff", str(public)]
         if instance.tls is not None:
             command += ["--tls", str(instance.tls)]
         return command
@@ -260,17 +271,44 @@ class ProcessRuntime(Runtime):
         instance.pgids.pop("app", None)
         sidecar_env = dict(os.environ, **{RUN_VARIABLE: self.run_id})
         sidecar_env.setdefault("PYTHONUNBUFFERED", "1")
-        await self._spawn(instance, "sidecar", self._sidecar_command(instance, registry), sidecar_env)
-        # The app only once its sidecar's listeners are up: its first outbound calls must find them.
-        sidecar_timeout = max(timeout, SIDECAR_TIMEOUT)
-        await self._wait_ready(instance, ("sidecar",), asyncio.get_running_loop().time() + sidecar_timeout,
-                               sidecar_timeout)
+        public = self.public.offer(instance) if "public" in instance.ports else None
+        sockets = self._listening(instance)
+        try:
+            await self._spawn(instance, "sidecar", self._sidecar_command(instance, registry, public, sockets),
+                              sidecar_env, pass_fds=tuple(sock.fileno() for sock in sockets.values()))
+        finally:
+            for sock in sockets.values():
+                sock.close()  # the sidecar's now
+        # Its listeners take connections already (the kernel queues them until the sidecar serves), so
+        # the app starts at once: its first outbound calls wait for the sidecar instead of failing.
         await self._spawn(instance, "app", service.command, self._app_env(instance))
-        deadline = asyncio.get_running_loop().time() + timeout  # the app's own, from its start
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout  # the app's own, from its start
+        sidecar_timeout = max(timeout, SIDECAR_TIMEOUT)
+        await self._wait_ready(instance, ("sidecar", "app"), loop.time() + sidecar_timeout, sidecar_timeout)
+        if public is not None:
+            await self.public.hand_over(instance, app_ready=False)  # if no other sidecar serves it
         await self._wait_ready(instance, ("sidecar", "app"), deadline, timeout, parts=("app",))
+        if public is not None:
+            await self.public.hand_over(instance, app_ready=True)
         self._mark_ready(instance)
         for role, proc in self._procs[instance.label].items():
             self._watch_later(instance, role, proc)
+
+    def _listening(self, instance: Instance) -> dict[str, socket.socket]:
+        """The sidecar's mesh, outbound and admin listeners' sockets, bound and listening, for it to
+        inherit (`mesh.sidecar.handoff`); StartFailed if a port cannot be had."""
+        sockets: dict[str, socket.socket] = {}
+        for role in ("mesh", "outbound", "admin"):
+            port = instance.ports[role]
+            try:
+                sockets[role] = socket.create_server(("127.0.0.1", port), backlog=1024)
+            except OSError as exc:
+                for sock in sockets.values():
+                    sock.close()
+                raise StartFailed(instance.label, f"cannot listen on 127.0.0.1:{port} for its sidecar's {role} "
+                                  f"listener: {exc.strerror or exc}") from None
+        return sockets
 
     def _watch_later(self, instance: Instance, role: str, proc: _Process) -> None:
         task = asyncio.ensure_future(self._watch(instance, role, proc))
@@ -301,13 +339,13 @@ class ProcessRuntime(Runtime):
         return proc.returncode if proc is not None else None
 
     async def _spawn(self, instance: Instance, role: str, command: str | list[str],
-                     env: dict[str, str]) -> None:
+                     env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> None:
         label = output_label(instance, role)
 
         async def spawn() -> None:
             try:
                 proc = await _Process.spawn(label, command, cwd=self.config.root, env=env,
-                                            output=self.output)
+                                            output=self.output, pass_fds=pass_fds)
             except OSError as exc:
                 raise StartFailed(instance.label, f"cannot start {label}: {exc}") from exc
             self._procs.setdefault(instance.label, {})[role] = proc
@@ -359,6 +397,8 @@ class ProcessRuntime(Runtime):
         proc = self._procs.get(instance.label, {}).get(role)
         if proc is not None:
             await proc.stop(self.sidecar_grace if role == "sidecar" else self.app_grace)
+        if role == "sidecar":
+            self.public.release(instance, self.config)
 
     async def kill_all(self) -> None:
         await self._settle()
@@ -366,6 +406,9 @@ class ProcessRuntime(Runtime):
             for proc in procs.values():
                 proc.stopping = True
                 proc.signal(signal.SIGKILL)
+
+    async def close(self) -> None:
+        self.public.close()
 
     # without a controller: `mesh ps`, `mesh down`
 
