@@ -107,6 +107,9 @@ class _Connection(Deadline, ResponseWriter, RequestReader, asyncio.Protocol):
         self.parser: Any = None  # None once we stop parsing: refused, lingering, or past an Upgrade
         self.client = ""
         self.scheme = listener.scheme
+        # What the handler learned of the peer, for the connection's later requests (a TLS peer's
+        # certificate does not change on a connection): empty until the handler sets it.
+        self.peer: tuple[Any, ...] = ()
         self.closed = False
         self.deadline = 0.0  # time.monotonic(); 0: none
         self.deadline_kind = 0

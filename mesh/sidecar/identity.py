@@ -122,6 +122,8 @@ def _context(protocol: int) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
     ctx.sslobject_class = _Counted
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A peer's certificate is fixed for its connection: a sidecar reads it once per connection.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     if protocol == ssl.PROTOCOL_TLS_CLIENT:
         # Peers are named by URI SAN, not DNS: the chain is verified by OpenSSL,
         # the SPIFFE id by `Identity.peer` after the handshake.

@@ -282,7 +282,9 @@ class Sidecar:
 
     async def _from_mesh(self, request: Request, raw: Connection) -> Response:
         if self.identity is not None:
-            request.peer = self.identity.peer(raw.transport)  # SECURITY: the certificate says who calls
+            if not raw.peer:  # its certificate, read once per connection (no renegotiation: `identity`)
+                raw.peer = (self.identity.peer(raw.transport),)
+            request.peer = raw.peer[0]  # SECURITY: the certificate says who calls
         else:
             request.peer = request.headers.get(PEER_HEADER)  # development only: the caller says
         request.state[LISTENER] = "mesh"

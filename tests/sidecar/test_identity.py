@@ -117,6 +117,27 @@ async def test_receiving_side_denies_undeclared_callers_even_when_the_caller_is_
         assert app.hits == []
 
 
+async def test_each_connection_keeps_its_own_callers_identity(app):
+    """The certificate is read once per connection: keep-alive requests on two connections, interleaved,
+    each get their own caller, and renegotiation, which could change it, is off."""
+    async with run_mesh(TOML, apps(app)) as mesh:
+        certs = mesh.config.state_dir / "certs"
+        url = mesh.url("orders", "mesh") + "/x"
+        connector = {"limit": 1, "force_close": False}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(**connector)) as web_session, \
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(**connector)) as audit_session:
+            for _ in range(3):
+                async with web_session.get(url, ssl=client_context(certs / "web")) as resp:
+                    assert resp.status == 200 and (await resp.json())["peer"] == "web"
+                async with audit_session.get(url, ssl=client_context(certs / "audit"),
+                                             headers={"x-mesh-peer": "web"}) as resp:
+                    assert resp.status == 403 and "'audit'" in await resp.text()
+        identity = mesh.sidecars["orders"].identity
+        assert identity is not None
+        for side in (identity.server, identity.client):
+            assert side.held.options & ssl.OP_NO_RENEGOTIATION
+
+
 async def test_caller_checks_it_reached_the_service_it_called(app):
     async with run_mesh(TOML, apps(app)) as mesh:
         # Point "orders" at the audit sidecar: its certificate names audit, not orders.
