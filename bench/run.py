@@ -26,6 +26,7 @@ requests wrk completed. Every process it starts is stopped by its pid in a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,21 @@ BODY = "hello world\n"
 NAIVE = "naive aiohttp proxy"
 
 # ---------------------------------------------------------------- processes
+
+
+@contextlib.contextmanager
+def scratch(prefix: str, *, keep: bool) -> Iterator[tuple[Path, Processes]]:
+    """A temp folder and the processes started in it: every one stopped, the folder removed unless ``keep``."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    procs = Processes(tmp)
+    try:
+        yield tmp, procs
+    finally:
+        procs.stop_all()
+        if keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Processes:
@@ -736,18 +753,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("nginx not found (apt-get install nginx-light)")
     # A SIGTERM unwinds like Ctrl-C, so the finally below still stops everything.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
-    procs = Processes(tmp)
     started = time.monotonic()
     load_before = os.getloadavg()[0]
-    try:
+    with scratch("mesh-bench-", keep=args.keep) as (tmp, procs):
         results = run(args, tmp, procs)
-    finally:
-        procs.stop_all()
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - started
 
     rows = table(results)

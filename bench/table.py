@@ -47,7 +47,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -65,6 +64,7 @@ from run import (  # noqa: E402
     free_port,
     mesh_toml,
     process_tree,
+    scratch,
     start_backend,
     start_nginx_proxy,
     start_sidecar,
@@ -460,18 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         return report(json.loads(Path(args.render).read_text()), args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the finally below
     cached_bytecode()  # every process it starts, as an installed mesh runs
-    tmp = Path(tempfile.mkdtemp(prefix="mesh-table-"))
-    procs = Processes(tmp)
     started = time.monotonic()
     info = machine()
-    try:
+    with scratch("mesh-table-", keep=args.keep) as (tmp, procs):
         found = measure(args, tmp, procs)
-    finally:
-        procs.stop_all()
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
     info["load_after"] = os.getloadavg()[0]
     given = argv if argv is not None else sys.argv[1:]
     found.update(machine=info, seconds=time.monotonic() - started, source=args.source or source(),
