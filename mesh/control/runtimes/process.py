@@ -285,7 +285,9 @@ class ProcessRuntime(Runtime):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout  # the app's own, from its start
         sidecar_timeout = max(timeout, SIDECAR_TIMEOUT)
-        await self._wait_ready(instance, ("sidecar", "app"), loop.time() + sidecar_timeout, sidecar_timeout)
+        # A job may be done before its sidecar is ready: its exit is reported once watched, not a failed start.
+        roles = ("sidecar",) if service.job else ("sidecar", "app")
+        await self._wait_ready(instance, roles, loop.time() + sidecar_timeout, sidecar_timeout)
         if public is not None:
             await self.public.hand_over(instance, app_ready=False)  # if no other sidecar serves it
         await self._wait_ready(instance, ("sidecar", "app"), deadline, timeout, parts=("app",))
