@@ -100,6 +100,8 @@ class Leftovers:
                 except docker.errors.NotFound:
                     pass
                 except docker.errors.APIError as exc:
+                    if "not found" in str(exc.explanation):  # removed meanwhile (a swarm says so with a 500)
+                        continue
                     failures.append(f"{kind} {found[:19] if kind == 'image' else found[:12]}: {exc}")
         return failures
 

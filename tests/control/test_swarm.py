@@ -829,27 +829,33 @@ def test_a_pool_scales_its_swarm_service_on_cpu(running: SwarmMesh) -> None:
     first = _instances(running.mesh.ps(), "pool")
     assert [(i["label"], i["state"], i["swarm"]["slot"]) for i in first] == [("pool.1", "running", 1)]
     load = Load(f"{web}/pool/burn?ms=200", requests=400, seconds=60, clients=2, timeout=30).start()
+    seen: dict[str, Any] = {}
+
+    def scaled() -> bool:
+        seen["state"] = running.mesh.ps()
+        return [i["state"] for i in _instances(seen["state"], "pool")] == ["running", "running"]
+
     try:
-        wait_until(lambda: [i["state"] for i in _instances(running.mesh.ps(), "pool")] == ["running", "running"],
-                   timeout=75, every=0.5, what=running.mesh.log)
+        wait_until(scaled, timeout=75, every=0.5, what=running.mesh.log)
+        # Checked while the load still holds the CPU up: without it the pool may scale down at once.
+        answered = set()
+        for _ in range(40):  # both tasks serve, in a bounded number of calls
+            status, _, body = fetch(f"{web}/pool/burn?ms=1", timeout=30)
+            assert status == 200, body
+            answered.add(body.decode())
+            if answered == {"1", "2"}:
+                break
+        assert answered == {"1", "2"}
     finally:
         load.stop()
     log = running.mesh.log()
     added = [line for line in log.splitlines() if "adding pool.2" in line]
     assert added and "pool: average CPU " in added[0] and " over 2s across 1 instance > 0.1" in added[0], log
-    state = running.mesh.ps()
+    state = seen["state"]
     pool = {i["label"]: i["swarm"] for i in _instances(state, "pool")}
     assert pool["pool.2"]["slot"] == 2 and pool["pool.2"]["task_state"] == "running"
     assert pool["pool.1"]["task"] == first[0]["swarm"]["task"]  # untouched: only the count changed
     assert {s["service"]: s["replicas"] for s in state["swarm"]["services"]}["pool"] == 2
-    answered = set()
-    for _ in range(40):  # both tasks serve, in a bounded number of calls
-        status, _, body = fetch(f"{web}/pool/burn?ms=1", timeout=30)
-        assert status == 200, body
-        answered.add(body.decode())
-        if answered == {"1", "2"}:
-            break
-    assert answered == {"1", "2"}
 
     # No load: below 0.05 for the 2s cooldown; pool.2's task (the newest) is the one that goes.
     wait_until(lambda: "pool.2: stopped (scaled down)" in running.mesh.log(), timeout=60, every=0.5,
