@@ -24,7 +24,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -44,6 +43,7 @@ from aiohttp import web
 
 from mesh import config
 from mesh.control.controller import Console, Controller
+from mesh.control.runtimes.loopback import free_ports
 from mesh.control.runtimes.procfs import group_alive, pid_alive, run_processes
 from mesh.control.state import StateDir
 from mesh.sidecar.admin import operator_token
@@ -60,9 +60,8 @@ NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port, below the ephemeral range: no connection's source port takes it meanwhile."""
+    return free_ports(1)[0]
 
 
 class Answer(NamedTuple):

@@ -390,9 +390,11 @@ class Controller:
                 self.phase = "failed"
                 print(self.error, file=sys.stderr, flush=True)
             else:
-                self.phase = "running"
                 self._started = True
-                self.registry_changed()
+                # Up once every sidecar knows every instance: a call right after may go to any of them.
+                with contextlib.suppress(OSError):
+                    await self._publish()
+                self.phase = "running"
                 self._save()
                 print(f"mesh '{self.config.name}' is up ({self.runtime_name} runtime):\n"
                       f"{format_table(self.state()['instances'])}{self._urls()}", flush=True)

@@ -9,30 +9,58 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import random
 import socket
 from collections.abc import Iterable
+from pathlib import Path
 
 __all__ = ["free_ports", "http_status", "port_in_use", "port_open"]
+
+_EPHEMERAL = "/proc/sys/net/ipv4/ip_local_port_range"
+_LOWEST = 10000  # below: ports that services and tools tend to claim as their own
 
 
 def free_ports(count: int, avoid: Iterable[int] = ()) -> list[int]:
     """``count`` distinct free loopback ports, none of ``avoid``. All stay bound until all are
-    chosen, so none repeats."""
-    sockets = []
+    chosen, so none repeats.
+
+    They are chosen below the kernel's ephemeral range (``ip_local_port_range``), where no outgoing
+    connection takes its source port: a port chosen now is still free when its process binds it.
+    """
+    low = _ephemeral_low()
     avoided = set(avoid)
+    tries = 64 * count if low - _LOWEST >= 64 * count else 0
+    candidates = (random.randrange(_LOWEST, low) for _ in range(tries))
+    sockets = []
     chosen: list[int] = []
     try:
-        while len(chosen) < count:
+        for port in itertools.chain(candidates, itertools.repeat(0)):  # then any port the kernel gives
+            if len(chosen) == count:
+                return chosen
+            if port in avoided:
+                continue
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
             sockets.append(sock)
+            try:
+                sock.bind(("127.0.0.1", port))  # no SO_REUSEADDR: a port in TIME_WAIT is not free
+            except OSError:
+                continue
             port = sock.getsockname()[1]
             if port not in avoided:
                 chosen.append(port)
-        return chosen
+        raise AssertionError("unreachable")
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (32768 where it cannot be read)."""
+    try:
+        return int(Path(_EPHEMERAL).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def port_in_use(port: int) -> bool:
