@@ -3,6 +3,10 @@
 Exit codes: 0 done; 1 it failed (a service did not start, `mesh check`
 found problems); 2 bad usage or a mesh.toml with problems (each printed
 on its own line; nothing starts).
+
+`mesh sidecar` is parsed on its own (`sidecar_parser`) and loads neither
+the control plane nor the other commands' parsers: it starts for every
+instance, and for a keyed service's new key while a client waits.
 """
 
 from __future__ import annotations
@@ -17,11 +21,17 @@ from typing import Any
 from mesh import __version__
 from mesh import config as config_mod
 from mesh.config import MeshConfig
-from mesh.control.runtimes import RUNTIMES
 from mesh.errors import ConfigError
 from mesh.runner import run, setup_logging
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "sidecar_parser"]
+
+_SIDECAR_SUMMARY = "run one sidecar (what a container or a pod runs)"
+_SIDECAR_DESCRIPTION = (
+    "Run the sidecar of one instance of a service, in front of an app that listens on its own: the mesh "
+    "listener (mutual TLS from other sidecars), the outbound listener (the app's HTTP_PROXY), the admin "
+    "listener and, when the service is exposed, the public listener. `mesh up` runs one beside each app; "
+    "a container or a pod runs it the same way. Stops on SIGTERM or Ctrl-C after draining.")
 
 
 def _path_argument(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +47,10 @@ def _command(commands: Any, name: str, summary: str, description: str) -> argpar
 
 def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
     """The parser of every command. ``sidecar_options=False`` leaves out the
-    options of `mesh sidecar`, whose module (aiohttp and all) takes longer to
-    import than `mesh ps` takes to run."""
+    options of `mesh sidecar`, whose module takes longer to import than
+    `mesh ps` takes to run."""
+    from mesh.control.runtimes import RUNTIMES
+
     parser = argparse.ArgumentParser(
         prog="mesh", description="A programmable service-mesh sidecar and the controller that runs a mesh.",
         epilog="`mesh COMMAND --help` says what a command does and lists its options. Exit codes: 0 done; "
@@ -210,13 +222,7 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
                         help="how long the services' certificates are valid (default: %(default)s)")
     render.set_defaults(handler=_render)
 
-    sidecar = _command(commands, "sidecar", "run one sidecar (what a container or a pod runs)",
-                       "Run the sidecar of one instance of a service, in front of an app that "
-                       "listens on its own: the mesh listener (mutual TLS from other sidecars), the "
-                       "outbound listener (the app's HTTP_PROXY), the admin listener and, when the "
-                       "service is exposed, the public listener. `mesh up` runs one beside each app; "
-                       "a container or a pod runs it the same way. Stops on SIGTERM or Ctrl-C after "
-                       "draining.")
+    sidecar = _command(commands, "sidecar", _SIDECAR_SUMMARY, _SIDECAR_DESCRIPTION)
     if sidecar_options:
         from mesh.sidecar.sidecar import add_arguments
 
@@ -225,9 +231,22 @@ def build_parser(sidecar_options: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def sidecar_parser() -> argparse.ArgumentParser:
+    """The parser of `mesh sidecar` alone: what `main` uses for it, without the other commands."""
+    from mesh.sidecar.sidecar import add_arguments
+
+    parser = argparse.ArgumentParser(prog="mesh sidecar", description=_SIDECAR_DESCRIPTION)
+    add_arguments(parser)
+    parser.set_defaults(handler=_sidecar)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(sidecar_options=argv[:1] == ["sidecar"]).parse_args(argv)
+    if argv[:1] == ["sidecar"]:
+        args = sidecar_parser().parse_args(argv[1:])
+    else:
+        args = build_parser(sidecar_options=False).parse_args(argv)
     setup_logging()
     try:
         return int(args.handler(args))

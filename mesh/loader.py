@@ -18,7 +18,6 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Sequence
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,8 @@ FIRST_PARTY: dict[str, str] = {
 
 
 def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points  # here: only plugins named by a package's entry point need it
+
     return {ep.name: ep for ep in entry_points(group="mesh.plugins")}
 
 

@@ -28,23 +28,17 @@ log = logging.getLogger("mesh.accesslog")
 FLUSH_EVERY = 0.5
 MAX_BYTES = 10 << 20
 
-_second = -1
-_second_text = ""
-_milli = -1
-_milli_text = ""
+_MILLIS = tuple(f".{milli:03d}Z" for milli in range(1000))
+_clock: list[Any] = [-1, ""]  # the last second made into text, and its text
 
 
 def rfc3339(now: float) -> str:
-    """``2026-12-02T17:30:01.123Z`` for a `time.time` value (the text is reused within a millisecond)."""
-    global _second, _second_text, _milli, _milli_text
-    milli = int(now * 1000)
-    if milli == _milli:
-        return _milli_text
-    whole = milli // 1000
-    if whole != _second:
-        _second, _second_text = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    _milli, _milli_text = milli, f"{_second_text}.{milli % 1000:03d}Z"
-    return _milli_text
+    """``2026-12-02T17:30:01.123Z`` for a `time.time` value: the text of its second is made once a
+    second, its milliseconds come from a table (a line per request asks)."""
+    second = int(now)
+    if second != _clock[0]:
+        _clock[0], _clock[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return _clock[1] + _MILLIS[int((now - second) * 1000)]
 
 
 def value(item: Any) -> str:

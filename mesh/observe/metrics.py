@@ -5,7 +5,9 @@ The request path only adds to plain Python numbers: `Counter` and
 with no lock (a sidecar is one event loop) and no object per request.
 prometheus-client turns them into its metric families when ``/metrics`` is
 scraped (`Metrics.collect`, a custom collector) and writes the exposition
-format, so the text is exactly what Prometheus expects.
+format, so the text is exactly what Prometheus expects. It is imported at
+the first scrape, not when a sidecar starts (it takes longer to import than
+the rest of a sidecar's start).
 
 Every name starts with ``mesh_``; every series carries ``service``. What a
 request records (`mesh.observe.record`): ``mesh_requests_total`` and
@@ -32,6 +34,10 @@ importing prometheus-client::
 
     ...
         self.refused.inc(reason="expired")   # mesh_jwt_refusals_total{service=...,plugin=...,reason="expired"}
+
+Each label set's series is made once and remembered, so counting again by
+the same keywords is a dictionary lookup; ``self.refused.labels(reason="expired")``
+returns that series, to keep and count on with ``inc()``.
 """
 
 from __future__ import annotations
@@ -41,19 +47,18 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import Collector, CollectorRegistry
+__all__ = ["CONTENT_TYPE", "Counter", "CounterSeries", "Gauge", "GaugeSeries", "Histogram", "HistogramSeries",
+           "Metrics", "PluginMetrics", "cumulative", "status_class"]
 
-__all__ = ["CONTENT_TYPE", "Counter", "Gauge", "Histogram", "Metrics", "PluginMetrics", "cumulative", "status_class"]
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# What `Metrics.exposition` writes: prometheus_client.exposition.CONTENT_TYPE_LATEST (a test holds them equal).
+CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
 
 # Seconds: from a fast plugin's microseconds to a slow upstream's seconds.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0)
 _CLASSES = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 _NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_REMEMBERED = 1024  # label sets a plugin's metric keeps the series of; others are looked up each time
 
 
 def status_class(status: int) -> str:
@@ -75,12 +80,20 @@ class _Metric:
         self.const = dict(const or {})
         self.labelnames = tuple(self.const) + tuple(labelnames)
         self._own = tuple(labelnames)
+        self._names = frozenset(labelnames)
         self._const_values = tuple(self.const.values())
 
     def _key(self, labels: dict[str, Any]) -> tuple[str, ...]:
-        if labels.keys() != set(self._own):
+        if labels.keys() != self._names:
             raise ValueError(f"{self.name}: expected the labels {list(self._own)}, got {sorted(labels)}")
         return tuple(str(labels[name]) for name in self._own)
+
+    def labels(self, **labels: Any) -> Any:
+        """The series of these label values, to count on without naming them again."""
+        return self.series(self._key(labels))
+
+    def series(self, key: tuple[str, ...]) -> Any:
+        raise NotImplementedError
 
     def families(self) -> Iterable[Any]:
         raise NotImplementedError
@@ -107,7 +120,12 @@ class Counter(_Metric):
         values = self.values
         values[key] = values.get(key, 0) + amount
 
+    def series(self, key: tuple[str, ...]) -> CounterSeries:
+        return CounterSeries(self, key)
+
     def families(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for key, value in list(self.values.items()):
             family.add_metric(self._const_values + key, value)
@@ -134,7 +152,12 @@ class Gauge(_Metric):
     def dec(self, amount: float = 1, **labels: Any) -> None:
         self.inc(-amount, **labels)
 
+    def series(self, key: tuple[str, ...]) -> GaugeSeries:
+        return GaugeSeries(self, key)
+
     def families(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
         family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for key, value in list(self.values.items()):
             family.add_metric(self._const_values + key, value)
@@ -163,11 +186,66 @@ class Histogram(_Metric):
         row[bisect_left(self.bounds, value)] += 1
         row[-1] += value
 
+    def series(self, key: tuple[str, ...]) -> HistogramSeries:
+        return HistogramSeries(self, key)
+
     def families(self) -> Iterable[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for key, row in list(self.rows.items()):
             family.add_metric(self._const_values + key, cumulative(self.bounds, row), row[-1])
         yield family
+
+
+class CounterSeries:
+    """One series of a `Counter`, its label values bound (`Counter.labels`)."""
+
+    __slots__ = ("_key", "_name", "_values")
+
+    def __init__(self, counter: Counter, key: tuple[str, ...]) -> None:
+        self._values = counter.values
+        self._key = key
+        self._name = counter.name
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError(f"{self._name}: a counter only goes up")
+        values, key = self._values, self._key
+        values[key] = values.get(key, 0) + amount
+
+
+class GaugeSeries:
+    """One series of a `Gauge`, its label values bound (`Gauge.labels`)."""
+
+    __slots__ = ("_key", "_values")
+
+    def __init__(self, gauge: Gauge, key: tuple[str, ...]) -> None:
+        self._values = gauge.values
+        self._key = key
+
+    def set(self, value: float) -> None:
+        self._values[self._key] = value
+
+    def inc(self, amount: float = 1) -> None:
+        values, key = self._values, self._key
+        values[key] = values.get(key, 0) + amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.inc(-amount)
+
+
+class HistogramSeries:
+    """One series of a `Histogram`, its label values bound (`Histogram.labels`)."""
+
+    __slots__ = ("_histogram", "_key")
+
+    def __init__(self, histogram: Histogram, key: tuple[str, ...]) -> None:
+        self._histogram = histogram
+        self._key = key
+
+    def observe(self, value: float) -> None:
+        self._histogram.add(self._key, value)
 
 
 def cumulative(bounds: Sequence[float], row: Sequence[float]) -> list[tuple[str, float]]:
@@ -179,8 +257,8 @@ def cumulative(bounds: Sequence[float], row: Sequence[float]) -> list[tuple[str,
     return buckets
 
 
-class Metrics(Collector):
-    """One sidecar's (or controller's) metrics, and their exposition."""
+class Metrics:
+    """One sidecar's (or controller's) metrics, and their exposition (a prometheus-client collector)."""
 
     def __init__(self, **const: str) -> None:
         self.const = const  # labels every series carries: service
@@ -216,6 +294,9 @@ class Metrics(Collector):
             yield from metric.families()
 
     def exposition(self) -> bytes:
+        from prometheus_client.exposition import generate_latest
+        from prometheus_client.registry import CollectorRegistry
+
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
         return generate_latest(registry)
@@ -247,20 +328,38 @@ class PluginMetrics:
 
 
 class _PluginMetric:
-    """A plugin's metric with its ``plugin`` label filled in: ``inc``, ``set``, ``observe`` by keyword labels."""
+    """A plugin's metric with its ``plugin`` label filled in: ``inc``, ``set``, ``observe`` by keyword labels.
+
+    The series of each label set met is remembered (up to `_REMEMBERED` sets whose values are all
+    strings), so a call costs a lookup of its keywords rather than checking and converting them.
+    """
 
     def __init__(self, metric: Any, plugin: str) -> None:
         self._metric = metric
         self._plugin = plugin
+        self._series: dict[tuple[tuple[str, Any], ...], Any] = {}
+
+    def labels(self, **labels: Any) -> Any:
+        """The series of these label values (a `CounterSeries`, `GaugeSeries` or `HistogramSeries`)."""
+        return self._of(labels)
+
+    def _of(self, labels: dict[str, Any]) -> Any:
+        try:
+            return self._series[tuple(labels.items())]
+        except (KeyError, TypeError):  # not met yet, or a value that is no key (a list)
+            series = self._metric.labels(plugin=self._plugin, **labels)
+            if len(self._series) < _REMEMBERED and all(type(value) is str for value in labels.values()):
+                self._series[tuple(labels.items())] = series
+            return series
 
     def inc(self, amount: float = 1, **labels: Any) -> None:
-        self._metric.inc(amount, plugin=self._plugin, **labels)
+        self._of(labels).inc(amount)
 
     def dec(self, amount: float = 1, **labels: Any) -> None:
-        self._metric.dec(amount, plugin=self._plugin, **labels)
+        self._of(labels).dec(amount)
 
     def set(self, value: float, **labels: Any) -> None:
-        self._metric.set(value, plugin=self._plugin, **labels)
+        self._of(labels).set(value)
 
     def observe(self, value: float, **labels: Any) -> None:
-        self._metric.observe(value, plugin=self._plugin, **labels)
+        self._of(labels).observe(value)

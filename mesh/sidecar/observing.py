@@ -14,10 +14,8 @@ from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from json.encoder import encode_basestring_ascii as quote
 from math import fsum
-from time import gmtime, monotonic, perf_counter, strftime, time, time_ns
+from time import monotonic, perf_counter, time, time_ns
 from typing import Any
-
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from mesh.chain import ANSWERED_BY, PLUGIN_CALLS
 from mesh.keys import AVOID, BACKEND, LOG_FIELDS
@@ -64,7 +62,6 @@ NO_UPSTREAM = -1.0  # a pending request's upstream duration when it had no upstr
 FOLD_EVERY = 256  # pending requests of a label set added to its row at once
 _STATUS_CLASSES = {status: status_class(status) for status in range(100, 600)}
 _TEXT = {number: str(number) for number in range(1024)}  # the small numbers of a log line, formatted once
-_MILLIS = tuple(f".{milli:03d}Z" for milli in range(1000))
 _NO_IDS = '"trace_id":null,"span_id":null,'
 
 
@@ -138,6 +135,8 @@ class Requests:
         row[at + len(self.bounds)] += len(ordered) - below
 
     def families(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily  # at a scrape, not at start
+
         labels = ("service", *self.labelnames)
         count = CounterMetricFamily("mesh_requests", "Requests answered, by where they came from and how they ended",
                                     labels=labels)
@@ -206,8 +205,6 @@ class Observer:
         self._fixed = f'"service":{quote(service)},"instance":{quote(instance)},'
         self._middles: dict[tuple[str, ...], str] = {}
         self._write = self.access_log.write_line if self.access_log is not None else None
-        self._second = -1
-        self._stamp = ""  # the access log's time to the second, made once a second
         self._tracer = tracer if tracer is not None and tracer.endpoint else None
         self._export = self._tracer.end if self._tracer is not None else None
         self.tap = Tap()
@@ -282,17 +279,13 @@ class Observer:
         middle = self._middles.get(key)
         if middle is None or label != (peer or "") or key[3] != method:  # a label stands for the real value
             middle = self._middle(key, peer, route, method)
-        now = time() - elapsed
-        second = int(now)
-        if second != self._second:
-            self._second, self._stamp = second, strftime("%Y-%m-%dT%H:%M:%S", gmtime(second))
         rid = request.id
         backend = get(BACKEND)
         by = get(ANSWERED_BY)
         extra = get(LOG_FIELDS)
         text = _TEXT.get
         ids = _NO_IDS if span is None else f'"trace_id":"{span.trace_id}","span_id":"{span.span_id}",'
-        line = (f'{{"time":"{self._stamp}{_MILLIS[int((now - second) * 1000)]}",'
+        line = (f'{{"time":"{rfc3339(time() - elapsed)}",'
                 f'"request_id":{"null" if rid is None else quote(rid)},{ids}{middle}'
                 f'"path":{quote(request.path)},"status":{text(status) or status},'
                 f'"bytes_in":{text(received) or received},"bytes_out":{text(sent) or sent},'

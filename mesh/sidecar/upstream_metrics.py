@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
 from mesh.sidecar.identity import HANDSHAKE_FAILURES
 from mesh.sidecar.resilience import CircuitBreaker, Retry
 
@@ -33,6 +31,8 @@ class UpstreamMetrics:
         self.sidecar = sidecar
 
     def families(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # at a scrape, not at start
+
         s = self.sidecar
         service = s.service
         per_instance = ("service", "target", "instance")
