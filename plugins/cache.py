@@ -243,9 +243,10 @@ class Cache(Plugin):
         self._define_metrics(ctx)
 
     def _define_metrics(self, ctx: Context) -> None:
-        self._lookups = ctx.metrics.counter("lookups", "requests by what the cache did", ["result"])
-        for result in ("hit", "stale", "miss", "bypass"):  # a rate of 0, not a missing series
-            self._lookups.inc(0, result=result)
+        lookups = ctx.metrics.counter("lookups", "requests by what the cache did", ["result"])
+        self._lookups = {result: lookups.labels(result=result) for result in ("hit", "stale", "miss", "bypass")}
+        for series in self._lookups.values():
+            series.inc(0)  # a rate of 0, not a missing series
 
     async def stop(self) -> None:
         """Cancel background refreshes still running."""
@@ -259,14 +260,14 @@ class Cache(Plugin):
             response = await call_next(request)
             if request.method in UNSAFE_METHODS and response.status < 400:
                 self._invalidate(request, response)
-            self._lookups.inc(result="bypass")
+            self._lookups["bypass"].inc()
             return _mark(response, "MISS")
         headers = request.headers
         directives = (request_directives(headers)
                       if "Cache-Control" in headers or "Pragma" in headers else {})
         if "no-store" in directives or any(h in headers for h in BYPASS_HEADERS):
             response = await call_next(request)
-            self._lookups.inc(result="bypass")
+            self._lookups["bypass"].inc()
             return _mark(response, "MISS")
         reload = "no-cache" in directives or delta_seconds(directives.get("max-age")) == 0
         scope = self._scope(request)
@@ -281,15 +282,15 @@ class Cache(Plugin):
             if entry is not None:
                 use = usable(entry, directives, now)
                 if use == "fresh":
-                    self._lookups.inc(result="hit")
+                    self._lookups["hit"].inc()
                     return self._serve(entry, request.method, request.headers, now)
                 if use == "stale":
                     self._refresh_in_background(scope, request, entry, call_next)
-                    self._lookups.inc(result="stale")
+                    self._lookups["stale"].inc()
                     return self._serve(entry, request.method, request.headers, now)
                 stale = entry
             if "only-if-cached" in directives:
-                self._lookups.inc(result="miss")
+                self._lookups["miss"].inc()
                 return _mark(Response(504, "504 Gateway Timeout: not in the cache\n"), "MISS")
             flight = self._flights.get(scope.flight) if scope.flight is not None else None
             if flight is None or reload or waits == MAX_WAITS:
@@ -300,7 +301,7 @@ class Cache(Plugin):
                 break  # the app's answer could not be stored: ask it ourselves
         response = await self._lead(scope, request, call_next, stale)
         # HIT: the app confirmed the stored copy with a 304.
-        self._lookups.inc(result="hit" if response.headers.get("X-Cache") == "HIT" else "miss")
+        self._lookups["hit" if response.headers.get("X-Cache") == "HIT" else "miss"].inc()
         return response
 
     # -- keys and lookup ------------------------------------------------------

@@ -267,12 +267,12 @@ class RateLimit(Plugin):
                 self._claims = Claims([int(r.seconds) for r in self.rates], self.batch)
 
     def _define_metrics(self, ctx: Context) -> None:
-        self._decisions = ctx.metrics.counter("decisions", "requests counted, by result", ["result"])
+        decisions = ctx.metrics.counter("decisions", "requests counted, by result", ["result"])
+        self._allowed, self._limited = decisions.labels(result="allowed"), decisions.labels(result="limited")
         self._storage_errors = ctx.metrics.counter(
             "storage_errors", "requests the rate-limit storage could not count")
-        self._storage_errors.inc(0)  # every series from the start: a rate of 0, not a missing one
-        for result in ("allowed", "limited"):
-            self._decisions.inc(0, result=result)
+        for series in (self._allowed, self._limited, self._storage_errors):
+            series.inc(0)  # every series from the start: a rate of 0, not a missing one
 
     async def stop(self) -> None:
         # limits has no close(): reach the redis-py client behind it.
@@ -303,10 +303,10 @@ class RateLimit(Plugin):
                    "RateLimit-Remaining": str(remaining),
                    "RateLimit-Reset": str(reset)}
         if not allowed:
-            self._decisions.inc(result="limited")
+            self._limited.inc()
             headers["Retry-After"] = str(max(1, reset))
             return Response(429, f"429 Too Many Requests: over {self.rates[which].text}\n", headers)
-        self._decisions.inc(result="allowed")
+        self._allowed.inc()
         response = await call_next(request)
         response.headers.update(headers)
         return response
