@@ -23,7 +23,8 @@ offsets from the moment it was sent:
 - **sidecar up**: the sidecar's process (its container on docker) started:
   ``/proc/<pid>/stat`` (10 ms ticks) or the container's ``State.StartedAt``;
   before it the front, the plan, the certificate, fork/exec or
-  ``docker create``;
+  ``docker create``; 0 when the key took the process runtime's spare
+  sidecar, which started before the request;
 - **sidecar start**: from there until the app's process (container) started:
   the controller starts the app once the sidecar answers ``/readyz``;
 - **app start**: until the app printed that it listens (``time.time()``,
@@ -233,7 +234,10 @@ def timed_start(mesh: Mesh, port: int, key: str) -> dict[str, Any]:
     started = mesh.started(instance, at, sent)
     listening = mesh.listening(sent, sent + total)
     arrived = mesh.arrived(instance["label"], sent)
-    events = [started.get("sidecar"), started.get("app"), listening, arrived, total]
+    sidecar = started.get("sidecar")
+    if sidecar is not None and sidecar < 0:
+        sidecar = 0.0  # a spare sidecar, started before the request: its part begins with the request
+    events = [sidecar, started.get("app"), listening, arrived, total]
     phases = [events[0]] + [b - a if a is not None and b is not None else None
                             for a, b in zip(events, events[1:], strict=False)]
     return {"key": key, "total": total, "events": dict(zip(("sidecar", "app", "listening", "arrived",

@@ -8,6 +8,8 @@ sidecar inherits) and kills it at teardown if it is still there.
 from __future__ import annotations
 
 import concurrent.futures
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +98,50 @@ def test_keyed_service_through_mesh_up(make_mesh: MeshMaker) -> None:
     assert run_processes(run) == []
     mesh.assert_all_gone()
     assert all(i["state"] == "stopped" for i in mesh.ps()["instances"])
+
+
+def _spares(mesh: Any) -> list[int]:
+    """The run's spare sidecars still waiting: started as spares (their command line says so, also once
+    used) and not yet any instance's sidecar."""
+    state = mesh.ps()
+    used = {pid for i in state["instances"] for pid in i.get("pids", {}).values()}
+    found = []
+    for pid in run_processes(state["run"]):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mesh.sidecar.spare" in command and pid not in used:
+            found.append(pid)
+    return found
+
+
+def test_a_new_key_takes_the_spare_sidecar_and_another_waits_behind_it(make_mesh: MeshMaker) -> None:
+    """A keyed mesh keeps one spare sidecar: a new key's instance runs in it (its pid is the spare's),
+    a new spare starts, and the spare goes with the mesh, or with its controller when that dies."""
+    port = free_port()
+    mesh = make_mesh("spare", TOML.format(expose=port), KEYED_APP)
+    up = mesh.run("up", "-d", timeout=90)
+    assert up.returncode == 0, up.stdout + up.stderr
+    run = mesh.ps()["run"]
+    wait_until(lambda: len(_spares(mesh)) == 1, what=lambda: f"one spare: {_spares(mesh)}")
+    [spare] = _spares(mesh)
+
+    answer = fetch(f"http://127.0.0.1:{port}/", headers={"X-Session": "alice"})
+    assert answer.status == 200, answer.text
+    [alice] = mesh.keyed("sandbox")
+    assert alice["pids"]["sidecar"] == spare  # the spare became alice's sidecar
+    wait_until(lambda: len(_spares(mesh)) == 1 and _spares(mesh) != [spare],
+               what=lambda: f"a new spare: {_spares(mesh)}")
+    # alice's sidecar runs as any sidecar does: by name through web's sidecar, with mutual TLS.
+    web = next(i for i in mesh.ps()["instances"] if i["service"] == "web")
+    through = fetch(f"http://{web['addresses']['outbound']}/", headers={"Host": "sandbox", "X-Session": "alice"})
+    assert through.status == 200 and through.json()["peer"] == "web", through.text
+
+    # Its controller killed: the spare, waiting on the controller, exits by itself.
+    [waiting] = _spares(mesh)
+    mesh.kill_controller()
+    wait_until(lambda: not pid_alive(waiting), what=f"the spare {waiting} exits with its controller")
+    done = mesh.run("down", timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert run_processes(run) == []

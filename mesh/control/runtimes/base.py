@@ -465,7 +465,10 @@ class Runtime(ABC):
                         why = "its sidecar's /readyz"
                     tail = [line for role in waiting for line in self.tail(instance, role)]
                     raise StartFailed(instance.label, f"not ready after {timeout:g}s: waited for {why}", tail)
-                await asyncio.sleep(pause)
+                if probe is not None:
+                    await asyncio.wait({probe}, timeout=pause)  # its answer is seen at once
+                else:
+                    await asyncio.sleep(pause)
         finally:
             if probe is not None:
                 probe.cancel()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
+import logging
 import os
 import re
 import shlex
@@ -44,6 +46,9 @@ from mesh.sidecar import admin
 
 __all__ = ["ProcessRuntime"]
 
+log = logging.getLogger("mesh.runtime")
+
+SPARE_AFTER = 0.5  # seconds after a keyed instance's start that the next spare sidecar starts
 MAX_LINE = 64 * 1024  # longer output without a newline is cut into lines of this size
 _VOLUME_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*\Z")  # `mesh.control.keyed.key_volume`'s names
 
@@ -133,6 +138,31 @@ class _Process:
         await self.drained()
 
 
+class _Spare:
+    """A spare sidecar (`mesh.sidecar.spare`) and the controller's end of its channel."""
+
+    def __init__(self, proc: _Process, channel: socket.socket) -> None:
+        self.proc = proc
+        self.channel = channel
+
+    def order(self, argv: list[str], sockets: dict[str, socket.socket]) -> bool:
+        """Have it run ``mesh sidecar ARGV`` on ``sockets`` (role: listening socket); False if it is gone."""
+        message = json.dumps({"argv": argv, "fds": list(sockets)}).encode()
+        try:
+            if self.proc.returncode is not None:
+                return False
+            socket.send_fds(self.channel, [message], [sock.fileno() for sock in sockets.values()])
+            return True
+        except OSError:
+            return False
+        finally:
+            self.channel.close()
+
+    async def stop(self, grace: float) -> None:
+        self.channel.close()  # a spare still waiting exits on its own
+        await self.proc.stop(grace)
+
+
 class ProcessRuntime(Runtime):
     """Apps and sidecars as local processes on free loopback ports.
 
@@ -150,6 +180,10 @@ class ProcessRuntime(Runtime):
     backlog until the sidecar serves. Every instance of an exposed service
     serves its ``expose`` port: the controller holds that socket and hands it to
     each sidecar (`mesh.control.runtimes.public`).
+
+    While the mesh has keyed services, a spare sidecar waits, started and its
+    modules imported (`mesh.sidecar.spare`): a new key's instance takes it
+    instead of starting a Python of its own, and another spare starts behind it.
     """
 
     name = "process"
@@ -164,6 +198,8 @@ class ProcessRuntime(Runtime):
         self._tasks: set[asyncio.Future[None]] = set()
         self._planned: set[int] = set()  # loopback ports given to instances
         self.public = PublicSockets(config.state_dir / "handoff", peer_role="sidecar")
+        self._spare: asyncio.Future[_Spare | None] | None = None
+        self._closing = False
 
     def problems(self) -> list[str]:
         found = []
@@ -248,19 +284,26 @@ class ProcessRuntime(Runtime):
                 os.replace(tmp, shim)
         return folder
 
-    def _sidecar_command(self, instance: Instance, registry: Path, public: Path | None,
-                         sockets: dict[str, socket.socket]) -> list[str]:
-        command = [sys.executable, "-m", "mesh", "sidecar", "--config", str(self.config.path),
-                   "--service", instance.service, "--app-port", str(instance.ports["app"]),
-                   "--registry", str(registry), "--admin-token-file", str(self.admin_token.path),
-                   "--instance", instance.label, "--access-log", str(log_file(self.config.state_dir, instance.label))]
-        for role, sock in sockets.items():
-            command += [f"--{role}-fd", str(sock.fileno())]
+    def _sidecar_env(self) -> dict[str, str]:
+        env = dict(os.environ, **{RUN_VARIABLE: self.run_id})
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _sidecar_args(self, instance: Instance, registry: Path, public: Path | None) -> list[str]:
+        """`mesh sidecar`'s options for the instance, but for its sockets' (``--mesh-fd`` ...)."""
+        args = ["--config", str(self.config.path), "--service", instance.service,
+                "--app-port", str(instance.ports["app"]), "--registry", str(registry),
+                "--admin-token-file", str(self.admin_token.path), "--instance", instance.label,
+                "--access-log", str(log_file(self.config.state_dir, instance.label))]
         if public is not None:
-            command += ["--public-handoff", str(public)]
+            args += ["--public-handoff", str(public)]
         if instance.tls is not None:
-            command += ["--tls", str(instance.tls)]
-        return command
+            args += ["--tls", str(instance.tls)]
+        return args
+
+    async def build(self) -> None:
+        await super().build()
+        self._keep_spare()
 
     async def start_instance(self, instance: Instance, registry: Path, timeout: float) -> None:
         service = self.config.services[instance.service]
@@ -269,24 +312,40 @@ class ProcessRuntime(Runtime):
         self._procs.get(instance.label, {}).pop("app", None)  # a stopped app of an earlier start
         instance.pids.pop("app", None)
         instance.pgids.pop("app", None)
-        sidecar_env = dict(os.environ, **{RUN_VARIABLE: self.run_id})
-        sidecar_env.setdefault("PYTHONUNBUFFERED", "1")
         public = self.public.offer(instance) if "public" in instance.ports else None
+        args = self._sidecar_args(instance, registry, public)
         sockets = self._listening(instance)
         try:
-            await self._spawn(instance, "sidecar", self._sidecar_command(instance, registry, public, sockets),
-                              sidecar_env, pass_fds=tuple(sock.fileno() for sock in sockets.values()))
+            spare = await self._take_spare() if instance.key is not None else None
+            if spare is not None and spare.order(args, sockets):
+                spare.proc.label = output_label(instance, "sidecar")
+                self._adopt(instance, "sidecar", spare.proc)
+            else:
+                if spare is not None:
+                    await spare.stop(self.sidecar_grace)
+                fds = [part for role, sock in sockets.items() for part in (f"--{role}-fd", str(sock.fileno()))]
+                await self._spawn(instance, "sidecar", [sys.executable, "-m", "mesh", "sidecar", *args, *fds],
+                                  self._sidecar_env(), pass_fds=tuple(sock.fileno() for sock in sockets.values()))
         finally:
             for sock in sockets.values():
                 sock.close()  # the sidecar's now
+        try:
+            await self._start_beside(instance, service.command, service.job, public, timeout)
+        finally:
+            # A little after: a spare's start (a Python importing mesh) would slow this one's first request.
+            asyncio.get_running_loop().call_later(SPARE_AFTER, self._keep_spare)
+
+    async def _start_beside(self, instance: Instance, command: str, job: bool, public: Path | None,
+                            timeout: float) -> None:
+        """Start the app beside its sidecar (just started), and wait until both are ready."""
         # Its listeners take connections already (the kernel queues them until the sidecar serves), so
         # the app starts at once: its first outbound calls wait for the sidecar instead of failing.
-        await self._spawn(instance, "app", service.command, self._app_env(instance))
+        await self._spawn(instance, "app", command, self._app_env(instance))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout  # the app's own, from its start
         sidecar_timeout = max(timeout, SIDECAR_TIMEOUT)
         # A job may be done before its sidecar is ready: its exit is reported once watched, not a failed start.
-        roles = ("sidecar",) if service.job else ("sidecar", "app")
+        roles = ("sidecar",) if job else ("sidecar", "app")
         await self._wait_ready(instance, roles, loop.time() + sidecar_timeout, sidecar_timeout)
         if public is not None:
             await self.public.hand_over(instance, app_ready=False)  # if no other sidecar serves it
@@ -296,6 +355,45 @@ class ProcessRuntime(Runtime):
         self._mark_ready(instance)
         for role, proc in self._procs[instance.label].items():
             self._watch_later(instance, role, proc)
+
+    # the spare sidecar
+
+    def _keep_spare(self) -> None:
+        """Start a spare sidecar if the mesh has keyed services and none is there or on its way."""
+        if self._spare is None and not self._closing and any(
+                service.instances is not None for service in self.config.services.values()):
+            self._spare = asyncio.ensure_future(self._start_spare())
+
+    async def _start_spare(self) -> _Spare | None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = await _Process.spawn("spare.sidecar", [sys.executable, "-m", "mesh.sidecar.spare",
+                                                          str(theirs.fileno())],
+                                        cwd=self.config.root, env=self._sidecar_env(), output=self.output,
+                                        pass_fds=(theirs.fileno(),))
+        except OSError as exc:
+            log.warning("cannot start a spare sidecar: %s", exc)
+            ours.close()
+            return None
+        finally:
+            theirs.close()
+        return _Spare(proc, ours)
+
+    async def _take_spare(self) -> _Spare | None:
+        """The spare sidecar, if there is one (still importing is fine: it reads its order after)."""
+        starting, self._spare = self._spare, None
+        if starting is None:
+            return None
+        spare = await asyncio.shield(starting)  # a cancelled start still hands over what it spawned
+        if spare is not None and spare.proc.returncode is not None:
+            spare.channel.close()
+            return None
+        return spare
+
+    async def _drop_spare(self) -> None:
+        spare = await self._take_spare()
+        if spare is not None:
+            await spare.stop(self.sidecar_grace)
 
     def _listening(self, instance: Instance) -> dict[str, socket.socket]:
         """The sidecar's mesh, outbound and admin listeners' sockets, bound and listening, for it to
@@ -350,12 +448,15 @@ class ProcessRuntime(Runtime):
                                             output=self.output, pass_fds=pass_fds)
             except OSError as exc:
                 raise StartFailed(instance.label, f"cannot start {label}: {exc}") from exc
-            self._procs.setdefault(instance.label, {})[role] = proc
-            instance.pids[role] = proc.pid
-            instance.pgids[role] = proc.pgid
+            self._adopt(instance, role, proc)
 
         # A start cancelled mid-spawn still records the process it created, so stopping finds it.
         await self._shielded(spawn())
+
+    def _adopt(self, instance: Instance, role: str, proc: _Process) -> None:
+        self._procs.setdefault(instance.label, {})[role] = proc
+        instance.pids[role] = proc.pid
+        instance.pgids[role] = proc.pgid
 
     async def _wait_ready(self, instance: Instance, roles: tuple[str, ...], deadline: float, timeout: float,
                           parts: tuple[str, ...] = ("sidecar",)) -> None:
@@ -377,7 +478,7 @@ class ProcessRuntime(Runtime):
 
         # Asked often: on loopback a question costs little, and a keyed instance's first request waits.
         await self.wait_ready(instance, deadline, timeout, alive=lambda: alive(), app_ready=app_ready,
-                              parts=parts, pause=0.02)
+                              parts=parts, pause=0.01)
 
     async def _watch(self, instance: Instance, role: str, proc: _Process) -> None:
         # Not proc.wait(): it also waits for the output pipe to close, which a child of a
@@ -403,13 +504,17 @@ class ProcessRuntime(Runtime):
             self.public.release(instance, self.config)
 
     async def kill_all(self) -> None:
+        self._closing = True
         await self._settle()
-        for procs in self._procs.values():
-            for proc in procs.values():
-                proc.stopping = True
-                proc.signal(signal.SIGKILL)
+        spare = await self._take_spare()
+        procs = [proc for each in self._procs.values() for proc in each.values()]
+        for proc in procs + ([spare.proc] if spare is not None else []):
+            proc.stopping = True
+            proc.signal(signal.SIGKILL)
 
     async def close(self) -> None:
+        self._closing = True
+        await self._drop_spare()
         self.public.close()
 
     # without a controller: `mesh ps`, `mesh down`
