@@ -8,6 +8,8 @@ sidecar inherits) and kills it at teardown if it is still there.
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +140,17 @@ def test_a_new_key_takes_the_spare_sidecar_and_another_waits_behind_it(make_mesh
     through = fetch(f"http://{web['addresses']['outbound']}/", headers={"Host": "sandbox", "X-Session": "alice"})
     assert through.status == 200 and through.json()["peer"] == "web", through.text
 
+    # A spare that died waiting is no spare: the next key's sidecar starts as usual.
+    [dead] = _spares(mesh)
+    os.kill(dead, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(dead), what=f"the spare {dead} killed")
+    bob = fetch(f"http://127.0.0.1:{port}/", headers={"X-Session": "bob"})
+    assert bob.status == 200, bob.text
+    [bob_row] = [i for i in mesh.keyed("sandbox") if i["key"] == "bob"]
+    assert pid_alive(bob_row["pids"]["sidecar"]) and bob_row["pids"]["sidecar"] != dead
+
     # Its controller killed: the spare, waiting on the controller, exits by itself.
+    wait_until(lambda: len(_spares(mesh)) == 1, what=lambda: f"a spare again: {_spares(mesh)}")
     [waiting] = _spares(mesh)
     mesh.kill_controller()
     wait_until(lambda: not pid_alive(waiting), what=f"the spare {waiting} exits with its controller")

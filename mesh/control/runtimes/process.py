@@ -163,6 +163,14 @@ class _Spare:
         await self.proc.stop(grace)
 
 
+def _let_go(starting: asyncio.Future[_Spare | None]) -> None:
+    """Close the channel of a spare no one will use: it exits by itself."""
+    if not starting.cancelled() and starting.exception() is None:
+        spare = starting.result()
+        if spare is not None:
+            spare.channel.close()
+
+
 class ProcessRuntime(Runtime):
     """Apps and sidecars as local processes on free loopback ports.
 
@@ -384,7 +392,17 @@ class ProcessRuntime(Runtime):
         starting, self._spare = self._spare, None
         if starting is None:
             return None
-        spare = await asyncio.shield(starting)  # a cancelled start still hands over what it spawned
+        try:
+            spare = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            if self._spare is None:
+                self._spare = starting  # still the spare, for the next start
+            else:
+                starting.add_done_callback(_let_go)
+            raise
+        except Exception:  # a spare is a shortcut: without one, a sidecar starts as usual
+            log.exception("the spare sidecar did not start")
+            return None
         if spare is not None and spare.proc.returncode is not None:
             spare.channel.close()
             return None
