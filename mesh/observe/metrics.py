@@ -112,8 +112,7 @@ class Counter(_Metric):
     def inc(self, amount: float = 1, **labels: Any) -> None:
         if amount < 0:
             raise ValueError(f"{self.name}: a counter only goes up")
-        key = self._key(labels)
-        self.values[key] = self.values.get(key, 0) + amount
+        self.add(self._key(labels), amount)
 
     def add(self, key: tuple[str, ...], amount: float = 1) -> None:
         """The request path's `inc`: ``key`` is the label values in order, unchecked."""
@@ -146,11 +145,15 @@ class Gauge(_Metric):
         self.values[self._key(labels)] = value
 
     def inc(self, amount: float = 1, **labels: Any) -> None:
-        key = self._key(labels)
-        self.values[key] = self.values.get(key, 0) + amount
+        self.add(self._key(labels), amount)
 
     def dec(self, amount: float = 1, **labels: Any) -> None:
         self.inc(-amount, **labels)
+
+    def add(self, key: tuple[str, ...], amount: float) -> None:
+        """`inc` by the label values in order, unchecked."""
+        values = self.values
+        values[key] = values.get(key, 0) + amount
 
     def series(self, key: tuple[str, ...]) -> GaugeSeries:
         return GaugeSeries(self, key)
@@ -201,35 +204,34 @@ class Histogram(_Metric):
 class CounterSeries:
     """One series of a `Counter`, its label values bound (`Counter.labels`)."""
 
-    __slots__ = ("_key", "_name", "_values")
+    __slots__ = ("_add", "_key", "_name")
 
     def __init__(self, counter: Counter, key: tuple[str, ...]) -> None:
-        self._values = counter.values
+        self._add = counter.add
         self._key = key
         self._name = counter.name
 
     def inc(self, amount: float = 1) -> None:
         if amount < 0:
             raise ValueError(f"{self._name}: a counter only goes up")
-        values, key = self._values, self._key
-        values[key] = values.get(key, 0) + amount
+        self._add(self._key, amount)
 
 
 class GaugeSeries:
     """One series of a `Gauge`, its label values bound (`Gauge.labels`)."""
 
-    __slots__ = ("_key", "_values")
+    __slots__ = ("_add", "_key", "_values")
 
     def __init__(self, gauge: Gauge, key: tuple[str, ...]) -> None:
         self._values = gauge.values
+        self._add = gauge.add
         self._key = key
 
     def set(self, value: float) -> None:
         self._values[self._key] = value
 
     def inc(self, amount: float = 1) -> None:
-        values, key = self._values, self._key
-        values[key] = values.get(key, 0) + amount
+        self._add(self._key, amount)
 
     def dec(self, amount: float = 1) -> None:
         self.inc(-amount)
