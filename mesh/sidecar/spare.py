@@ -15,7 +15,6 @@ first (the mesh stops), it exits.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import socket
@@ -30,13 +29,12 @@ _ROLES = frozenset({"mesh", "outbound", "admin", "public"})
 
 def main(args: list[str]) -> int:
     channel = socket.socket(fileno=int(args[0]))
-    from mesh import lifecycle  # noqa: F401  what a sidecar's start imports: the cost paid ahead
-    from mesh.runner import setup_logging
-    from mesh.sidecar import sidecar
+    # What `mesh sidecar` imports before it serves: the cost paid ahead.
+    from mesh import cli, lifecycle  # noqa: F401
+    from mesh.sidecar import sidecar  # noqa: F401
 
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: F401
-
 
     try:
         message, fds, _, _ = socket.recv_fds(channel, MAX_ORDER, len(_ROLES))
@@ -56,14 +54,7 @@ def main(args: list[str]) -> int:
         argv += [f"--{role}-fd", str(fd)]
     with contextlib.suppress(OSError):  # what `ps -o comm` and top show from now on
         Path("/proc/self/comm").write_text("mesh sidecar")
-    parser = argparse.ArgumentParser(prog="mesh sidecar")
-    sidecar.add_arguments(parser)
-    options = parser.parse_args(argv)  # as `mesh sidecar` parses them (mesh.cli)
-    setup_logging()
-    try:
-        return int(sidecar.main(options))
-    except KeyboardInterrupt:
-        return 130
+    return cli.main(["sidecar", *argv])  # as if started as `mesh sidecar ARGV`
 
 
 if __name__ == "__main__":
