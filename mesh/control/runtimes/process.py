@@ -1,6 +1,7 @@
 """The process runtime: each instance is a sidecar process and an app process on loopback ports.
 
-Each sidecar runs as ``python -m mesh sidecar ...`` and writes its access log to
+Each sidecar runs as ``python -m mesh sidecar ...`` (a keyed instance's, in a spare
+sidecar started ahead: ``python -m mesh.sidecar.spare``) and writes its access log to
 ``.mesh/<name>/logs/<label>.jsonl`` (`mesh.control.logs`); each app runs its service's
 ``command`` through the shell in mesh.toml's folder. Both run in sessions of
 their own, so a stop reaches whole process groups, and both inherit ``MESH_RUN``
@@ -174,7 +175,7 @@ def _let_go(starting: asyncio.Future[_Spare | None]) -> None:
 class ProcessRuntime(Runtime):
     """Apps and sidecars as local processes on free loopback ports.
 
-    Each sidecar runs as ``python -m mesh sidecar ...``; each app runs its
+    Each sidecar runs as ``python -m mesh sidecar ...`` (or in a spare, below); each app runs its
     ``command`` through the shell in mesh.toml's folder, with ``PORT``,
     ``HTTP_PROXY``/``NO_PROXY`` (to reach other services by name through its
     sidecar), ``MESH_SERVICE``, ``MESH_INSTANCE`` and the service's ``env``;
