@@ -368,7 +368,8 @@ class Result:
     wrk_cpu_us: float
     errors: int
     non_2xx: int
-    rps_runs: list[float] = field(default_factory=list)
+    rps_runs: list[float] = field(default_factory=list)  # each pass's, in the order of the rounds
+    cpu_runs: list[float] = field(default_factory=list)  # each pass's proxy CPU µs/req, likewise
 
 
 def combine(runs: list[Result]) -> Result:
@@ -395,6 +396,7 @@ def combine(runs: list[Result]) -> Result:
         wrk_cpu_us=per_request("wrk_cpu_us") or 0.0,
         errors=sum(r.errors for r in runs), non_2xx=sum(r.non_2xx for r in runs),
         rps_runs=[r.rps for r in runs],
+        cpu_runs=[r.proxy_cpu_us for r in runs if r.proxy_cpu_us is not None],
     )
 
 

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as quote
 from pathlib import Path
 from typing import IO, Any
@@ -26,6 +27,12 @@ __all__ = ["AccessLog", "FLUSH_EVERY", "rfc3339"]
 log = logging.getLogger("mesh.accesslog")
 
 FLUSH_EVERY = 0.5
+FLUSH_SIZE = 64 << 10
+
+
+def _nothing() -> None:
+    pass
+
 MAX_BYTES = 10 << 20
 
 _MILLIS = tuple(f".{milli:03d}Z" for milli in range(1000))
@@ -63,9 +70,10 @@ class AccessLog:
         self.stderr = stderr
         self.max_bytes = max_bytes
         self.backups = backups
-        self._lines: list[str] = []
-        # Queue one line (a JSON object and its newline); it reaches the file within `FLUSH_EVERY` seconds.
-        self.write_line = self._lines.append
+        self._text: list[str] = []  # lines written, not yet in the file
+        self._queued = 0  # their characters
+        # Called before each flush, for whoever writes in bulk to hand over what it holds.
+        self.collect: Callable[[], None] = _nothing
         self._file: IO[str] | None = None
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -80,15 +88,25 @@ class AccessLog:
             self._open()
         self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._tick)
 
+    def write(self, text: str) -> None:
+        """Queue lines (each a JSON object and its newline): in the file within `FLUSH_EVERY` seconds,
+        at once past `FLUSH_SIZE` characters."""
+        self._text.append(text)
+        self._queued += len(text)
+        if self._queued >= FLUSH_SIZE:
+            self.flush()
+
     def _tick(self) -> None:
+        self.collect()
         self.flush()
         self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._tick)
 
     def flush(self) -> None:
-        if not self._lines:
+        if not self._text:
             return
-        text = "".join(self._lines)
-        self._lines.clear()
+        text = "".join(self._text)
+        self._text.clear()
+        self._queued = 0
         if self.stderr:
             sys.stderr.write(text)
             sys.stderr.flush()
@@ -106,6 +124,7 @@ class AccessLog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.collect()
         self.flush()
         if self._file is not None:
             self._file.close()

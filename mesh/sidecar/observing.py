@@ -1,14 +1,19 @@
 """What a sidecar records of each request: metrics, an access log line, and the plugins' own numbers.
 
-The listeners call `Observer.done` once a response is written (its
-``on_done``); the chains report each plugin call to `Observer.record` (a
-`mesh.chain.Meter`). Both only add to plain numbers (`mesh.observe.metrics`)
-and queue a log line (`mesh.observe.accesslog`); the text is made when
-``/metrics`` is scraped and the file written every half second.
+The listeners call `Observer.done` once a response is written (their
+``on_done``); it only queues what the request's numbers and log line are
+made of. Every `SETTLE_EVERY` requests, when ``/metrics`` is scraped and
+before the access log is written (every half second), `Observer.settle`
+counts the queued requests (`Requests`, plain numbers) and makes their log
+lines (`mesh.observe.accesslog`) in one loop. The chains report each plugin
+call to `Observer.record` (a `mesh.chain.Meter`), which adds to plain
+numbers (`mesh.observe.metrics`). A span's export and the tap's record are
+made as the request ends, while they are on.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -26,6 +31,8 @@ from mesh.observe.tap import Tap, body_fields, headers_of
 from mesh.observe.tracing import Span, Tracer
 
 __all__ = ["ROUTE", "SPAN", "UPSTREAM_STARTED", "Observer", "plugin_label", "route_label"]
+
+log = logging.getLogger("mesh.sidecar")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
@@ -60,9 +67,14 @@ _UPSTREAM_SUM, _SUM, _BYTES_IN, _BYTES_OUT = -4, -3, -2, -1
 _UPSTREAM = len(LATENCY_BUCKETS) + 1  # where the upstream duration's buckets start
 NO_UPSTREAM = -1.0  # a pending request's upstream duration when it had no upstream call
 FOLD_EVERY = 256  # pending requests of a label set added to its row at once
+SETTLE_EVERY = 256  # requests counted and logged at once (and when /metrics is scraped or the log written)
 _STATUS_CLASSES = {status: status_class(status) for status in range(100, 600)}
 _TEXT = {number: str(number) for number in range(1024)}  # the small numbers of a log line, formatted once
 _NO_IDS = '"trace_id":null,"span_id":null,'
+
+
+def _nothing(text: str) -> None:
+    pass
 
 
 class _Null:
@@ -76,6 +88,10 @@ _NULL = _Null()
 _RESERVED = frozenset({"time", "request_id", "trace_id", "span_id", "service", "instance", "peer", "direction",
                        "method", "path", "route", "status", "bytes_in", "bytes_out", "duration_ms",
                        "upstream_duration_ms", "upstream", "retries", "answered_by"})
+
+
+def _settled() -> None:
+    pass
 
 
 class Requests:
@@ -98,6 +114,7 @@ class Requests:
         self.rows: dict[tuple[str, ...], list[float]] = {}
         # Per label set: (duration, upstream duration or NO_UPSTREAM, bytes in, bytes out) of each request.
         self.pending: dict[tuple[str, ...], list[tuple[float, float, int, int]]] = {}
+        self.settle: Callable[[], None] = _settled  # what adds the requests not counted yet, before a scrape
 
     def row(self, key: tuple[str, ...]) -> list[float]:
         row = self.rows[key] = [0.0] * (2 * (len(self.bounds) + 1) + 4)
@@ -148,6 +165,7 @@ class Requests:
                                          "From sending a request to the app or a peer to its response head",
                                          labels=("service", "direction", "route"))
         upstreams: dict[tuple[str, str], list[float]] = {}
+        self.settle()
         for key in list(self.pending):
             self.fold(key)
         for key, row in list(self.rows.items()):
@@ -204,10 +222,22 @@ class Observer:
         self._labels: dict[str, str] = {}
         self._fixed = f'"service":{quote(service)},"instance":{quote(instance)},'
         self._middles: dict[tuple[str, ...], str] = {}
-        self._write = self.access_log.write_line if self.access_log is not None else None
+        # What `done` queued for `settle`: (direction, method, path, request id, peer, state, status,
+        # started, answered, ended, bytes in, bytes out) of each request.
+        self._queue: list[tuple[Any, ...]] = []
+        self.requests.settle = self.settle
+        self._write: Callable[[str], None] = _nothing
+        if self.access_log is not None:
+            self._write = self.access_log.write
+            self.access_log.collect = self.settle
         self._tracer = tracer if tracer is not None and tracer.endpoint else None
         self._export = self._tracer.end if self._tracer is not None else None
         self.tap = Tap()
+
+    @property
+    def _live(self) -> bool:
+        """Whether a request is exported or tapped as it ends (`_now`)."""
+        return self._export is not None or self.tap.active
 
     @property
     def per_request(self) -> bool:
@@ -241,64 +271,96 @@ class Observer:
 
     def done(self, direction: str, request: Request, response: Response, started: float, answered: float,
              received: int, sent: int) -> None:
+        """A response was written: note what it takes to count and log it (`settle` does both, in bulk)."""
+        queue = self._queue
+        queue.append((direction, request.method, request.path, request.id, request.peer, request.state,
+                      response.status, started, answered, monotonic(), received, sent))
+        if self._live:
+            self._now(direction, request, response, started, answered)
+        if len(queue) >= SETTLE_EVERY:
+            self.settle()
+
+    def settle(self) -> None:
+        """Count the requests `done` queued, and make their access log lines: all at once, in one loop
+        (a request pays for one tuple; the code that counts stays warm across a batch)."""
+        batch = self._queue
+        if not batch:
+            return
+        self._queue = []
+        lines: list[str] | None = [] if self.access_log is not None else None
+        pending_of, begin, fold, retries = self._pending.get, self.requests.begin, self.requests.fold, self.retries
+        services, middles, text = self.services, self._middles, _TEXT.get
+        wall = time() - monotonic()  # a monotonic time plus this is the time of day
+        for direction, method, path, rid, peer, state, status, started, answered, ended, received, sent in batch:
+            try:
+                get = state.get
+                elapsed = ended - started
+                route = get(ROUTE, "none")
+                # A label's values stay bounded, whatever a header says.
+                label = "other" if peer is not None and peer not in services else peer or ""
+                key = (direction, route, label, method if method in _METHODS else "other",
+                       _STATUS_CLASSES.get(status) or status_class(status))
+                upstream_began = get(UPSTREAM_STARTED)
+                upstream = answered - upstream_began if upstream_began is not None else None
+                pending = pending_of(key)
+                if pending is None:
+                    pending = begin(key)
+                pending.append((elapsed, NO_UPSTREAM if upstream is None else upstream, received, sent))
+                if len(pending) >= FOLD_EVERY:
+                    fold(key)
+                tried = get(AVOID)
+                if tried:
+                    retries.add((route,), len(tried))
+                if lines is None:
+                    continue
+                # The fields of a row's label set are the same on every line: made once per label set.
+                middle = middles.get(key)
+                if middle is None or label != (peer or "") or key[3] != method:  # a label stands for the real value
+                    middle = self._middle(key, peer, route, method)
+                span = get(SPAN)
+                ids = _NO_IDS if span is None else f'"trace_id":"{span.trace_id}","span_id":"{span.span_id}",'
+                backend = get(BACKEND)
+                address = "null" if backend is None else _QUOTED.get(backend.address) or _quoted(backend.address)
+                by = get(ANSWERED_BY)
+                line = (f'{{"time":"{rfc3339(wall + started)}",'
+                        f'"request_id":{"null" if rid is None else quote(rid)},{ids}{middle}'
+                        f'"path":{quote(path)},"status":{text(status) or status},'
+                        f'"bytes_in":{text(received) or received},"bytes_out":{text(sent) or sent},'
+                        f'"duration_ms":{elapsed * 1000:.3f},'
+                        f'"upstream_duration_ms":{_NULL if upstream is None else upstream * 1000:.3f},'
+                        f'"upstream":{address},'
+                        f'"retries":{len(tried) if tried else 0},'
+                        f'"answered_by":{"null" if by is None else _quoted(self._label(by))}}}\n')
+                extra = get(LOG_FIELDS)
+                if extra:
+                    # A plugin adds fields; it never rewrites mesh's own.
+                    line = line[:-2] + "".join(f",{quote(str(name))}:{value(item)}" for name, item in extra.items()
+                                               if str(name) not in _RESERVED) + "}\n"
+                lines.append(line)
+            except Exception:  # a request that cannot be counted or logged costs no other's
+                log.exception("request %s: cannot count or log it", rid)
+        if lines:
+            self._write("".join(lines))
+
+    def _now(self, direction: str, request: Request, response: Response, started: float,
+             answered: float) -> None:
+        """What cannot wait for `settle`, while it is on: the span's export, the tap's record."""
         elapsed = monotonic() - started
         get = request.state.get
         route = get(ROUTE, "none")
-        status = response.status
-        peer = request.peer
-        # A label's values stay bounded, whatever a header says.
-        label = "other" if peer is not None and peer not in self.services else peer or ""
-        method = request.method
-        key = (direction, route, label, method if method in _METHODS else "other",
-               _STATUS_CLASSES.get(status) or status_class(status))
         upstream_began = get(UPSTREAM_STARTED)
         upstream = answered - upstream_began if upstream_began is not None else None
-        pending = self._pending.get(key)
-        if pending is None:
-            pending = self.requests.begin(key)
-        pending.append((elapsed, NO_UPSTREAM if upstream is None else upstream, received, sent))
-        if len(pending) >= FOLD_EVERY:
-            self.requests.fold(key)
-        tried = get(AVOID)
-        if tried:
-            self.retries.add((route,), len(tried))
         span = get(SPAN)
         if self._export is not None and span is not None:
+            method, status = request.method, response.status
             self._export(span, name=f"{method} {route}", status=status, attributes={
                 "http.request.method": method, "url.path": request.path, "http.response.status_code": status,
-                "mesh.direction": direction, "mesh.peer": peer or "", "mesh.route": route})
+                "mesh.direction": direction, "mesh.peer": request.peer or "", "mesh.route": route})
             calls = get(PLUGIN_CALLS)
             if calls and span.sampled:
                 self._plugin_spans(span, calls)
         if self.tap.active:
             self.tap.publish(self._tap_record(direction, request, response, elapsed, upstream, route, span))
-        write = self._write
-        if write is None:
-            return
-        # The fields of a row's label set are the same on every line: made once per label set.
-        middle = self._middles.get(key)
-        if middle is None or label != (peer or "") or key[3] != method:  # a label stands for the real value
-            middle = self._middle(key, peer, route, method)
-        rid = request.id
-        backend = get(BACKEND)
-        by = get(ANSWERED_BY)
-        extra = get(LOG_FIELDS)
-        text = _TEXT.get
-        ids = _NO_IDS if span is None else f'"trace_id":"{span.trace_id}","span_id":"{span.span_id}",'
-        line = (f'{{"time":"{rfc3339(time() - elapsed)}",'
-                f'"request_id":{"null" if rid is None else quote(rid)},{ids}{middle}'
-                f'"path":{quote(request.path)},"status":{text(status) or status},'
-                f'"bytes_in":{text(received) or received},"bytes_out":{text(sent) or sent},'
-                f'"duration_ms":{elapsed * 1000:.3f},'
-                f'"upstream_duration_ms":{_NULL if upstream is None else upstream * 1000:.3f},'
-                f'"upstream":{"null" if backend is None else _QUOTED.get(backend.address) or _quoted(backend.address)},'
-                f'"retries":{len(tried) if tried else 0},'
-                f'"answered_by":{"null" if by is None else _quoted(self._label(by))}}}\n')
-        if extra:
-            # A plugin adds fields; it never rewrites mesh's own.
-            line = line[:-2] + "".join(f",{quote(str(name))}:{value(item)}" for name, item in extra.items()
-                                       if str(name) not in _RESERVED) + "}\n"
-        write(line)
 
     def _middle(self, key: tuple[str, ...], peer: str | None, route: str, method: str) -> str:
         """The access log fields a label set fixes: service, instance, peer, direction, method, route."""

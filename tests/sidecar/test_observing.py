@@ -204,3 +204,41 @@ def test_folded_requests_count_as_one_at_a_time(requests: list[tuple[float, floa
             expected[_UPSTREAM_SUM] += upstream
     counters.fold(key)
     assert counters.rows[key] == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+async def test_requests_are_counted_and_logged_in_batches_and_none_is_lost(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Past a batch, at a scrape and at the log's flush, every request queued is counted and logged once,
+    in order; one whose line cannot be made is left out, and the others of its batch are not."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mesh import LOG_FIELDS, Request, Response
+    from mesh.observe.accesslog import AccessLog
+    from mesh.sidecar.observing import SETTLE_EVERY, Observer
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    log = AccessLog(tmp_path / "access.jsonl")
+    log.start()
+    observer = Observer("web", frozenset({"web"}), "web.1", log)
+    sent = 2 * SETTLE_EVERY + 3
+    for index in range(sent):
+        request = Request("GET", f"/{index}", id=f"r{index}")
+        if index == 7:
+            request.state[LOG_FIELDS] = {"odd": Unprintable()}
+        observer.done("public", request, Response(200 if index % 3 else 503), 1.0, 1.5, 0, index)
+    assert len(observer._queue) == 3  # two batches settled on the way
+    samples = {(sample.labels["status_class"], sample.name): sample.value
+               for family in text_string_to_metric_families(observer.metrics.exposition().decode())
+               for sample in family.samples if sample.name == "mesh_requests_total"}
+    assert samples == {("2xx", "mesh_requests_total"): sum(1 for i in range(sent) if i % 3),
+                       ("5xx", "mesh_requests_total"): sum(1 for i in range(sent) if not i % 3)}
+    assert not observer._queue  # the scrape counted the rest
+    observer.done("public", Request("GET", "/last", id="last"), Response(200), 1.0, 1.5, 0, 0)
+    log.close()  # hands over what is queued, then writes
+    lines = [json.loads(line) for line in (tmp_path / "access.jsonl").read_text().splitlines()]
+    assert [line["request_id"] for line in lines] == [f"r{i}" for i in range(sent) if i != 7] + ["last"]
+    assert [line["bytes_out"] for line in lines[:3]] == [0, 1, 2]
+    assert "request r7: cannot count or log it" in caplog.text
