@@ -22,7 +22,7 @@ from json.encoder import encode_basestring_ascii as quote
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["AccessLog", "FLUSH_EVERY", "rfc3339"]
+__all__ = ["FLUSH_EVERY", "MILLIS", "AccessLog", "rfc3339", "rfc3339_second"]
 
 log = logging.getLogger("mesh.accesslog")
 
@@ -35,17 +35,21 @@ def _nothing() -> None:
 
 MAX_BYTES = 10 << 20
 
-_MILLIS = tuple(f".{milli:03d}Z" for milli in range(1000))
+MILLIS = tuple(f".{milli:03d}Z" for milli in range(1000))  # what follows a second's text, by milliseconds
 _clock: list[Any] = [-1, ""]  # the last second made into text, and its text
 
 
-def rfc3339(now: float) -> str:
-    """``2026-12-02T17:30:01.123Z`` for a `time.time` value: the text of its second is made once a
-    second, its milliseconds come from a table (a line per request asks)."""
-    second = int(now)
+def rfc3339_second(second: int) -> str:
+    """``2026-12-02T17:30:01`` for a whole `time.time` second: made once a second (a line per request asks)."""
     if second != _clock[0]:
         _clock[0], _clock[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return _clock[1] + _MILLIS[int((now - second) * 1000)]
+    return _clock[1]
+
+
+def rfc3339(now: float) -> str:
+    """``2026-12-02T17:30:01.123Z`` for a `time.time` value."""
+    second = int(now)
+    return rfc3339_second(second) + MILLIS[int((now - second) * 1000)]
 
 
 def value(item: Any) -> str:

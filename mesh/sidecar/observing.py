@@ -25,7 +25,7 @@ from typing import Any
 from mesh.chain import ANSWERED_BY, PLUGIN_CALLS
 from mesh.keys import AVOID, BACKEND, LOG_FIELDS
 from mesh.messages import Request, Response
-from mesh.observe.accesslog import AccessLog, rfc3339, value
+from mesh.observe.accesslog import MILLIS, AccessLog, rfc3339, rfc3339_second, value
 from mesh.observe.metrics import LATENCY_BUCKETS, Metrics, PluginMetrics, cumulative, status_class
 from mesh.observe.tap import Tap, body_fields, headers_of
 from mesh.observe.tracing import Span, Tracer
@@ -69,22 +69,14 @@ NO_UPSTREAM = -1.0  # a pending request's upstream duration when it had no upstr
 FOLD_EVERY = 256  # pending requests of a label set added to its row at once
 SETTLE_EVERY = 256  # requests counted and logged at once (and when /metrics is scraped or the log written)
 _STATUS_CLASSES = {status: status_class(status) for status in range(100, 600)}
-_TEXT = {number: str(number) for number in range(1024)}  # the small numbers of a log line, formatted once
 _NO_IDS = '"trace_id":null,"span_id":null,'
+_SLOTS = 4096  # (direction, route, peer, method, status) combinations `Observer._slot` remembers
 
 
 def _nothing(text: str) -> None:
     pass
 
 
-class _Null:
-    """Formats as JSON's null whatever the format spec: ``f"{_NULL:.3f}"`` is ``null``."""
-
-    def __format__(self, spec: str) -> str:
-        return "null"
-
-
-_NULL = _Null()
 _RESERVED = frozenset({"time", "request_id", "trace_id", "span_id", "service", "instance", "peer", "direction",
                        "method", "path", "route", "status", "bytes_in", "bytes_out", "duration_ms",
                        "upstream_duration_ms", "upstream", "retries", "answered_by"})
@@ -221,7 +213,7 @@ class Observer:
         self.plugin_errors = m.counter("plugin_exceptions", "Exceptions a plugin raised", ["plugin"])
         self._labels: dict[str, str] = {}
         self._fixed = f'"service":{quote(service)},"instance":{quote(instance)},'
-        self._middles: dict[tuple[str, ...], str] = {}
+        self._slots: dict[tuple[Any, ...], tuple[list[tuple[float, float, int, int]], tuple[str, ...], str]] = {}
         # What `done` queued for `settle`: (direction, method, path, request id, peer, state, status,
         # started, answered, ended, bytes in, bytes out) of each request.
         self._queue: list[tuple[Any, ...]] = []
@@ -233,11 +225,6 @@ class Observer:
         self._tracer = tracer if tracer is not None and tracer.endpoint else None
         self._export = self._tracer.end if self._tracer is not None else None
         self.tap = Tap()
-
-    @property
-    def _live(self) -> bool:
-        """Whether a request is exported or tapped as it ends (`_now`)."""
-        return self._export is not None or self.tap.active
 
     @property
     def per_request(self) -> bool:
@@ -275,7 +262,7 @@ class Observer:
         queue = self._queue
         queue.append((direction, request.method, request.path, request.id, request.peer, request.state,
                       response.status, started, answered, monotonic(), received, sent))
-        if self._live:
+        if self._export is not None or self.tap.active:
             self._now(direction, request, response, started, answered)
         if len(queue) >= SETTLE_EVERY:
             self.settle()
@@ -288,24 +275,22 @@ class Observer:
             return
         self._queue = []
         lines: list[str] | None = [] if self.access_log is not None else None
-        pending_of, begin, fold, retries = self._pending.get, self.requests.begin, self.requests.fold, self.retries
-        services, middles, text = self.services, self._middles, _TEXT.get
+        slots, slot_of, fold, retries = self._slots, self._slot, self.requests.fold, self.retries
+        millis, label = MILLIS, self._label
         wall = time() - monotonic()  # a monotonic time plus this is the time of day
+        second, stamp = -1, ""
         for direction, method, path, rid, peer, state, status, started, answered, ended, received, sent in batch:
             try:
                 get = state.get
-                elapsed = ended - started
                 route = get(ROUTE, "none")
-                # A label's values stay bounded, whatever a header says.
-                label = "other" if peer is not None and peer not in services else peer or ""
-                key = (direction, route, label, method if method in _METHODS else "other",
-                       _STATUS_CLASSES.get(status) or status_class(status))
-                upstream_began = get(UPSTREAM_STARTED)
-                upstream = answered - upstream_began if upstream_began is not None else None
-                pending = pending_of(key)
-                if pending is None:
-                    pending = begin(key)
-                pending.append((elapsed, NO_UPSTREAM if upstream is None else upstream, received, sent))
+                slot = slots.get((direction, route, peer, method, status))
+                if slot is None:
+                    slot = slot_of(direction, route, peer, method, status)
+                pending, key, middle = slot
+                elapsed = ended - started
+                began = get(UPSTREAM_STARTED)
+                upstream = NO_UPSTREAM if began is None else answered - began
+                pending.append((elapsed, upstream, received, sent))
                 if len(pending) >= FOLD_EVERY:
                     fold(key)
                 tried = get(AVOID)
@@ -313,24 +298,20 @@ class Observer:
                     retries.add((route,), len(tried))
                 if lines is None:
                     continue
-                # The fields of a row's label set are the same on every line: made once per label set.
-                middle = middles.get(key)
-                if middle is None or label != (peer or "") or key[3] != method:  # a label stands for the real value
-                    middle = self._middle(key, peer, route, method)
-                span = get(SPAN)
+                at = wall + started
+                if int(at) != second:
+                    second = int(at)
+                    stamp = rfc3339_second(second)
+                span, backend, by = get(SPAN), get(BACKEND), get(ANSWERED_BY)
                 ids = _NO_IDS if span is None else f'"trace_id":"{span.trace_id}","span_id":"{span.span_id}",'
-                backend = get(BACKEND)
                 address = "null" if backend is None else _QUOTED.get(backend.address) or _quoted(backend.address)
-                by = get(ANSWERED_BY)
-                line = (f'{{"time":"{rfc3339(wall + started)}",'
+                line = (f'{{"time":"{stamp}{millis[int((at - second) * 1000)]}",'
                         f'"request_id":{"null" if rid is None else quote(rid)},{ids}{middle}'
-                        f'"path":{quote(path)},"status":{text(status) or status},'
-                        f'"bytes_in":{text(received) or received},"bytes_out":{text(sent) or sent},'
-                        f'"duration_ms":{elapsed * 1000:.3f},'
-                        f'"upstream_duration_ms":{_NULL if upstream is None else upstream * 1000:.3f},'
-                        f'"upstream":{address},'
-                        f'"retries":{len(tried) if tried else 0},'
-                        f'"answered_by":{"null" if by is None else _quoted(self._label(by))}}}\n')
+                        f'"path":{quote(path)},"status":{status},"bytes_in":{received},"bytes_out":{sent},'
+                        f'"duration_ms":{elapsed * 1000:.3f},"upstream_duration_ms":'
+                        f'{"null" if upstream == NO_UPSTREAM else format(upstream * 1000, ".3f")},'
+                        f'"upstream":{address},"retries":{len(tried) if tried else 0},'
+                        f'"answered_by":{"null" if by is None else _quoted(label(by))}}}\n')
                 extra = get(LOG_FIELDS)
                 if extra:
                     # A plugin adds fields; it never rewrites mesh's own.
@@ -341,6 +322,24 @@ class Observer:
                 log.exception("request %s: cannot count or log it", rid)
         if lines:
             self._write("".join(lines))
+
+    def _slot(self, direction: str, route: str, peer: str | None, method: str,
+              status: int) -> tuple[list[tuple[float, float, int, int]], tuple[str, ...], str]:
+        """What requests with these values share: their label set's pending list, the label set, and the
+        access log fields it fixes. Remembered for the first `_SLOTS` combinations met (a client's odd
+        method or a development-mode peer must not grow it forever)."""
+        # A label's values stay bounded, whatever a header says.
+        key = (direction, route, "other" if peer is not None and peer not in self.services else peer or "",
+               method if method in _METHODS else "other", _STATUS_CLASSES.get(status) or status_class(status))
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self.requests.begin(key)
+        middle = (f'{self._fixed}"peer":{_quoted(peer)},"direction":"{direction}","method":{_quoted(method)},'
+                  f'"route":{_quoted(route)},')
+        slot = (pending, key, middle)
+        if len(self._slots) < _SLOTS:
+            self._slots[(direction, route, peer, method, status)] = slot
+        return slot
 
     def _now(self, direction: str, request: Request, response: Response, started: float,
              answered: float) -> None:
@@ -361,14 +360,6 @@ class Observer:
                 self._plugin_spans(span, calls)
         if self.tap.active:
             self.tap.publish(self._tap_record(direction, request, response, elapsed, upstream, route, span))
-
-    def _middle(self, key: tuple[str, ...], peer: str | None, route: str, method: str) -> str:
-        """The access log fields a label set fixes: service, instance, peer, direction, method, route."""
-        middle = (f'{self._fixed}"peer":{_quoted(peer)},"direction":"{key[0]}","method":{_quoted(method)},'
-                  f'"route":{_quoted(route)},')
-        if (peer or "") == key[2] and method == key[3]:
-            self._middles[key] = middle
-        return middle
 
     # tracing and the tap, only while they are on
 

@@ -242,3 +242,23 @@ async def test_requests_are_counted_and_logged_in_batches_and_none_is_lost(
     assert [line["request_id"] for line in lines] == [f"r{i}" for i in range(sent) if i != 7] + ["last"]
     assert [line["bytes_out"] for line in lines[:3]] == [0, 1, 2]
     assert "request r7: cannot count or log it" in caplog.text
+
+
+def test_what_requests_share_is_remembered_for_a_bounded_number_of_combinations() -> None:
+    """Methods and development-mode peers a client makes up each count as "other", and the observer
+    remembers at most _SLOTS combinations of them, however many it meets."""
+    from mesh import Request, Response
+    from mesh.sidecar.observing import _SLOTS, Observer
+
+    observer = Observer("web", frozenset({"web", "orders"}), "web.1")
+    sent = _SLOTS + 500
+    for index in range(sent):
+        request = Request(f"M{index}", "/", peer=f"p{index}" if index % 2 else "orders")
+        observer.done("inbound", request, Response(200), 1.0, 1.5, 0, 0)
+    observer.settle()
+    assert len(observer._slots) == _SLOTS
+    requests = observer.requests
+    for key in list(requests.pending):
+        requests.fold(key)
+    counts = {key[2:4]: sum(row[:len(requests.bounds) + 1]) for key, row in requests.rows.items()}  # buckets, +Inf
+    assert counts == {("other", "other"): sent // 2, ("orders", "other"): sent - sent // 2}
