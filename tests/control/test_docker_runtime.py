@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from mesh import config
-from mesh.control.docker.containers import memory_bytes
 from mesh.control.docker.firewall import firewall_rules
 from mesh.control.docker.layout import ADMIN_PORT, MESH_PORT, PUBLIC_PORT, container_name, mesh_alias, network_names
+from mesh.control.docker.resources import memory_bytes
 from mesh.control.runtimes import get_runtime
 from mesh.control.runtimes.base import StartFailed
 from mesh.control.runtimes.docker import DockerRuntime

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,15 +42,14 @@ from mesh.control.docker.layout import (
     ADMIN_PORT,
     ADMIN_TOKEN_MOUNT,
     CONFIG_MOUNT,
-    DEFAULT_APP_PORT,
     HANDOFF_MOUNT,
     MESH_PORT,
     OUTBOUND_PORT,
     REGISTRY_MOUNT,
-    SIDECAR_PORTS,
     TLS_MOUNT,
 )
 from mesh.control.docker.networks import Network, calls_out, engine_resolvers, publishing_role
+from mesh.control.docker.resources import memory_bytes, plugin_path_problems, service_problems
 from mesh.control.docker.volumes import volume_mount
 from mesh.control.runtimes.base import Instance
 
@@ -62,7 +60,7 @@ LOGS_MOUNT = "/mesh/logs"  # the sidecar's access log, <label>.jsonl, and its ro
 
 __all__ = [
     "LOGS_MOUNT", "Container", "ContainerInstance", "LogFollower", "app_spec", "config_problems", "cpu_seconds",
-    "memory_bytes", "probe_command", "published", "sidecar_spec",
+    "probe_command", "published", "sidecar_spec",
 ]
 
 
@@ -152,26 +150,6 @@ def cpu_seconds(api: Any, container_id: str) -> float | None:
     return usage / 1e9 if usage else None
 
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-MIN_MEMORY = 6 << 20  # Docker refuses less
-
-
-def memory_bytes(text: str | int) -> int:
-    """``"512m"``, ``"512MB"``, ``"512MiB"``, ``"1.5g"`` or a number of bytes, in bytes (binary units,
-    as Docker counts them). Raises ValueError saying what it expected."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        match = _MEMORY.match(str(text))
-        if not match:
-            raise ValueError(f"expected a size like '256m', '1g' or '512MiB', found {text!r}")
-        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if value < MIN_MEMORY:
-        raise ValueError(f"expected at least 6m (Docker's minimum), found {text!r}")
-    return value
-
-
 def config_problems(config: MeshConfig) -> list[str]:
     """What of mesh.toml the containers cannot hold, one line each (empty: none)."""
     found = []
@@ -180,35 +158,14 @@ def config_problems(config: MeshConfig) -> list[str]:
         if not (service.build or service.image):
             found.append(f"{where}: no 'build' or 'image' to run on the docker runtime (it has only "
                          f"'command': use --runtime process, or add build = \"folder\" with a Dockerfile)")
-        port = service.port or DEFAULT_APP_PORT
-        if port in SIDECAR_PORTS:
-            found.append(f"{where}.port: {port} is the sidecar's inside the instance (it uses "
-                         f"{', '.join(map(str, SIDECAR_PORTS))}); give the app another port")
-        if service.memory is not None:
-            try:
-                memory_bytes(service.memory)
-            except ValueError as exc:
-                found.append(f"{where}.memory: {exc}")
-        if service.cpus is not None and service.cpus <= 0:
-            found.append(f"{where}.cpus: expected more than 0, found {service.cpus:g}")
+        found += service_problems(where, service, "instance")
         for role, fixed in (("mesh", MESH_PORT), ("outbound", OUTBOUND_PORT)):
             if role in service.pinned_ports():
                 found.append(f"{where}.sidecar.{role}_port: on the docker runtime the sidecar's {role} listener "
                              f"is always on {fixed} in its instance (a fixed address already); only admin_port, "
                              f"published on the host, can be pinned")
-    for folder in config.plugin_path:
-        if not _inside(folder, config.root):
-            found.append(f"mesh.plugin_path: {folder} is outside {config.root}; the docker "
-                         f"runtime mounts only the folder of mesh.toml into sidecars")
-    return found
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
+    return found + plugin_path_problems(config, "the docker runtime mounts only the folder of mesh.toml "
+                                                "into sidecars")
 
 
 def sidecar_spec(config: MeshConfig, instance: ContainerInstance, *, image: str, registry: Path,

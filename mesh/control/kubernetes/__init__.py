@@ -31,8 +31,7 @@ import yaml
 
 from mesh.config import MeshConfig, ServiceConfig
 from mesh.control.ca import CA
-from mesh.control.docker.containers import memory_bytes
-from mesh.control.docker.layout import DEFAULT_APP_PORT, SIDECAR_PORTS
+from mesh.control.docker.resources import service_problems
 from mesh.control.kubernetes.certificates import ca_issuers, certificate, tls_secret
 from mesh.control.kubernetes.files import checksum, config_map, mounted_files
 from mesh.control.kubernetes.names import is_job, object_name
@@ -125,17 +124,7 @@ def _problems(config: MeshConfig, rendered: dict[str, ServiceConfig], cert_days:
         if service.expose is not None and name + PUBLIC_SUFFIX in rendered:
             found.append(f"{where}.expose: its public Service would have the name of service "
                          f"{name}{PUBLIC_SUFFIX}'s; rename one of them")
-        port = service.port or DEFAULT_APP_PORT
-        if port in SIDECAR_PORTS:
-            found.append(f"{where}.port: {port} is the sidecar's inside the pod (it uses "
-                         f"{', '.join(map(str, SIDECAR_PORTS))}); give the app another port")
-        if service.memory is not None:
-            try:
-                memory_bytes(service.memory)
-            except ValueError as exc:
-                found.append(f"{where}.memory: {exc}")
-        if service.cpus is not None and service.cpus <= 0:
-            found.append(f"{where}.cpus: expected more than 0, found {service.cpus:g}")
+        found += service_problems(where, service, "pod")
     return found
 
 

@@ -28,8 +28,9 @@ from typing import Any
 from mesh.config import MeshConfig, ServiceConfig
 from mesh.config.model import HealthCheck
 from mesh.control.docker import images
-from mesh.control.docker.containers import memory_bytes, probe_command
+from mesh.control.docker.containers import probe_command
 from mesh.control.docker.layout import ADMIN_PORT, DEFAULT_APP_PORT, MESH_PORT, OUTBOUND_PORT, PUBLIC_PORT
+from mesh.control.docker.resources import memory_bytes
 from mesh.control.kubernetes.certificates import TLS_FILES, secret_name
 from mesh.control.kubernetes.names import REGISTRY, is_job, labels, metadata, object_name, selector
 from mesh.control.runtimes.base import instance_count

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from mesh.config import HealthCheck, MeshConfig, ServiceConfig
-from mesh.control.docker.containers import memory_bytes
 from mesh.control.docker.layout import (
     ADMIN_PORT,
     APP_GRACE,
@@ -44,8 +43,8 @@ from mesh.control.docker.layout import (
     OUTBOUND_PORT,
     PUBLIC_PORT,
     SIDECAR_GRACE,
-    SIDECAR_PORTS,
 )
+from mesh.control.docker.resources import inside, memory_bytes, plugin_path_problems, service_problems
 from mesh.control.runtimes.base import instance_count
 from mesh.control.swarm.firewall import task_rules
 from mesh.control.swarm.layout import (
@@ -85,35 +84,13 @@ def config_problems(config: MeshConfig) -> list[str]:
             found.append(f"{where}: job = true does not run on the swarm runtime (a task's end and exit code, "
                          f"which depends_on waits for, are not reported from the swarm); use --runtime process "
                          f"or docker")
-        port = service.port or DEFAULT_APP_PORT
-        if port in SIDECAR_PORTS:
-            found.append(f"{where}.port: {port} is the sidecar's inside the task (it uses "
-                         f"{', '.join(map(str, SIDECAR_PORTS))}); give the app another port")
-        if service.memory is not None:
-            try:
-                memory_bytes(service.memory)
-            except ValueError as exc:
-                found.append(f"{where}.memory: {exc}")
-        if service.cpus is not None and service.cpus <= 0:
-            found.append(f"{where}.cpus: expected more than 0, found {service.cpus:g}")
+        found += service_problems(where, service, "task")
         swarm_name = service_name(config.name, name)
         if len(swarm_name) > 63:
             found.append(f"{where}: its Swarm service {swarm_name!r} is longer than 63 characters (a DNS "
                          f"label): use a shorter mesh or service name")
     found += redis_problems(config)
-    for folder in config.plugin_path:
-        if not _inside(folder, config.root):
-            found.append(f"mesh.plugin_path: {folder} is outside {config.root}; the swarm runtime gives "
-                         f"tasks only the folder of mesh.toml")
-    return found
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
+    return found + plugin_path_problems(config, "the swarm runtime gives tasks only the folder of mesh.toml")
 
 
 # --- the folder of mesh.toml, as one Docker config -------------------------------------------------
@@ -124,13 +101,13 @@ def bundled_files(config: MeshConfig) -> Iterator[Path]:
     root = config.root.resolve()
     plugins = [folder.resolve() for folder in config.plugin_path]
     builds = {(root / s.build).resolve() for s in config.services.values() if s.build}
-    builds = {b for b in builds if b != root and not any(_inside(p, b) for p in plugins)}
+    builds = {b for b in builds if b != root and not any(inside(p, b) for p in plugins)}
 
     def walk(folder: Path) -> Iterator[Path]:
         for path in sorted(folder.iterdir()):
             if path.name in _SKIP or path.resolve() in builds or path.name.endswith((".pyc", ".pyo")):
                 continue
-            if path.is_symlink() and not _inside(path, root):
+            if path.is_symlink() and not inside(path, root):
                 continue
             if path.is_dir():
                 yield from walk(path)
