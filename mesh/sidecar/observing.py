@@ -214,8 +214,7 @@ class Observer:
         self._labels: dict[str, str] = {}
         self._fixed = f'"service":{quote(service)},"instance":{quote(instance)},'
         self._slots: dict[tuple[Any, ...], tuple[list[tuple[float, float, int, int]], tuple[str, ...], str]] = {}
-        # What `done` queued for `settle`: (direction, method, path, request id, peer, state, status,
-        # started, answered, ended, bytes in, bytes out) of each request.
+        # What `done` queued for `settle`, a tuple per request (see `done`).
         self._queue: list[tuple[Any, ...]] = []
         self.requests.settle = self.settle
         self._write: Callable[[str], None] = _nothing
@@ -258,10 +257,19 @@ class Observer:
 
     def done(self, direction: str, request: Request, response: Response, started: float, answered: float,
              received: int, sent: int) -> None:
-        """A response was written: note what it takes to count and log it (`settle` does both, in bulk)."""
+        """A response was written: note what it takes to count and log it (`settle` does both, in bulk).
+
+        Only strings and numbers are kept (the plugins' log fields aside): what the queue holds is no
+        work for the garbage collector, however long it waits.
+        """
+        get = request.state.get
+        span, tried, backend = get(SPAN), get(AVOID), get(BACKEND)
         queue = self._queue
-        queue.append((direction, request.method, request.path, request.id, request.peer, request.state,
-                      response.status, started, answered, monotonic(), received, sent))
+        queue.append((direction, request.method, request.path, request.id, request.peer, response.status,
+                      started, answered, monotonic(), received, sent, get(ROUTE, "none"), get(UPSTREAM_STARTED),
+                      len(tried) if tried else 0, None if span is None else span.trace_id,
+                      None if span is None else span.span_id, None if backend is None else backend.address,
+                      get(ANSWERED_BY), get(LOG_FIELDS)))
         if self._export is not None or self.tap.active:
             self._now(direction, request, response, started, answered)
         if len(queue) >= SETTLE_EVERY:
@@ -279,40 +287,34 @@ class Observer:
         millis, label = MILLIS, self._label
         wall = time() - monotonic()  # a monotonic time plus this is the time of day
         second, stamp = -1, ""
-        for direction, method, path, rid, peer, state, status, started, answered, ended, received, sent in batch:
+        for (direction, method, path, rid, peer, status, started, answered, ended, received, sent, route,
+             began, tried, trace_id, span_id, address, by, extra) in batch:
             try:
-                get = state.get
-                route = get(ROUTE, "none")
                 slot = slots.get((direction, route, peer, method, status))
                 if slot is None:
                     slot = slot_of(direction, route, peer, method, status)
                 pending, key, middle = slot
                 elapsed = ended - started
-                began = get(UPSTREAM_STARTED)
                 upstream = NO_UPSTREAM if began is None else answered - began
                 pending.append((elapsed, upstream, received, sent))
                 if len(pending) >= FOLD_EVERY:
                     fold(key)
-                tried = get(AVOID)
                 if tried:
-                    retries.add((route,), len(tried))
+                    retries.add((route,), tried)
                 if lines is None:
                     continue
                 at = wall + started
                 if int(at) != second:
                     second = int(at)
                     stamp = rfc3339_second(second)
-                span, backend, by = get(SPAN), get(BACKEND), get(ANSWERED_BY)
-                ids = _NO_IDS if span is None else f'"trace_id":"{span.trace_id}","span_id":"{span.span_id}",'
-                address = "null" if backend is None else _QUOTED.get(backend.address) or _quoted(backend.address)
+                ids = _NO_IDS if trace_id is None else f'"trace_id":"{trace_id}","span_id":"{span_id}",'
                 line = (f'{{"time":"{stamp}{millis[int((at - second) * 1000)]}",'
                         f'"request_id":{"null" if rid is None else quote(rid)},{ids}{middle}'
                         f'"path":{quote(path)},"status":{status},"bytes_in":{received},"bytes_out":{sent},'
                         f'"duration_ms":{elapsed * 1000:.3f},"upstream_duration_ms":'
-                        f'{"null" if upstream == NO_UPSTREAM else format(upstream * 1000, ".3f")},'
-                        f'"upstream":{address},"retries":{len(tried) if tried else 0},'
-                        f'"answered_by":{"null" if by is None else _quoted(label(by))}}}\n')
-                extra = get(LOG_FIELDS)
+                        f'{"null" if upstream == NO_UPSTREAM else f"{upstream * 1000:.3f}"},'
+                        f'"upstream":{"null" if address is None else _QUOTED.get(address) or _quoted(address)},'
+                        f'"retries":{tried},"answered_by":{"null" if by is None else _quoted(label(by))}}}\n')
                 if extra:
                     # A plugin adds fields; it never rewrites mesh's own.
                     line = line[:-2] + "".join(f",{quote(str(name))}:{value(item)}" for name, item in extra.items()
