@@ -310,7 +310,7 @@ class Observer:
                 ids = _NO_IDS if trace_id is None else f'"trace_id":"{trace_id}","span_id":"{span_id}",'
                 line = (f'{{"time":"{stamp}{millis[int((at - second) * 1000)]}",'
                         f'"request_id":{"null" if rid is None else quote(rid)},{ids}{middle}'
-                        f'"path":{quote(path)},"status":{status},"bytes_in":{received},"bytes_out":{sent},'
+                        f'"path":{quote(path)},"bytes_in":{received},"bytes_out":{sent},'
                         f'"duration_ms":{elapsed * 1000:.3f},"upstream_duration_ms":'
                         f'{"null" if upstream == NO_UPSTREAM else f"{upstream * 1000:.3f}"},'
                         f'"upstream":{"null" if address is None else _QUOTED.get(address) or _quoted(address)},'
@@ -328,8 +328,9 @@ class Observer:
     def _slot(self, direction: str, route: str, peer: str | None, method: str,
               status: int) -> tuple[list[tuple[float, float, int, int]], tuple[str, ...], str]:
         """What requests with these values share: their label set's pending list, the label set, and the
-        access log fields it fixes. Remembered for the first `_SLOTS` combinations met (a client's odd
-        method or a development-mode peer must not grow it forever)."""
+        access log fields they fix (service, instance, peer, direction, method, route, status).
+        Remembered for the first `_SLOTS` combinations met (a client's odd method or a development-mode
+        peer must not grow it forever)."""
         # A label's values stay bounded, whatever a header says.
         key = (direction, route, "other" if peer is not None and peer not in self.services else peer or "",
                method if method in _METHODS else "other", _STATUS_CLASSES.get(status) or status_class(status))
@@ -337,7 +338,7 @@ class Observer:
         if pending is None:
             pending = self.requests.begin(key)
         middle = (f'{self._fixed}"peer":{_quoted(peer)},"direction":"{direction}","method":{_quoted(method)},'
-                  f'"route":{_quoted(route)},')
+                  f'"route":{_quoted(route)},"status":{status},')
         slot = (pending, key, middle)
         if len(self._slots) < _SLOTS:
             self._slots[(direction, route, peer, method, status)] = slot
