@@ -10,7 +10,7 @@ everyone after it sees the same bytes.
 from __future__ import annotations
 
 import json as _json
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 from http import HTTPStatus
 from random import getrandbits as _random_bits
 from typing import Any
@@ -97,7 +97,7 @@ class _Message:
         self._body = data
         return data
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    async def stream(self) -> AsyncGenerator[bytes, None]:
         """Yield the body chunk by chunk without buffering it (once for a stream)."""
         body = self._body
         if isinstance(body, bytes):

@@ -234,35 +234,37 @@ class RateLimit(Plugin):
             self._windows = Windows(self.strategy, [(r.amount, int(r.seconds)) for r in self.rates])
         else:
             timeout = self.storage_timeout
+            options: dict[str, Any] = {
+                # redis-py, not coredis: coredis pipelines commands on a
+                # connection, drops the connection on any error (a
+                # NOSCRIPT) and retries the others, so a hit can count twice.
+                "implementation": "redispy",
+                # No retries either: a retried hit may have counted already.
+                "retry": None,
+                # Without these a frozen Redis holds every request forever.
+                "socket_timeout": timeout, "socket_connect_timeout": timeout,
+                "max_connections": _CONNECTIONS}
             try:
-                self._storage = storage_from_string(
-                    "async+" + self.storage, wrap_exceptions=True,
-                    # redis-py, not coredis: coredis pipelines commands on a
-                    # connection, drops the connection on any error (a
-                    # NOSCRIPT) and retries the others, so a hit can count twice.
-                    implementation="redispy",
-                    # No retries either: a retried hit may have counted already.
-                    retry=None,
-                    # Without these a frozen Redis holds every request forever.
-                    socket_timeout=timeout, socket_connect_timeout=timeout,
-                    max_connections=_CONNECTIONS)
+                storage = storage_from_string("async+" + self.storage, wrap_exceptions=True, **options)
             except ConfigurationError as exc:
                 raise ValueError(f"storage: {exc} (Redis storage needs the 'redis' "
                                  "package: pip install redis)") from exc
-            base = self._storage.base_exceptions
+            assert isinstance(storage, Storage)  # an async+ URI gives limits' asyncio storage
+            self._storage = storage
+            base = storage.base_exceptions
             # limits wraps some storage errors but not all (acquire_* aren't).
             self._errors = (StorageError, OSError, TimeoutError,
                             *(base if isinstance(base, tuple) else (base,)))
             self._slots = asyncio.Semaphore(_CONNECTIONS)
             try:
                 async with asyncio.timeout(timeout):
-                    healthy = await self._storage.check()
+                    healthy = await storage.check()
             except self._errors as exc:
                 self._failed(exc)
             else:
                 if not healthy:
                     self._failed(ConnectionError("no answer to PING"))
-            self._limiter = _STRATEGIES[self.strategy](self._storage)
+            self._limiter = _STRATEGIES[self.strategy](storage)
             if self.batch > 1:
                 self._claims = Claims([int(r.seconds) for r in self.rates], self.batch)
 

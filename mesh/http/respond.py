@@ -197,7 +197,7 @@ class ResponseWriter(WriteFlow):
             return False
         finally:
             try:
-                await chunks.aclose()  # type: ignore[attr-defined]
+                await chunks.aclose()
             except Exception:
                 log.debug("closing a response body failed", exc_info=True)
         return True
