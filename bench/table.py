@@ -257,8 +257,8 @@ def observing_cost(bare: dict[str, Any], logged: dict[str, Any]) -> tuple[float,
     Each round measured both targets a few seconds apart, so each round's ratio is compared, and the
     median of the ratios taken: a round the shared machine slowed down slows both of its passes.
     """
-    rps = sorted(after / before for before, after in zip(bare["rps_runs"], logged["rps_runs"], strict=True))
-    cpu = sorted(before / after for before, after in zip(bare["cpu_runs"], logged["cpu_runs"], strict=True))
+    rps = [after / before for before, after in zip(bare["rps_runs"], logged["rps_runs"], strict=True)]
+    cpu = [before / after for before, after in zip(bare["cpu_runs"], logged["cpu_runs"], strict=True)]
     return 1 - statistics.median(rps), 1 - statistics.median(cpu), len(rps)
 
 

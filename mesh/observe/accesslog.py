@@ -4,8 +4,9 @@ A sidecar writes a line for every request it answers (`mesh sidecar
 --access-log FILE`; `mesh up` gives each sidecar
 ``.mesh/<mesh>/logs/<instance>.jsonl``, and `mesh logs` reads them). The
 fields are listed in docs/observability.md. Lines are built with the C
-JSON string encoder and buffered: the file is written at most every
-`FLUSH_EVERY` seconds and on close, so a request costs no system call.
+JSON string encoder and buffered: the file is written every `FLUSH_EVERY`
+seconds, once `FLUSH_SIZE` characters wait, and on close, so a request
+costs no system call of its own.
 When the file passes ``max_bytes`` it is rotated: FILE.1 becomes FILE.2,
 FILE becomes FILE.1, and a new FILE starts (``backups`` old files kept).
 """
@@ -28,11 +29,6 @@ log = logging.getLogger("mesh.accesslog")
 
 FLUSH_EVERY = 0.5
 FLUSH_SIZE = 64 << 10
-
-
-def _nothing() -> None:
-    pass
-
 MAX_BYTES = 10 << 20
 
 MILLIS = tuple(f".{milli:03d}Z" for milli in range(1000))  # what follows a second's text, by milliseconds
@@ -50,6 +46,10 @@ def rfc3339(now: float) -> str:
     """``2026-12-02T17:30:01.123Z`` for a `time.time` value."""
     second = int(now)
     return rfc3339_second(second) + MILLIS[int((now - second) * 1000)]
+
+
+def _nothing() -> None:
+    pass
 
 
 def value(item: Any) -> str:

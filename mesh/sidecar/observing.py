@@ -73,10 +73,6 @@ _NO_IDS = '"trace_id":null,"span_id":null,'
 _SLOTS = 4096  # (direction, route, peer, method, status) combinations `Observer._slot` remembers
 
 
-def _nothing(text: str) -> None:
-    pass
-
-
 _RESERVED = frozenset({"time", "request_id", "trace_id", "span_id", "service", "instance", "peer", "direction",
                        "method", "path", "route", "status", "bytes_in", "bytes_out", "duration_ms",
                        "upstream_duration_ms", "upstream", "retries", "answered_by"})
@@ -217,9 +213,7 @@ class Observer:
         # What `done` queued for `settle`, a tuple per request (see `done`).
         self._queue: list[tuple[Any, ...]] = []
         self.requests.settle = self.settle
-        self._write: Callable[[str], None] = _nothing
         if self.access_log is not None:
-            self._write = self.access_log.write
             self.access_log.collect = self.settle
         self._tracer = tracer if tracer is not None and tracer.endpoint else None
         self._export = self._tracer.end if self._tracer is not None else None
@@ -282,7 +276,8 @@ class Observer:
         if not batch:
             return
         self._queue = []
-        lines: list[str] | None = [] if self.access_log is not None else None
+        log_file = self.access_log
+        lines: list[str] | None = [] if log_file is not None else None
         slots, slot_of, fold, retries = self._slots, self._slot, self.requests.fold, self.retries
         millis, label = MILLIS, self._label
         wall = time() - monotonic()  # a monotonic time plus this is the time of day
@@ -322,8 +317,8 @@ class Observer:
                 lines.append(line)
             except Exception:  # a request that cannot be counted or logged costs no other's
                 log.exception("request %s: cannot count or log it", rid)
-        if lines:
-            self._write("".join(lines))
+        if log_file is not None and lines:
+            log_file.write("".join(lines))
 
     def _slot(self, direction: str, route: str, peer: str | None, method: str,
               status: int) -> tuple[list[tuple[float, float, int, int]], tuple[str, ...], str]:

@@ -25,6 +25,7 @@ from typing import Any
 
 from mesh.config import MeshConfig, ServiceConfig
 from mesh.control.docker.layout import MESH_PORT
+from mesh.control.docker.resources import inside, plugin_path_problems
 from mesh.control.kubernetes.names import REGISTRY, is_job, metadata, object_name
 
 __all__ = ["CONFIGMAP_LIMIT", "checksum", "config_map", "mounted_files"]
@@ -40,19 +41,16 @@ def mounted_files(config: MeshConfig) -> tuple[dict[str, Path], list[str], list[
     root = config.root.resolve()
     files: dict[str, Path] = {config.path.name: config.path}
     notes: list[str] = []
-    problems: list[str] = []
+    problems: list[str] = plugin_path_problems(config, "the pods get only files under the folder of mesh.toml")
     candidates: list[Path] = []
     for folder in config.plugin_path:
-        if not _inside(folder, root):
-            problems.append(f"mesh.plugin_path: {folder} is outside {config.root}; the pods get only "
-                            f"files under the folder of mesh.toml")
-        elif folder.is_dir():
+        if inside(folder, root) and folder.is_dir():
             candidates += _walk(folder)
     for service in config.services.values():
         for table in [*service.plugins, *service.outbound]:
             candidates += (root / value for value in _strings(table) if _names_file(value, root))
     for path in candidates:
-        if not _inside(path, root):
+        if not inside(path, root):
             notes.append(f"{path}: left out of the ConfigMap: a link to outside {config.root}")
             continue
         relative = path.resolve().relative_to(root).as_posix()
@@ -76,7 +74,7 @@ def _names_file(value: str, root: Path) -> bool:
     if len(value) > 255 or "\n" in value or value.startswith("/") or "://" in value:
         return False
     path = root / value
-    return path.is_file() and _inside(path, root) and ".mesh" not in path.resolve().relative_to(root).parts
+    return path.is_file() and inside(path, root) and ".mesh" not in path.resolve().relative_to(root).parts
 
 
 def _walk(folder: Path) -> Iterator[Path]:
@@ -99,14 +97,6 @@ def _strings(value: Any) -> Iterator[str]:
     elif isinstance(value, list):
         for item in value:
             yield from _strings(item)
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root)
-    except ValueError:
-        return False
-    return True
 
 
 def config_map(config: MeshConfig, services: dict[str, ServiceConfig],
