@@ -4,8 +4,9 @@ The listeners call `Observer.done` once a response is written (their
 ``on_done``); it only queues what the request's numbers and log line are
 made of. Every `SETTLE_EVERY` requests, when ``/metrics`` is scraped and
 before the access log is written (every half second), `Observer.settle`
-counts the queued requests (`Requests`, plain numbers) and makes their log
-lines (`mesh.observe.accesslog`) in one loop. The chains report each plugin
+counts the queued requests (`Requests`, plain numbers) in one loop and hands
+them to the access log, whose writer process makes their lines
+(`mesh.observe.accesslog`). The chains report each plugin
 call to `Observer.record` (a `mesh.chain.Meter`), which adds to plain
 numbers (`mesh.observe.metrics`). A span's export and the tap's record are
 made as the request ends, while they are on.
@@ -14,18 +15,17 @@ made as the request ends, while they are on.
 from __future__ import annotations
 
 import logging
-import re
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from json.encoder import encode_basestring_ascii as quote
 from math import fsum
+from operator import itemgetter
 from time import monotonic, perf_counter, time, time_ns
 from typing import Any
 
 from mesh.chain import ANSWERED_BY, PLUGIN_CALLS
 from mesh.keys import AVOID, BACKEND, LOG_FIELDS
 from mesh.messages import Request, Response
-from mesh.observe.accesslog import MILLIS, AccessLog, rfc3339, rfc3339_second, value
+from mesh.observe.accesslog import AccessLog, Record, fields_text, plugin_label, rfc3339
 from mesh.observe.metrics import LATENCY_BUCKETS, Metrics, PluginMetrics, cumulative, status_class
 from mesh.observe.tap import Tap, body_fields, headers_of
 from mesh.observe.tracing import Span, Tracer
@@ -42,9 +42,6 @@ UPSTREAM_STARTED = "mesh.upstream_started"  # time.monotonic() when the call to 
 SPAN = "mesh.span"  # this sidecar's span (`mesh.observe.tracing.Span`)
 _BODIES = "mesh.tap.bodies"  # while a tap wants bodies: the two `_Capture`s of a request
 
-_LABEL = re.compile(r"\(([^()]+)\)$")
-
-
 _ROUTES: dict[tuple[str | None, str], str] = {}
 
 
@@ -56,12 +53,6 @@ def route_label(source: str | None, target: str) -> str:
     return label
 
 
-def plugin_label(name: str) -> str:
-    """The ``plugin`` label of a chain entry: ``jwt`` for ``services.web.plugins[0] (jwt)``."""
-    found = _LABEL.search(name)
-    return found.group(1) if found else name
-
-
 # One row of `Requests` per label set: the duration's buckets and +Inf, the upstream duration's, then these.
 _UPSTREAM_SUM, _SUM, _BYTES_IN, _BYTES_OUT = -4, -3, -2, -1
 _UPSTREAM = len(LATENCY_BUCKETS) + 1  # where the upstream duration's buckets start
@@ -69,13 +60,8 @@ NO_UPSTREAM = -1.0  # a pending request's upstream duration when it had no upstr
 FOLD_EVERY = 256  # pending requests of a label set added to its row at once
 SETTLE_EVERY = 256  # requests counted and logged at once (and when /metrics is scraped or the log written)
 _STATUS_CLASSES = {status: status_class(status) for status in range(100, 600)}
-_NO_IDS = '"trace_id":null,"span_id":null,'
+_FIELDS = itemgetter(-1)  # a queued request's log fields (see `Observer.done`)
 _SLOTS = 4096  # (direction, route, peer, method, status) combinations `Observer._slot` remembers
-
-
-_RESERVED = frozenset({"time", "request_id", "trace_id", "span_id", "service", "instance", "peer", "direction",
-                       "method", "path", "route", "status", "bytes_in", "bytes_out", "duration_ms",
-                       "upstream_duration_ms", "upstream", "retries", "answered_by"})
 
 
 def _settled() -> None:
@@ -173,20 +159,6 @@ class Requests:
         return (count, duration, received, sent, upstream)
 
 
-_QUOTED: dict[str | None, str] = {None: "null"}
-
-
-def _quoted(item: str | None) -> str:
-    """``item`` as a JSON string, remembered: for values from small sets (services, routes, methods)."""
-    text = _QUOTED.get(item)
-    if text is None:
-        assert item is not None  # None is in the table
-        text = quote(item)
-        if len(_QUOTED) < 4096:  # a client's odd method or a development-mode peer must not grow it forever
-            _QUOTED[item] = text
-    return text
-
-
 class Observer:
     """One sidecar's metrics and access log."""
 
@@ -208,10 +180,9 @@ class Observer:
                                         ["plugin", "status"])
         self.plugin_errors = m.counter("plugin_exceptions", "Exceptions a plugin raised", ["plugin"])
         self._labels: dict[str, str] = {}
-        self._fixed = f'"service":{quote(service)},"instance":{quote(instance)},'
-        self._slots: dict[tuple[Any, ...], tuple[list[tuple[float, float, int, int]], tuple[str, ...], str]] = {}
-        # What `done` queued for `settle`, a tuple per request (see `done`).
-        self._queue: list[tuple[Any, ...]] = []
+        self._slots: dict[tuple[Any, ...], tuple[list[tuple[float, float, int, int]], tuple[str, ...]]] = {}
+        # What `done` queued for `settle`: a tuple per request, laid out as the access log's `Record`.
+        self._queue: list[Record] = []
         self.requests.settle = self.settle
         if self.access_log is not None:
             self.access_log.collect = self.settle
@@ -254,7 +225,8 @@ class Observer:
         """A response was written: note what it takes to count and log it (`settle` does both, in bulk).
 
         Only strings and numbers are kept (the plugins' log fields aside): what the queue holds is no
-        work for the garbage collector, however long it waits.
+        work for the garbage collector, however long it waits. The tuple is the access log's `Record`,
+        but for the plugins' fields, which `settle` makes into text.
         """
         get = request.state.get
         span, tried, backend = get(SPAN), get(AVOID), get(BACKEND)
@@ -263,67 +235,55 @@ class Observer:
                       started, answered, monotonic(), received, sent, get(ROUTE, "none"), get(UPSTREAM_STARTED),
                       len(tried) if tried else 0, None if span is None else span.trace_id,
                       None if span is None else span.span_id, None if backend is None else backend.address,
-                      get(ANSWERED_BY), get(LOG_FIELDS)))
+                      get(ANSWERED_BY), get(LOG_FIELDS) or ""))
         if self._export is not None or self.tap.active:
             self._now(direction, request, response, started, answered)
         if len(queue) >= SETTLE_EVERY:
             self.settle()
 
     def settle(self) -> None:
-        """Count the requests `done` queued, and make their access log lines: all at once, in one loop
-        (a request pays for one tuple; the code that counts stays warm across a batch)."""
+        """Count the requests `done` queued, all at once, in one loop (a request pays for one tuple; the
+        code that counts stays warm across a batch), and hand them to the access log."""
         batch = self._queue
         if not batch:
             return
         self._queue = []
-        log_file = self.access_log
-        lines: list[str] | None = [] if log_file is not None else None
         slots, slot_of, fold, retries = self._slots, self._slot, self.requests.fold, self.retries
-        millis, label = MILLIS, self._label
-        wall = time() - monotonic()  # a monotonic time plus this is the time of day
-        second, stamp = -1, ""
-        for (direction, method, path, rid, peer, status, started, answered, ended, received, sent, route,
-             began, tried, trace_id, span_id, address, by, extra) in batch:
-            try:
-                slot = slots.get((direction, route, peer, method, status))
-                if slot is None:
-                    slot = slot_of(direction, route, peer, method, status)
-                pending, key, middle = slot
-                elapsed = ended - started
-                upstream = NO_UPSTREAM if began is None else answered - began
-                pending.append((elapsed, upstream, received, sent))
-                if len(pending) >= FOLD_EVERY:
-                    fold(key)
-                if tried:
-                    retries.add((route,), tried)
-                if lines is None:
+        for (direction, method, _, _, peer, status, started, answered, ended, received, sent, route, began,
+             tried, _, _, _, _, _) in batch:
+            slot = slots.get((direction, route, peer, method, status))
+            if slot is None:
+                slot = slot_of(direction, route, peer, method, status)
+            pending, key = slot
+            pending.append((ended - started, NO_UPSTREAM if began is None else answered - began, received, sent))
+            if len(pending) >= FOLD_EVERY:
+                fold(key)
+            if tried:
+                retries.add((route,), tried)
+        if self.access_log is not None:
+            if any(map(_FIELDS, batch)):  # plugins added fields: made into text here, where they are
+                batch = self._with_fields(batch)
+            self.access_log.records(self.service, self.instance, time() - monotonic(), batch)
+
+    def _with_fields(self, batch: list[Record]) -> list[Record]:
+        """``batch`` with its plugins' log fields as text; a request whose fields cannot be made into
+        text is left out of the log (it is still counted)."""
+        records = []
+        for record in batch:
+            fields = record[-1]
+            if fields:
+                try:
+                    record = (*record[:-1], fields_text(fields))
+                except Exception:
+                    log.exception("request %s: its plugins' log fields cannot be written; its line is left out",
+                                  record[3])
                     continue
-                at = wall + started
-                if int(at) != second:
-                    second = int(at)
-                    stamp = rfc3339_second(second)
-                ids = _NO_IDS if trace_id is None else f'"trace_id":"{trace_id}","span_id":"{span_id}",'
-                line = (f'{{"time":"{stamp}{millis[int((at - second) * 1000)]}",'
-                        f'"request_id":{"null" if rid is None else quote(rid)},{ids}{middle}'
-                        f'"path":{quote(path)},"bytes_in":{received},"bytes_out":{sent},'
-                        f'"duration_ms":{elapsed * 1000:.3f},"upstream_duration_ms":'
-                        f'{"null" if upstream == NO_UPSTREAM else f"{upstream * 1000:.3f}"},'
-                        f'"upstream":{"null" if address is None else _QUOTED.get(address) or _quoted(address)},'
-                        f'"retries":{tried},"answered_by":{"null" if by is None else _quoted(label(by))}}}\n')
-                if extra:
-                    # A plugin adds fields; it never rewrites mesh's own.
-                    line = line[:-2] + "".join(f",{quote(str(name))}:{value(item)}" for name, item in extra.items()
-                                               if str(name) not in _RESERVED) + "}\n"
-                lines.append(line)
-            except Exception:  # a request that cannot be counted or logged costs no other's
-                log.exception("request %s: cannot count or log it", rid)
-        if log_file is not None and lines:
-            log_file.write("".join(lines))
+            records.append(record)
+        return records
 
     def _slot(self, direction: str, route: str, peer: str | None, method: str,
-              status: int) -> tuple[list[tuple[float, float, int, int]], tuple[str, ...], str]:
-        """What requests with these values share: their label set's pending list, the label set, and the
-        access log fields they fix (service, instance, peer, direction, method, route, status).
+              status: int) -> tuple[list[tuple[float, float, int, int]], tuple[str, ...]]:
+        """What requests with these values share: their label set's pending list and the label set.
         Remembered for the first `_SLOTS` combinations met (a client's odd method or a development-mode
         peer must not grow it forever)."""
         # A label's values stay bounded, whatever a header says.
@@ -332,9 +292,7 @@ class Observer:
         pending = self._pending.get(key)
         if pending is None:
             pending = self.requests.begin(key)
-        middle = (f'{self._fixed}"peer":{_quoted(peer)},"direction":"{direction}","method":{_quoted(method)},'
-                  f'"route":{_quoted(route)},"status":{status},')
-        slot = (pending, key, middle)
+        slot = (pending, key)
         if len(self._slots) < _SLOTS:
             self._slots[(direction, route, peer, method, status)] = slot
         return slot

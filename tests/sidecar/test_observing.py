@@ -241,7 +241,7 @@ async def test_requests_are_counted_and_logged_in_batches_and_none_is_lost(
     lines = [json.loads(line) for line in (tmp_path / "access.jsonl").read_text().splitlines()]
     assert [line["request_id"] for line in lines] == [f"r{i}" for i in range(sent) if i != 7] + ["last"]
     assert [line["bytes_out"] for line in lines[:3]] == [0, 1, 2]
-    assert "request r7: cannot count or log it" in caplog.text
+    assert "request r7: its plugins' log fields cannot be written" in caplog.text
 
 
 def test_what_requests_share_is_remembered_for_a_bounded_number_of_combinations() -> None:
