@@ -117,14 +117,17 @@ def test_keyed_service_on_docker(docker_engine: Any, base_image: str, make_mesh:
         return {i["key"]: i["state"] for i in mesh.keyed("sandbox")}
 
     wait_until(lambda: states().get("bob") == "sleeping", every=0.2, what=lambda: f"bob asleep: {states()}")
-    found = states()
     # bob was put to sleep to make room, not for being idle; alice and carol may have slept since, idle
     # for their own sleep_after (8s) on a slow engine.
     assert "sandbox: key 'bob' goes to sleep: making room for a new key (2 instances)" in mesh.log()
     assert "sandbox: key 'alice' goes to sleep: making room" not in mesh.log()
-    running = sum(state == "running" for state in found.values())
-    wait_until(lambda: len(keyed_containers()) == 2 * running, every=0.2,
-               what=lambda: f"{running} pairs: {keyed_containers()}")
+
+    def pairs_match_keys() -> bool:
+        """A container pair for each running key, none for a sleeping one (keys may go on sleeping)."""
+        running = sum(state == "running" for state in states().values())
+        return len(keyed_containers()) == 2 * running
+
+    wait_until(pairs_match_keys, every=0.2, what=lambda: f"pairs of {states()}: {keyed_containers()}")
 
     # No key: 400, nothing starts.
     answer = fetch(f"http://127.0.0.1:{port}/", timeout=90)
