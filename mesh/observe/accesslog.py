@@ -118,6 +118,7 @@ class Lines:
         # share, as text; and JSON strings of values from small sets (routes, methods, upstreams, plugins).
         self._middles: dict[tuple[Any, ...], str] = {}
         self._quoted: dict[str | None, str] = {None: "null"}
+        self._answered: dict[str | None, str] = {None: "null"}  # chain entry -> its plugin label, quoted
 
     def _quote(self, item: str) -> str:
         text = self._quoted.get(item)
@@ -125,6 +126,14 @@ class Lines:
             text = quote(item)
             if len(self._quoted) < _REMEMBERED:  # a client's odd method must not grow it forever
                 self._quoted[item] = text
+        return text
+
+    def _answered_by(self, name: str) -> str:
+        text = self._answered.get(name)
+        if text is None:
+            text = quote(plugin_label(name))
+            if len(self._answered) < _REMEMBERED:
+                self._answered[name] = text
         return text
 
     def _middle(self, key: tuple[Any, ...]) -> str:
@@ -141,6 +150,7 @@ class Lines:
         times of day. A record whose line cannot be made is left out, and the reason logged."""
         lines = []
         middles, middle_of, quoted, q, millis = self._middles, self._middle, self._quoted, self._quote, MILLIS
+        answered_by, answered_of = self._answered, self._answered_by
         second, stamp = -1, ""
         for (direction, method, path, rid, peer, status, started, answered, ended, received, sent, route,
              began, tried, trace_id, span_id, address, by, extra) in records:
@@ -159,7 +169,7 @@ class Lines:
                     f'"duration_ms":{(ended - started) * 1000:.3f},"upstream_duration_ms":'
                     f'{"null" if began is None else f"{(answered - began) * 1000:.3f}"},'
                     f'"upstream":{quoted.get(address) or q(address)},"retries":{tried},'
-                    f'"answered_by":{"null" if by is None else q(plugin_label(by))}{extra}}}\n')
+                    f'"answered_by":{answered_by.get(by) or answered_of(by)}{extra}}}\n')
             except Exception:  # one request's line costs no other's
                 log.exception("request %s: cannot log it", rid)
         return "".join(lines)
@@ -286,10 +296,11 @@ class AccessLog:
             self._timer = None
         self.collect()
         self.flush()
+        if self._process is not None:
+            self._send(wait=True)  # a writer found gone here leaves the rest to this process, and says so
         process = self._process
         if process is not None:
             assert process.stdin is not None
-            self._send(wait=True)
             self._process = None
             try:
                 process.stdin.close()
@@ -344,7 +355,7 @@ class AccessLog:
         try:
             import fcntl
 
-            fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ: room for a second of batches at a high rate
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # room for a second of batches at a high rate
         except OSError:
             pass
 

@@ -5,8 +5,8 @@ The listeners call `Observer.done` once a response is written (their
 made of. Every `SETTLE_EVERY` requests, when ``/metrics`` is scraped and
 before the access log is written (every half second), `Observer.settle`
 counts the queued requests (`Requests`, plain numbers) in one loop and hands
-them to the access log, whose writer process makes their lines
-(`mesh.observe.accesslog`). The chains report each plugin
+them to the access log (`mesh.observe.accesslog`), which makes their lines,
+or has its writer process make them once the sidecar is busy. The chains report each plugin
 call to `Observer.record` (a `mesh.chain.Meter`), which adds to plain
 numbers (`mesh.observe.metrics`). A span's export and the tap's record are
 made as the request ends, while they are on.
