@@ -16,8 +16,11 @@ For each target it prints requests/s, the ratio to the naive proxy, p50 and
 p99 latency (from wrk's latency distribution) and the CPU time the proxy
 process(es) used per request: utime+stime from /proc/<pid>/stat of the proxy
 and its children, read before and after the measured pass, divided by the
-requests wrk completed. Every process it starts is stopped by its pid in a
-``finally`` block.
+requests wrk completed. "After" is once the proxy stops using CPU (5 s at
+most): work a proxy finishes after its last response (a sidecar's batched
+counting, its access log writer's lines) belongs to the pass, and would slow
+the next one. Every other round runs the targets in reverse order. Every
+process it starts is stopped by its pid in a ``finally`` block.
 
     /tmp/venv/bin/python bench/run.py                 # default targets, ~1 minute
     /tmp/venv/bin/python bench/run.py --mesh --markdown bench/results.md
@@ -50,6 +53,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SETTLE_MOST = 5.0  # seconds a proxy may take to finish a pass's work after its last response
+SETTLE_LOOK = 0.3  # seconds between looks at its CPU time while it does
 BODY = "hello world\n"
 NAIVE = "naive aiohttp proxy"
 
@@ -142,6 +147,39 @@ def cpu_ticks(pids: list[int]) -> tuple[int, int]:
         user += int(fields[11])
         system += int(fields[12])
     return user, system
+
+
+def tree_ticks(procs: list[subprocess.Popen[Any]]) -> dict[int, tuple[int, int]]:
+    """(utime, stime) of each process in the trees of ``procs``: taken again after a pass, so a
+    process that started during it (a sidecar's access log writer) is counted from its start."""
+    found = {}
+    for pid in (pid for proc in procs for pid in process_tree(proc.pid)):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            found[pid] = cpu_ticks([pid])
+    return found
+
+
+def ticks_since(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(utime, stime) used between two `tree_ticks`."""
+    user = sum(u - before.get(pid, (0, 0))[0] for pid, (u, _) in after.items())
+    system = sum(s - before.get(pid, (0, 0))[1] for pid, (_, s) in after.items())
+    return user, system
+
+
+def wait_idle(procs: list[subprocess.Popen[Any]], most: float = SETTLE_MOST) -> dict[int, tuple[int, int]]:
+    """Wait (``most`` seconds at most) until the trees of ``procs`` stop using CPU, and return their
+    `tree_ticks`. A proxy may finish a pass's work after its last response (a sidecar counts and
+    logs requests in batches, and its writer makes the lines): that work is the pass's, and must
+    not slow the next pass down."""
+    deadline = time.monotonic() + most
+    last = tree_ticks(procs)
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE_LOOK)
+        now = tree_ticks(procs)
+        if sum(ticks_since(last, now)) <= 1:
+            return now
+        last = now
+    return last
 
 
 # ---------------------------------------------------------------- HTTP checks
@@ -525,9 +563,8 @@ def measure(procs: Processes, args: argparse.Namespace, target: Target,
     check_target(target)
     if warm_up and args.warmup > 0:
         wrk(procs, args, target, args.warmup)
-    proxy_pids = [pid for proc in target.proxies for pid in process_tree(proc.pid)]
     backend_pids = process_tree(backend.pid)
-    proxy_before, backend_before = cpu_ticks(proxy_pids), cpu_ticks(backend_pids)
+    proxy_before, backend_before = wait_idle(target.proxies), cpu_ticks(backend_pids)
     spies = start_profilers(procs, args, target)
     try:
         text, wrk_cpu = wrk(procs, args, target, args.duration)
@@ -535,12 +572,11 @@ def measure(procs: Processes, args: argparse.Namespace, target: Target,
         for spy in spies:
             spy.wait(args.duration + 30)  # py-spy stops after --duration and writes its file
             procs.started.remove(("py-spy", spy))
-    proxy_after, backend_after = cpu_ticks(proxy_pids), cpu_ticks(backend_pids)
+    backend_after = cpu_ticks(backend_pids)
+    proxy_user, proxy_sys = ticks_since(proxy_before, wait_idle(target.proxies))
     stats = parse_wrk(text)
     n = max(stats["requests"], 1)
     per_request = 1e6 / CLK_TCK / n
-    proxy_user = proxy_after[0] - proxy_before[0]
-    proxy_sys = proxy_after[1] - proxy_before[1]
     return Result(
         target=target.name,
         proxy_cpu_us=(proxy_user + proxy_sys) * per_request if target.proxies else None,
@@ -647,7 +683,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-t", "--threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("-c", "--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--rounds", type=int, default=3,
-                   help="measured passes per target, round-robin over the targets (default 3): "
+                   help="measured passes per target, round-robin over the targets, every other round "
+                        "reversed (default 3): "
                         "req/s and latency of each target's median pass, CPU/req over all of them")
     p.add_argument("--mesh", action="store_true",
                    help="add the sidecar-to-sidecar scenario (app -> A's outbound listener -> B's mesh "
@@ -740,7 +777,9 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> list[Result]:
     runs: dict[str, list[Result]] = {t.name: [] for t in targets}
     total = len(targets) * args.rounds
     for round_ in range(args.rounds):
-        for i, target in enumerate(targets):
+        # Every other round runs the targets in the reverse order: a machine that speeds up or slows
+        # down during the run favours no target over its neighbours.
+        for i, target in enumerate(targets if round_ % 2 == 0 else targets[::-1]):
             done = round_ * len(targets) + i + 1
             print(f"[{done}/{total}] {target.name} ...", file=sys.stderr, flush=True)
             runs[target.name].append(measure(procs, args, target, backend, warm_up=round_ == 0))
@@ -764,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = table(results)
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     setup = (f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s --latency, "
-             f"{args.rounds} pass(es) per target round-robin after a {args.warmup:g}s warm-up, "
+             f"{args.rounds} pass(es) per target round-robin (every other round reversed) after a {args.warmup:g}s warm-up, "
              f"{os.cpu_count()} CPUs, "
              f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, {elapsed:.0f}s in all")
     print(plain(rows))
