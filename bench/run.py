@@ -171,6 +171,8 @@ def wait_idle(procs: list[subprocess.Popen[Any]], most: float = SETTLE_MOST) -> 
     `tree_ticks`. A proxy may finish a pass's work after its last response (a sidecar counts and
     logs requests in batches, and its writer makes the lines): that work is the pass's, and must
     not slow the next pass down."""
+    if not procs:  # the backend direct: nothing to wait for
+        return {}
     deadline = time.monotonic() + most
     last = tree_ticks(procs)
     while time.monotonic() < deadline:

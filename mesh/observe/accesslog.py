@@ -281,9 +281,7 @@ class AccessLog:
             self._batches = []
             self._rows = 0
             if self._process is not None:
-                for batch in batches:
-                    frame = marshal.dumps(batch, _MARSHAL)
-                    self._unsent.append(len(frame).to_bytes(4, "big") + frame)
+                self._unsent.extend(map(_frame, batches))
             else:
                 self._write_here(batches)
         if self._unsent:
@@ -325,10 +323,12 @@ class AccessLog:
     def _tick(self) -> None:
         import asyncio
 
-        self.collect()
-        self.flush()
-        self._recent = 0
-        self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._tick)
+        try:
+            self.collect()
+            self.flush()
+        finally:  # a tick that failed (and said why) leaves the next one to come
+            self._recent = 0
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._tick)
 
     def _spawn(self) -> None:
         argv = [sys.executable, "-I", "-S", str(Path(__file__).resolve()), "--max-bytes", str(self.max_bytes),
@@ -404,6 +404,26 @@ class AccessLog:
         lines, sink = self._here
         for service, instance, wall, records in batches:
             sink.write(lines.make(service, instance, wall, records))
+
+
+def _frame(batch: tuple[str, str, float, list[Record]]) -> bytes:
+    """A batch as the writer reads it: its length, then the batch marshalled. A request holding a
+    value marshal cannot carry (a plugin's own object as its id or path) is left out, and said so:
+    in this process its line could not be made either."""
+    try:
+        frame = marshal.dumps(batch, _MARSHAL)
+    except ValueError:
+        service, instance, wall, records = batch
+        kept = []
+        for record in records:
+            try:
+                marshal.dumps(record, _MARSHAL)
+            except ValueError as exc:
+                log.error("request %s: cannot log it: %s", record[3], exc)
+            else:
+                kept.append(record)
+        frame = marshal.dumps((service, instance, wall, kept), _MARSHAL)
+    return len(frame).to_bytes(4, "big") + frame
 
 
 def main(argv: Sequence[str] | None = None) -> int:

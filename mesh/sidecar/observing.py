@@ -249,18 +249,28 @@ class Observer:
             return
         self._queue = []
         slots, slot_of, fold, retries = self._slots, self._slot, self.requests.fold, self.retries
-        for (direction, method, _, _, peer, status, started, answered, ended, received, sent, route, began,
-             tried, _, _, _, _, _) in batch:
-            slot = slots.get((direction, route, peer, method, status))
-            if slot is None:
-                slot = slot_of(direction, route, peer, method, status)
-            pending, key = slot
-            pending.append((ended - started, NO_UPSTREAM if began is None else answered - began, received, sent))
-            if len(pending) >= FOLD_EVERY:
-                fold(key)
-            if tried:
-                retries.add((route,), tried)
+        failed: list[Record] = []
+        for record in batch:
+            try:
+                (direction, method, _, _, peer, status, started, answered, ended, received, sent, route, began,
+                 tried, _, _, _, _, _) = record
+                slot = slots.get((direction, route, peer, method, status))
+                if slot is None:
+                    slot = slot_of(direction, route, peer, method, status)
+                pending, key = slot
+                pending.append((ended - started, NO_UPSTREAM if began is None else answered - began, received,
+                                sent))
+                if len(pending) >= FOLD_EVERY:
+                    fold(key)
+                if tried:
+                    retries.add((route,), tried)
+            except Exception:  # a value a plugin left in the request's state costs no other request
+                log.exception("request %s: cannot count it; its line is left out", record[3])
+                failed.append(record)
         if self.access_log is not None:
+            if failed:
+                left_out = set(map(id, failed))
+                batch = [record for record in batch if id(record) not in left_out]
             if any(map(_FIELDS, batch)):  # plugins added fields: made into text here, where they are
                 batch = self._with_fields(batch)
             self.access_log.records(self.service, self.instance, time() - monotonic(), batch)

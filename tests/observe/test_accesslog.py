@@ -160,3 +160,18 @@ async def test_a_sidecar_starts_its_writer_once_it_is_busy(tmp_path: Path) -> No
     hand_over(log, 10 + accesslog.WRITER_AFTER, 500)
     log.close()
     assert ids(tmp_path / "web.jsonl") == [f"r{index}" for index in range(510 + accesslog.WRITER_AFTER)]
+
+
+async def test_a_request_marshal_cannot_carry_costs_no_other_its_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A plugin may leave its own object where a string belongs (as a request's path); with a writer,
+    that request is left out of the log, as it is without one, and its batch's others are written."""
+    log = AccessLog(tmp_path / "web.jsonl", writer_after=0)
+    log.start()
+    batch = records(0, 10)
+    batch[4] = (*batch[4][:2], object(), *batch[4][3:])
+    log.records("web", "web.1", 1000.0, batch)
+    hand_over(log, 10, 5)
+    log.close()
+    assert ids(tmp_path / "web.jsonl") == [f"r{index}" for index in range(15) if index != 4]
+    assert "request r4: cannot log it: unmarshallable object" in caplog.text

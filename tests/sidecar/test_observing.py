@@ -244,6 +244,34 @@ async def test_requests_are_counted_and_logged_in_batches_and_none_is_lost(
     assert "request r7: its plugins' log fields cannot be written" in caplog.text
 
 
+@pytest.mark.parametrize("writer_after", [None, 0], ids=["lines made here", "by the writer"])
+async def test_a_request_that_cannot_be_counted_costs_no_other_its_count_or_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, writer_after: int | None) -> None:
+    """A plugin may leave an odd value under one of mesh's own state keys; that request is neither
+    counted nor logged, and the other requests of its batch are both."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mesh import Request, Response
+    from mesh.observe.accesslog import AccessLog
+    from mesh.sidecar.observing import SETTLE_EVERY, UPSTREAM_STARTED, Observer
+
+    log = AccessLog(tmp_path / "access.jsonl", writer_after=writer_after)
+    log.start()
+    observer = Observer("web", frozenset({"web"}), "web.1", log)
+    for index in range(SETTLE_EVERY + 5):
+        request = Request("GET", f"/{index}", id=f"r{index}")
+        if index == 7:
+            request.state[UPSTREAM_STARTED] = "soon"
+        observer.done("public", request, Response(200), 1.0, 1.5, 0, index)
+    total = sum(sample.value for family in text_string_to_metric_families(observer.metrics.exposition().decode())
+                for sample in family.samples if sample.name == "mesh_requests_total")
+    log.close()
+    assert total == SETTLE_EVERY + 4
+    lines = [json.loads(line) for line in (tmp_path / "access.jsonl").read_text().splitlines()]
+    assert [line["request_id"] for line in lines] == [f"r{i}" for i in range(SETTLE_EVERY + 5) if i != 7]
+    assert "request r7: cannot count it; its line is left out" in caplog.text
+
+
 def test_what_requests_share_is_remembered_for_a_bounded_number_of_combinations() -> None:
     """Methods and development-mode peers a client makes up each count as "other", and the observer
     remembers at most _SLOTS combinations of them, however many it meets."""
