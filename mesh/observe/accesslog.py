@@ -6,16 +6,19 @@ A sidecar writes a line for every request it answers (`mesh sidecar
 fields are listed in docs/observability.md.
 
 A sidecar hands each batch of requests' `Record` tuples to
-`AccessLog.records`; the lines are made (`Lines`) and written (`Sink`) every
-`FLUSH_EVERY` seconds, once `FLUSH_ROWS` requests wait, and on close. At
-first the sidecar does this itself. Once it is busy (`WRITER_AFTER`
-requests within `FLUSH_EVERY` seconds) it starts a writer process, this
-module run as a script with the standard library alone (``python -I -S
+`AccessLog.records`; the lines are made (`Lines`: a field at a time over
+the batch, the JSON by msgspec) and written (`Sink`) every `FLUSH_EVERY`
+seconds, once `FLUSH_ROWS` requests wait, and on close. At first the
+sidecar does this itself. Once it is busy (`WRITER_AFTER` requests within
+`FLUSH_EVERY` seconds), and where it may run on `WRITER_CPUS` CPUs or more,
+it starts a writer process, this module run as a script (``python -I
 accesslog.py``), and from then on sends it the batches, marshalled, down a
-pipe: the lines are made on another core, and a request costs the
-sidecar's event loop a fifth of what making its line would. Closing waits
-for the writer to finish. When the writer cannot start or exits, the
-sidecar makes and writes the lines itself from then on (and says so).
+pipe: the lines are made on another core, and a request costs the sidecar's
+event loop a fraction of what making its line would. On fewer CPUs the
+sidecar keeps making them: the writer's own work (unmarshalling, a process
+of its own) would cost the machine more than it takes off the sidecar.
+Closing waits for the writer to finish. When the writer cannot start or
+exits, the sidecar makes and writes the lines itself from then on (and says so).
 When the file passes ``max_bytes`` it is rotated: FILE.1 becomes FILE.2,
 FILE becomes FILE.1, and a new FILE starts (``backups`` old files kept).
 """
@@ -30,10 +33,14 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import repeat
 from json.encoder import encode_basestring_ascii as quote
+from operator import add, mul, sub, truediv
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
+
+import msgspec
 
 __all__ = ["FLUSH_EVERY", "MILLIS", "AccessLog", "Lines", "Record", "Sink", "plugin_label", "rfc3339",
            "rfc3339_second", "value"]
@@ -43,6 +50,9 @@ log = logging.getLogger("mesh.accesslog")
 FLUSH_EVERY = 0.5
 FLUSH_ROWS = 1024
 WRITER_AFTER = 256  # requests within FLUSH_EVERY seconds that make a sidecar start its writer process
+# CPUs this process may run on from which a busy sidecar starts a writer. With fewer, the sidecar, its app
+# and their clients share them, and the writer's own work (a process; unmarshalling) costs more than it saves.
+WRITER_CPUS = 3
 WRITER_POLL = 0.1  # seconds between the writer's looks at its pipe, when it finds nothing
 MAX_BYTES = 10 << 20
 MAX_UNSENT = 16 << 20  # bytes the writer has not taken yet, past which the sidecar waits for it
@@ -65,6 +75,12 @@ _RESERVED = frozenset({"time", "request_id", "trace_id", "span_id", "service", "
 _NO_IDS = '"trace_id":null,"span_id":null,'
 _REMEMBERED = 4096  # texts `Lines` keeps for values from small sets
 _LABEL = re.compile(r"\(([^()]+)\)$")
+
+
+def _millis(ends: Sequence[float], starts: Sequence[float]) -> Iterator[float]:
+    """``end - start`` of each pair, in milliseconds to the microsecond (``0.512``, never ``0.5120000001``)."""
+    count = len(ends)
+    return map(truediv, map(int, map(mul, map(sub, ends, starts), repeat(1e6, count))), repeat(1000, count))
 
 
 def rfc3339_second(second: int) -> str:
@@ -110,6 +126,30 @@ def fields_text(fields: dict[Any, Any]) -> str:
                    if str(name) not in _RESERVED)
 
 
+class _Line(msgspec.Struct, gc=False):
+    """A line's fields, in their order; `Lines` makes them a field at a time and msgspec the JSON."""
+
+    time: str
+    request_id: str | None
+    trace_id: str | None
+    span_id: str | None
+    service: str
+    instance: str
+    peer: str | None
+    direction: str
+    method: str
+    route: str
+    status: int
+    path: str
+    bytes_in: int
+    bytes_out: int
+    duration_ms: float
+    upstream_duration_ms: float | None
+    upstream: str | None
+    retries: int
+    answered_by: str | None
+
+
 class Lines:
     """Makes the lines of `Record` tuples."""
 
@@ -119,6 +159,49 @@ class Lines:
         self._middles: dict[tuple[Any, ...], str] = {}
         self._quoted: dict[str | None, str] = {None: "null"}
         self._answered: dict[str | None, str] = {None: "null"}  # chain entry -> its plugin label, quoted
+        self._labels: dict[str | None, str | None] = {None: None}  # chain entry -> its plugin label
+        self._encoder = msgspec.json.Encoder()
+
+    def make(self, service: str, instance: str, wall: float, records: Sequence[Record]) -> bytes:
+        """The lines of ``records``, in order, ASCII; ``wall`` turns their monotonic times into times of
+        day. A record whose line cannot be made is left out, and the reason logged."""
+        if not records:
+            return b""
+        try:
+            data = self._columns(service, instance, wall, records)
+        except Exception:  # a value of an odd type somewhere: line by line, so that it costs no other line
+            data = b""
+        if not data.isascii():  # a plugin's path or id: escaped, line by line
+            data = b""
+        return data or self._rows(service, instance, wall, records).encode("ascii")
+
+    def _columns(self, service: str, instance: str, wall: float, records: Sequence[Record]) -> bytes:
+        """`make`, a field at a time over the whole batch: each step is one C call for all the batch's
+        values (`map`, `zip`), and msgspec writes the lines; Python runs per request only for a value
+        that can be missing where it is (a request with no upstream call) and for plugins' fields."""
+        (directions, methods, paths, rids, peers, statuses, started, answered, ended, received, sent, routes,
+         began, tried, trace_ids, span_ids, addresses, by, extra) = zip(*records, strict=True)
+        count = len(records)
+        millis = list(map(int, map(mul, map(add, started, repeat(wall, count)), repeat(1000.0, count))))
+        stamps = {milli: rfc3339_second(milli // 1000) + MILLIS[milli % 1000] for milli in set(millis)}
+        upstream = (_millis(answered, began) if None not in began else
+                    [None if start is None else int((end - start) * 1e6) / 1000
+                     for start, end in zip(began, answered, strict=True)])
+        labels = self._labels
+        if not labels.keys() >= set(by):
+            labels.update((name, plugin_label(name)) for name in set(by) - labels.keys())
+        lines = list(map(_Line, map(stamps.__getitem__, millis), rids, trace_ids, span_ids, repeat(service, count),
+                         repeat(instance, count), peers, directions, methods, routes, statuses, paths, received, sent,
+                         _millis(ended, started), upstream, addresses, tried, map(labels.__getitem__, by)))
+        if len(labels) > _REMEMBERED:
+            labels.clear()
+            labels[None] = None
+        encoder = self._encoder
+        if not any(extra):
+            return encoder.encode_lines(lines)
+        # The plugins' fields follow mesh's: each such line's closing brace moves after them.
+        return b"".join(encoder.encode(line)[:-1] + fields.encode("ascii") + b"}\n" if fields else
+                        encoder.encode(line) + b"\n" for line, fields in zip(lines, extra, strict=True))
 
     def _quote(self, item: str) -> str:
         text = self._quoted.get(item)
@@ -145,9 +228,8 @@ class Lines:
             self._middles[key] = text
         return text
 
-    def make(self, service: str, instance: str, wall: float, records: Sequence[Record]) -> str:
-        """The lines of ``records``, in order, in one string; ``wall`` turns their monotonic times into
-        times of day. A record whose line cannot be made is left out, and the reason logged."""
+    def _rows(self, service: str, instance: str, wall: float, records: Sequence[Record]) -> str:
+        """`make`, a line at a time, each under its own ``try``."""
         lines = []
         middles, middle_of, quoted, q, millis = self._middles, self._middle, self._quoted, self._quote, MILLIS
         answered_by, answered_of = self._answered, self._answered_by
@@ -183,20 +265,20 @@ class Sink:
         self.stderr = stderr
         self.max_bytes = max_bytes
         self.backups = backups
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._size = 0
 
     def open(self) -> None:
         if self.path is not None:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            self._file = os.fdopen(fd, "a", encoding="ascii", buffering=1 << 16)
+            self._file = os.fdopen(fd, "ab", buffering=1 << 16)
             self._size = self._file.tell()
 
-    def write(self, text: str) -> None:
+    def write(self, text: bytes) -> None:
         if not text:
             return
         if self.stderr:
-            sys.stderr.write(text)
+            sys.stderr.write(text.decode("ascii"))
             sys.stderr.flush()
         if self._file is not None:
             try:
@@ -227,14 +309,17 @@ class Sink:
 class AccessLog:
     """A sidecar's access log: where its lines go (``path``, rotated; stderr; or both), and who makes and
     writes them: this process at first, a writer process once ``writer_after`` requests come within
-    `FLUSH_EVERY` seconds (0: from the start; None: never)."""
+    `FLUSH_EVERY` seconds (0: from the start; None: never; "auto": `WRITER_AFTER` where this process may
+    run on `WRITER_CPUS` CPUs or more, else never)."""
 
     def __init__(self, path: str | Path | None = None, *, stderr: bool = False, max_bytes: int = MAX_BYTES,
-                 backups: int = 2, writer_after: int | None = WRITER_AFTER) -> None:
+                 backups: int = 2, writer_after: int | None | Literal["auto"] = "auto") -> None:
         self.path = Path(path) if path is not None else None
         self.stderr = stderr
         self.max_bytes = max_bytes
         self.backups = backups
+        if writer_after == "auto":
+            writer_after = WRITER_AFTER if _cpus() >= WRITER_CPUS else None
         self.writer_after = writer_after
         self._recent = 0  # requests handed over since the last tick
         # Called before each flush, for whoever hands over records in bulk to hand over what it holds.
@@ -331,7 +416,7 @@ class AccessLog:
             self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._tick)
 
     def _spawn(self) -> None:
-        argv = [sys.executable, "-I", "-S", str(Path(__file__).resolve()), "--max-bytes", str(self.max_bytes),
+        argv = [sys.executable, "-I", str(Path(__file__).resolve()), "--max-bytes", str(self.max_bytes),
                 "--backups", str(self.backups)]
         if self.path is not None:
             argv += ["--path", str(self.path)]
@@ -404,6 +489,14 @@ class AccessLog:
         lines, sink = self._here
         for service, instance, wall, records in batches:
             sink.write(lines.make(service, instance, wall, records))
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _frame(batch: tuple[str, str, float, list[Record]]) -> bytes:

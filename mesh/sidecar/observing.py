@@ -231,13 +231,16 @@ class Observer:
         get = request.state.get
         span, tried, backend = get(SPAN), get(AVOID), get(BACKEND)
         queue = self._queue
-        queue.append((direction, request.method, request.path, request.id, request.peer, response.status,
-                      started, answered, monotonic(), received, sent, get(ROUTE, "none"), get(UPSTREAM_STARTED),
-                      len(tried) if tried else 0, None if span is None else span.trace_id,
-                      None if span is None else span.span_id, None if backend is None else backend.address,
-                      get(ANSWERED_BY), get(LOG_FIELDS) or ""))
-        if self._export is not None or self.tap.active:
-            self._now(direction, request, response, started, answered)
+        try:
+            queue.append((direction, request.method, request.path, request.id, request.peer, response.status,
+                          started, answered, monotonic(), received, sent, get(ROUTE, "none"),
+                          get(UPSTREAM_STARTED), len(tried) if tried else 0, None if span is None else span.trace_id,
+                          None if span is None else span.span_id, None if backend is None else backend.address,
+                          get(ANSWERED_BY), get(LOG_FIELDS) or ""))
+            if self._export is not None or self.tap.active:
+                self._now(direction, request, response, started, answered)
+        except Exception:  # a value a plugin left in the request's state costs no other request
+            log.exception("request %s: cannot count it; its line is left out", request.id)
         if len(queue) >= SETTLE_EVERY:
             self.settle()
 

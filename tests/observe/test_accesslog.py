@@ -146,7 +146,7 @@ async def test_a_writer_that_falls_behind_slows_the_sidecar_and_loses_nothing(
 async def test_a_sidecar_starts_its_writer_once_it_is_busy(tmp_path: Path) -> None:
     """Lines are made in the sidecar while it is quiet, by the writer from the first busy flush on,
     in one file, in order."""
-    log = AccessLog(tmp_path / "web.jsonl")
+    log = AccessLog(tmp_path / "web.jsonl", writer_after=accesslog.WRITER_AFTER)
     log.start()
     hand_over(log, 0, 10, batch=1)
     deadline = time.monotonic() + 60
@@ -160,6 +160,16 @@ async def test_a_sidecar_starts_its_writer_once_it_is_busy(tmp_path: Path) -> No
     hand_over(log, 10 + accesslog.WRITER_AFTER, 500)
     log.close()
     assert ids(tmp_path / "web.jsonl") == [f"r{index}" for index in range(510 + accesslog.WRITER_AFTER)]
+
+
+@pytest.mark.parametrize(("cpus", "writer_after"), [(2, None), (accesslog.WRITER_CPUS, accesslog.WRITER_AFTER)])
+def test_a_sidecar_has_a_writer_only_where_it_has_cpus_to_spare(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpus: int, writer_after: int | None) -> None:
+    """With few CPUs the sidecar, its app and their clients share them: the writer's own work (a
+    process, unmarshalling) would cost more than making the lines in the sidecar."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert AccessLog(tmp_path / "web.jsonl").writer_after == writer_after
+    assert AccessLog(tmp_path / "web.jsonl", writer_after=0).writer_after == 0
 
 
 async def test_a_request_marshal_cannot_carry_costs_no_other_its_line(

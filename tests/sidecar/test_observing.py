@@ -245,15 +245,20 @@ async def test_requests_are_counted_and_logged_in_batches_and_none_is_lost(
 
 
 @pytest.mark.parametrize("writer_after", [None, 0], ids=["lines made here", "by the writer"])
+@pytest.mark.parametrize(("key", "odd"), [("mesh.upstream_started", "soon"), ("mesh.avoid", 5), ("mesh.span", "x")],
+                         ids=["upstream started", "tried", "span"])
 async def test_a_request_that_cannot_be_counted_costs_no_other_its_count_or_line(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, writer_after: int | None) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, writer_after: int | None, key: str, odd: object) -> None:
     """A plugin may leave an odd value under one of mesh's own state keys; that request is neither
     counted nor logged, and the other requests of its batch are both."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from mesh import Request, Response
+    from mesh.keys import AVOID
     from mesh.observe.accesslog import AccessLog
-    from mesh.sidecar.observing import SETTLE_EVERY, UPSTREAM_STARTED, Observer
+    from mesh.sidecar.observing import SETTLE_EVERY, SPAN, UPSTREAM_STARTED, Observer
+
+    assert {UPSTREAM_STARTED, AVOID, SPAN} >= {key}
 
     log = AccessLog(tmp_path / "access.jsonl", writer_after=writer_after)
     log.start()
@@ -261,7 +266,7 @@ async def test_a_request_that_cannot_be_counted_costs_no_other_its_count_or_line
     for index in range(SETTLE_EVERY + 5):
         request = Request("GET", f"/{index}", id=f"r{index}")
         if index == 7:
-            request.state[UPSTREAM_STARTED] = "soon"
+            request.state[key] = odd
         observer.done("public", request, Response(200), 1.0, 1.5, 0, index)
     total = sum(sample.value for family in text_string_to_metric_families(observer.metrics.exposition().decode())
                 for sample in family.samples if sample.name == "mesh_requests_total")
