@@ -40,8 +40,6 @@ from operator import add, mul, sub, truediv
 from pathlib import Path
 from typing import IO, Any, Literal
 
-import msgspec
-
 __all__ = ["FLUSH_EVERY", "MILLIS", "AccessLog", "Lines", "Record", "Sink", "plugin_label", "rfc3339",
            "rfc3339_second", "value"]
 
@@ -126,28 +124,22 @@ def fields_text(fields: dict[Any, Any]) -> str:
                    if str(name) not in _RESERVED)
 
 
-class _Line(msgspec.Struct, gc=False):
-    """A line's fields, in their order; `Lines` makes them a field at a time and msgspec the JSON."""
+_LINE_FIELDS = (("time", str), ("request_id", str | None), ("trace_id", str | None), ("span_id", str | None),
+                ("service", str), ("instance", str), ("peer", str | None), ("direction", str), ("method", str),
+                ("route", str), ("status", int), ("path", str), ("bytes_in", int), ("bytes_out", int),
+                ("duration_ms", float), ("upstream_duration_ms", float | None), ("upstream", str | None),
+                ("retries", int), ("answered_by", str | None))
+_json: list[Any] = []  # msgspec's line type and encoder, made when the first line is (msgspec takes ~15 ms to import)
 
-    time: str
-    request_id: str | None
-    trace_id: str | None
-    span_id: str | None
-    service: str
-    instance: str
-    peer: str | None
-    direction: str
-    method: str
-    route: str
-    status: int
-    path: str
-    bytes_in: int
-    bytes_out: int
-    duration_ms: float
-    upstream_duration_ms: float | None
-    upstream: str | None
-    retries: int
-    answered_by: str | None
+
+def _encoding() -> tuple[Any, Any]:
+    """A line's type (its fields in their order; `Lines` makes them a field at a time and msgspec the
+    JSON) and the encoder."""
+    if not _json:
+        import msgspec
+
+        _json.extend((msgspec.defstruct("Line", _LINE_FIELDS, gc=False), msgspec.json.Encoder()))
+    return _json[0], _json[1]
 
 
 class Lines:
@@ -160,7 +152,6 @@ class Lines:
         self._quoted: dict[str | None, str] = {None: "null"}
         self._answered: dict[str | None, str] = {None: "null"}  # chain entry -> its plugin label, quoted
         self._labels: dict[str | None, str | None] = {None: None}  # chain entry -> its plugin label
-        self._encoder = msgspec.json.Encoder()
 
     def make(self, service: str, instance: str, wall: float, records: Sequence[Record]) -> bytes:
         """The lines of ``records``, in order, ASCII; ``wall`` turns their monotonic times into times of
@@ -190,13 +181,13 @@ class Lines:
         labels = self._labels
         if not labels.keys() >= set(by):
             labels.update((name, plugin_label(name)) for name in set(by) - labels.keys())
-        lines = list(map(_Line, map(stamps.__getitem__, millis), rids, trace_ids, span_ids, repeat(service, count),
+        line, encoder = _encoding()
+        lines = list(map(line, map(stamps.__getitem__, millis), rids, trace_ids, span_ids, repeat(service, count),
                          repeat(instance, count), peers, directions, methods, routes, statuses, paths, received, sent,
                          _millis(ended, started), upstream, addresses, tried, map(labels.__getitem__, by)))
         if len(labels) > _REMEMBERED:
             labels.clear()
             labels[None] = None
-        encoder = self._encoder
         if not any(extra):
             return encoder.encode_lines(lines)
         # The plugins' fields follow mesh's: each such line's closing brace moves after them.

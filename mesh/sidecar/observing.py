@@ -228,15 +228,16 @@ class Observer:
         work for the garbage collector, however long it waits. The tuple is the access log's `Record`,
         but for the plugins' fields, which `settle` makes into text.
         """
-        get = request.state.get
-        span, tried, backend = get(SPAN), get(AVOID), get(BACKEND)
+        state = request.state  # state.get(...) each time: no bound method made
+        span, tried, backend = state.get(SPAN), state.get(AVOID), state.get(BACKEND)
         queue = self._queue
         try:
             queue.append((direction, request.method, request.path, request.id, request.peer, response.status,
-                          started, answered, monotonic(), received, sent, get(ROUTE, "none"),
-                          get(UPSTREAM_STARTED), len(tried) if tried else 0, None if span is None else span.trace_id,
-                          None if span is None else span.span_id, None if backend is None else backend.address,
-                          get(ANSWERED_BY), get(LOG_FIELDS) or ""))
+                          started, answered, monotonic(), received, sent, state.get(ROUTE, "none"),
+                          state.get(UPSTREAM_STARTED), len(tried) if tried else 0,
+                          None if span is None else span.trace_id, None if span is None else span.span_id,
+                          None if backend is None else backend.address, state.get(ANSWERED_BY),
+                          state.get(LOG_FIELDS) or ""))
             if self._export is not None or self.tap.active:
                 self._now(direction, request, response, started, answered)
         except Exception:  # a value a plugin left in the request's state costs no other request
