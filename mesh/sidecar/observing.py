@@ -1,12 +1,14 @@
 """What a sidecar records of each request: metrics, an access log line, and the plugins' own numbers.
 
 The listeners call `Observer.done` once a response is written (their
-``on_done``); it only queues what the request's numbers and log line are
-made of. Every `SETTLE_EVERY` requests, when ``/metrics`` is scraped and
-before the access log is written (every half second), `Observer.settle`
-counts the queued requests (`Requests`, plain numbers) in one loop and hands
-them to the access log (`mesh.observe.accesslog`), which makes their lines,
-or has its writer process make them once the sidecar is busy. The chains report each plugin
+``on_done``). It counts the request: one tuple of plain numbers appended to
+its label set's pending list, which `Requests.fold` adds up in bulk every
+`FOLD_EVERY` requests and when ``/metrics`` is scraped. While there is an
+access log it also queues what the request's line is made of; every
+`SETTLE_EVERY` requests and before the access log is written (every half
+second), `Observer.settle` hands the queue to the access log
+(`mesh.observe.accesslog`), which makes their lines, or has its writer
+process make them once the sidecar is busy. The chains report each plugin
 call to `Observer.record` (a `mesh.chain.Meter`), which adds to plain
 numbers (`mesh.observe.metrics`). A span's export and the tap's record are
 made as the request ends, while they are on.
@@ -58,14 +60,10 @@ _UPSTREAM_SUM, _SUM, _BYTES_IN, _BYTES_OUT = -4, -3, -2, -1
 _UPSTREAM = len(LATENCY_BUCKETS) + 1  # where the upstream duration's buckets start
 NO_UPSTREAM = -1.0  # a pending request's upstream duration when it had no upstream call
 FOLD_EVERY = 256  # pending requests of a label set added to its row at once
-SETTLE_EVERY = 256  # requests counted and logged at once (and when /metrics is scraped or the log written)
+SETTLE_EVERY = 256  # requests handed to the access log at once (and when it is written)
 _STATUS_CLASSES = {status: status_class(status) for status in range(100, 600)}
 _FIELDS = itemgetter(-1)  # a queued request's log fields (see `Observer.done`)
 _SLOTS = 4096  # (direction, route, peer, method, status) combinations `Observer._slot` remembers
-
-
-def _settled() -> None:
-    pass
 
 
 class Requests:
@@ -88,7 +86,6 @@ class Requests:
         self.rows: dict[tuple[str, ...], list[float]] = {}
         # Per label set: (duration, upstream duration or NO_UPSTREAM, bytes in, bytes out) of each request.
         self.pending: dict[tuple[str, ...], list[tuple[float, float, int, int]]] = {}
-        self.settle: Callable[[], None] = _settled  # what adds the requests not counted yet, before a scrape
 
     def row(self, key: tuple[str, ...]) -> list[float]:
         row = self.rows[key] = [0.0] * (2 * (len(self.bounds) + 1) + 4)
@@ -139,7 +136,6 @@ class Requests:
                                          "From sending a request to the app or a peer to its response head",
                                          labels=("service", "direction", "route"))
         upstreams: dict[tuple[str, str], list[float]] = {}
-        self.settle()
         for key in list(self.pending):
             self.fold(key)
         for key, row in list(self.rows.items()):
@@ -183,7 +179,6 @@ class Observer:
         self._slots: dict[tuple[Any, ...], tuple[list[tuple[float, float, int, int]], tuple[str, ...]]] = {}
         # What `done` queued for `settle`: a tuple per request, laid out as the access log's `Record`.
         self._queue: list[Record] = []
-        self.requests.settle = self.settle
         if self.access_log is not None:
             self.access_log.collect = self.settle
         self._tracer = tracer if tracer is not None and tracer.endpoint else None
@@ -222,62 +217,56 @@ class Observer:
 
     def done(self, direction: str, request: Request, response: Response, started: float, answered: float,
              received: int, sent: int) -> None:
-        """A response was written: note what it takes to count and log it (`settle` does both, in bulk).
+        """A response was written: count it (in its label set's pending list; `Requests.fold` adds
+        those up in bulk) and, while there is an access log, queue what its line is made of (`settle`
+        hands the queue over).
 
-        Only strings and numbers are kept (the plugins' log fields aside): what the queue holds is no
-        work for the garbage collector, however long it waits. The tuple is the access log's `Record`,
-        but for the plugins' fields, which `settle` makes into text.
+        Only strings and numbers are kept (the plugins' log fields aside): what the lists hold is no
+        work for the garbage collector, however long it waits. The queued tuple is the access log's
+        `Record`, but for the plugins' fields, which `settle` makes into text.
         """
         state = request.state  # state.get(...) each time: no bound method made
-        span, tried, backend = state.get(SPAN), state.get(AVOID), state.get(BACKEND)
-        queue = self._queue
-        try:
-            queue.append((direction, request.method, request.path, request.id, request.peer, response.status,
-                          started, answered, monotonic(), received, sent, state.get(ROUTE, "none"),
-                          state.get(UPSTREAM_STARTED), len(tried) if tried else 0,
-                          None if span is None else span.trace_id, None if span is None else span.span_id,
-                          None if backend is None else backend.address, state.get(ANSWERED_BY),
-                          state.get(LOG_FIELDS) or ""))
+        method, peer, status = request.method, request.peer, response.status
+        route, began, tried = state.get(ROUTE, "none"), state.get(UPSTREAM_STARTED), state.get(AVOID)
+        ended = monotonic()
+        try:  # all that can fail first: a value a plugin left in the request's state costs no other request
+            slot = self._slots.get((direction, route, peer, method, status))
+            if slot is None:
+                slot = self._slot(direction, route, peer, method, status)
+            counted = (ended - started, NO_UPSTREAM if began is None else answered - began, received, sent)
+            retries = len(tried) if tried else 0
+            if self.access_log is not None:
+                span, backend = state.get(SPAN), state.get(BACKEND)
+                record = (direction, method, request.path, request.id, peer, status, started, answered, ended,
+                          received, sent, route, began, retries, None if span is None else span.trace_id,
+                          None if span is None else span.span_id, None if backend is None else backend.address,
+                          state.get(ANSWERED_BY), state.get(LOG_FIELDS) or "")
             if self._export is not None or self.tap.active:
                 self._now(direction, request, response, started, answered)
-        except Exception:  # a value a plugin left in the request's state costs no other request
+        except Exception:
             log.exception("request %s: cannot count it; its line is left out", request.id)
-        if len(queue) >= SETTLE_EVERY:
-            self.settle()
+            return
+        pending, key = slot
+        pending.append(counted)
+        if len(pending) >= FOLD_EVERY:
+            self.requests.fold(key)
+        if retries:
+            self.retries.add((route,), retries)
+        if self.access_log is not None:
+            queue = self._queue
+            queue.append(record)
+            if len(queue) >= SETTLE_EVERY:
+                self.settle()
 
     def settle(self) -> None:
-        """Count the requests `done` queued, all at once, in one loop (a request pays for one tuple; the
-        code that counts stays warm across a batch), and hand them to the access log."""
+        """Hand the requests `done` queued to the access log, in one batch."""
         batch = self._queue
-        if not batch:
+        if not batch or self.access_log is None:
             return
         self._queue = []
-        slots, slot_of, fold, retries = self._slots, self._slot, self.requests.fold, self.retries
-        failed: list[Record] = []
-        for record in batch:
-            try:
-                (direction, method, _, _, peer, status, started, answered, ended, received, sent, route, began,
-                 tried, _, _, _, _, _) = record
-                slot = slots.get((direction, route, peer, method, status))
-                if slot is None:
-                    slot = slot_of(direction, route, peer, method, status)
-                pending, key = slot
-                pending.append((ended - started, NO_UPSTREAM if began is None else answered - began, received,
-                                sent))
-                if len(pending) >= FOLD_EVERY:
-                    fold(key)
-                if tried:
-                    retries.add((route,), tried)
-            except Exception:  # a value a plugin left in the request's state costs no other request
-                log.exception("request %s: cannot count it; its line is left out", record[3])
-                failed.append(record)
-        if self.access_log is not None:
-            if failed:
-                left_out = set(map(id, failed))
-                batch = [record for record in batch if id(record) not in left_out]
-            if any(map(_FIELDS, batch)):  # plugins added fields: made into text here, where they are
-                batch = self._with_fields(batch)
-            self.access_log.records(self.service, self.instance, time() - monotonic(), batch)
+        if any(map(_FIELDS, batch)):  # plugins added fields: made into text here, where they are
+            batch = self._with_fields(batch)
+        self.access_log.records(self.service, self.instance, time() - monotonic(), batch)
 
     def _with_fields(self, batch: list[Record]) -> list[Record]:
         """``batch`` with its plugins' log fields as text; a request whose fields cannot be made into

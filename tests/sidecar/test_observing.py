@@ -208,8 +208,8 @@ def test_folded_requests_count_as_one_at_a_time(requests: list[tuple[float, floa
 
 async def test_requests_are_counted_and_logged_in_batches_and_none_is_lost(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Past a batch, at a scrape and at the log's flush, every request queued is counted and logged once,
-    in order; one whose line cannot be made is left out, and the others of its batch are not."""
+    """Every request is counted as it ends (a scrape sees it), and logged once, in order, past a batch or
+    at the log's flush; one whose line cannot be made is left out, and the others of its batch are not."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from mesh import LOG_FIELDS, Request, Response
@@ -235,7 +235,7 @@ async def test_requests_are_counted_and_logged_in_batches_and_none_is_lost(
                for sample in family.samples if sample.name == "mesh_requests_total"}
     assert samples == {("2xx", "mesh_requests_total"): sum(1 for i in range(sent) if i % 3),
                        ("5xx", "mesh_requests_total"): sum(1 for i in range(sent) if not i % 3)}
-    assert not observer._queue  # the scrape counted the rest
+    assert len(observer._queue) == 3  # counted as they ended; their lines wait for the log's flush
     observer.done("public", Request("GET", "/last", id="last"), Response(200), 1.0, 1.5, 0, 0)
     log.close()  # hands over what is queued, then writes
     lines = [json.loads(line) for line in (tmp_path / "access.jsonl").read_text().splitlines()]
@@ -288,7 +288,6 @@ def test_what_requests_share_is_remembered_for_a_bounded_number_of_combinations(
     for index in range(sent):
         request = Request(f"M{index}", "/", peer=f"p{index}" if index % 2 else "orders")
         observer.done("inbound", request, Response(200), 1.0, 1.5, 0, 0)
-    observer.settle()
     assert len(observer._slots) == _SLOTS
     requests = observer.requests
     for key in list(requests.pending):
