@@ -181,8 +181,8 @@ class Lines:
         labels = self._labels
         if not labels.keys() >= set(by):
             labels.update((name, plugin_label(name)) for name in set(by) - labels.keys())
-        line, encoder = _encoding()
-        lines = list(map(line, map(stamps.__getitem__, millis), rids, trace_ids, span_ids, repeat(service, count),
+        line_type, encoder = _encoding()
+        lines = list(map(line_type, map(stamps.__getitem__, millis), rids, trace_ids, span_ids, repeat(service, count),
                          repeat(instance, count), peers, directions, methods, routes, statuses, paths, received, sent,
                          _millis(ended, started), upstream, addresses, tried, map(labels.__getitem__, by)))
         if len(labels) > _REMEMBERED:
