@@ -150,7 +150,6 @@ class Lines:
         # share, as text; and JSON strings of values from small sets (routes, methods, upstreams, plugins).
         self._middles: dict[tuple[Any, ...], str] = {}
         self._quoted: dict[str | None, str] = {None: "null"}
-        self._answered: dict[str | None, str] = {None: "null"}  # chain entry -> its plugin label, quoted
         self._labels: dict[str | None, str | None] = {None: None}  # chain entry -> its plugin label
 
     def make(self, service: str, instance: str, wall: float, records: Sequence[Record]) -> bytes:
@@ -179,15 +178,11 @@ class Lines:
                     [None if start is None else int((end - start) * 1e6) / 1000
                      for start, end in zip(began, answered, strict=True)])
         labels = self._labels
-        if not labels.keys() >= set(by):
-            labels.update((name, plugin_label(name)) for name in set(by) - labels.keys())
+        answered_by = map(labels.__getitem__, by) if labels.keys() >= set(by) else map(self._label, by)
         line_type, encoder = _encoding()
         lines = list(map(line_type, map(stamps.__getitem__, millis), rids, trace_ids, span_ids, repeat(service, count),
                          repeat(instance, count), peers, directions, methods, routes, statuses, paths, received, sent,
-                         _millis(ended, started), upstream, addresses, tried, map(labels.__getitem__, by)))
-        if len(labels) > _REMEMBERED:
-            labels.clear()
-            labels[None] = None
+                         _millis(ended, started), upstream, addresses, tried, answered_by))
         if not any(extra):
             return encoder.encode_lines(lines)
         # The plugins' fields follow mesh's: each such line's closing brace moves after them.
@@ -202,13 +197,14 @@ class Lines:
                 self._quoted[item] = text
         return text
 
-    def _answered_by(self, name: str) -> str:
-        text = self._answered.get(name)
-        if text is None:
-            text = quote(plugin_label(name))
-            if len(self._answered) < _REMEMBERED:
-                self._answered[name] = text
-        return text
+    def _label(self, name: str | None) -> str | None:
+        """The plugin label of the chain entry that answered (`plugin_label`), or None."""
+        label = self._labels.get(name)
+        if label is None and name is not None:
+            label = plugin_label(name)
+            if len(self._labels) < _REMEMBERED:
+                self._labels[name] = label
+        return label
 
     def _middle(self, key: tuple[Any, ...]) -> str:
         service, instance, peer, direction, method, route, status = key
@@ -223,7 +219,7 @@ class Lines:
         """`make`, a line at a time, each under its own ``try``."""
         lines = []
         middles, middle_of, quoted, q, millis = self._middles, self._middle, self._quoted, self._quote, MILLIS
-        answered_by, answered_of = self._answered, self._answered_by
+        label_of = self._label
         second, stamp = -1, ""
         for (direction, method, path, rid, peer, status, started, answered, ended, received, sent, route,
              began, tried, trace_id, span_id, address, by, extra) in records:
@@ -234,6 +230,7 @@ class Lines:
                 if int(at) != second:
                     second = int(at)
                     stamp = rfc3339_second(second)
+                label = label_of(by)
                 ids = _NO_IDS if trace_id is None else f'"trace_id":"{trace_id}","span_id":"{span_id}",'
                 lines.append(
                     f'{{"time":"{stamp}{millis[int((at - second) * 1000)]}",'
@@ -242,7 +239,7 @@ class Lines:
                     f'"duration_ms":{(ended - started) * 1000:.3f},"upstream_duration_ms":'
                     f'{"null" if began is None else f"{(answered - began) * 1000:.3f}"},'
                     f'"upstream":{quoted.get(address) or q(address)},"retries":{tried},'
-                    f'"answered_by":{answered_by.get(by) or answered_of(by)}{extra}}}\n')
+                    f'"answered_by":{"null" if label is None else quote(label)}{extra}}}\n')
             except Exception:  # one request's line costs no other's
                 log.exception("request %s: cannot log it", rid)
         return "".join(lines)
