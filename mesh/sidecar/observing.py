@@ -4,11 +4,11 @@ The listeners call `Observer.done` once a response is written (their
 ``on_done``). It counts the request: one tuple of plain numbers appended to
 its label set's pending list, which `Requests.fold` adds up in bulk every
 `FOLD_EVERY` requests and when ``/metrics`` is scraped. While there is an
-access log it also queues what the request's line is made of; every
-`SETTLE_EVERY` requests and before the access log is written (every half
-second), `Observer.settle` hands the queue to the access log
-(`mesh.observe.accesslog`), which makes their lines, or has its writer
-process make them once the sidecar is busy. The chains report each plugin
+access log it also makes the request's line (`mesh.observe.accesslog`: a
+struct of the line's values, the fields its label set shares made once);
+every `FLUSH_ROWS` lines and every half second (the access log's timer),
+`Observer.settle` hands them to the access log, which writes them in one
+go. The chains report each plugin
 call to `Observer.record` (a `mesh.chain.Meter`), which adds to plain
 numbers (`mesh.observe.metrics`). A span's export and the tap's record are
 made as the request ends, while they are on.
@@ -20,14 +20,22 @@ import logging
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from math import fsum
-from operator import itemgetter
 from time import monotonic, perf_counter, time, time_ns
 from typing import Any
 
 from mesh.chain import ANSWERED_BY, PLUGIN_CALLS
 from mesh.keys import AVOID, BACKEND, LOG_FIELDS
 from mesh.messages import Request, Response
-from mesh.observe.accesslog import AccessLog, Record, fields_text, plugin_label, rfc3339
+from mesh.observe.accesslog import (
+    FLUSH_ROWS,
+    MILLIS,
+    AccessLog,
+    line_type,
+    plugin_label,
+    rfc3339,
+    rfc3339_second,
+    shared_fields,
+)
 from mesh.observe.metrics import LATENCY_BUCKETS, Metrics, PluginMetrics, cumulative, status_class
 from mesh.observe.tap import Tap, body_fields, headers_of
 from mesh.observe.tracing import Span, Tracer
@@ -60,10 +68,11 @@ _UPSTREAM_SUM, _SUM, _BYTES_IN, _BYTES_OUT = -4, -3, -2, -1
 _UPSTREAM = len(LATENCY_BUCKETS) + 1  # where the upstream duration's buckets start
 NO_UPSTREAM = -1.0  # a pending request's upstream duration when it had no upstream call
 FOLD_EVERY = 256  # pending requests of a label set added to its row at once
-SETTLE_EVERY = 256  # requests handed to the access log at once (and when it is written)
 _STATUS_CLASSES = {status: status_class(status) for status in range(100, 600)}
-_FIELDS = itemgetter(-1)  # a queued request's log fields (see `Observer.done`)
 _SLOTS = 4096  # (direction, route, peer, method, status) combinations `Observer._slot` remembers
+# What requests of one (direction, route, peer, method, status) share: their label set's pending list, the
+# label set, and their access log lines' shared fields (`shared_fields`; None without an access log).
+_Slot = tuple[list[tuple[float, float, int, int]], tuple[str, ...], Any]
 
 
 class Requests:
@@ -176,9 +185,14 @@ class Observer:
                                         ["plugin", "status"])
         self.plugin_errors = m.counter("plugin_exceptions", "Exceptions a plugin raised", ["plugin"])
         self._labels: dict[str, str] = {}
-        self._slots: dict[tuple[Any, ...], tuple[list[tuple[float, float, int, int]], tuple[str, ...]]] = {}
-        # What `done` queued for `settle`: a tuple per request, laid out as the access log's `Record`.
-        self._queue: list[Record] = []
+        self._slots: dict[tuple[Any, ...], _Slot] = {}
+        # The lines `done` made since `settle` last handed them to the access log, and the plugins' own
+        # fields of some of them, by index.
+        self._lines: list[Any] = []
+        self._fields: dict[int, dict[Any, Any]] = {}
+        self._line: Callable[..., Any] = self._first_line
+        self._wall = time() - monotonic()  # what turns a monotonic time into a time of day
+        self._stamps: dict[int, str] = {}  # the time of day of each millisecond met since `settle`, as text
         if self.access_log is not None:
             self.access_log.collect = self.settle
         self._tracer = tracer if tracer is not None and tracer.endpoint else None
@@ -218,12 +232,11 @@ class Observer:
     def done(self, direction: str, request: Request, response: Response, started: float, answered: float,
              received: int, sent: int) -> None:
         """A response was written: count it (in its label set's pending list; `Requests.fold` adds
-        those up in bulk) and, while there is an access log, queue what its line is made of (`settle`
-        hands the queue over).
+        those up in bulk) and, while there is an access log, make its line (`settle` hands the lines
+        over).
 
-        Only strings and numbers are kept (the plugins' log fields aside): what the lists hold is no
-        work for the garbage collector, however long it waits. The queued tuple is the access log's
-        `Record`, but for the plugins' fields, which `settle` makes into text.
+        Only strings, numbers and structs of them are kept (the plugins' log fields aside): what the
+        lists hold is no work for the garbage collector, however long it waits.
         """
         state = request.state  # state.get(...) each time: no bound method made
         method, peer, status = request.method, request.peer, response.status
@@ -233,69 +246,70 @@ class Observer:
             slot = self._slots.get((direction, route, peer, method, status))
             if slot is None:
                 slot = self._slot(direction, route, peer, method, status)
-            counted = (ended - started, NO_UPSTREAM if began is None else answered - began, received, sent)
+            elapsed = ended - started
+            counted = (elapsed, NO_UPSTREAM if began is None else answered - began, received, sent)
             retries = len(tried) if tried else 0
             if self.access_log is not None:
-                span, backend = state.get(SPAN), state.get(BACKEND)
-                record = (direction, method, request.path, request.id, peer, status, started, answered, ended,
-                          received, sent, route, began, retries, None if span is None else span.trace_id,
-                          None if span is None else span.span_id, None if backend is None else backend.address,
-                          state.get(ANSWERED_BY), state.get(LOG_FIELDS) or "")
+                span, backend, by = state.get(SPAN), state.get(BACKEND), state.get(ANSWERED_BY)
+                milli = int((self._wall + started) * 1000)
+                line = self._line(
+                    self._stamps.get(milli) or self._stamp(milli), request.id,
+                    None if span is None else span.trace_id, None if span is None else span.span_id, slot[2],
+                    request.path, received, sent, int(elapsed * 1e6) / 1000,
+                    None if began is None else int((answered - began) * 1e6) / 1000,
+                    None if backend is None else backend.address, retries, None if by is None else self._label(by))
+                fields = state.get(LOG_FIELDS)
             if self._export is not None or self.tap.active:
                 self._now(direction, request, response, started, answered)
         except Exception:
             log.exception("request %s: cannot count it; its line is left out", request.id)
             return
-        pending, key = slot
+        pending = slot[0]
         pending.append(counted)
         if len(pending) >= FOLD_EVERY:
-            self.requests.fold(key)
+            self.requests.fold(slot[1])
         if retries:
             self.retries.add((route,), retries)
         if self.access_log is not None:
-            queue = self._queue
-            queue.append(record)
-            if len(queue) >= SETTLE_EVERY:
+            lines = self._lines
+            if fields:
+                self._fields[len(lines)] = fields
+            lines.append(line)
+            if len(lines) >= FLUSH_ROWS:
                 self.settle()
 
     def settle(self) -> None:
-        """Hand the requests `done` queued to the access log, in one batch."""
-        batch = self._queue
-        if not batch or self.access_log is None:
-            return
-        self._queue = []
-        if any(map(_FIELDS, batch)):  # plugins added fields: made into text here, where they are
-            batch = self._with_fields(batch)
-        self.access_log.records(self.service, self.instance, time() - monotonic(), batch)
+        """Hand the lines `done` made to the access log, in one batch."""
+        self._wall = time() - monotonic()
+        self._stamps = {}
+        lines, fields = self._lines, self._fields
+        if lines and self.access_log is not None:
+            self._lines, self._fields = [], {}
+            self.access_log.write(lines, fields)
 
-    def _with_fields(self, batch: list[Record]) -> list[Record]:
-        """``batch`` with its plugins' log fields as text; a request whose fields cannot be made into
-        text is left out of the log (it is still counted)."""
-        records = []
-        for record in batch:
-            fields = record[-1]
-            if fields:
-                try:
-                    record = (*record[:-1], fields_text(fields))
-                except Exception:
-                    log.exception("request %s: its plugins' log fields cannot be written; its line is left out",
-                                  record[3])
-                    continue
-            records.append(record)
-        return records
+    def _first_line(self, *values: Any) -> Any:
+        """The first request's line: the line type is asked for then (its module takes a while to import)."""
+        self._line = line_type()
+        return self._line(*values)
 
-    def _slot(self, direction: str, route: str, peer: str | None, method: str,
-              status: int) -> tuple[list[tuple[float, float, int, int]], tuple[str, ...]]:
-        """What requests with these values share: their label set's pending list and the label set.
-        Remembered for the first `_SLOTS` combinations met (a client's odd method or a development-mode
-        peer must not grow it forever)."""
+    def _stamp(self, milli: int) -> str:
+        """The time of day of a `time.time` millisecond, as the line's text (made once per millisecond)."""
+        text = self._stamps[milli] = rfc3339_second(milli // 1000) + MILLIS[milli % 1000]
+        return text
+
+    def _slot(self, direction: str, route: str, peer: str | None, method: str, status: int) -> _Slot:
+        """What requests with these values share: their label set's pending list, the label set, and
+        (while there is an access log) their lines' shared fields. Remembered for the first `_SLOTS`
+        combinations met (a client's odd method or a development-mode peer must not grow it forever)."""
         # A label's values stay bounded, whatever a header says.
         key = (direction, route, "other" if peer is not None and peer not in self.services else peer or "",
                method if method in _METHODS else "other", _STATUS_CLASSES.get(status) or status_class(status))
         pending = self._pending.get(key)
         if pending is None:
             pending = self.requests.begin(key)
-        slot = (pending, key)
+        shared = (shared_fields(self.service, self.instance, peer, direction, method, route, status)
+                  if self.access_log is not None else None)
+        slot = (pending, key, shared)
         if len(self._slots) < _SLOTS:
             self._slots[(direction, route, peer, method, status)] = slot
         return slot

@@ -1,187 +1,140 @@
-"""The access log's writer process: it makes and writes the lines, and no line handed over is lost when
-it dies, falls behind, cannot start or gets a Ctrl-C."""
+"""The access log: lines made as structs are written as one JSON object each, ASCII, whatever a client
+or a plugin put in them; a line that cannot be written costs no other its line; the file is private,
+rotated, and written on a timer and on close."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import threading
+import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mesh.observe import accesslog
-from mesh.observe.accesslog import AccessLog, Record
-
-
-def records(first: int, count: int) -> list[Record]:
-    """``count`` requests' records, request ids ``r<first>`` on."""
-    return [("public", "GET", f"/items/{index}", f"r{index}", None, 200, 10.0, 10.002, 10.003, 0, index,
-             "outside->web", 10.001, 0, "a" * 32, "b" * 16, "127.0.0.1:8080", None, "")
-            for index in range(first, first + count)]
+from mesh.observe.accesslog import AccessLog, encode, line_type, shared_fields
 
 
-def ids(*paths: Path) -> list[str]:
-    return [json.loads(line)["request_id"] for path in paths if path.exists()
-            for line in path.read_text().splitlines()]
+def line(index: int, *, path: Any = None, request_id: Any = None, peer: str | None = None, method: str = "GET",
+         upstream: float | None = 1.0) -> Any:
+    """Request ``index``'s line, request id ``r<index>``, as the observer makes it."""
+    return line_type()(
+        "2026-12-03T18:00:00.000Z", f"r{index}" if request_id is None else request_id, "a" * 32, "b" * 16,
+        shared_fields("web", "web.1", peer, "public", method, "outside->web", 200),
+        f"/items/{index}" if path is None else path, 0, index, 3.0, upstream, "127.0.0.1:8080", 0, None)
 
 
-def hand_over(log: AccessLog, first: int, count: int, batch: int = 256) -> None:
-    for start in range(first, first + count, batch):
-        log.records("web", "web.1", 1000.0, records(start, min(batch, first + count - start)))
+def parsed(*paths: Path) -> list[dict[str, Any]]:
+    return [json.loads(text) for path in paths if path.exists() for text in path.read_text().splitlines()]
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+async def test_lines_are_written_to_a_private_file_on_a_timer_and_on_close(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "web.jsonl"
+    log = AccessLog(path)
+    made: list[Any] = []
 
+    def collect() -> None:
+        lines = made[:]
+        del made[:]
+        log.write(lines)
 
-async def test_a_writer_process_makes_and_writes_the_lines_and_close_waits_for_it(tmp_path: Path) -> None:
-    log = AccessLog(tmp_path / "logs" / "web.jsonl", writer_after=0)
+    log.collect = collect
     log.start()
-    writer = log._process
-    assert writer is not None and writer.pid != os.getpid() and alive(writer.pid)
-    hand_over(log, 0, 3000)
-    log.close()
-    assert writer.returncode == 0 and not alive(writer.pid)
-    assert ids(tmp_path / "logs" / "web.jsonl") == [f"r{index}" for index in range(3000)]
-    line = json.loads((tmp_path / "logs" / "web.jsonl").read_text().splitlines()[5])
-    assert line["time"] == "1970-01-01T00:16:50.000Z"  # wall 1000 + started 10
-    assert (line["service"], line["instance"], line["path"], line["bytes_out"]) == ("web", "web.1", "/items/5", 5)
-    assert (line["duration_ms"], line["upstream_duration_ms"], line["upstream"]) == (3.0, 1.0, "127.0.0.1:8080")
-    assert oct((tmp_path / "logs" / "web.jsonl").stat().st_mode & 0o777) == "0o600"
+    made.extend(line(index) for index in range(3))
+    deadline = time.monotonic() + 60
+    while len(parsed(path)) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # the log's timer collects them
+    assert [entry["request_id"] for entry in parsed(path)] == ["r0", "r1", "r2"]
+    made.append(line(3))
+    log.close()  # collects what is left
+    entries = parsed(path)
+    assert [entry["request_id"] for entry in entries] == ["r0", "r1", "r2", "r3"]
+    assert entries[1] == {
+        "time": "2026-12-03T18:00:00.000Z", "request_id": "r1", "trace_id": "a" * 32, "span_id": "b" * 16,
+        "service": "web", "instance": "web.1", "peer": None, "direction": "public", "method": "GET",
+        "route": "outside->web", "status": 200, "path": "/items/1", "bytes_in": 0, "bytes_out": 1,
+        "duration_ms": 3.0, "upstream_duration_ms": 1.0, "upstream": "127.0.0.1:8080", "retries": 0,
+        "answered_by": None}
+    assert list(entries[1]) == list(entries[0])  # the same fields, in the same order, on every line
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
-async def test_lines_handed_over_after_the_writer_died_are_written_by_the_sidecar(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    log = AccessLog(tmp_path / "web.jsonl", writer_after=0)
-    log.start()
-    writer = log._process
-    assert writer is not None
-    hand_over(log, 0, 100)
-    log.flush()
-    writer.kill()
-    writer.wait(60)
-    hand_over(log, 100, 2000)
-    log.close()
-    logged = ids(tmp_path / "web.jsonl")
-    # What the writer had been sent may have died with it; nothing handed over after is lost.
-    assert logged[-2000:] == [f"r{index}" for index in range(100, 2100)]
-    assert "the writer exited" in caplog.text
-
-
-@pytest.mark.parametrize("how", ["writer_after=None", "no such interpreter"])
-async def test_without_a_writer_the_sidecar_writes_the_lines(
-        tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    if how == "no such interpreter":
-        monkeypatch.setattr(accesslog.sys, "executable", str(tmp_path / "missing-python"))
-    log = AccessLog(tmp_path / "web.jsonl", writer_after=None if how == "writer_after=None" else 0)
-    log.start()
-    assert log._process is None
-    hand_over(log, 0, 1500)
-    log.close()
-    assert ids(tmp_path / "web.jsonl") == [f"r{index}" for index in range(1500)]
-    assert ("no writer process" in caplog.text) == (how == "no such interpreter")
-
-
-async def test_the_writer_rotates_the_file(tmp_path: Path) -> None:
+async def test_the_file_is_rotated_and_no_line_is_lost(tmp_path: Path) -> None:
     path = tmp_path / "web.jsonl"
-    log = AccessLog(path, max_bytes=100_000, backups=2, writer_after=0)
+    log = AccessLog(path, max_bytes=100_000, backups=2)
     log.start()
-    hand_over(log, 0, 600)  # about 250 kB: the file is rotated twice
+    for start in range(0, 1500, 100):  # about 400 kB: rotated past 100 kB, the oldest file dropped
+        log.write([line(index) for index in range(start, start + 100)])
     log.close()
     rotated = [path.with_name("web.jsonl.2"), path.with_name("web.jsonl.1"), path]
-    assert all(file.exists() for file in rotated)
-    assert ids(*rotated) == [f"r{index}" for index in range(600)]
+    assert all(file.exists() for file in rotated) and not path.with_name("web.jsonl.3").exists()
+    ids = [int(entry["request_id"][1:]) for entry in parsed(*rotated)]
+    assert ids == list(range(ids[0], 1500))  # the newest lines, in order, none missing
     assert all(file.stat().st_size <= 100_000 + 64 * 1024 for file in rotated)
 
 
-async def test_the_writer_is_out_of_reach_of_a_ctrl_c_to_its_sidecar(tmp_path: Path) -> None:
-    """A Ctrl-C reaches the sidecar's process group; the writer has a session of its own, and ends
-    when its sidecar closes the pipe, having written everything."""
-    log = AccessLog(tmp_path / "web.jsonl", writer_after=0)
+def test_a_line_that_cannot_be_written_costs_no_other_its_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A plugin may leave its own object where text belongs, or fields that cannot be made into text;
+    that line is left out, named in the log, and the others of its batch are written."""
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    lines = [line(index) for index in range(6)]
+    lines[2] = line(2, path=object())
+    text = encode(lines, {4: {"odd": Unprintable()}, 5: {"user": "ada", "status": "forged", 7: "seven"}})
+    entries = [json.loads(entry) for entry in text.decode("ascii").splitlines()]
+    assert [entry["request_id"] for entry in entries] == ["r0", "r1", "r3", "r5"]
+    assert (entries[3]["user"], entries[3]["7"], entries[3]["status"]) == ("ada", "seven", 200)
+    assert "request r2: cannot log it" in caplog.text
+    assert "request r4: its plugins' log fields cannot be written" in caplog.text
+
+
+def test_what_a_client_sent_is_escaped_and_read_back_as_it_was() -> None:
+    """Paths, ids, methods and peers with quotes, controls, non-ASCII and text that is no Unicode (a
+    lone surrogate) are written as ASCII JSON strings that read back as what was sent."""
+    odd = ['/a"b\\c\n\x00', "/é☃", "/\udcff", "/\U0001f600"]
+    lines = [line(index, path=path, request_id=path, peer=path, method=path[1:] or "X")
+             for index, path in enumerate(odd)]
+    text = encode(lines)
+    assert text.isascii()
+    entries = [json.loads(entry) for entry in text.decode("ascii").splitlines()]
+    assert [(entry["path"], entry["request_id"], entry["peer"]) for entry in entries] == [(p, p, p) for p in odd]
+    assert [entry["method"] for entry in entries] == [path[1:] for path in odd]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.text(), st.text(), st.one_of(st.none(), st.text()), st.integers(0, 10**15),
+                          st.one_of(st.none(), st.floats(0, 1e6)),
+                          st.dictionaries(st.text(), st.one_of(st.none(), st.text(), st.integers(), st.floats(),
+                                                               st.booleans()), max_size=3)),
+                min_size=1, max_size=20))
+def test_every_line_is_one_json_object_whatever_it_holds(
+        requests: list[tuple[str, str, str | None, int, float | None, dict[str, Any]]]) -> None:
+    lines = [line(index, path=path, request_id=rid, peer=peer, upstream=upstream)
+             for index, (path, rid, peer, _, upstream, _) in enumerate(requests)]
+    fields = {index: own for index, (*_, own) in enumerate(requests) if own}
+    text = encode(lines, fields)
+    assert text.isascii()
+    entries = [json.loads(entry) for entry in text.decode("ascii").splitlines()]
+    assert len(entries) == len(requests)
+    for entry, (path, rid, peer, _, upstream, own) in zip(entries, requests, strict=True):
+        assert (entry["path"], entry["request_id"], entry["peer"], entry["status"]) == (path, rid, peer, 200)
+        assert entry["upstream_duration_ms"] == upstream
+        for name, item in own.items():
+            if name not in {"service", "status", "path", "time", "request_id", "peer", "retries", "upstream",
+                            "trace_id", "span_id", "instance", "direction", "method", "route", "bytes_in",
+                            "bytes_out", "duration_ms", "upstream_duration_ms", "answered_by"}:
+                assert entry[name] == (None if isinstance(item, float) and not math.isfinite(item) else item)
+
+
+async def test_lines_go_to_stderr_when_asked(capfd: pytest.CaptureFixture[str]) -> None:
+    log = AccessLog(stderr=True)
     log.start()
-    writer = log._process
-    assert writer is not None
-    assert os.getpgid(writer.pid) != os.getpgid(0) and os.getsid(writer.pid) != os.getsid(0)
-    hand_over(log, 0, 500)
+    log.write([line(1)])
     log.close()
-    assert writer.returncode == 0
-    assert ids(tmp_path / "web.jsonl") == [f"r{index}" for index in range(500)]
-
-
-async def test_a_writer_that_falls_behind_slows_the_sidecar_and_loses_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the writer's pipe cannot take waits in the sidecar; past MAX_UNSENT bytes the sidecar
-    waits for the writer."""
-    monkeypatch.setattr(accesslog, "MAX_UNSENT", 4 << 20)
-    path = tmp_path / "web.jsonl"
-    log = AccessLog(path, max_bytes=1 << 30, writer_after=0)
-    log.start()
-    writer = log._process
-    assert writer is not None
-    os.kill(writer.pid, signal.SIGSTOP)
-    try:
-        hand_over(log, 0, 20_000)  # about 2 MB: more than the pipe holds, less than MAX_UNSENT
-        log.flush()
-        assert log._unsent  # the rest waits here
-        resume = threading.Timer(1.0, os.kill, (writer.pid, signal.SIGCONT))
-        resume.start()
-        began = time.monotonic()
-        hand_over(log, 20_000, 40_000)  # past MAX_UNSENT: the sidecar waits for the writer to read again
-        assert time.monotonic() - began >= 0.9
-        resume.join()
-    finally:
-        os.kill(writer.pid, signal.SIGCONT)
-    log.close()
-    assert ids(path) == [f"r{index}" for index in range(60_000)]
-
-
-async def test_a_sidecar_starts_its_writer_once_it_is_busy(tmp_path: Path) -> None:
-    """Lines are made in the sidecar while it is quiet, by the writer from the first busy flush on,
-    in one file, in order."""
-    log = AccessLog(tmp_path / "web.jsonl", writer_after=accesslog.WRITER_AFTER)
-    log.start()
-    hand_over(log, 0, 10, batch=1)
-    deadline = time.monotonic() + 60
-    while len(ids(tmp_path / "web.jsonl")) < 10 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)  # the log's tick writes them
-    assert ids(tmp_path / "web.jsonl") == [f"r{index}" for index in range(10)]
-    assert log._process is None
-    hand_over(log, 10, accesslog.WRITER_AFTER)
-    log.flush()
-    assert log._process is not None
-    hand_over(log, 10 + accesslog.WRITER_AFTER, 500)
-    log.close()
-    assert ids(tmp_path / "web.jsonl") == [f"r{index}" for index in range(510 + accesslog.WRITER_AFTER)]
-
-
-@pytest.mark.parametrize(("cpus", "writer_after"), [(2, None), (accesslog.WRITER_CPUS, accesslog.WRITER_AFTER)])
-def test_a_sidecar_has_a_writer_only_where_it_has_cpus_to_spare(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpus: int, writer_after: int | None) -> None:
-    """With few CPUs the sidecar, its app and their clients share them: the writer's own work (a
-    process, unmarshalling) would cost more than making the lines in the sidecar."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    assert AccessLog(tmp_path / "web.jsonl").writer_after == writer_after
-    assert AccessLog(tmp_path / "web.jsonl", writer_after=0).writer_after == 0
-
-
-async def test_a_request_marshal_cannot_carry_costs_no_other_its_line(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A plugin may leave its own object where a string belongs (as a request's path); with a writer,
-    that request is left out of the log, as it is without one, and its batch's others are written."""
-    log = AccessLog(tmp_path / "web.jsonl", writer_after=0)
-    log.start()
-    batch = records(0, 10)
-    batch[4] = (*batch[4][:2], object(), *batch[4][3:])
-    log.records("web", "web.1", 1000.0, batch)
-    hand_over(log, 10, 5)
-    log.close()
-    assert ids(tmp_path / "web.jsonl") == [f"r{index}" for index in range(15) if index != 4]
-    assert "request r4: cannot log it: unmarshallable object" in caplog.text
+    assert json.loads(capfd.readouterr().err)["request_id"] == "r1"

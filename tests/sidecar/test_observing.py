@@ -213,8 +213,8 @@ async def test_requests_are_counted_and_logged_in_batches_and_none_is_lost(
     from prometheus_client.parser import text_string_to_metric_families
 
     from mesh import LOG_FIELDS, Request, Response
-    from mesh.observe.accesslog import AccessLog
-    from mesh.sidecar.observing import SETTLE_EVERY, Observer
+    from mesh.observe.accesslog import FLUSH_ROWS, AccessLog
+    from mesh.sidecar.observing import Observer
 
     class Unprintable:
         def __str__(self) -> str:
@@ -223,19 +223,20 @@ async def test_requests_are_counted_and_logged_in_batches_and_none_is_lost(
     log = AccessLog(tmp_path / "access.jsonl")
     log.start()
     observer = Observer("web", frozenset({"web"}), "web.1", log)
-    sent = 2 * SETTLE_EVERY + 3
+    sent = 2 * FLUSH_ROWS + 3
     for index in range(sent):
         request = Request("GET", f"/{index}", id=f"r{index}")
         if index == 7:
             request.state[LOG_FIELDS] = {"odd": Unprintable()}
         observer.done("public", request, Response(200 if index % 3 else 503), 1.0, 1.5, 0, index)
-    assert len(observer._queue) == 3  # two batches settled on the way
+    assert len(observer._lines) == 3  # two batches written on the way
+    assert len((tmp_path / "access.jsonl").read_text().splitlines()) == 2 * FLUSH_ROWS - 1  # all but r7
     samples = {(sample.labels["status_class"], sample.name): sample.value
                for family in text_string_to_metric_families(observer.metrics.exposition().decode())
                for sample in family.samples if sample.name == "mesh_requests_total"}
     assert samples == {("2xx", "mesh_requests_total"): sum(1 for i in range(sent) if i % 3),
                        ("5xx", "mesh_requests_total"): sum(1 for i in range(sent) if not i % 3)}
-    assert len(observer._queue) == 3  # counted as they ended; their lines wait for the log's flush
+    assert len(observer._lines) == 3  # counted as they ended; their lines wait for the log's flush
     observer.done("public", Request("GET", "/last", id="last"), Response(200), 1.0, 1.5, 0, 0)
     log.close()  # hands over what is queued, then writes
     lines = [json.loads(line) for line in (tmp_path / "access.jsonl").read_text().splitlines()]
@@ -244,26 +245,25 @@ async def test_requests_are_counted_and_logged_in_batches_and_none_is_lost(
     assert "request r7: its plugins' log fields cannot be written" in caplog.text
 
 
-@pytest.mark.parametrize("writer_after", [None, 0], ids=["lines made here", "by the writer"])
 @pytest.mark.parametrize(("key", "odd"), [("mesh.upstream_started", "soon"), ("mesh.avoid", 5), ("mesh.span", "x")],
                          ids=["upstream started", "tried", "span"])
 async def test_a_request_that_cannot_be_counted_costs_no_other_its_count_or_line(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, writer_after: int | None, key: str, odd: object) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, key: str, odd: object) -> None:
     """A plugin may leave an odd value under one of mesh's own state keys; that request is neither
     counted nor logged, and the other requests of its batch are both."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from mesh import Request, Response
     from mesh.keys import AVOID
-    from mesh.observe.accesslog import AccessLog
-    from mesh.sidecar.observing import SETTLE_EVERY, SPAN, UPSTREAM_STARTED, Observer
+    from mesh.observe.accesslog import FLUSH_ROWS, AccessLog
+    from mesh.sidecar.observing import SPAN, UPSTREAM_STARTED, Observer
 
     assert {UPSTREAM_STARTED, AVOID, SPAN} >= {key}
 
-    log = AccessLog(tmp_path / "access.jsonl", writer_after=writer_after)
+    log = AccessLog(tmp_path / "access.jsonl")
     log.start()
     observer = Observer("web", frozenset({"web"}), "web.1", log)
-    for index in range(SETTLE_EVERY + 5):
+    for index in range(FLUSH_ROWS + 5):
         request = Request("GET", f"/{index}", id=f"r{index}")
         if index == 7:
             request.state[key] = odd
@@ -271,9 +271,9 @@ async def test_a_request_that_cannot_be_counted_costs_no_other_its_count_or_line
     total = sum(sample.value for family in text_string_to_metric_families(observer.metrics.exposition().decode())
                 for sample in family.samples if sample.name == "mesh_requests_total")
     log.close()
-    assert total == SETTLE_EVERY + 4
+    assert total == FLUSH_ROWS + 4
     lines = [json.loads(line) for line in (tmp_path / "access.jsonl").read_text().splitlines()]
-    assert [line["request_id"] for line in lines] == [f"r{i}" for i in range(SETTLE_EVERY + 5) if i != 7]
+    assert [line["request_id"] for line in lines] == [f"r{i}" for i in range(FLUSH_ROWS + 5) if i != 7]
     assert "request r7: cannot count it; its line is left out" in caplog.text
 
 
