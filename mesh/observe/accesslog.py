@@ -18,6 +18,7 @@ files kept).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["FLUSH_EVERY", "FLUSH_ROWS", "MILLIS", "AccessLog", "Sink", "encode", "fields_text", "line_type",
-           "plugin_label", "rfc3339", "rfc3339_second", "shared_fields", "value"]
+           "plugin_label", "rfc3339", "rfc3339_milli", "rfc3339_second", "shared_fields", "value"]
 
 log = logging.getLogger("mesh.accesslog")
 
@@ -57,6 +58,11 @@ def rfc3339(now: float) -> str:
     """``2026-12-02T17:30:01.123Z`` for a `time.time` value."""
     second = int(now)
     return rfc3339_second(second) + MILLIS[int((now - second) * 1000)]
+
+
+def rfc3339_milli(milli: int) -> str:
+    """`rfc3339` of a whole `time.time` millisecond (``int(now * 1000)``)."""
+    return rfc3339_second(milli // 1000) + MILLIS[milli % 1000]
 
 
 def plugin_label(name: str) -> str:
@@ -240,8 +246,6 @@ class AccessLog:
     def start(self) -> None:
         """Open the file (one that cannot be opened is an error at start, not later) and start the timer
         that writes what was made; must run in the event loop."""
-        import asyncio
-
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._open()
@@ -268,8 +272,6 @@ class AccessLog:
         return self._sink
 
     def _tick(self) -> None:
-        import asyncio
-
         try:
             self.collect()
         finally:  # a tick that failed (and said why) leaves the next one to come

@@ -28,12 +28,11 @@ from mesh.keys import AVOID, BACKEND, LOG_FIELDS
 from mesh.messages import Request, Response
 from mesh.observe.accesslog import (
     FLUSH_ROWS,
-    MILLIS,
     AccessLog,
     line_type,
     plugin_label,
     rfc3339,
-    rfc3339_second,
+    rfc3339_milli,
     shared_fields,
 )
 from mesh.observe.metrics import LATENCY_BUCKETS, Metrics, PluginMetrics, cumulative, status_class
@@ -294,7 +293,7 @@ class Observer:
 
     def _stamp(self, milli: int) -> str:
         """The time of day of a `time.time` millisecond, as the line's text (made once per millisecond)."""
-        text = self._stamps[milli] = rfc3339_second(milli // 1000) + MILLIS[milli % 1000]
+        text = self._stamps[milli] = rfc3339_milli(milli)
         return text
 
     def _slot(self, direction: str, route: str, peer: str | None, method: str, status: int) -> _Slot:
